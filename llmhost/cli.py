@@ -1,0 +1,81 @@
+"""`llmhost` command line. User mistakes print one line and exit 2 (3: the models do not fit); never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from llmhost.config import load_config
+from llmhost.errors import LlmhostError
+from llmhost.memory.estimate import ModelSpec
+from llmhost.memory.inventory import Inventory, detect_inventory, parse_gpu_spec
+from llmhost.memory.planner import PlanInfeasible, plan_models
+from llmhost.model_files import open_checkpoint
+from llmhost.report import infeasible_json, inspect_json, plan_json, render_inspect, render_plan
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except LlmhostError as e:
+        print(f"llmhost: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmhost", description="Host several LLMs on one machine's GPUs at once.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    ins = sub.add_parser("inspect", help="read a checkpoint's shape and sizes without loading weights")
+    ins.add_argument("path", help="HF model directory or .gguf file")
+    ins.add_argument("--json", action="store_true", help="print one JSON document")
+    ins.set_defaults(func=_cmd_inspect)
+
+    pl = sub.add_parser("plan", help="place models on GPUs and predict every byte, before loading anything")
+    pl.add_argument("config", help="models.toml")
+    pl.add_argument("--gpus", default="auto", help="'auto' (NVML) or a simulated list like '2x24GiB,1x80GiB'")
+    pl.add_argument("--json", action="store_true", help="print one JSON document (schema llmhost.plan/1)")
+    pl.set_defaults(func=_cmd_plan)
+    return p
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    ckpt = open_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(inspect_json(ckpt), indent=2))
+    else:
+        render_inspect(ckpt, Console())
+    return 0
+
+
+def inventory_from_arg(spec: str) -> Inventory:
+    return detect_inventory() if spec == "auto" else parse_gpu_spec(spec)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    inventory = inventory_from_arg(args.gpus)
+    specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
+    try:
+        plan = plan_models(specs, inventory, config.host)
+    except PlanInfeasible as e:
+        if args.json:
+            print(json.dumps(infeasible_json(e.shortfall, inventory), indent=2))
+        print(f"llmhost: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if args.json:
+        print(json.dumps(plan_json(plan, inventory), indent=2))
+    else:
+        render_plan(plan, inventory, Console())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The TOML config, parsed once at the edge into frozen dataclasses.
+
+Results computed later (block counts, placement) live in `memory.plan`, never written back here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from llmhost.errors import ConfigError
+from llmhost.units import parse_duration, parse_size
+
+DType = Literal["bfloat16", "float16", "float32"]
+
+DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
+_DTYPE_ALIASES: dict[str, DType] = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV block; the paged cache and the estimate both use it
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill step; bounds the activation workspace
+DEFAULT_KEEP_ALIVE_S = 300.0  # seconds idle before a model may be parked (Ollama's default is 5 minutes)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str  # the name clients use in requests
+    path: Path  # HF directory or .gguf file, resolved against the config file's directory
+    dtype: DType = "bfloat16"
+    max_seq_len: int = 4096  # prompt + completion tokens of one sequence
+    max_batch: int = 8  # concurrent sequences
+    kv_tokens: int | Literal["fill"] | None = None  # None: max_seq_len x max_batch; "fill": share what is left
+    kv_dtype: DType | None = None  # None: same as dtype
+    gpus: tuple[int, ...] | None = None  # pinning: only these GPU indices
+    priority: int = 0  # higher is evicted later
+    weight: float = 1.0  # share of GPU time under contention
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # -1: never park or unload
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    cuda_graphs: bool = True
+
+    @property
+    def kv_dtype_resolved(self) -> DType:
+        return self.kv_dtype or self.dtype
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    reserve: tuple[int, ...] = (0,)  # bytes kept free per GPU; one value applies to all GPUs
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def reserve_for(self, gpu_index: int) -> int:
+        if len(self.reserve) == 1:
+            return self.reserve[0]
+        return self.reserve[gpu_index] if gpu_index < len(self.reserve) else self.reserve[-1]
+
+
+@dataclass(frozen=True)
+class Config:
+    host: HostConfig
+    models: tuple[ModelConfig, ...]
+    source: Path | None = None
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config. Every problem raises ConfigError naming file, table and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_config(data, source=path)
+
+
+def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
+    where = str(source) if source else "<config>"
+    _check_keys(data, {"host", "models"}, where, "top level")
+    host = _parse_host(_table(data.get("host", {}), where, "[host]"), where)
+    models_table = _table(data.get("models", {}), where, "[models]")
+    if not models_table:
+        raise ConfigError(f"{where}: no models configured; add a table like [models.NAME] with path = ...")
+    base = source.parent if source else Path.cwd()
+    models = tuple(
+        _parse_model(name, _table(t, where, f"[models.{name}]"), where, base) for name, t in models_table.items()
+    )
+    return Config(host=host, models=models, source=source)
+
+
+_HOST_KEYS = {"reserve", "block_size"}
+_MODEL_KEYS = {
+    "path",
+    "dtype",
+    "max_seq_len",
+    "max_batch",
+    "kv_tokens",
+    "kv_dtype",
+    "gpus",
+    "priority",
+    "weight",
+    "keep_alive",
+    "prefill_chunk",
+    "cuda_graphs",
+}
+
+
+def _parse_host(t: Mapping[str, Any], where: str) -> HostConfig:
+    _check_keys(t, _HOST_KEYS, where, "[host]")
+    raw_reserve = t.get("reserve", 0)
+    items = raw_reserve if isinstance(raw_reserve, list) else [raw_reserve]
+    if not items:
+        raise ConfigError(f"{where}: [host] reserve: empty list; give one size or one per GPU")
+    reserve = tuple(_get(lambda v: _size(v, allow_zero=True), {"reserve": x}, "reserve", where, "[host]") for x in items)
+    block_size = _get(_positive_int, t, "block_size", where, "[host]", DEFAULT_BLOCK_SIZE)
+    return HostConfig(reserve=reserve, block_size=block_size)
+
+
+def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> ModelConfig:
+    table = f"[models.{name}]"
+    _check_keys(t, _MODEL_KEYS, where, table)
+    if "path" not in t:
+        raise ConfigError(f"{where}: {table} has no 'path'; set it to an HF model directory or a .gguf file")
+    path = _get(lambda v: resolve_model_path(_string(v), base), t, "path", where, table)
+    kv_tokens: int | Literal["fill"] | None = None
+    if "kv_tokens" in t:
+        kv_tokens = "fill" if t["kv_tokens"] == "fill" else _get(_positive_int, t, "kv_tokens", where, table)
+    gpus: tuple[int, ...] | None = None
+    if "gpus" in t:
+        gpus = tuple(_get(_gpu_list, t, "gpus", where, table))
+    kv_dtype = _get(_dtype, t, "kv_dtype", where, table) if "kv_dtype" in t else None
+    return ModelConfig(
+        name=name,
+        path=path,
+        dtype=_get(_dtype, t, "dtype", where, table, "bfloat16"),
+        max_seq_len=_get(_positive_int, t, "max_seq_len", where, table, 4096),
+        max_batch=_get(_positive_int, t, "max_batch", where, table, 8),
+        kv_tokens=kv_tokens,
+        kv_dtype=kv_dtype,
+        gpus=gpus,
+        priority=_get(_int, t, "priority", where, table, 0),
+        weight=_get(_positive_float, t, "weight", where, table, 1.0),
+        keep_alive_s=_get(parse_duration, t, "keep_alive", where, table, DEFAULT_KEEP_ALIVE_S),
+        prefill_chunk=_get(_positive_int, t, "prefill_chunk", where, table, DEFAULT_PREFILL_CHUNK),
+        cuda_graphs=_get(_bool, t, "cuda_graphs", where, table, True),
+    )
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_path(raw: str, base: Path) -> Path:
+    """A plain path (relative to the config file), or `package:MODULE/FILE` for a checkpoint shipped inside an
+    installed Python package (found without importing it: such packages' __init__ may import heavy things)."""
+    if raw.startswith(PACKAGE_PREFIX):
+        module, _, rest = raw[len(PACKAGE_PREFIX) :].partition("/")
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            dist = module.replace("_", "-")
+            raise ValueError(f"package '{module}' is not installed; install it with: pip install --no-deps {dist}")
+        return Path(next(iter(spec.submodule_search_locations))) / rest
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+T = TypeVar("T")
+
+
+def _get(conv: Callable[[Any], T], t: Mapping[str, Any], key: str, where: str, table: str, default: Any = None) -> T:
+    if key not in t:
+        return default  # type: ignore[no-any-return]
+    try:
+        return conv(t[key])
+    except ValueError as e:
+        raise ConfigError(f"{where}: {table} {key} = {t[key]!r}: {e}") from None
+
+
+def _check_keys(t: Mapping[str, Any], allowed: set[str], where: str, table: str) -> None:
+    for key in t:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(allowed))}"
+            raise ConfigError(f"{where}: {table} unknown key '{key}'{hint}")
+
+
+def _table(v: Any, where: str, table: str) -> Mapping[str, Any]:
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where}: {table} must be a table, got {type(v).__name__}")
+    return v
+
+
+def _string(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("expected a non-empty string")
+    return v
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("expected an integer")
+    return v
+
+
+def _positive_int(v: Any) -> int:
+    n = _int(v)
+    if n <= 0:
+        raise ValueError("must be a positive integer")
+    return n
+
+
+def _positive_float(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise ValueError("must be a positive number")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false")
+    return v
+
+
+def _size(v: Any, allow_zero: bool = False) -> int:
+    n = parse_size(v)
+    if n < 0 or (n == 0 and not allow_zero):
+        raise ValueError("a size must be positive")
+    return n
+
+
+def _dtype(v: Any) -> DType:
+    if not isinstance(v, str) or v.lower() not in _DTYPE_ALIASES:
+        raise ValueError("expected one of bfloat16, float16, float32")
+    return _DTYPE_ALIASES[v.lower()]
+
+
+def _gpu_list(v: Any) -> list[int]:
+    items = v if isinstance(v, list) else [v]
+    if not items or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+        raise ValueError("expected a list of GPU indices like [0] or [0, 1]")
+    return list(items)

@@ -1,0 +1,31 @@
+"""Typed errors with actionable messages. The CLI prints `str(error)` as one line and exits with `exit_code`."""
+
+from __future__ import annotations
+
+
+class LlmhostError(Exception):
+    """Base of every error that is the user's input, not our bug. Never shown as a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(LlmhostError):
+    """The TOML config is malformed, names an unknown key, or holds an invalid value."""
+
+
+class ModelFileError(LlmhostError):
+    """A checkpoint path is missing, incomplete or corrupt."""
+
+
+class UnsupportedModelError(LlmhostError):
+    """The checkpoint's architecture is not one llmhost can run."""
+
+
+class InventoryError(LlmhostError):
+    """A `--gpus` spec cannot be parsed, or pinning names a GPU that does not exist."""
+
+
+class PlanInfeasibleError(LlmhostError):
+    """The models do not fit on the GPUs. Carries the remedies computed by the planner."""
+
+    exit_code = 3

@@ -1,0 +1,183 @@
+"""What one model needs on one GPU, term by term: weights, KV cache, workspace, CUDA-graph pools.
+
+The engine is held to these assumptions (DESIGN.md "Memory model"); each is stated where it is used:
+- weights are stored in the configured dtype, norms included; a GGUF is dequantized to it at load;
+- the KV cache is one paged pool per layer of `blocks x block_size x 2 x kv_heads x head_dim` in the KV dtype;
+- one step processes at most `step_tokens = max(prefill_chunk, max_batch)` tokens (decodes count against it);
+- logits are computed in float32 only for rows that sample (at most max_batch), never for every prompt token;
+- CUDA graphs are captured for the decode batch sizes in `graph_batch_sizes(max_batch)`, largest first, sharing
+  one memory pool, so the pool holds the activations of the largest captured batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmhost.config import DTYPE_BYTES, ModelConfig
+from llmhost.model_files.checkpoint import Checkpoint
+from llmhost.model_files.shape import ModelShape
+
+FP32 = 4  # bytes: logits and sampling buffers are float32
+GRAPH_EXEC_BYTES = 2 * 1024**2  # device memory one instantiated CUDA graph keeps (kernel params, launch state)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """Decode batch sizes captured as CUDA graphs; a batch is padded up to the next captured size."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return (*sizes, max_batch)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the planner needs to know of one configured model: its config and its checkpoint's numbers."""
+
+    config: ModelConfig
+    shape: ModelShape
+    layer_params: tuple[int, ...]  # per decoder layer, from tensor headers (or the analytic count)
+    embed_params: int
+    head_params: int  # final norm + untied LM head; tied heads reuse the embedding
+    other_params: int = 0  # tensors that belong to no layer or end (e.g. rope_freqs); placed with the head
+
+    @classmethod
+    def from_checkpoint(cls, config: ModelConfig, ckpt: Checkpoint) -> ModelSpec:
+        parts = ckpt.params_by_part()
+        layers = tuple(parts.get(i, 0) for i in range(ckpt.shape.num_layers))
+        return cls(config, ckpt.shape, layers, parts.get("embed", 0), parts.get("head", 0), parts.get("other", 0))
+
+    @classmethod
+    def from_shape(cls, config: ModelConfig, shape: ModelShape) -> ModelSpec:
+        return cls(
+            config, shape, (shape.layer_params(),) * shape.num_layers, shape.embed_params(), shape.head_params()
+        )
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.config.dtype]
+
+    @property
+    def kv_dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.config.kv_dtype_resolved]
+
+    @property
+    def weight_bytes(self) -> int:
+        params = sum(self.layer_params) + self.embed_params + self.head_params + self.other_params
+        return params * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class StageNeed:
+    """One model's bytes on one device: the whole model, or one stage of a split."""
+
+    weights: int
+    kv: int
+    workspace: int
+    graphs: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.workspace + self.graphs
+
+
+def stage_weights(spec: ModelSpec, start: int, end: int, first: bool, last: bool) -> int:
+    """Weights of layers [start, end) plus the ends this stage holds."""
+    params = sum(spec.layer_params[start:end])
+    if first:
+        params += spec.embed_params
+    if last:
+        params += spec.head_params + spec.other_params
+        if spec.shape.tie_embeddings and not first:
+            params += spec.embed_params  # a tied LM head on another GPU needs its own copy of the embedding
+    return params * spec.dtype_bytes
+
+
+def kv_blocks(kv_tokens: int, block_size: int) -> int:
+    return ceil_div(kv_tokens, block_size)
+
+
+def sliding_kv_blocks(spec: ModelSpec, kv_tokens: int, block_size: int) -> int:
+    """A sliding layer keeps at most the window per sequence: ceil(window / block) blocks, plus one because the
+    window straddles a block boundary; never more than the full pool."""
+    window = spec.shape.sliding_window or 0
+    per_seq = ceil_div(window, block_size) + 1
+    return min(kv_blocks(kv_tokens, block_size), spec.config.max_batch * per_seq)
+
+
+def stage_kv(spec: ModelSpec, kv_tokens: int, block_size: int, start: int, end: int) -> int:
+    """KV bytes of layers [start, end): whole blocks of `block_size` tokens; sliding layers capped."""
+    per_token_layer = spec.shape.kv_bytes_per_token_layer(spec.kv_dtype_bytes)  # K and V
+    full = kv_blocks(kv_tokens, block_size)
+    sliding = sliding_kv_blocks(spec, kv_tokens, block_size) if spec.shape.sliding_window else full
+    total = 0
+    for i in range(start, end):
+        blocks = sliding if spec.shape.layer_kind(i) == "sliding" else full
+        total += blocks * block_size * per_token_layer
+    return total
+
+
+def step_tokens(config: ModelConfig) -> int:
+    return max(config.prefill_chunk, config.max_batch)
+
+
+def activation_bytes(spec: ModelSpec, tokens: int, context: int, last: bool) -> int:
+    """Peak activation bytes of one forward step over `tokens` tokens that attend to up to `context` cached
+    tokens. Peak = what lives across a layer + the larger of the attention and MLP phases (+ logits on the last
+    stage); buffers of one phase are freed before the next."""
+    s = spec.shape
+    b = spec.dtype_bytes
+    residual = 2 * tokens * s.hidden_size * b  # the residual stream and its normed copy
+    qkv = tokens * (s.num_heads + 2 * s.num_kv_heads) * s.head_dim * b  # fused q, k, v projection output
+    attn_out = tokens * s.num_heads * s.head_dim * b  # attention output before o_proj
+    # Prefill reads one layer's cached K and V for the chunk's context as a contiguous copy.
+    context_kv = context * 2 * s.num_kv_heads * s.head_dim * spec.kv_dtype_bytes if context else 0
+    attention = qkv + attn_out + context_kv
+    mlp = tokens * 3 * s.intermediate_size * b  # gate and up outputs, then their activated product
+    phases = max(attention, mlp)
+    logits = 0
+    if last:
+        rows = min(tokens, spec.config.max_batch)  # only rows that sample get logits
+        logits = rows * s.vocab_size * FP32 * 3  # logits, probabilities, and the sort buffer for top-p/top-k
+    return residual + max(phases, logits)
+
+
+def stage_workspace(spec: ModelSpec, last: bool) -> int:
+    """The largest step: a full prefill chunk attending to max_seq_len cached tokens."""
+    return activation_bytes(spec, step_tokens(spec.config), spec.config.max_seq_len, last)
+
+
+def stage_graphs(spec: ModelSpec, last: bool, on_gpu: bool) -> int:
+    """One shared pool holds the largest captured decode batch's activations (decode attention reads the
+    paged cache in place: no context copy); each captured graph adds its executable's own memory."""
+    if not (on_gpu and spec.config.cuda_graphs):
+        return 0
+    sizes = graph_batch_sizes(spec.config.max_batch)
+    pool = activation_bytes(spec, max(sizes), 0, last)
+    return pool + len(sizes) * GRAPH_EXEC_BYTES
+
+
+def default_kv_tokens(config: ModelConfig) -> int:
+    return config.max_seq_len * config.max_batch
+
+
+def stage_need(
+    spec: ModelSpec, kv_tokens: int, block_size: int, start: int, end: int, on_gpu: bool = True
+) -> StageNeed:
+    first = start == 0
+    last = end == spec.shape.num_layers
+    return StageNeed(
+        weights=stage_weights(spec, start, end, first, last),
+        kv=stage_kv(spec, kv_tokens, block_size, start, end),
+        workspace=stage_workspace(spec, last),
+        graphs=stage_graphs(spec, last, on_gpu),
+    )
+
+
+def whole_need(spec: ModelSpec, kv_tokens: int, block_size: int, on_gpu: bool = True) -> StageNeed:
+    return stage_need(spec, kv_tokens, block_size, 0, spec.shape.num_layers, on_gpu)

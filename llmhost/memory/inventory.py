@@ -1,0 +1,104 @@
+"""The devices a plan targets: real GPUs read through NVML, a simulated list (`2x24GiB,1x80GiB`), or the CPU."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from llmhost.errors import InventoryError
+from llmhost.units import parse_size
+
+DeviceKind = Literal["cuda", "cpu"]
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    name: str  # e.g. "NVIDIA H100 80GB HBM3"; keys the runtime-overhead table
+    total: int  # bytes of device memory
+    external: int = 0  # bytes other processes hold now (NVML); planned around, never counted as ours
+    kind: DeviceKind = "cuda"
+
+    @property
+    def label(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"GPU {self.index}"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    devices: tuple[Device, ...]
+    source: Literal["nvml", "simulated", "cpu"]
+    note: str = ""  # said to the user, e.g. why there are no GPUs
+
+    @property
+    def has_gpus(self) -> bool:
+        return any(d.kind == "cuda" for d in self.devices)
+
+
+_NO_GPU = "no NVIDIA GPU found: planning for the CPU (simulate GPUs with --gpus 2x24GiB,1x80GiB)"
+_SPEC_RE = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(\S+?)\s*$")
+
+
+def parse_gpu_spec(spec: str) -> Inventory:
+    """'2x24GiB,1x80GiB' -> three simulated GPUs 0, 1, 2 (a bare '80GiB' means one)."""
+    devices: list[Device] = []
+    for part in spec.split(","):
+        m = _SPEC_RE.match(part)
+        if not part.strip() or m is None:
+            raise InventoryError(f"--gpus {spec!r}: expected 'auto' or a list like '2x24GiB,1x80GiB'")
+        count = int(m.group(1) or 1)
+        try:
+            size = parse_size(m.group(2))
+        except ValueError as e:
+            raise InventoryError(f"--gpus {spec!r}: {e}") from None
+        if count <= 0 or size <= 0:
+            raise InventoryError(f"--gpus {spec!r}: counts and sizes must be positive")
+        for _ in range(count):
+            devices.append(Device(index=len(devices), name=f"simulated {m.group(2)}", total=size))
+    return Inventory(tuple(devices), "simulated")
+
+
+def detect_inventory() -> Inventory:
+    """Real GPUs through NVML; on a machine without them, one CPU device sized from host RAM."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no library, no driver, or no GPU: all mean "plan for the CPU"
+        return cpu_inventory(_NO_GPU)
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        if count == 0:
+            return cpu_inventory(_NO_GPU)
+        devices = []
+        for i in range(count):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            devices.append(
+                Device(index=i, name=name.decode() if isinstance(name, bytes) else str(name),
+                       total=int(mem.total), external=int(mem.used))
+            )
+        return Inventory(tuple(devices), "nvml")
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def cpu_inventory(note: str = "") -> Inventory:
+    total, available = _meminfo()
+    cpu = Device(index=0, name="cpu", total=total, external=total - available, kind="cpu")
+    return Inventory((cpu,), "cpu", note)
+
+
+def _meminfo() -> tuple[int, int]:
+    """MemTotal and MemAvailable in bytes (Linux); elsewhere a conservative 8 GiB of which all is free."""
+    try:
+        fields = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024  # the file counts kB (KiB)
+        return fields["MemTotal"], fields["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return 8 * 1024**3, 8 * 1024**3

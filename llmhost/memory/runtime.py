@@ -1,0 +1,24 @@
+"""Per-GPU runtime overhead: memory the process takes before any model byte (CUDA context, cuBLAS and
+cuBLASLt workspaces, loaded Triton modules). Measured by bench/runtime_overhead.py per GPU kind and torch version;
+the table below holds what bench/results/runtime_overhead-*.json recorded."""
+
+from __future__ import annotations
+
+from llmhost.memory.inventory import Device
+from llmhost.units import MiB
+
+# GPU name prefix -> bytes, as measured (see bench/results/runtime_overhead-<gpu>.json).
+MEASURED: dict[str, int] = {}
+
+# A GPU kind never measured: a CUDA context on recent drivers is 400-600 MiB, cuBLAS workspaces and kernel
+# modules add up to ~200 MiB; round up so the plan errs towards fitting.
+DEFAULT_GPU_OVERHEAD = 1024 * MiB
+
+
+def runtime_overhead(device: Device) -> int:
+    if device.kind == "cpu":
+        return 0  # host RAM for the interpreter and torch is not part of the model budget
+    for prefix, measured in MEASURED.items():
+        if device.name.startswith(prefix):
+            return measured
+    return DEFAULT_GPU_OVERHEAD
