@@ -132,7 +132,9 @@ def _parse_host(t: Mapping[str, Any], where: str) -> HostConfig:
     items = raw_reserve if isinstance(raw_reserve, list) else [raw_reserve]
     if not items:
         raise ConfigError(f"{where}: [host] reserve: empty list; give one size or one per GPU")
-    reserve = tuple(_get(lambda v: _size(v, allow_zero=True), {"reserve": x}, "reserve", where, "[host]") for x in items)
+    reserve = tuple(
+        _get(lambda v: _size(v, allow_zero=True), {"reserve": x}, "reserve", where, "[host]") for x in items
+    )
     block_size = _get(_positive_int, t, "block_size", where, "[host]", DEFAULT_BLOCK_SIZE)
     return HostConfig(reserve=reserve, block_size=block_size)
 

@@ -74,38 +74,42 @@ def plan_json(plan: Plan, inventory: Inventory) -> dict[str, Any]:
     gpus = []
     for b in plan.budgets:
         d = b.device
-        gpus.append({
-            "index": d.index,
-            "name": d.name,
-            "kind": d.kind,
-            "total_bytes": d.total,
-            "external_bytes": d.external,
-            "runtime_bytes": b.runtime,
-            "reserve_bytes": b.reserve,
-            "usable_bytes": b.usable,
-            "used_bytes": plan.used_on(d.index),
-            "free_bytes": plan.free_on(d.index),
-            "models": [
-                {"model": m.name, "layers": [s.start, s.end], **_need_json(s.need)}
-                for m, s in plan.stages_on(d.index)
-            ],
-        })
+        gpus.append(
+            {
+                "index": d.index,
+                "name": d.name,
+                "kind": d.kind,
+                "total_bytes": d.total,
+                "external_bytes": d.external,
+                "runtime_bytes": b.runtime,
+                "reserve_bytes": b.reserve,
+                "usable_bytes": b.usable,
+                "used_bytes": plan.used_on(d.index),
+                "free_bytes": plan.free_on(d.index),
+                "models": [
+                    {"model": m.name, "layers": [s.start, s.end], **_need_json(s.need)}
+                    for m, s in plan.stages_on(d.index)
+                ],
+            }
+        )
     models = []
     for m in plan.models:
-        models.append({
-            "name": m.name,
-            "load_order": m.load_order,
-            "gpus": list(m.devices),
-            "split": len(m.stages) > 1,
-            "stages": [{"gpu": s.device, "layers": [s.start, s.end], **_need_json(s.need)} for s in m.stages],
-            "total_bytes": m.total,
-            "kv_tokens": m.kv_tokens,
-            "kv_blocks": m.kv_blocks,
-            "max_seq_len": m.max_seq_len,
-            "max_batch": m.max_batch,
-            "max_seq_len_fit": m.max_seq_len_fit,
-            "fit_limited_by": m.fit_limited_by,
-        })
+        models.append(
+            {
+                "name": m.name,
+                "load_order": m.load_order,
+                "gpus": list(m.devices),
+                "split": len(m.stages) > 1,
+                "stages": [{"gpu": s.device, "layers": [s.start, s.end], **_need_json(s.need)} for s in m.stages],
+                "total_bytes": m.total,
+                "kv_tokens": m.kv_tokens,
+                "kv_blocks": m.kv_blocks,
+                "max_seq_len": m.max_seq_len,
+                "max_batch": m.max_batch,
+                "max_seq_len_fit": m.max_seq_len_fit,
+                "fit_limited_by": m.fit_limited_by,
+            }
+        )
     return {
         "schema": PLAN_SCHEMA,
         "feasible": True,
@@ -167,7 +171,16 @@ def render_plan(plan: Plan, inventory: Inventory, console: Console) -> None:
         models.add_column(col)
     for m in plan.models:
         where = ", ".join(plan.budgets[i].device.label for i in m.devices)
-        fit = f"{m.max_seq_len_fit:,}" + {"model": " (model limit)", "kv_tokens": " (kv_tokens)"}.get(m.fit_limited_by, "")
-        models.add_row(str(m.load_order + 1), m.name, where, f"{m.kv_tokens:,}", f"{m.max_seq_len:,}",
-                       str(m.max_batch), fit)
+        fit = f"{m.max_seq_len_fit:,}" + {"model": " (model limit)", "kv_tokens": " (kv_tokens)"}.get(
+            m.fit_limited_by, ""
+        )
+        models.add_row(
+            str(m.load_order + 1),
+            m.name,
+            where,
+            f"{m.kv_tokens:,}",
+            f"{m.max_seq_len:,}",
+            str(m.max_batch),
+            fit,
+        )
     console.print(models)

@@ -51,7 +51,11 @@ class ModelSpec:
     @classmethod
     def from_shape(cls, config: ModelConfig, shape: ModelShape) -> ModelSpec:
         return cls(
-            config, shape, (shape.layer_params(),) * shape.num_layers, shape.embed_params(), shape.head_params()
+            config,
+            shape,
+            (shape.layer_params(),) * shape.num_layers,
+            shape.embed_params(),
+            shape.head_params(),
         )
 
     @property

@@ -78,8 +78,12 @@ def detect_inventory() -> Inventory:
             name = pynvml.nvmlDeviceGetName(h)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             devices.append(
-                Device(index=i, name=name.decode() if isinstance(name, bytes) else str(name),
-                       total=int(mem.total), external=int(mem.used))
+                Device(
+                    index=i,
+                    name=name.decode() if isinstance(name, bytes) else str(name),
+                    total=int(mem.total),
+                    external=int(mem.used),
+                )
             )
         return Inventory(tuple(devices), "nvml")
     finally:

@@ -8,6 +8,8 @@ from typing import Literal
 from llmhost.memory.estimate import StageNeed
 from llmhost.memory.inventory import Device
 
+FitLimit = Literal["memory", "model", "kv_tokens"]  # what bounds a model's largest max_seq_len
+
 
 @dataclass(frozen=True)
 class DeviceBudget:
@@ -38,7 +40,7 @@ class ModelPlan:
     max_seq_len: int
     max_batch: int
     max_seq_len_fit: int  # largest max_seq_len with everything else unchanged
-    fit_limited_by: Literal["memory", "model", "kv_tokens"]
+    fit_limited_by: FitLimit
     load_order: int
 
     @property

@@ -13,7 +13,7 @@ from llmhost.config import HostConfig
 from llmhost.errors import InventoryError, PlanInfeasibleError
 from llmhost.memory.estimate import ModelSpec, StageNeed, default_kv_tokens, kv_blocks, stage_need
 from llmhost.memory.inventory import Inventory
-from llmhost.memory.plan import DeviceBudget, ModelPlan, Plan, Shortfall, Stage
+from llmhost.memory.plan import DeviceBudget, FitLimit, ModelPlan, Plan, Shortfall, Stage
 from llmhost.memory.runtime import runtime_overhead
 from llmhost.units import GiB, fmt_bytes
 
@@ -64,10 +64,10 @@ def plan_models(specs: Sequence[ModelSpec], inventory: Inventory, host: HostConf
             if split is None:
                 raise PlanInfeasible(_split_shortfall(it, bs, free, budgets, on_gpu))
             stages[it.spec.name] = split
-            for st in split:
-                free[st.device] -= st.need.total
-                count[st.device] += 1
-                heavy[st.device] += int(it.heavy)
+            for part in split:
+                free[part.device] -= part.need.total
+                count[part.device] += 1
+                heavy[part.device] += int(it.heavy)
         else:
             singles.append(it)
 
@@ -257,7 +257,11 @@ def _partition(
 
 
 def _fill(
-    order: list[_Item], stages: dict[str, tuple[Stage, ...]], free: dict[int, int], bs: int, on_gpu: dict[int, bool]
+    order: list[_Item],
+    stages: dict[str, tuple[Stage, ...]],
+    free: dict[int, int],
+    bs: int,
+    on_gpu: dict[int, bool],
 ) -> dict[str, int]:
     """Share each device's leftover among its single-device "fill" models, in whole blocks."""
     kv = {it.spec.name: it.kv_tokens for it in order}
@@ -284,7 +288,7 @@ def _fill(
 
 def _max_seq_len_fit(
     it: _Item, stages: tuple[Stage, ...], kv: int, bs: int, free: dict[int, int], on_gpu: dict[int, bool]
-) -> tuple[int, str]:
+) -> tuple[int, FitLimit]:
     """Largest max_seq_len with everything else unchanged: binary search on the exact estimate."""
     cfg = it.spec.config
     fixed_pool = cfg.kv_tokens is not None  # an explicit or filled pool keeps its size; a sequence fits inside it
@@ -335,26 +339,32 @@ def _single_shortfall(
     cfg = it.spec.config
     remedies: list[str] = []
 
-    def fits_with(**changes: int) -> bool:
-        c = replace(cfg, **changes)
+    def fits_with(max_seq_len: int, max_batch: int) -> bool:
+        c = replace(cfg, max_seq_len=max_seq_len, max_batch=max_batch)
         spec = replace(it.spec, config=c)
         tokens = default_kv_tokens(c) if cfg.kv_tokens is None else min(it.kv_tokens, c.max_seq_len * c.max_batch)
         return stage_need(spec, tokens, bs, 0, spec.shape.num_layers, on_gpu[d]).total <= avail
 
-    s = _largest(lambda v: fits_with(max_seq_len=v), 1, cfg.max_seq_len - 1) if cfg.max_seq_len > 1 else 0
+    s = _largest(lambda v: fits_with(v, cfg.max_batch), 1, cfg.max_seq_len - 1) if cfg.max_seq_len > 1 else 0
     if s >= 1:
         remedies.append(f"max_seq_len = {s} fits on {label} (now {cfg.max_seq_len})")
-    b = _largest(lambda v: fits_with(max_batch=v), 1, cfg.max_batch - 1) if cfg.max_batch > 1 else 0
+    b = _largest(lambda v: fits_with(cfg.max_seq_len, v), 1, cfg.max_batch - 1) if cfg.max_batch > 1 else 0
     if b >= 1:
         remedies.append(f"max_batch = {b} fits on {label} (now {cfg.max_batch})")
     if cfg.gpus is not None:
-        others = [b.device.index for b in budgets if b.device.index not in it.candidates
-                  and _whole(it, bs, on_gpu[b.device.index]).total <= free[b.device.index]]
+        others = [
+            b.device.index
+            for b in budgets
+            if b.device.index not in it.candidates
+            and _whole(it, bs, on_gpu[b.device.index]).total <= free[b.device.index]
+        ]
         if others:
             remedies.append(f"GPU {others[0]} has room: pin gpus = [{others[0]}] or remove the pinning")
     reserve = budgets[d].reserve
     if reserve >= need - avail > 0:
-        remedies.append(f"lower [host] reserve on {label} from {fmt_bytes(reserve)} to {fmt_bytes(reserve - (need - avail))}")
+        remedies.append(
+            f"lower [host] reserve on {label} from {fmt_bytes(reserve)} to {fmt_bytes(reserve - (need - avail))}"
+        )
     if not remedies:
         remedies.append("use a smaller dtype or model, or a device with more memory")
     return Shortfall(cfg.name, label, need, avail, tuple(remedies))
@@ -371,12 +381,27 @@ def _split_shortfall(
     need = whole.total + (len(devs) - 1) * (whole.workspace + whole.graphs)
     cfg = it.spec.config
     remedies: list[str] = []
-    s = _largest(
-        lambda v: _split(replace(it, spec=replace(it.spec, config=replace(cfg, max_seq_len=v)),
-                                 kv_tokens=v * cfg.max_batch if cfg.kv_tokens is None else it.kv_tokens),
-                         bs, {d: free[d] for d in devs}, on_gpu) is not None,
-        1, cfg.max_seq_len - 1,
-    ) if cfg.max_seq_len > 1 else 0
+    s = (
+        _largest(
+            lambda v: (
+                _split(
+                    replace(
+                        it,
+                        spec=replace(it.spec, config=replace(cfg, max_seq_len=v)),
+                        kv_tokens=v * cfg.max_batch if cfg.kv_tokens is None else it.kv_tokens,
+                    ),
+                    bs,
+                    {d: free[d] for d in devs},
+                    on_gpu,
+                )
+                is not None
+            ),
+            1,
+            cfg.max_seq_len - 1,
+        )
+        if cfg.max_seq_len > 1
+        else 0
+    )
     if s >= 1:
         remedies.append(f"max_seq_len = {s} fits when split across {label}")
     if not remedies:

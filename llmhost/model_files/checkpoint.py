@@ -21,8 +21,13 @@ Part = int | Literal["embed", "head", "other"]
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
 _EMBED_NAMES = {"model.embed_tokens.weight", "token_embd.weight", "model.language_model.embed_tokens.weight"}
-_HEAD_NAMES = {"lm_head.weight", "output.weight", "model.norm.weight", "output_norm.weight",
-               "model.language_model.norm.weight"}
+_HEAD_NAMES = {
+    "lm_head.weight",
+    "output.weight",
+    "model.norm.weight",
+    "output_norm.weight",
+    "model.language_model.norm.weight",
+}
 
 
 @dataclass(frozen=True)

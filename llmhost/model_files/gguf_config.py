@@ -6,7 +6,7 @@ from typing import Any
 
 from llmhost.errors import ModelFileError, UnsupportedModelError
 from llmhost.model_files.gguf_file import GgufFile
-from llmhost.model_files.shape import LayerKind, ModelShape
+from llmhost.model_files.shape import LayerKind, ModelShape, all_sliding, every_nth_full
 
 # general.architecture -> our family. Mistral GGUFs say "llama".
 _FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
@@ -44,9 +44,9 @@ def shape_from_gguf(g: GgufFile) -> ModelShape:
     layer_types: tuple[LayerKind, ...] = ()
     if family == "gemma3" and window:
         # llama.cpp's Gemma 3: every 6th layer is global, the others local (sliding).
-        layer_types = tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(layers))
+        layer_types = every_nth_full(layers, 6)
     elif window:
-        layer_types = ("sliding",) * layers
+        layer_types = all_sliding(layers)
     return ModelShape(
         architecture=family,
         num_layers=layers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmhost.errors import ModelFileError, UnsupportedModelError
-from llmhost.model_files.shape import LayerKind, ModelShape
+from llmhost.model_files.shape import LayerKind, ModelShape, all_sliding, every_nth_full
 
 # model_type -> our family. SmolLM2 and Yi ship model_type "llama".
 _FAMILIES = {
@@ -59,14 +59,16 @@ def shape_from_hf_config(cfg: dict[str, Any], where: str) -> ModelShape:
         if family != "mistral" and not cfg.get("use_sliding_window", False):
             sliding_window = None
         if sliding_window:
-            layer_types = ("sliding",) * layers
+            layer_types = all_sliding(layers)
     else:
         sliding_window = None
     for dim in (hidden, heads, layers, kv_heads, head_dim):
         if dim <= 0:
             raise ModelFileError(f"{where}: config.json has a non-positive dimension ({dim})")
     if heads % kv_heads:
-        raise ModelFileError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise ModelFileError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
     return ModelShape(
         architecture=family,
         num_layers=layers,
@@ -93,7 +95,8 @@ def shape_from_hf_config(cfg: dict[str, Any], where: str) -> ModelShape:
 def _gemma3_layer_types(cfg: dict[str, Any], layers: int) -> tuple[LayerKind, ...]:
     names = cfg.get("layer_types")
     if isinstance(names, list) and len(names) == layers:
-        return tuple("sliding" if n == "sliding_attention" else "full" for n in names)
+        kinds: list[LayerKind] = ["sliding" if n == "sliding_attention" else "full" for n in names]
+        return tuple(kinds)
     # Older configs: every `sliding_window_pattern`-th layer is global, the rest local.
     pattern = int(cfg.get("sliding_window_pattern", 6))
-    return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(layers))
+    return every_nth_full(layers, pattern)

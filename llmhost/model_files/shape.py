@@ -11,6 +11,20 @@ LayerKind = Literal["full", "sliding"]
 RUNNABLE = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def every_nth_full(layers: int, n: int) -> tuple[LayerKind, ...]:
+    """Gemma 3's interleaving: every n-th layer attends globally ("full"), the others to a sliding window."""
+    kinds: list[LayerKind] = []
+    for i in range(layers):
+        kinds.append("full" if (i + 1) % n == 0 else "sliding")
+    return tuple(kinds)
+
+
+def all_sliding(layers: int) -> tuple[LayerKind, ...]:
+    """Mistral-style: one window for every layer."""
+    kind: LayerKind = "sliding"
+    return (kind,) * layers
+
+
 @dataclass(frozen=True)
 class ModelShape:
     architecture: str  # our family name: llama, mistral, qwen2, qwen3, gemma3
