@@ -8,7 +8,10 @@ from llmhost.memory.inventory import Device
 from llmhost.units import MiB
 
 # GPU name prefix -> bytes, as measured (see bench/results/runtime_overhead-<gpu>.json).
-MEASURED: dict[str, int] = {}
+MEASURED: dict[str, int] = {
+    # H100 80GB HBM3, torch 2.11.0+cu130, driver 580.159: context 621 MiB, cuBLAS/cuBLASLt +96 MiB, SDPA +8 MiB.
+    "NVIDIA H100": 760_020_992,
+}
 
 # A GPU kind never measured: a CUDA context on recent drivers is 400-600 MiB, cuBLAS workspaces and kernel
 # modules add up to ~200 MiB; round up so the plan errs towards fitting.
