@@ -29,3 +29,15 @@ class PlanInfeasibleError(LlmhostError):
     """The models do not fit on the GPUs. Carries the remedies computed by the planner."""
 
     exit_code = 3
+
+
+class RequestError(LlmhostError):
+    """A generation request is invalid: empty or too-long prompt, out-of-range sampling values."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field at fault, for OpenAI-style error bodies
+
+
+class PromptTooLongError(RequestError):
+    """The prompt (plus at least one generated token) exceeds the model's max_seq_len."""

@@ -1,0 +1,54 @@
+"""SamplingParams: what one request asks of the sampler, validated once when the request arrives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmhost.errors import RequestError
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 disables
+    repetition_penalty: float = 1.0  # HF semantics over prompt and output tokens; 1 disables
+    frequency_penalty: float = 0.0  # OpenAI semantics over output tokens, in [-2, 2]
+    presence_penalty: float = 0.0  # OpenAI semantics over output tokens, in [-2, 2]
+    seed: int | None = None  # same seed + same prompt = same output, also when batched with others
+    stop: tuple[str, ...] = ()  # stop strings; the output ends before the first one
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the output (kept out of the text)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's logprob plus the top k
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> SamplingParams:
+        """Raise RequestError naming the field and its valid range; return self for chaining."""
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise RequestError(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}", "top_k")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if self.repetition_penalty <= 0.0:
+            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2], got {value}", name)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "top_logprobs")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty", "stop")
+        return self
