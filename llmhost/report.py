@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmhost.config import DTYPE_BYTES
@@ -52,7 +53,8 @@ def inspect_json(ckpt: Checkpoint) -> dict[str, Any]:
 
 def render_inspect(ckpt: Checkpoint, console: Console) -> None:
     doc = inspect_json(ckpt)
-    table = Table(title=f"{ckpt.path.name} ({ckpt.format})", show_header=False)
+    # Names and metadata come from the file: escape them so rich never reads them as markup.
+    table = Table(title=escape(f"{ckpt.path.name} ({ckpt.format})"), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in doc.items():
@@ -66,7 +68,7 @@ def render_inspect(ckpt: Checkpoint, console: Console) -> None:
             value = ", ".join(f"{dt}: {n:,} params" for dt, n in value.items())
         elif key in ("kv_bytes_per_token", "bytes_per_layer"):
             value = ", ".join(f"{dt} {fmt_bytes(n)}" for dt, n in value.items())
-        table.add_row(key.replace("_", " "), str(value))
+        table.add_row(key.replace("_", " "), escape(str(value)))
     console.print(table)
 
 
@@ -152,7 +154,7 @@ def render_plan(plan: Plan, inventory: Inventory, console: Console) -> None:
         console.print(f"[yellow]{inventory.note}[/]")
     for b in plan.budgets:
         d = b.device
-        title = f"{d.label}: {d.name}, {fmt_bytes(d.total)}"
+        title = escape(f"{d.label}: {d.name}, {fmt_bytes(d.total)}")
         table = Table(title=title, title_justify="left")
         for col in ("model", "layers", "weights", "KV", "workspace", "graphs", "total"):
             table.add_column(col, justify="left" if col in ("model", "layers") else "right")

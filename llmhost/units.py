@@ -25,10 +25,10 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 def parse_size(text: str | int) -> int:
     """'1.5GiB' -> 1610612736; '800MB' -> 800000000; an int is bytes. Raises ValueError naming the units."""
-    if isinstance(text, bool):
-        raise ValueError(f"expected a size like '1.5GiB' or '800MB', got {text!r}")
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
+    if not isinstance(text, str):
+        raise ValueError(f"expected a size like '1.5GiB', '800MB' or a number of bytes, got {text!r}")
     match = _SIZE_RE.match(text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS:
@@ -59,7 +59,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0}
 
 def parse_duration(text: str | int | float) -> float:
     """'5m' -> 300.0 seconds; -1 (or '-1') means forever, returned as -1.0."""
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, int | float | str):
         raise ValueError(f"expected a duration like '5m', '30s' or -1, got {text!r}")
     if isinstance(text, int | float):
         value = float(text)

@@ -19,8 +19,8 @@ class DeviceBudget:
 
     @property
     def usable(self) -> int:
-        """total - external (other processes) - runtime - reserve: what models may hold."""
-        return self.device.total - self.device.external - self.runtime - self.reserve
+        """total - external (other processes) - runtime - reserve: what models may hold; never negative."""
+        return max(0, self.device.total - self.device.external - self.runtime - self.reserve)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from llmhost.memory.estimate import ModelSpec, StageNeed, default_kv_tokens, kv_
 from llmhost.memory.inventory import Inventory
 from llmhost.memory.plan import DeviceBudget, FitLimit, ModelPlan, Plan, Shortfall, Stage
 from llmhost.memory.runtime import runtime_overhead
-from llmhost.units import GiB, fmt_bytes
+from llmhost.units import GiB, MiB, fmt_bytes
 
 # Decode reads every weight once per step, so weight bytes measure a model's GPU time per step; two models this
 # large on one GPU would each slow the other, so the planner keeps them apart when another placement exists.
@@ -329,28 +329,46 @@ def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int:
 # -- infeasible: say by how much, and what would fit --------------------------------------------------------------
 
 
+def _resized(it: _Item, max_seq_len: int | None = None, max_batch: int | None = None, kv: int | None = None) -> _Item:
+    """The same model with other limits; its KV pool follows them as the config's kv_tokens mode says."""
+    cfg = replace(
+        it.spec.config,
+        max_seq_len=max_seq_len or it.spec.config.max_seq_len,
+        max_batch=max_batch or it.spec.config.max_batch,
+    )
+    if kv is None:
+        if cfg.kv_tokens is None:
+            kv = default_kv_tokens(cfg)
+        elif cfg.kv_tokens == "fill":
+            kv = cfg.max_seq_len
+        else:
+            kv = cfg.kv_tokens  # an explicit pool keeps its size whatever the other limits
+    return replace(it, spec=replace(it.spec, config=cfg), kv_tokens=kv)
+
+
 def _single_shortfall(
     it: _Item, bs: int, free: dict[int, int], budgets: Sequence[DeviceBudget], on_gpu: dict[int, bool]
 ) -> Shortfall:
     d = max(it.candidates, key=lambda c: (free[c], -c))
     label = budgets[d].device.label
     need = _whole(it, bs, on_gpu[d]).total
-    avail = free[d]
+    avail = max(0, free[d])
     cfg = it.spec.config
     remedies: list[str] = []
 
-    def fits_with(max_seq_len: int, max_batch: int) -> bool:
-        c = replace(cfg, max_seq_len=max_seq_len, max_batch=max_batch)
-        spec = replace(it.spec, config=c)
-        tokens = default_kv_tokens(c) if cfg.kv_tokens is None else min(it.kv_tokens, c.max_seq_len * c.max_batch)
-        return stage_need(spec, tokens, bs, 0, spec.shape.num_layers, on_gpu[d]).total <= avail
+    def fits(variant: _Item) -> bool:
+        return _whole(variant, bs, on_gpu[d]).total <= avail
 
-    s = _largest(lambda v: fits_with(v, cfg.max_batch), 1, cfg.max_seq_len - 1) if cfg.max_seq_len > 1 else 0
+    s = _largest(lambda v: fits(_resized(it, max_seq_len=v)), 1, cfg.max_seq_len - 1)
     if s >= 1:
         remedies.append(f"max_seq_len = {s} fits on {label} (now {cfg.max_seq_len})")
-    b = _largest(lambda v: fits_with(cfg.max_seq_len, v), 1, cfg.max_batch - 1) if cfg.max_batch > 1 else 0
+    b = _largest(lambda v: fits(_resized(it, max_batch=v)), 1, cfg.max_batch - 1)
     if b >= 1:
         remedies.append(f"max_batch = {b} fits on {label} (now {cfg.max_batch})")
+    if isinstance(cfg.kv_tokens, int):
+        k = _largest(lambda v: fits(_resized(it, kv=v)), cfg.max_seq_len, cfg.kv_tokens - 1)
+        if k >= cfg.max_seq_len:
+            remedies.append(f"kv_tokens = {k} fits on {label} (now {cfg.kv_tokens})")
     if cfg.gpus is not None:
         others = [
             b.device.index
@@ -362,9 +380,9 @@ def _single_shortfall(
             remedies.append(f"GPU {others[0]} has room: pin gpus = [{others[0]}] or remove the pinning")
     reserve = budgets[d].reserve
     if reserve >= need - avail > 0:
-        remedies.append(
-            f"lower [host] reserve on {label} from {fmt_bytes(reserve)} to {fmt_bytes(reserve - (need - avail))}"
-        )
+        # Whole MiB, rounded down, so that the printed value itself fits.
+        lowered = (reserve - (need - avail)) // MiB
+        remedies.append(f"lower [host] reserve on {label} from {reserve // MiB} MiB to {lowered} MiB")
     if not remedies:
         remedies.append("use a smaller dtype or model, or a device with more memory")
     return Shortfall(cfg.name, label, need, avail, tuple(remedies))
@@ -375,38 +393,37 @@ def _split_shortfall(
 ) -> Shortfall:
     devs = sorted(it.candidates)
     label = f"GPUs {devs[0]}-{devs[-1]} together" if len(devs) > 1 else budgets[devs[0]].device.label
-    avail = sum(free[d] for d in devs)
-    # Ends and workspace repeat on each stage; report the whole-model need plus the extra stages' workspace.
-    whole = _whole(it, bs, True)
-    need = whole.total + (len(devs) - 1) * (whole.workspace + whole.graphs)
+    avail = sum(max(0, free[d]) for d in devs)
+    short = _split_overflow(it, bs, devs, free, on_gpu)
     cfg = it.spec.config
     remedies: list[str] = []
-    s = (
-        _largest(
-            lambda v: (
-                _split(
-                    replace(
-                        it,
-                        spec=replace(it.spec, config=replace(cfg, max_seq_len=v)),
-                        kv_tokens=v * cfg.max_batch if cfg.kv_tokens is None else it.kv_tokens,
-                    ),
-                    bs,
-                    {d: free[d] for d in devs},
-                    on_gpu,
-                )
-                is not None
-            ),
-            1,
-            cfg.max_seq_len - 1,
-        )
-        if cfg.max_seq_len > 1
-        else 0
-    )
+    room = {d: free[d] for d in devs}
+    s = _largest(lambda v: _split(_resized(it, max_seq_len=v), bs, room, on_gpu) is not None, 1, cfg.max_seq_len - 1)
     if s >= 1:
         remedies.append(f"max_seq_len = {s} fits when split across {label}")
     if not remedies:
         remedies.append("use a smaller dtype or model, or more GPUs")
-    return Shortfall(cfg.name, label, need, avail, tuple(remedies))
+    return Shortfall(cfg.name, label, avail + short, avail, tuple(remedies))
+
+
+def _split_overflow(it: _Item, bs: int, devs: list[int], free: dict[int, int], on_gpu: dict[int, bool]) -> int:
+    """Bytes missing for a split over all `devs`: each stage takes as many layers as fit (at least one), the last
+    takes the rest; what overflows is the shortfall. Positive even when the sum of free memory would suffice but
+    layers cannot be cut finer."""
+    n = it.spec.shape.num_layers
+    start, missing = 0, 0
+    for i, d in enumerate(devs):
+        later = len(devs) - i - 1
+        end = n if later == 0 else max(start + 1, n - later)
+        while (
+            later and end > start + 1 and stage_need(it.spec, it.kv_tokens, bs, start, end, on_gpu[d]).total > free[d]
+        ):
+            end -= 1
+        if start >= n:
+            break
+        missing += max(0, stage_need(it.spec, it.kv_tokens, bs, start, min(end, n), on_gpu[d]).total - free[d])
+        start = end
+    return max(missing, 1)
 
 
 class PlanInfeasible(PlanInfeasibleError):

@@ -32,7 +32,7 @@ def shape_from_gguf(g: GgufFile) -> ModelShape:
     hidden = int(req("embedding_length"))
     heads = int(req("attention.head_count"))
     layers = int(req("block_count"))
-    kv_heads = _per_layer_scalar(md.get(f"{arch}.attention.head_count_kv", heads))
+    kv_heads = _per_layer_scalar(md.get(f"{arch}.attention.head_count_kv", heads), g, "attention.head_count_kv")
     head_dim = int(md.get(f"{arch}.attention.key_length", hidden // heads))
     names = {t.name for t in g.tensors}
     vocab = md.get(f"{arch}.vocab_size")
@@ -54,13 +54,15 @@ def shape_from_gguf(g: GgufFile) -> ModelShape:
         num_heads=heads,
         num_kv_heads=int(kv_heads),
         head_dim=head_dim,
-        intermediate_size=int(_per_layer_scalar(req("feed_forward_length"))),
+        intermediate_size=_per_layer_scalar(req("feed_forward_length"), g, "feed_forward_length"),
         vocab_size=int(vocab),
         tie_embeddings="output.weight" not in names,
         max_position_embeddings=int(md.get(f"{arch}.context_length", 2048)),
         rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
         rms_norm_eps=float(md.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        attention_bias="blk.0.attn_q.bias" in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        o_bias="blk.0.attn_output.bias" in names,
+        mlp_bias="blk.0.ffn_up.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
         sliding_window=int(window) if window else None,
         layer_types=layer_types,
@@ -70,11 +72,11 @@ def shape_from_gguf(g: GgufFile) -> ModelShape:
     )
 
 
-def _per_layer_scalar(v: Any) -> int:
+def _per_layer_scalar(v: Any, g: GgufFile, key: str) -> int:
     # Some GGUFs store per-layer arrays; llmhost supports uniform layers only.
     if isinstance(v, list):
-        if len(set(v)) != 1:
-            raise UnsupportedModelError("GGUF has per-layer varying head counts or FFN sizes; not supported")
+        if not v or len(set(v)) != 1:
+            raise UnsupportedModelError(f"{g.path}: GGUF '{key}' varies per layer ({v[:4]}...); not supported")
         return int(v[0])
     return int(v)
 

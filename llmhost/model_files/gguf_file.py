@@ -150,7 +150,9 @@ def _parse(r: _Reader, size: int) -> GgufFile:
         ggml_type = r.scalar("<I")
         offset = r.scalar("<Q")
         infos.append((name, shape, ggml_type, offset))
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0:
+        raise ModelFileError(f"{r.path}: corrupt GGUF header (general.alignment = {alignment!r})")
     data_start = -(-r.f.tell() // alignment) * alignment
     tensors = []
     for name, shape, ggml_type, offset in infos:

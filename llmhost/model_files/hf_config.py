@@ -31,22 +31,35 @@ def shape_from_hf_config(cfg: dict[str, Any], where: str) -> ModelShape:
         )
     family = _FAMILIES[model_type]
 
-    def req(key: str) -> Any:
+    def req(key: str) -> int:
         if key not in cfg:
             raise ModelFileError(f"{where}: config.json has no '{key}', which a {model_type} model needs")
-        return cfg[key]
+        return _positive(cfg[key], key)
 
-    hidden = int(req("hidden_size"))
-    heads = int(req("num_attention_heads"))
-    layers = int(req("num_hidden_layers"))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    def opt(key: str, default: int) -> int:
+        return _positive(cfg[key], key) if cfg.get(key) is not None else default
+
+    def _positive(value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelFileError(f"{where}: config.json '{key}' must be a positive integer, got {value!r}")
+        return value
+
+    hidden = req("hidden_size")
+    heads = req("num_attention_heads")
+    layers = req("num_hidden_layers")
+    kv_heads = opt("num_key_value_heads", heads)
+    head_dim = opt("head_dim", hidden // heads)
     archs = cfg.get("architectures") or [""]
     sliding_window = cfg.get("sliding_window")
     layer_types: tuple[LayerKind, ...] = ()
     norms_per_layer = 2
     qk_norm = family == "qwen3"
-    attention_bias = bool(cfg.get("attention_bias", family == "qwen2"))
+    # Which projections carry biases differs by family: Qwen2 has q/k/v biases only; Mistral none; Llama, Qwen3
+    # and Gemma 3 put `attention_bias` on q/k/v and o; Llama's `mlp_bias` on gate/up/down.
+    attention_bias = bool(cfg.get("attention_bias", False))
+    qkv_bias = family == "qwen2" or (attention_bias and family != "mistral")
+    o_bias = attention_bias and family in ("llama", "qwen3", "gemma3")
+    mlp_bias = bool(cfg.get("mlp_bias", False)) and family == "llama"
     tie_default = False
     if family == "gemma3":
         norms_per_layer = 4
@@ -62,9 +75,6 @@ def shape_from_hf_config(cfg: dict[str, Any], where: str) -> ModelShape:
             layer_types = all_sliding(layers)
     else:
         sliding_window = None
-    for dim in (hidden, heads, layers, kv_heads, head_dim):
-        if dim <= 0:
-            raise ModelFileError(f"{where}: config.json has a non-positive dimension ({dim})")
     if heads % kv_heads:
         raise ModelFileError(
             f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
@@ -76,20 +86,46 @@ def shape_from_hf_config(cfg: dict[str, Any], where: str) -> ModelShape:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        intermediate_size=int(req("intermediate_size")),
-        vocab_size=int(req("vocab_size")),
+        intermediate_size=req("intermediate_size"),
+        vocab_size=req("vocab_size"),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", tie_default)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        max_position_embeddings=opt("max_position_embeddings", 2048),
+        rope_theta=_rope_theta(cfg),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if family == "gemma3" else 1e-5)),
-        attention_bias=attention_bias,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
         qk_norm=qk_norm,
         sliding_window=int(sliding_window) if sliding_window else None,
         layer_types=layer_types,
         norms_per_layer=norms_per_layer,
-        rope_scaling=cfg.get("rope_scaling"),
+        rope_scaling=_rope_scaling(cfg),
         hf_architecture=str(archs[0]),
     )
+
+
+def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 writes `rope_parameters` (theta and scaling together); older configs write `rope_theta`
+    and `rope_scaling`. Gemma 3 nests one entry per layer type; its global ("full_attention") entry is the one
+    whose theta and scaling describe long context."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]
+    return params if isinstance(params, dict) else {}
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    return float(cfg.get("rope_theta") or _rope_parameters(cfg).get("rope_theta") or 10000.0)
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    scaling = cfg.get("rope_scaling") or _rope_parameters(cfg)
+    if not isinstance(scaling, dict):
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    return {k: v for k, v in scaling.items() if k != "rope_theta"} | {"rope_type": kind}
 
 
 def _gemma3_layer_types(cfg: dict[str, Any], layers: int) -> tuple[LayerKind, ...]:

@@ -39,7 +39,9 @@ class ModelShape:
     max_position_embeddings: int
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
-    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    o_bias: bool = False  # o_proj carries a bias (Llama-family configs with attention_bias)
+    mlp_bias: bool = False  # gate/up/down carry biases (Llama mlp_bias)
     qk_norm: bool = False  # RMSNorm over q and k per head (Qwen3, Gemma 3)
     sliding_window: int | None = None  # tokens a sliding layer attends to
     layer_types: tuple[LayerKind, ...] = ()  # per layer; empty means every layer is "full"
@@ -61,11 +63,15 @@ class ModelShape:
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         attn = self.hidden_size * (q + 2 * kv) + q * self.hidden_size  # q, k, v, o projections
-        if self.attention_bias:
+        if self.qkv_bias:
             attn += q + 2 * kv
+        if self.o_bias:
+            attn += self.hidden_size
         if self.qk_norm:
             attn += 2 * self.head_dim
         mlp = 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+        if self.mlp_bias:
+            mlp += 2 * self.intermediate_size + self.hidden_size
         norms = self.norms_per_layer * self.hidden_size
         return attn + mlp + norms
 

@@ -1,0 +1,147 @@
+"""Scheduler (the batcher): picks each step's tokens. `schedule() -> StepPlan` is plain data; only the runner
+builds tensors from it.
+
+Policy, per step (vLLM v1 style: one step = one forward pass over a flat token batch):
+1. every running sequence that is decoding gets its one token (the budget always admits max_batch decodes);
+2. running sequences still in prefill get the next chunk of their prompt, oldest first, within the token budget;
+3. waiting sequences are admitted FIFO while the batch has room, the budget lasts and blocks are free.
+When the KV pool runs out, the newest running sequence not yet scheduled this step is preempted: its blocks are
+freed and it goes back to the front of the queue to be recomputed later. Nothing ever crashes for lack of blocks:
+a single sequence always fits, because the pool holds at least one max_seq_len sequence (checked at start-up).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from llmhost.engine.block_manager import BlockManager
+from llmhost.engine.sequence import SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq_id: str
+    start: int  # position of the first token processed
+    token_ids: tuple[int, ...]
+    block_table: tuple[int, ...]  # covers start + len(token_ids) positions
+    sample: bool  # the chunk ends at the sequence's last known token, so its next token is sampled
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[Chunk, ...]
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def num_sampled(self) -> int:
+        return sum(1 for c in self.chunks if c.sample)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch: int, token_budget: int) -> None:
+        if token_budget < max_batch:
+            raise ValueError("token_budget must admit one decode token per sequence of a full batch")
+        self.blocks = blocks
+        self.max_batch = max_batch
+        self.token_budget = token_budget
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        budget = self.token_budget
+        chunks: list[Chunk] = []
+        scheduled: set[str] = set()
+        preempted: list[str] = []
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
+        for seq in decoding + prefilling:
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if n == 0:
+                continue
+            if not self._make_room(seq, seq.num_computed + n, scheduled, preempted):
+                continue
+            chunks.append(self._chunk(seq, n))
+            scheduled.add(seq.id)
+            budget -= n
+        # Admitting new work in a step that had to preempt would only thrash the pool.
+        while self.waiting and not preempted and len(self.running) < self.max_batch and budget > 0:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_cover(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(self._chunk(seq, n))
+            scheduled.add(seq.id)
+            budget -= n
+        return StepPlan(tuple(chunks), tuple(preempted))
+
+    def _chunk(self, seq: Sequence, n: int) -> Chunk:
+        start = seq.num_computed
+        self.blocks.cover(seq, start + n)
+        return Chunk(
+            seq_id=seq.id,
+            start=start,
+            token_ids=tuple(seq.token_ids(start, start + n)),
+            block_table=tuple(seq.block_table),
+            sample=start + n == seq.num_tokens,
+        )
+
+    def _make_room(self, seq: Sequence, tokens: int, scheduled: set[str], preempted: list[str]) -> bool:
+        """Preempt the newest unscheduled sequences until `seq` can cover `tokens`; preempt `seq` itself last."""
+        while not self.blocks.can_cover(seq, tokens):
+            victims = [s for s in self.running if s.id not in scheduled and s is not seq]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim)
+            preempted.append(victim.id)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        self.running.remove(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def advance(self, plan: StepPlan) -> None:
+        """After the step ran: its tokens' K/V are now cached."""
+        by_id = {s.id: s for s in self.running}
+        for c in plan.chunks:
+            seq = by_id.get(c.seq_id)
+            if seq is not None:
+                seq.num_computed = c.end
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence wherever it is."""
+        self.blocks.release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED

@@ -1,0 +1,52 @@
+"""Sequence: one request's tokens and progress through the engine. Plain Python; no tensors but its generator."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from llmhost.engine.sampling_params import SamplingParams
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # not started, or preempted (its KV was dropped and will be recomputed)
+    RUNNING = "running"  # holds KV blocks; gets tokens every step it is scheduled
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator  # this request's own random stream: batching never changes its draws
+    max_new_tokens: int  # params.max_tokens capped by max_seq_len - prompt length
+    arrival: float = 0.0
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end) of prompt + output."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
