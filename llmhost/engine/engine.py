@@ -115,7 +115,7 @@ class Engine:
         device = torch.device(device)
         ckpt = checkpoint or open_checkpoint(config.path)
         dtype = TORCH_DTYPES[config.dtype]
-        model = LlamaModel(ckpt.shape, dtype, device)
+        model = LlamaModel(ckpt.shape, dtype, device, config.max_seq_len)
         total = len(ckpt.tensors)
         weights = iter_weights(ckpt, dtype, device)
         if progress is not None:

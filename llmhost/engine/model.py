@@ -40,14 +40,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaModel:
-    def __init__(self, shape: ModelShape, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, shape: ModelShape, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> None:
         if shape.architecture not in RUNNABLE:
             raise UnsupportedModelError(
                 f"architecture {shape.architecture!r} cannot run yet; supported: {', '.join(RUNNABLE)}"
             )
-        if shape.sliding_window:
+        # A window the sequences never exceed is plain causal attention (Mistral v0.1 declares 4096). Longer
+        # sequences need out-of-window blocks released, which the engine does not do yet: refuse rather than
+        # attend to tokens the model never saw in training.
+        self.max_seq_len = max_seq_len
+        if shape.sliding_window and max_seq_len > shape.sliding_window:
             raise UnsupportedModelError(
-                f"{shape.architecture} with sliding-window attention (window {shape.sliding_window}) is not supported"
+                f"{shape.architecture} attends within a sliding window of {shape.sliding_window} tokens; "
+                f"max_seq_len {max_seq_len} exceeds it: set max_seq_len <= {shape.sliding_window}"
             )
         if shape.o_bias or shape.mlp_bias:
             raise UnsupportedModelError(

@@ -18,6 +18,8 @@ from llmhost.model_files.checkpoint import Checkpoint
 from llmhost.model_files.shape import ModelShape
 
 FP32 = 4  # bytes: logits and sampling buffers are float32
+# The caching allocator rounds large blocks to 2 MiB and keeps a few of each size it has seen.
+ALLOCATOR_SLACK_BYTES = 64 * 1024**2
 GRAPH_EXEC_BYTES = 2 * 1024**2  # device memory one instantiated CUDA graph keeps (kernel params, launch state)
 
 
@@ -137,23 +139,30 @@ def activation_bytes(spec: ModelSpec, tokens: int, context: int, last: bool) -> 
     s = spec.shape
     b = spec.dtype_bytes
     residual = 2 * tokens * s.hidden_size * b  # the residual stream and its normed copy
+    norm = 2 * tokens * s.hidden_size * FP32  # RMSNorm works in float32: the upcast and its square
     qkv = tokens * (s.num_heads + 2 * s.num_kv_heads) * s.head_dim * b  # fused q, k, v projection output
-    attn_out = tokens * s.num_heads * s.head_dim * b  # attention output before o_proj
-    # Prefill reads one layer's cached K and V for the chunk's context as a contiguous copy.
-    context_kv = context * 2 * s.num_kv_heads * s.head_dim * spec.kv_dtype_bytes if context else 0
-    attention = qkv + attn_out + context_kv
-    mlp = tokens * 3 * s.intermediate_size * b  # gate and up outputs, then their activated product
-    phases = max(attention, mlp)
+    q_size = tokens * s.num_heads * s.head_dim * b
+    rope = 2 * q_size  # rotated q (and k) and the rotate-half temporary
+    attn_out = q_size  # attention output before o_proj
+    # Attention reads one layer's cached K and V for the chunk's context: gathered (kv_heads), then expanded to
+    # every query head so the fused kernel applies (engine/attention.py).
+    context_kv = context * 2 * (s.num_kv_heads + s.num_heads) * s.head_dim * spec.kv_dtype_bytes
+    attention = qkv + rope + attn_out + context_kv
+    mlp = tokens * 4 * s.intermediate_size * b  # gate|up output, silu(gate), and silu(gate) * up
+    phases = max(attention, mlp, norm)
     logits = 0
     if last:
         rows = min(tokens, spec.config.max_batch)  # only rows that sample get logits
-        logits = rows * s.vocab_size * FP32 * 3  # logits, probabilities, and the sort buffer for top-p/top-k
+        # logits, penalised scores, probabilities, exponential noise and their ratio: float32 [rows, vocab] each
+        logits = rows * s.vocab_size * FP32 * 5
     return residual + max(phases, logits)
 
 
 def stage_workspace(spec: ModelSpec, last: bool) -> int:
-    """The largest step: a full prefill chunk attending to max_seq_len cached tokens."""
-    return activation_bytes(spec, step_tokens(spec.config), spec.config.max_seq_len, last)
+    """The largest step: a full prefill chunk attending to max_seq_len cached tokens, rounded up for the caching
+    allocator, which keeps freed blocks for reuse (and with varying sizes, a few more than the peak needs)."""
+    peak = activation_bytes(spec, step_tokens(spec.config), spec.config.max_seq_len, last)
+    return peak + ALLOCATOR_SLACK_BYTES
 
 
 def stage_graphs(spec: ModelSpec, last: bool, on_gpu: bool) -> int:

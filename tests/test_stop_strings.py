@@ -1,0 +1,46 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmhost.engine.stop_strings import StopMatcher
+
+
+def run(deltas: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:
+    m = StopMatcher(stops)
+    out = "".join(m.feed(d) for d in deltas)
+    return out + m.flush(), m.stopped
+
+
+def test_stop_split_across_deltas() -> None:
+    assert run(["Hello wo", "rld. END", "ING"], ("END",)) == ("Hello world. ", True)
+    assert run(["a<", "|im", "_end|>b"], ("<|im_end|>",)) == ("a", True)
+
+
+def test_partial_prefix_released_when_not_a_stop() -> None:
+    m = StopMatcher(("STOP",))
+    assert m.feed("go ST") == "go "
+    assert m.feed("ART") == "START"
+    assert not m.stopped
+
+
+def test_earliest_stop_wins_and_nothing_after() -> None:
+    m = StopMatcher(("b", "ab"))
+    assert m.feed("xxab yy") == "xx"
+    assert m.stopped and m.feed("more") == "" and m.flush() == ""
+
+
+def test_no_stops_passes_through() -> None:
+    assert run(["a", "b"], ()) == ("ab", False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="abc ", max_size=30),
+    stop=st.text(alphabet="abc", min_size=1, max_size=3),
+    cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=6),
+)
+def test_streamed_equals_whole_text_rule(text: str, stop: str, cuts: list[int]) -> None:
+    points = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    deltas = [text[a:b] for a, b in zip(points, points[1:], strict=False)]
+    idx = text.find(stop)
+    expected = (text[:idx], True) if idx >= 0 else (text, False)
+    assert run(deltas, (stop,)) == expected
