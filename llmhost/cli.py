@@ -43,6 +43,21 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus", default="auto", help="'auto' (NVML) or a simulated list like '2x24GiB,1x80GiB'")
     pl.add_argument("--json", action="store_true", help="print one JSON document (schema llmhost.plan/1)")
     pl.set_defaults(func=_cmd_plan)
+
+    ge = sub.add_parser("generate", help="load one model and complete a prompt (CPU or GPU)")
+    ge.add_argument("path", help="HF model directory or .gguf file")
+    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    ge.add_argument("--max-tokens", type=int, default=128)
+    ge.add_argument("--temperature", type=float, default=0.0)
+    ge.add_argument("--top-p", type=float, default=1.0)
+    ge.add_argument("--seed", type=int, default=None)
+    ge.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    ge.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
+    ge.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ge.add_argument("--max-seq-len", type=int, default=4096)
+    ge.add_argument("--json", action="store_true", help="print one JSON document with tokens and timings")
+    ge.set_defaults(func=_cmd_generate)
     return p
 
 
@@ -75,6 +90,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         render_plan(plan, inventory, Console())
     return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    # torch is imported here, not at the top: inspect and plan stay fast and work without it.
+    from llmhost.generate_command import run_generate
+
+    return run_generate(args)
 
 
 if __name__ == "__main__":

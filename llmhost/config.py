@@ -151,11 +151,11 @@ def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> Mod
     gpus: tuple[int, ...] | None = None
     if "gpus" in t:
         gpus = tuple(_get(_gpu_list, t, "gpus", where, table))
-    kv_dtype = _get(_dtype, t, "kv_dtype", where, table) if "kv_dtype" in t else None
+    kv_dtype = _get(parse_dtype, t, "kv_dtype", where, table) if "kv_dtype" in t else None
     return ModelConfig(
         name=name,
         path=path,
-        dtype=_get(_dtype, t, "dtype", where, table, "bfloat16"),
+        dtype=_get(parse_dtype, t, "dtype", where, table, "bfloat16"),
         max_seq_len=_get(_positive_int, t, "max_seq_len", where, table, 4096),
         max_batch=_get(_positive_int, t, "max_batch", where, table, 8),
         kv_tokens=kv_tokens,
@@ -250,7 +250,7 @@ def _size(v: Any, allow_zero: bool = False) -> int:
     return n
 
 
-def _dtype(v: Any) -> DType:
+def parse_dtype(v: Any) -> DType:
     if not isinstance(v, str) or v.lower() not in _DTYPE_ALIASES:
         raise ValueError("expected one of bfloat16, float16, float32")
     return _DTYPE_ALIASES[v.lower()]

@@ -1,0 +1,55 @@
+"""TextStream: one request's tokens turned into text deltas, with stop strings applied. The engine works in token
+ids; this is where stop strings end a request (finish_reason "stop") and text is never emitted twice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from llmhost.engine.engine import Engine, TokenOutput
+from llmhost.engine.sampling_params import SamplingParams
+from llmhost.engine.sequence import FinishReason
+from llmhost.engine.stop_strings import StopMatcher
+from llmhost.engine.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str  # new text since the last delta (may be empty while a partial character or stop string waits)
+    token: TokenOutput | None  # the token that produced it; None for the final flush
+    finish_reason: FinishReason | None
+
+
+class TextStream:
+    """Feeds one sequence's tokens; says when a stop string ended it."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.matcher = StopMatcher(stop)
+
+    def feed(self, out: TokenOutput) -> TextDelta:
+        """Text for one token. A token that ends the sequence (EOS or a stop id) adds no text of its own."""
+        if out.finish_reason == "stop":
+            return TextDelta(self._flush(), out, "stop")
+        text = self.matcher.feed(self.decoder.feed(out.token))
+        if self.matcher.stopped:
+            return TextDelta(text, out, "stop")
+        if out.finish_reason is not None:
+            return TextDelta(text + self._flush(), out, out.finish_reason)
+        return TextDelta(text, out, None)
+
+    def _flush(self) -> str:
+        return self.matcher.feed(self.decoder.flush()) + self.matcher.flush()
+
+
+def stream_text(
+    engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams
+) -> Iterator[TextDelta]:
+    """Drive `engine` until this request ends; yield its text deltas. A stop string ends the iteration, which
+    aborts the request in the engine so its KV blocks are freed at once."""
+    text = TextStream(tokenizer, params.stop)
+    for out in engine.stream(prompt_ids, params):
+        delta = text.feed(out)
+        yield delta
+        if delta.finish_reason is not None:
+            return
