@@ -1,0 +1,226 @@
+"""Token sampler: one token per row of a logits batch, each row with its own SamplingParams and generator.
+
+Invariant: a row's token depends only on its own logits, params, generator state and token history, never on which
+other rows share the batch, so a seeded request gives the same output alone or batched. Every stage below is
+per-row arithmetic whose neutral settings (penalty 1, top_k 0, top_p 1, min_p 0) leave a row's values bit-identical,
+and each sampled row draws exactly V random numbers from its own generator per step; greedy rows draw none.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+
+from llmhost.engine.sampling_params import SamplingParams
+
+_SEED_SPACE = 2**64  # torch.Generator.manual_seed accepts seeds in [0, 2**64) only
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    tokens: list[int]  # one sampled token per row
+    # log_softmax of the raw logits (no penalties, no temperature, like vLLM's default) at the sampled token;
+    # None where the row did not ask for logprobs
+    logprobs: list[float | None]
+    # the k most likely (token, raw logprob) pairs, descending, for a row with logprobs=k; None where not asked
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded from `seed`, or from fresh OS entropy when None (unseeded requests must not
+    share a stream, or two of them sent together would return the same text)."""
+    generator = torch.Generator(device=device)
+    # OpenAI seeds are any integer; folding them into torch's range keeps every seed valid and still reproducible.
+    generator.manual_seed(secrets.randbits(63) if seed is None else seed % _SEED_SPACE)
+    return generator
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+) -> SampleOutput:
+    """Sample one token per row. logits: [R, V], any float dtype, on the generators' device."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
+    rows = logits.shape[0]
+    if not len(params) == len(generators) == len(prompt_ids) == len(output_ids) == rows:
+        raise ValueError(
+            f"{rows} logit rows but {len(params)} params, {len(generators)} generators, "
+            f"{len(prompt_ids)} prompts, {len(output_ids)} outputs"
+        )
+    device = logits.device
+    raw = logits.float()  # [R, V]
+    settings = _row_settings(params, device)
+
+    scores = _penalize(raw, params, settings, prompt_ids, output_ids)
+    tokens = scores.argmax(dim=-1)  # [R]; greedy rows keep this, ties go to the lowest id
+    sampled_rows = [r for r, p in enumerate(params) if not p.greedy]
+    if sampled_rows:
+        probs = _filtered_probs(scores, params, settings)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p (unnormalized is fine), and unlike
+        # torch.multinomial it needs no host sync. One draw per row from that row's own generator keeps rows
+        # independent of the batch.
+        noise = torch.ones_like(probs)
+        for r in sampled_rows:
+            noise[r].exponential_(generator=generators[r])
+        # An exact 0 draw would give p / 0 = nan for filtered tokens, and argmax ranks nan highest.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        drawn = (probs / noise).argmax(dim=-1)
+        tokens = torch.where(settings.greedy, tokens, drawn)
+
+    return _collect(raw, tokens, params)
+
+
+@dataclass(frozen=True)
+class _RowSettings:
+    """Per-row sampling values as device columns [R, 1] (greedy: [R]), built with one host-to-device copy."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor  # float; 0 disables
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition: torch.Tensor
+    frequency: torch.Tensor
+    presence: torch.Tensor
+    greedy: torch.Tensor  # bool [R]
+
+
+def _row_settings(params: Sequence[SamplingParams], device: torch.device) -> _RowSettings:
+    table = torch.tensor(
+        [
+            [
+                1.0 if p.greedy else p.temperature,  # greedy rows never use their tempered scores
+                float(p.top_k),  # exact in float32 for any vocabulary below 2**24
+                p.top_p,
+                p.min_p,
+                p.repetition_penalty,
+                p.frequency_penalty,
+                p.presence_penalty,
+                float(p.greedy),
+            ]
+            for p in params
+        ],
+        dtype=torch.float32,
+    )
+    # non_blocking: a pageable source is staged by the driver before the call returns, so no stream sync is needed.
+    table = table.to(device, non_blocking=True)
+    columns = table.unbind(dim=1)
+    return _RowSettings(
+        temperature=columns[0][:, None],
+        top_k=columns[1][:, None],
+        top_p=columns[2][:, None],
+        min_p=columns[3][:, None],
+        repetition=columns[4][:, None],
+        frequency=columns[5][:, None],
+        presence=columns[6][:, None],
+        greedy=columns[7] > 0.5,
+    )
+
+
+def _penalize(
+    raw: torch.Tensor,
+    params: Sequence[SamplingParams],
+    settings: _RowSettings,
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Repetition penalty (HF: prompt and output tokens), then frequency and presence (OpenAI: output tokens)."""
+    rows, vocab = raw.shape
+    scores = raw
+    repeat_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if repeat_rows:
+        seen_ids = _flat_ids([(r, seq) for r in repeat_rows for seq in (prompt_ids[r], output_ids[r])], vocab)
+        seen = torch.zeros(rows * vocab, dtype=torch.bool, device=raw.device)
+        seen.index_fill_(0, seen_ids.to(raw.device, non_blocking=True), True)
+        penalty = settings.repetition
+        # HF divides positive logits and multiplies the rest, so the penalty always lowers a seen token.
+        penalized = torch.where(scores > 0, scores / penalty, scores * penalty)
+        scores = torch.where(seen.view(rows, vocab), penalized, scores)
+    count_rows = [r for r, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+    if count_rows:
+        out_ids = _flat_ids([(r, output_ids[r]) for r in count_rows], vocab).to(raw.device, non_blocking=True)
+        counts = torch.zeros(rows * vocab, dtype=torch.float32, device=raw.device)
+        # Adding ones is exact in float32 below 2**24, so the order index_add_ applies them in does not matter.
+        counts.index_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float32))
+        counts = counts.view(rows, vocab)
+        scores = scores - counts * settings.frequency - (counts > 0).float() * settings.presence
+    return scores
+
+
+def _flat_ids(row_sequences: Sequence[tuple[int, Sequence[int]]], vocab: int) -> torch.Tensor:
+    """Token ids offset into a flattened [R * V] view, built on the host (C-speed list conversion, no Python loop
+    over tokens)."""
+    parts = [torch.as_tensor(seq, dtype=torch.long) + row * vocab for row, seq in row_sequences if len(seq)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams], settings: _RowSettings) -> torch.Tensor:
+    """Temperature, top_k, top_p, min_p; returns [R, V] probabilities with filtered tokens at 0, not renormalized
+    (the exponential race is scale-invariant per row)."""
+    vocab = scores.shape[1]
+    # Shifting by the row max first keeps a tiny temperature from overflowing to inf (inf - inf = nan in softmax).
+    tempered = (scores - scores.amax(dim=-1, keepdim=True)) / settings.temperature
+    use_top_k = any(0 < p.top_k < vocab for p in params)
+    use_top_p = any(p.top_p < 1.0 for p in params)
+    order: torch.Tensor | None = None
+    if use_top_k or use_top_p:
+        # Stable, so tied tokens straddling the top_p cut are ordered by id, not by whatever else is in the batch.
+        ordered, order = torch.sort(tempered, dim=-1, descending=True, stable=True)
+        if use_top_k:
+            k = settings.top_k.clamp(min=1, max=vocab).long()
+            kth = ordered.gather(-1, k - 1)
+            # Threshold rather than position, as HF does: tokens tied with the k-th survive.
+            active = (settings.top_k > 0) & (settings.top_k < vocab)
+            kth = torch.where(active, kth, torch.full_like(kth, -torch.inf))
+            tempered = tempered.masked_fill(tempered < kth, -torch.inf)
+    # Softmax in vocabulary order for every row, so a row's probabilities do not depend on whether the batch sorted.
+    probs = torch.softmax(tempered, dim=-1)
+    if use_top_p:
+        assert order is not None
+        # Probabilities follow the logits' order (exp is monotone), so the logit sort also sorts them.
+        ordered_probs = probs.gather(-1, order)
+        mass_before = ordered_probs.cumsum(dim=-1) - ordered_probs
+        # Keep a token while the mass above it is < top_p: the smallest set reaching top_p, always the top token.
+        # Rows with top_p = 1 are exempt: cumsum rounding can exceed 1.0 and would drop their tail.
+        drop_ordered = (mass_before >= settings.top_p) & (settings.top_p < 1.0)
+        drop = torch.zeros_like(drop_ordered).scatter_(-1, order, drop_ordered)
+        probs = probs.masked_fill(drop, 0.0)
+    if any(p.min_p > 0.0 for p in params):
+        # The top token survives every filter and renormalizing scales both sides, so this max is the final max.
+        floor = settings.min_p * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs
+
+
+def _collect(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> SampleOutput:
+    """Move tokens (and logprobs where asked) to the host; this is the sampler's one sync."""
+    wanted = [p.logprobs is not None for p in params]
+    if not any(wanted):
+        token_list = cast(list[int], tokens.tolist())
+        return SampleOutput(token_list, [None] * len(params), [None] * len(params))
+    logprobs = torch.log_softmax(raw, dim=-1)  # [R, V]
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0]  # [R]
+    # One topk at the batch's largest k; each row keeps its own prefix (a prefix of a top-k is a top-k).
+    most = min(max(p.logprobs or 0 for p in params), raw.shape[1])
+    top_values, top_ids = torch.topk(logprobs, most, dim=-1)  # [R, most], descending
+    token_list = cast(list[int], tokens.tolist())
+    chosen_list = cast(list[float], chosen.tolist())
+    value_rows = cast(list[list[float]], top_values.tolist())
+    id_rows = cast(list[list[int]], top_ids.tolist())
+    out_logprobs: list[float | None] = []
+    out_top: list[list[tuple[int, float]] | None] = []
+    for r, p in enumerate(params):
+        if p.logprobs is None:
+            out_logprobs.append(None)
+            out_top.append(None)
+        else:
+            out_logprobs.append(chosen_list[r])
+            out_top.append(list(zip(id_rows[r][: p.logprobs], value_rows[r][: p.logprobs], strict=True)))
+    return SampleOutput(token_list, out_logprobs, out_top)
