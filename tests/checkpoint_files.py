@@ -485,6 +485,7 @@ BAD_INPUTS: dict[str, Callable[[Path], BadInput]] = {
     "not-a-model-file": _not_a_model_file,
 }
 
+
 def bad_input_params() -> list[Any]:
     """BAD_INPUTS ids as pytest params."""
     return sorted(BAD_INPUTS)

@@ -76,19 +76,13 @@ NEED_KEYS = {"weights_bytes", "kv_bytes", "workspace_bytes", "graphs_bytes", "to
 
 def assert_terms_add_up(doc: dict[str, Any]) -> None:
     for g in doc["gpus"]:
-        assert (
-            g["usable_bytes"]
-            == g["total_bytes"] - g["external_bytes"] - g["runtime_bytes"] - g["reserve_bytes"]
-        )
+        assert g["usable_bytes"] == g["total_bytes"] - g["external_bytes"] - g["runtime_bytes"] - g["reserve_bytes"]
         assert g["used_bytes"] == sum(s["total_bytes"] for s in g["models"])
         assert g["free_bytes"] == g["usable_bytes"] - g["used_bytes"]
         assert 0 <= g["used_bytes"] <= g["usable_bytes"]
         for s in g["models"]:
             assert s.keys() >= NEED_KEYS
-            assert (
-                s["total_bytes"]
-                == s["weights_bytes"] + s["kv_bytes"] + s["workspace_bytes"] + s["graphs_bytes"]
-            )
+            assert s["total_bytes"] == s["weights_bytes"] + s["kv_bytes"] + s["workspace_bytes"] + s["graphs_bytes"]
     stage_rows = {(s["model"], g["index"], tuple(s["layers"])): s for g in doc["gpus"] for s in g["models"]}
     for m in doc["models"]:
         assert m["total_bytes"] == sum(s["total_bytes"] for s in m["stages"])
@@ -176,9 +170,7 @@ cuda_graphs = false
 
 
 def test_plan_json_pinning(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = write_config(
-        tmp_path, f'[models.a]\npath = "{smol}"\ngpus = [1]\n[models.b]\npath = "{smol}"\ngpus = [1]\n'
-    )
+    cfg = write_config(tmp_path, f'[models.a]\npath = "{smol}"\ngpus = [1]\n[models.b]\npath = "{smol}"\ngpus = [1]\n')
     doc = run_json(capsys, "plan", str(cfg), "--gpus", "2x24GiB")
     assert [m["gpus"] for m in doc["models"]] == [[1], [1]]
     assert doc["gpus"][0]["models"] == []
@@ -202,9 +194,7 @@ def test_plan_table(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[st
     assert "32,768" in out  # KV tokens
 
 
-def test_plan_auto_on_a_machine_without_gpus(
-    tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_plan_auto_on_a_machine_without_gpus(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = smol_config(tmp_path, smol)
     code, out, err = run(capsys, "plan", str(cfg), "--gpus", "auto")
     assert code == 0, err
@@ -258,11 +248,7 @@ def test_plan_infeasible_remedy_fits_when_applied(
     code, out, _ = run(capsys, "plan", str(cfg), "--gpus", "1x4GiB", "--json")
     assert code == 3
     remedies = json.loads(out)["error"]["remedies"]
-    m = next(
-        re.search(r"max_seq_len = (\d+) fits on GPU 0 \(now 8192\)", r)
-        for r in remedies
-        if "max_seq_len" in r
-    )
+    m = next(re.search(r"max_seq_len = (\d+) fits on GPU 0 \(now 8192\)", r) for r in remedies if "max_seq_len" in r)
     assert m is not None, remedies
     fixed = smol_config(tmp_path, smol, f"max_seq_len = {m.group(1)}\nmax_batch = 64\n")
     doc = run_json(capsys, "plan", str(fixed), "--gpus", "1x4GiB")
@@ -311,9 +297,7 @@ def test_negative_reserve(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixt
     assert_one_line_error(err, "[host] reserve", "positive")
 
 
-def test_pin_to_a_gpu_that_does_not_exist(
-    tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_pin_to_a_gpu_that_does_not_exist(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = smol_config(tmp_path, smol, "gpus = [5]\n")
     code, out, err = run(capsys, "plan", str(cfg), "--gpus", "2x24GiB", "--json")
     assert code == 2
@@ -360,9 +344,7 @@ def test_model_path_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert_one_line_error(err, "not a model directory or a .gguf file")
 
 
-def test_float_reserve_is_one_line_error(
-    tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_float_reserve_is_one_line_error(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Was: TypeError from parse_size, shown as a traceback."""
     cfg = smol_config(tmp_path, smol, host="[host]\nreserve = 1.5\n")
     code, _, err = run(capsys, "plan", str(cfg), "--gpus", "1x24GiB")

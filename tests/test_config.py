@@ -261,16 +261,12 @@ def test_reserve_as_list_is_per_gpu_and_the_last_repeats(tmp_path: Path) -> None
 
 
 def test_kv_tokens_int_and_fill(tmp_path: Path) -> None:
-    cfg = load(
-        tmp_path, '[models.a]\npath = "a"\nkv_tokens = 100000\n[models.b]\npath = "b"\nkv_tokens = "fill"\n'
-    )
+    cfg = load(tmp_path, '[models.a]\npath = "a"\nkv_tokens = 100000\n[models.b]\npath = "b"\nkv_tokens = "fill"\n')
     assert cfg.model("a").kv_tokens == 100000
     assert cfg.model("b").kv_tokens == "fill"
 
 
-def test_relative_path_resolves_against_the_config_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_relative_path_resolves_against_the_config_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sub = tmp_path / "conf"
     sub.mkdir()
     monkeypatch.chdir(tmp_path)
@@ -368,9 +364,7 @@ def test_not_utf8(tmp_path: Path) -> None:
         ('[model.a]\npath = "a"\n', "model", "models"),
     ],
 )
-def test_unknown_key_names_it_and_suggests_the_nearest(
-    tmp_path: Path, text: str, key: str, suggestion: str
-) -> None:
+def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path: Path, text: str, key: str, suggestion: str) -> None:
     msg = config_error(tmp_path, text)
     assert f"unknown key '{key}'" in msg
     assert f"did you mean '{suggestion}'?" in msg

@@ -142,9 +142,7 @@ def test_kv_dtype_sets_kv_bytes() -> None:
     bf16 = whole_need(spec("a"), 4096, BS).kv
     fp32 = whole_need(spec("a", kv_dtype="float32"), 4096, BS).kv
     assert fp32 == 2 * bf16
-    assert (
-        whole_need(spec("a", kv_dtype="float32"), 4096, BS).weights == whole_need(spec("a"), 4096, BS).weights
-    )
+    assert whole_need(spec("a", kv_dtype="float32"), 4096, BS).weights == whole_need(spec("a"), 4096, BS).weights
 
 
 def test_sliding_window_layers_are_capped_at_the_window() -> None:
@@ -223,9 +221,7 @@ def test_parse_gpu_spec() -> None:
     assert [d.total for d in parse_gpu_spec(" 2 x 512MiB , 40GB ").devices] == [512 * MiB] * 2 + [40 * 10**9]
 
 
-@pytest.mark.parametrize(
-    "bad", ["", ",", "2x24GiB,", "0x24GiB", "2x0GiB", "2x", "lots", "2x24 furlongs", "-1x8GiB"]
-)
+@pytest.mark.parametrize("bad", ["", ",", "2x24GiB,", "0x24GiB", "2x0GiB", "2x", "lots", "2x24 furlongs", "-1x8GiB"])
 def test_parse_gpu_spec_rejects(bad: str) -> None:
     with pytest.raises(InventoryError, match="--gpus"):
         parse_gpu_spec(bad)
@@ -696,9 +692,7 @@ def test_property_max_seq_len_fit_re_plans(case: tuple[list[ModelSpec], str, Hos
     plan_models([replace(s, config=replace(s.config, max_seq_len=fit))], parse_gpu_spec(gpus), host)
     if len(p.budgets) == 1:
         with pytest.raises(PlanInfeasible):
-            plan_models(
-                [replace(s, config=replace(s.config, max_seq_len=fit + 1))], parse_gpu_spec(gpus), host
-            )
+            plan_models([replace(s, config=replace(s.config, max_seq_len=fit + 1))], parse_gpu_spec(gpus), host)
 
 
 @settings(max_examples=80, deadline=None)
@@ -713,9 +707,7 @@ def test_property_fill_leaves_less_than_a_block_per_filler(
         return
     named = {s.name: s for s in specs}
     for d in range(len(p.budgets)):
-        fillers = [
-            m for m, _ in p.stages_on(d) if named[m.name].config.kv_tokens == "fill" and len(m.stages) == 1
-        ]
+        fillers = [m for m, _ in p.stages_on(d) if named[m.name].config.kv_tokens == "fill" and len(m.stages) == 1]
         for m in fillers:
             assert m.kv_tokens >= named[m.name].config.max_seq_len
         # Sliding layers stop growing, so a filler with them can leave more; the bound is for full attention.

@@ -1,3 +1,5 @@
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,7 +42,7 @@ def test_no_stops_passes_through() -> None:
 )
 def test_streamed_equals_whole_text_rule(text: str, stop: str, cuts: list[int]) -> None:
     points = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
-    deltas = [text[a:b] for a, b in zip(points, points[1:], strict=False)]
+    deltas = [text[a:b] for a, b in itertools.pairwise(points)]
     idx = text.find(stop)
     expected = (text[:idx], True) if idx >= 0 else (text, False)
     assert run(deltas, (stop,)) == expected
