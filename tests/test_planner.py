@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmhost.config import DTYPE_BYTES, HostConfig, ModelConfig
-from llmhost.errors import InventoryError, PlanInfeasibleError
+from llmhost.errors import ConfigError, InventoryError, PlanInfeasibleError
 from llmhost.memory.estimate import (
     ModelSpec,
     default_kv_tokens,
@@ -51,7 +51,7 @@ MISTRAL_7B = replace(
     sliding_window=4096,
     layer_types=all_sliding(32),
 )
-TINY = ModelShape("llama", 4, 256, 4, 2, 64, 512, 1000, True, 2048)
+TINY = ModelShape("llama", 4, 256, 4, 2, 64, 512, 1000, True, 8192)
 
 BS = 16  # the default block size
 
@@ -379,7 +379,12 @@ def test_max_seq_len_fit_for_a_split_model() -> None:
 
 def test_max_seq_len_fit_limited_by_the_model() -> None:
     (m,) = plan([spec("t", TINY)], "1x24GiB").models
-    assert (m.max_seq_len_fit, m.fit_limited_by) == (2048, "model")
+    assert (m.max_seq_len_fit, m.fit_limited_by) == (8192, "model")
+
+
+def test_max_seq_len_beyond_the_models_context_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="exceeds the model's context length 8192"):
+        plan([spec("t", TINY, max_seq_len=8193)], "1x24GiB")
 
 
 def test_max_seq_len_fit_limited_by_explicit_kv_tokens() -> None:
@@ -578,7 +583,7 @@ def shapes(draw: st.DrawFn) -> ModelShape:
         intermediate_size=draw(st.sampled_from([512, 4096, 14336, 28672])),
         vocab_size=draw(st.sampled_from([1000, 32000, 128256])),
         tie_embeddings=draw(st.booleans()),
-        max_position_embeddings=draw(st.sampled_from([2048, 32768, 131072])),
+        max_position_embeddings=draw(st.sampled_from([65536, 131072])),
         sliding_window=4096 if sliding else None,
         layer_types=every_nth_full(layers, 2) if sliding else (),
     )

@@ -18,6 +18,7 @@ import torch
 from llmhost.engine.sampling_params import SamplingParams
 
 _SEED_SPACE = 2**64  # torch.Generator.manual_seed accepts seeds in [0, 2**64) only
+_MASS_SCALE = 2.0**40  # fixed-point unit for top_p mass; V x 2**40 stays far below 2**63 for any vocabulary
 
 
 @dataclass(frozen=True)
@@ -186,10 +187,15 @@ def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams], sett
         assert order is not None
         # Probabilities follow the logits' order (exp is monotone), so the logit sort also sorts them.
         ordered_probs = probs.gather(-1, order)
-        mass_before = ordered_probs.cumsum(dim=-1) - ordered_probs
+        # The running mass is summed in fixed point because integer addition is exact in any order: a float cumsum
+        # on CUDA sums one row in a different order than a batch of rows (measured on the H100), which moved the
+        # top_p cut. Scaling by a power of two is exact in float32; truncation loses < V x 2**-40 of mass.
+        fixed = (ordered_probs * _MASS_SCALE).long()
+        mass_before = fixed.cumsum(dim=-1) - fixed
+        limit = (settings.top_p * _MASS_SCALE).long()
         # Keep a token while the mass above it is < top_p: the smallest set reaching top_p, always the top token.
-        # Rows with top_p = 1 are exempt: cumsum rounding can exceed 1.0 and would drop their tail.
-        drop_ordered = (mass_before >= settings.top_p) & (settings.top_p < 1.0)
+        # Rows with top_p = 1 are exempt, so a filter meant for other rows never trims their tail.
+        drop_ordered = (mass_before >= limit) & (settings.top_p < 1.0)
         drop = torch.zeros_like(drop_ordered).scatter_(-1, order, drop_ordered)
         probs = probs.masked_fill(drop, 0.0)
     if any(p.min_p > 0.0 for p in params):
@@ -207,9 +213,14 @@ def _collect(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingP
         return SampleOutput(token_list, [None] * len(params), [None] * len(params))
     logprobs = torch.log_softmax(raw, dim=-1)  # [R, V]
     chosen = logprobs.gather(-1, tokens[:, None])[:, 0]  # [R]
-    # One topk at the batch's largest k; each row keeps its own prefix (a prefix of a top-k is a top-k).
+    # A stable sort rather than topk: topk orders tied values (common in bf16 logits) differently for different k
+    # and batch sizes on CUDA (measured on the H100), and each row keeps a prefix of the batch's largest k.
     most = min(max(p.logprobs or 0 for p in params), raw.shape[1])
-    top_values, top_ids = torch.topk(logprobs, most, dim=-1)  # [R, most], descending
+    if most:
+        top_values, top_ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
+    else:
+        top_values, top_ids = logprobs, tokens[:, None]  # sliced to nothing below
+    top_values, top_ids = top_values[:, :most], top_ids[:, :most]  # [R, most], descending, ties by token id
     token_list = cast(list[int], tokens.tolist())
     chosen_list = cast(list[float], chosen.tolist())
     value_rows = cast(list[list[float]], top_values.tolist())

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from llmhost.config import HostConfig
-from llmhost.errors import InventoryError, PlanInfeasibleError
+from llmhost.errors import ConfigError, InventoryError, PlanInfeasibleError
 from llmhost.memory.estimate import ModelSpec, StageNeed, default_kv_tokens, kv_blocks, stage_need
 from llmhost.memory.inventory import Inventory
 from llmhost.memory.plan import DeviceBudget, FitLimit, ModelPlan, Plan, Shortfall, Stage
@@ -104,6 +104,12 @@ def plan_models(specs: Sequence[ModelSpec], inventory: Inventory, host: HostConf
 
 def _item(spec: ModelSpec, budgets: Sequence[DeviceBudget]) -> _Item:
     cfg = spec.config
+    limit = spec.shape.max_position_embeddings
+    if cfg.max_seq_len > limit:
+        raise ConfigError(
+            f"model '{cfg.name}': max_seq_len {cfg.max_seq_len} exceeds the model's context length {limit} "
+            f"(max_position_embeddings); set max_seq_len <= {limit}"
+        )
     if cfg.gpus is not None:
         bad = [g for g in cfg.gpus if g >= len(budgets)]
         if bad:
@@ -437,5 +443,5 @@ class PlanInfeasible(PlanInfeasibleError):
 def shortfall_message(sf: Shortfall) -> str:
     return (
         f"model '{sf.model}' does not fit: it needs {fmt_bytes(sf.need)} and {sf.where} has {fmt_bytes(sf.available)} "
-        f"free for it (short by {sf.short_by / GiB:.2f} GiB). Remedies: " + "; ".join(sf.remedies)
+        f"free for it (short by {fmt_bytes(sf.short_by)}). Remedies: " + "; ".join(sf.remedies)
     )
