@@ -274,6 +274,7 @@ def test_logprobs_are_raw_log_softmax_at_the_sampled_token() -> None:
     ]
     result = run(logits, params, None, [[1, 2, 3]] * 3, [[4, 4, 5]] * 3)
     raw = torch.log_softmax(logits, dim=-1)
+    assert all(type(token) is int for token in result.tokens)
     for r in (0, 1):
         logprob = result.logprobs[r]
         assert logprob is not None
@@ -296,6 +297,14 @@ def test_top_logprobs_are_the_k_best_descending() -> None:
         expected = torch.topk(raw[r], k)
         assert [t for t, _ in top] == expected.indices.tolist()
         assert values == pytest.approx(expected.values.tolist(), abs=1e-6)
+
+
+def test_tied_top_logprobs_are_ordered_by_token_id_whatever_k() -> None:
+    logits = torch.tensor([[0.0, 1.0, 0.0, 1.0, 1.0, 0.0]])
+    for k in (1, 2, 4, 6):
+        top = run(logits, [SamplingParams(logprobs=k)]).top_logprobs[0]
+        assert top is not None
+        assert [t for t, _ in top] == [1, 3, 4, 0, 2, 5][:k]
 
 
 def test_top_logprobs_stop_at_the_vocabulary_size() -> None:
