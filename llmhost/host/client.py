@@ -1,0 +1,215 @@
+"""HostClient: the API process's handle on the host-core process.
+
+The host runs in a spawned process (CUDA cannot be forked). One sender thread writes the pipe, so an asyncio
+handler never blocks on a full pipe while the host is busy loading; one reader thread routes what comes back:
+tokens to the asyncio queue of their request, status replies to the future of their query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from llmhost.config import Config
+from llmhost.engine.sampling_params import SamplingParams
+from llmhost.host.core import host_main
+from llmhost.host.messages import (
+    Abort,
+    AdminCommand,
+    FromHost,
+    HostStopped,
+    ModelStatus,
+    Query,
+    RequestFailed,
+    Shutdown,
+    StatusReply,
+    Submit,
+    ToHost,
+    TokenBatch,
+    TokenEvent,
+)
+from llmhost.memory.inventory import Inventory
+
+
+class HostRequestError(Exception):
+    """The host refused or failed a request; `failure` says why, in the host's words."""
+
+    def __init__(self, failure: RequestFailed) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class HostUnavailableError(Exception):
+    """The host-core process stopped (or never started)."""
+
+
+@dataclass
+class _Waiter:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[TokenEvent | RequestFailed | HostStopped]
+
+
+class HostClient:
+    def __init__(self, config: Config, inventory: Inventory) -> None:
+        self.config = config
+        self.inventory = inventory
+        self.status: dict[str, ModelStatus] = {}  # the latest status of every model, pushed by the host
+        self.stopped: HostStopped | None = None
+        self._requests: dict[str, _Waiter] = {}
+        self._queries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[StatusReply]]] = {}
+        self._query_ids = itertools.count(1)
+        self._outbox: queue.Queue[ToHost | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self.status_changed = threading.Event()
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=host_main, args=(self.config, self.inventory, child), name="llmhost-host", daemon=False
+        )
+        self._proc.start()
+        child.close()
+        threading.Thread(target=self._read, name="llmhost-host-reader", daemon=True).start()
+        threading.Thread(target=self._write, name="llmhost-host-writer", daemon=True).start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the host to stop; end it by force if it does not within `timeout` seconds."""
+        if not hasattr(self, "_proc"):
+            return
+        self._outbox.put(Shutdown())
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._outbox.put(None)
+        self._fail_all(HostStopped("the server is shutting down"))
+
+    @property
+    def alive(self) -> bool:
+        return hasattr(self, "_proc") and self._proc.is_alive() and self.stopped is None
+
+    # -- requests -----------------------------------------------------------------------------------------------
+
+    async def generate(
+        self, model: str, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        """Yield this request's tokens. Leaving the loop early (client gone) aborts it in the host, which frees
+        its KV blocks."""
+        if not self.alive:
+            raise HostUnavailableError(self.stopped.reason if self.stopped else "the host is not running")
+        rid = request_id or uuid.uuid4().hex
+        waiter = _Waiter(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self._requests[rid] = waiter
+        self._outbox.put(Submit(rid, model, tuple(prompt_ids), params))
+        finished = False
+        try:
+            while True:
+                item = await waiter.queue.get()
+                if isinstance(item, RequestFailed):
+                    finished = True
+                    raise HostRequestError(item)
+                if isinstance(item, HostStopped):
+                    finished = True
+                    raise HostUnavailableError(item.reason)
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            with self._lock:
+                self._requests.pop(rid, None)
+            if not finished:
+                self._outbox.put(Abort(rid))
+
+    async def query(self) -> StatusReply:
+        return await self._ask(lambda qid: Query(qid))
+
+    async def admin(self, action: Literal["load", "unload"], model: str) -> StatusReply:
+        return await self._ask(lambda qid: AdminCommand(qid, action, model))
+
+    async def _ask(self, make: Callable[[int], ToHost]) -> StatusReply:
+        if not self.alive:
+            raise HostUnavailableError(self.stopped.reason if self.stopped else "the host is not running")
+        qid = next(self._query_ids)
+        fut: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._queries[qid] = (asyncio.get_running_loop(), fut)
+        self._outbox.put(make(qid))
+        return await fut
+
+    # -- threads ------------------------------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self._conn.send(msg)
+            except (BrokenPipeError, OSError):
+                return
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg: FromHost = self._conn.recv()
+            except (EOFError, OSError):
+                self._on_stopped(HostStopped("the host process exited"))
+                return
+            if isinstance(msg, TokenBatch):
+                for ev in msg.events:
+                    self._deliver(ev.request_id, ev)
+            elif isinstance(msg, RequestFailed):
+                self._deliver(msg.request_id, msg)
+            elif isinstance(msg, StatusReply):
+                for st in msg.models:
+                    self.status[st.name] = st
+                self.status_changed.set()
+                with self._lock:
+                    pending = self._queries.pop(msg.query_id, None)
+                if pending is not None:
+                    loop, fut = pending
+                    loop.call_soon_threadsafe(_resolve, fut, msg)
+            elif isinstance(msg, HostStopped):
+                self._on_stopped(msg)
+                return
+
+    def _deliver(self, rid: str, item: TokenEvent | RequestFailed | HostStopped) -> None:
+        with self._lock:
+            waiter = self._requests.get(rid)
+        if waiter is not None:
+            waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, item)
+
+    def _on_stopped(self, msg: HostStopped) -> None:
+        if self.stopped is None:
+            self.stopped = msg
+        self.status_changed.set()
+        self._fail_all(msg)
+
+    def _fail_all(self, msg: HostStopped) -> None:
+        with self._lock:
+            waiters = list(self._requests.values())
+            queries = list(self._queries.values())
+            self._queries.clear()
+        for w in waiters:
+            w.loop.call_soon_threadsafe(w.queue.put_nowait, msg)
+        for loop, fut in queries:
+            loop.call_soon_threadsafe(_fail, fut, HostUnavailableError(msg.reason))
+
+
+def _resolve(fut: asyncio.Future[StatusReply], reply: StatusReply) -> None:
+    if not fut.done():
+        fut.set_result(reply)
+
+
+def _fail(fut: asyncio.Future[StatusReply], err: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(err)
