@@ -1,0 +1,160 @@
+"""DecodeRunner: the GPU decode path. One token per sequence, fused Triton kernels, static buffers, and one CUDA
+graph per captured batch size, so a whole decode step replays with no Python on the hot path.
+
+Invariants (a graph holds no reference to what it reads, DESIGN.md):
+- every buffer a graph reads or writes is allocated here once and lives as long as the runner;
+- a batch of b sequences runs the graph of the smallest captured size >= b; the padded rows read and write a
+  scratch KV block the block manager never hands out (the cache's last block), so they cannot touch real data;
+- all graphs share one memory pool, captured largest first, so the pool is the largest batch's activations
+  (the estimate's `graphs` term: memory/estimate.py).
+
+The reference forward (model.py) stays the prefill path and the definition of correct: tests compare the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmhost.engine.kernels.fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
+from llmhost.engine.kernels.paged_decode import DecodeWorkspace, paged_decode_attention
+from llmhost.engine.kv_cache import KVCache
+from llmhost.engine.model import LlamaModel
+from llmhost.engine.model import rms_norm as rms_norm_reference
+from llmhost.memory.estimate import graph_batch_sizes
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    token: int
+    position: int  # of `token`; it attends to positions 0..position
+    block_table: tuple[int, ...]
+
+
+class DecodeRunner:
+    def __init__(self, model: LlamaModel, cache: KVCache, max_batch: int, max_seq_len: int) -> None:
+        s = model.shape
+        self.model = model
+        self.cache = cache
+        self.block_size = cache.block_size
+        self.scratch_block = cache.num_blocks - 1  # reserved: the engine's block manager never hands it out
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_batch = max_batch
+        dev, dt = model.device, model.dtype
+        self.max_blocks = -(-max_seq_len // cache.block_size)
+        mb = max_batch
+        # Static inputs: written by the host before each replay.
+        self.tokens = torch.zeros(mb, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(mb, dtype=torch.int64, device=dev)
+        self.slots = torch.zeros(mb, dtype=torch.int64, device=dev)
+        self.tables = torch.zeros(mb, self.max_blocks, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(mb, dtype=torch.int32, device=dev)
+        # Static activations.
+        q_dim = s.num_heads * s.head_dim
+        self.h = torch.zeros(mb, s.hidden_size, dtype=dt, device=dev)
+        self.x = torch.zeros(mb, s.hidden_size, dtype=dt, device=dev)
+        self.qkv = torch.zeros(mb, q_dim + 2 * s.num_kv_heads * s.head_dim, dtype=dt, device=dev)
+        self.attn = torch.zeros(mb, s.num_heads, s.head_dim, dtype=dt, device=dev)
+        self.act = torch.zeros(mb, s.intermediate_size, dtype=dt, device=dev)
+        self.logits = torch.zeros(mb, s.vocab_size, dtype=torch.float32, device=dev)
+        self.ws = DecodeWorkspace(mb, s.num_heads, s.head_dim, max_seq_len, dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool: Any = None  # the shared graph memory pool handle, set by the first capture
+
+    @property
+    def static_bytes(self) -> int:
+        tensors = [self.tokens, self.positions, self.slots, self.tables, self.lens, self.h, self.x, self.qkv]
+        tensors += [self.attn, self.act, self.logits]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.ws.nbytes
+
+    # -- the step ----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _forward(self, b: int) -> None:
+        """One decode step over the first b rows of the static buffers; logits land in self.logits[:b]."""
+        m = self.model
+        s = m.shape
+        eps = s.rms_norm_eps
+        q_dim = s.num_heads * s.head_dim
+        h, x, qkv, attn, act = self.h[:b], self.x[:b], self.qkv[:b], self.attn[:b], self.act[:b]
+        torch.index_select(m.embed, 0, self.tokens[:b], out=h)
+        for i, lw in enumerate(m.layers):
+            if i == 0:
+                rms_norm(h, lw.input_norm, eps, out=x)
+            # (for later layers the previous layer's add_rms_norm already left input_norm(h) in x)
+            torch.matmul(x, lw.qkv.t(), out=qkv)
+            if lw.qkv_bias is not None:
+                qkv.add_(lw.qkv_bias)
+            if lw.q_norm is not None and lw.k_norm is not None:
+                kv_dim = s.num_kv_heads * s.head_dim
+                q = qkv[:, :q_dim].view(b, s.num_heads, s.head_dim)
+                k = qkv[:, q_dim : q_dim + kv_dim].view(b, s.num_kv_heads, s.head_dim)
+                q.copy_(rms_norm_reference(q, lw.q_norm, eps))
+                k.copy_(rms_norm_reference(k, lw.k_norm, eps))
+            rope_write_kv(
+                qkv, self.positions[:b], m.inv_freq, self.slots[:b], self.cache.k[i], self.cache.v[i],
+                s.num_heads, s.num_kv_heads,
+            )  # fmt: skip
+            q = qkv[:, :q_dim].view(b, s.num_heads, s.head_dim)
+            paged_decode_attention(
+                q, self.cache.k[i], self.cache.v[i], self.tables[:b], self.lens[:b], m.scale, self.ws, out=attn
+            )
+            o = torch.matmul(attn.view(b, q_dim), lw.o.t())
+            add_rms_norm(o, h, lw.post_attn_norm, eps, out=x)
+            gate_up = torch.matmul(x, lw.gate_up.t())
+            silu_mul(gate_up, out=act)
+            down = torch.matmul(act, lw.down.t())
+            nxt = m.layers[i + 1].input_norm if i + 1 < len(m.layers) else m.norm
+            add_rms_norm(down, h, nxt, eps, out=x)
+        self.logits[:b].copy_(F.linear(x, m.lm_head))  # float32 logits, as the reference returns
+
+    def capture(self) -> None:
+        """Capture every batch size, largest first, into one shared pool."""
+        for b in sorted(self.sizes, reverse=True):
+            self._prepare_padding(0, b)
+            self._forward(b)  # warm-up: compiles the kernels and lets cuBLAS pick its algorithms
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self._forward(b)
+            self.pool = g.pool()
+            self.graphs[b] = g
+        torch.cuda.synchronize()
+
+    def _prepare_padding(self, start: int, end: int) -> None:
+        """Rows [start, end) are padding: a dummy token at position 0 of the scratch block."""
+        if end <= start:
+            return
+        self.tokens[start:end] = 0
+        self.positions[start:end] = 0
+        self.slots[start:end] = self.scratch_block * self.block_size
+        self.tables[start:end] = self.scratch_block
+        self.lens[start:end] = 1
+
+    def run(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """Decode one token for each row; returns float32 logits [len(rows), vocab] (a view of a static buffer,
+        valid until the next call)."""
+        b = len(rows)
+        padded = next(size for size in self.sizes if size >= b)
+        bs = self.block_size
+        table = torch.full((b, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        for r, row in enumerate(rows):
+            table[r, : len(row.block_table)] = torch.tensor(row.block_table, dtype=torch.int32)
+        # One host-to-device copy per input, not one per row.
+        dev = self.tokens.device
+        self.tokens[:b].copy_(torch.tensor([r.token for r in rows], dtype=torch.int64), non_blocking=True)
+        self.positions[:b].copy_(torch.tensor([r.position for r in rows], dtype=torch.int64), non_blocking=True)
+        slots = [r.block_table[r.position // bs] * bs + r.position % bs for r in rows]
+        self.slots[:b].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+        self.lens[:b].copy_(torch.tensor([r.position + 1 for r in rows], dtype=torch.int32), non_blocking=True)
+        self.tables[:b].copy_(table.to(dev, non_blocking=True))
+        self._prepare_padding(b, padded)
+        graph = self.graphs.get(padded)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._forward(padded)
+        return self.logits[:b]
