@@ -46,12 +46,15 @@ class DecodeRunner:
         dev, dt = model.device, model.dtype
         self.max_blocks = -(-max_seq_len // cache.block_size)
         mb = max_batch
-        # Static inputs: written by the host before each replay.
-        self.tokens = torch.zeros(mb, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(mb, dtype=torch.int64, device=dev)
-        self.slots = torch.zeros(mb, dtype=torch.int64, device=dev)
+        # Static inputs, written before each replay: rows of `inputs` are tokens, positions, KV slots and context
+        # lengths. The host fills pinned mirrors with numpy and sends each with one asynchronous copy.
+        self.inputs = torch.zeros(4, mb, dtype=torch.int64, device=dev)
+        self.tokens, self.positions, self.slots, self.lens = self.inputs.unbind(0)
         self.tables = torch.zeros(mb, self.max_blocks, dtype=torch.int32, device=dev)
-        self.lens = torch.ones(mb, dtype=torch.int32, device=dev)
+        pin = dev.type == "cuda"
+        self._host_inputs = torch.zeros(4, mb, dtype=torch.int64, pin_memory=pin)
+        self._host_tables = torch.zeros(mb, self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        self._copied = torch.cuda.Event() if pin else None
         # Static activations.
         q_dim = s.num_heads * s.head_dim
         self.h = torch.zeros(mb, s.hidden_size, dtype=dt, device=dev)
@@ -66,7 +69,7 @@ class DecodeRunner:
 
     @property
     def static_bytes(self) -> int:
-        tensors = [self.tokens, self.positions, self.slots, self.tables, self.lens, self.h, self.x, self.qkv]
+        tensors = [self.inputs, self.tables, self.h, self.x, self.qkv]
         tensors += [self.attn, self.act, self.logits]
         return sum(t.numel() * t.element_size() for t in tensors) + self.ws.nbytes
 
@@ -111,10 +114,44 @@ class DecodeRunner:
             add_rms_norm(down, h, nxt, eps, out=x)
         self.logits[:b].copy_(F.linear(x, m.lm_head))  # float32 logits, as the reference returns
 
+    def run(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """Decode one token for each row; returns float32 logits [len(rows), vocab] (a view of a static buffer,
+        valid until the next call)."""
+        b = len(rows)
+        padded = next(size for size in self.sizes if size >= b)
+        self._stage(rows, padded)
+        graph = self.graphs.get(padded)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._forward(padded)
+        return self.logits[:b]
+
+    def _stage(self, rows: list[DecodeRow], padded: int) -> None:
+        """Write the inputs of `rows`, and padding up to `padded` rows, into the static input buffers."""
+        bs = self.block_size
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy must have left the pinned buffers
+        host = self._host_inputs.numpy()
+        tables = self._host_tables.numpy()
+        # Padded rows decode a dummy token at position 0 of the scratch block: they touch nothing real.
+        host[:, :padded] = ((0,), (0,), (self.scratch_block * bs,), (1,))
+        tables[:padded] = self.scratch_block
+        for r, row in enumerate(rows):
+            host[0, r] = row.token
+            host[1, r] = row.position
+            host[2, r] = row.block_table[row.position // bs] * bs + row.position % bs
+            host[3, r] = row.position + 1
+            tables[r, : len(row.block_table)] = row.block_table
+        self.inputs[:, :padded].copy_(self._host_inputs[:, :padded], non_blocking=True)
+        self.tables[:padded].copy_(self._host_tables[:padded], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
     def capture(self) -> None:
         """Capture every batch size, largest first, into one shared pool."""
         for b in sorted(self.sizes, reverse=True):
-            self._prepare_padding(0, b)
+            self._stage([], b)  # padding inputs: capture must not touch real cache blocks
             self._forward(b)  # warm-up: compiles the kernels and lets cuBLAS pick its algorithms
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
@@ -123,38 +160,3 @@ class DecodeRunner:
             self.pool = g.pool()
             self.graphs[b] = g
         torch.cuda.synchronize()
-
-    def _prepare_padding(self, start: int, end: int) -> None:
-        """Rows [start, end) are padding: a dummy token at position 0 of the scratch block."""
-        if end <= start:
-            return
-        self.tokens[start:end] = 0
-        self.positions[start:end] = 0
-        self.slots[start:end] = self.scratch_block * self.block_size
-        self.tables[start:end] = self.scratch_block
-        self.lens[start:end] = 1
-
-    def run(self, rows: list[DecodeRow]) -> torch.Tensor:
-        """Decode one token for each row; returns float32 logits [len(rows), vocab] (a view of a static buffer,
-        valid until the next call)."""
-        b = len(rows)
-        padded = next(size for size in self.sizes if size >= b)
-        bs = self.block_size
-        table = torch.full((b, self.max_blocks), self.scratch_block, dtype=torch.int32)
-        for r, row in enumerate(rows):
-            table[r, : len(row.block_table)] = torch.tensor(row.block_table, dtype=torch.int32)
-        # One host-to-device copy per input, not one per row.
-        dev = self.tokens.device
-        self.tokens[:b].copy_(torch.tensor([r.token for r in rows], dtype=torch.int64), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor([r.position for r in rows], dtype=torch.int64), non_blocking=True)
-        slots = [r.block_table[r.position // bs] * bs + r.position % bs for r in rows]
-        self.slots[:b].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
-        self.lens[:b].copy_(torch.tensor([r.position + 1 for r in rows], dtype=torch.int32), non_blocking=True)
-        self.tables[:b].copy_(table.to(dev, non_blocking=True))
-        self._prepare_padding(b, padded)
-        graph = self.graphs.get(padded)
-        if graph is not None:
-            graph.replay()
-        else:
-            self._forward(padded)
-        return self.logits[:b]

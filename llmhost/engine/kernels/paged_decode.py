@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-PARTITION = 512  # context tokens per program; a multiple of every block size we use
+PARTITION = 256  # context tokens per program: small enough that long contexts fill the GPU with programs
+TILE = 64  # tokens per loop iteration, gathered across blocks: several loads in flight hide memory latency
 
 
 @triton.jit
@@ -27,7 +28,7 @@ def _partial_kernel(
     stride_tb,
     max_parts,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, PART: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PART: tl.constexpr, TILE_N: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -44,26 +45,29 @@ def _partial_kernel(
         tl.store(m_ptr + out_idx, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=g_ok)
         tl.store(l_ptr + out_idx, tl.zeros([GROUP_PAD], tl.float32), mask=g_ok)
         return
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+    q_off = seq * stride_qb + heads[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=g_ok[:, None], other=0.0).to(tl.float32)  # [GROUP_PAD, HEAD_DIM]
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    t = tl.arange(0, BLOCK_SIZE)
-    # A fixed trip count (masked past the context) keeps the loop static for the compiler.
-    for i in range(0, PART // BLOCK_SIZE):
-        pos = start + i * BLOCK_SIZE
-        block = tl.load(tables_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=pos < ctx, other=0)
-        tok_ok = pos + t < ctx
-        kv_off = block * stride_kb + t[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=tok_ok[:, None], other=0.0)  # [BLOCK_SIZE, HEAD_DIM]
-        v = tl.load(v_ptr + kv_off, mask=tok_ok[:, None], other=0.0)
-        s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2) * scale
-        s = tl.where(tok_ok[None, :], s, float("-inf"))  # [GROUP_PAD, BLOCK_SIZE]
+    t = tl.arange(0, TILE_N)
+    # A fixed trip count (PART / TILE_N, small) keeps the loop static; tiles past the context are masked, and a
+    # masked load moves no memory.
+    for i in range(0, PART // TILE_N):
+        pos = start + i * TILE_N + t  # [TILE_N] token positions
+        tok_ok = pos < ctx
+        block = tl.load(tables_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=tok_ok, other=0)
+        kv_off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)  # [TILE_N, HEAD_DIM]
+        v = tl.load(v_ptr + kv_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+        # float32 operands, ieee: decode is bound by reading K/V, not by these few multiply-adds.
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [GROUP_PAD, TILE_N]
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     tl.store(m_ptr + out_idx, m_i, mask=g_ok)
     tl.store(l_ptr + out_idx, l_i, mask=g_ok)
@@ -130,8 +134,9 @@ def paged_decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         ws.max_parts,
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, PART=PARTITION,
+        # tl.dot needs at least 16 rows: the group of query heads is padded (masked rows cost no memory traffic).
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, PART=PARTITION, TILE_N=TILE,
     )  # fmt: skip
     _merge_kernel[(b, heads)](
         ws.m, ws.l, ws.acc, out, context_lens,
