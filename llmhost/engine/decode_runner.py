@@ -54,7 +54,7 @@ class DecodeRunner:
         pin = dev.type == "cuda"
         self._host_inputs = torch.zeros(4, mb, dtype=torch.int64, pin_memory=pin)
         self._host_tables = torch.zeros(mb, self.max_blocks, dtype=torch.int32, pin_memory=pin)
-        self._copied = torch.cuda.Event() if pin else None
+        self._copied = torch.cuda.Event() if pin else None  # type: ignore[no-untyped-call]
         # Static activations.
         q_dim = s.num_heads * s.head_dim
         self.h = torch.zeros(mb, s.hidden_size, dtype=dt, device=dev)
