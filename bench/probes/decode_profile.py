@@ -40,12 +40,6 @@ for _ in range(50):
 b.record()
 b.synchronize()
 replay = a.elapsed_time(b) / 50 / 1e3
-# host prep alone
-t0 = time.perf_counter()
-for _ in range(50):
-    runner.run.__func__  # noqa: B018
-    runner._prepare_padding(1, 1)
-prep0 = time.perf_counter()
 print(f"wall per step {wall*1e3:.3f} ms, graph replay {replay*1e3:.3f} ms")
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     runner._forward(1)

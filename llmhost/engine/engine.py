@@ -19,20 +19,32 @@ import torch
 
 from llmhost.config import ModelConfig
 from llmhost.engine.attention import AttentionBatch, ChunkMeta
-from llmhost.engine.block_manager import BlockManager, blocks_for
+from llmhost.engine.block_manager import BlockManager, WindowBlockManager, blocks_for
+from llmhost.engine.gemma3 import Gemma3Model
 from llmhost.engine.kv_cache import KVCache
-from llmhost.engine.model import LlamaModel
+from llmhost.engine.model import DecoderModel, LlamaModel
 from llmhost.engine.sampler import make_generator, sample
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.scheduler import Scheduler, StepPlan
 from llmhost.engine.sequence import FinishReason
 from llmhost.engine.sequence import Sequence as Seq
 from llmhost.engine.weights import iter_weights
-from llmhost.errors import PromptTooLongError, RequestError
-from llmhost.memory.estimate import default_kv_tokens, step_tokens
+from llmhost.errors import ConfigError, PromptTooLongError, RequestError, UnsupportedModelError
+from llmhost.memory.estimate import ModelSpec, default_kv_tokens, sliding_kv_blocks, step_tokens
 from llmhost.model_files.checkpoint import Checkpoint, open_checkpoint
+from llmhost.model_files.shape import RUNNABLE
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# shape.architecture -> the model class that runs it.
+MODEL_CLASSES: dict[str, type[DecoderModel]] = {
+    "llama": LlamaModel,
+    "mistral": LlamaModel,
+    "qwen2": LlamaModel,
+    "qwen3": LlamaModel,
+    "gemma3": Gemma3Model,
+}
+assert set(MODEL_CLASSES) == set(RUNNABLE)
 
 
 @dataclass(frozen=True)
@@ -78,13 +90,13 @@ class MemoryReport:
 class Engine:
     def __init__(
         self,
-        model: LlamaModel,
+        model: DecoderModel,
         cache: KVCache,
         config: ModelConfig,
         eos_token_ids: Sequence[int] = (),
     ) -> None:
         if cache.num_blocks * cache.block_size < config.max_seq_len:
-            raise RequestError(
+            raise ConfigError(
                 f"model '{config.name}': the KV pool holds {cache.num_blocks * cache.block_size} tokens, fewer than "
                 f"max_seq_len {config.max_seq_len}; raise kv_tokens or lower max_seq_len"
             )
@@ -93,7 +105,10 @@ class Engine:
         self.config = config
         self.device = model.device
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.blocks = BlockManager(cache.num_blocks, cache.block_size)
+        window = None
+        if cache.window is not None:
+            window = WindowBlockManager(cache.window_blocks, cache.block_size, cache.window)
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, window)
         self.scheduler = Scheduler(self.blocks, config.max_batch, step_tokens(config))
         self.seqs: dict[str, Seq] = {}
         self._ids = itertools.count()
@@ -115,15 +130,27 @@ class Engine:
         device = torch.device(device)
         ckpt = checkpoint or open_checkpoint(config.path)
         dtype = TORCH_DTYPES[config.dtype]
-        model = LlamaModel(ckpt.shape, dtype, device, config.max_seq_len)
+        model_class = MODEL_CLASSES.get(ckpt.shape.architecture)
+        if model_class is None:
+            raise UnsupportedModelError(
+                f"architecture {ckpt.shape.architecture!r} cannot run yet; supported: {', '.join(RUNNABLE)}"
+            )
+        model = model_class(ckpt.shape, dtype, device, config.max_seq_len)
         total = len(ckpt.tensors)
         weights = iter_weights(ckpt, dtype, device)
         if progress is not None:
             weights = _counting(weights, lambda n: progress(n, total))
         model.load(weights, str(ckpt.path))
         tokens = kv_tokens if kv_tokens is not None else default_kv_tokens(config)
+        # Sliding-window layers get their own pool of max_batch windows, as the planner counts them.
+        window_blocks = sliding_kv_blocks(ModelSpec.from_shape(config, ckpt.shape), tokens, block_size)
         cache = KVCache(
-            ckpt.shape, blocks_for(tokens, block_size), block_size, TORCH_DTYPES[config.kv_dtype_resolved], device
+            ckpt.shape,
+            blocks_for(tokens, block_size),
+            block_size,
+            TORCH_DTYPES[config.kv_dtype_resolved],
+            device,
+            window_blocks,
         )
         return cls(model, cache, config, eos_token_ids)
 
@@ -183,10 +210,13 @@ class Engine:
         if plan.empty:
             return
         bs = self.cache.block_size
+        windowed = self.cache.window is not None
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         metas: list[ChunkMeta] = []
+        w_slots: list[int] = []  # the window pool's slots and contexts, for sliding-window layers
+        w_metas: list[ChunkMeta] = []
         rows: list[int] = []
         for c in plan.chunks:
             q_start = len(ids)
@@ -196,12 +226,24 @@ class Engine:
                 slots.append(c.block_table[p // bs] * bs + p % bs)
             blocks = torch.tensor(c.block_table[: blocks_for(c.end, bs)], dtype=torch.int64)
             metas.append(ChunkMeta(q_start, len(c.token_ids), c.end, blocks.to(self.device)))
+            if windowed:
+                # window_table[j] is logical block window_start + j; the chunk reads from that block's first token.
+                first = c.window_start
+                w_slots.extend(c.window_table[p // bs - first] * bs + p % bs for p in range(c.start, c.end))
+                w_blocks = torch.tensor(c.window_table[: blocks_for(c.end, bs) - first], dtype=torch.int64)
+                ctx_start = first * bs
+                w_metas.append(
+                    ChunkMeta(q_start, len(c.token_ids), c.end - ctx_start, w_blocks.to(self.device), ctx_start)
+                )
             if c.sample:
                 rows.append(len(ids) - 1)
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             dev = self.device
-            batch = AttentionBatch(torch.tensor(slots, dtype=torch.int64).to(dev), tuple(metas))
+            window = (
+                AttentionBatch(torch.tensor(w_slots, dtype=torch.int64).to(dev), tuple(w_metas)) if windowed else None
+            )
+            batch = AttentionBatch(torch.tensor(slots, dtype=torch.int64).to(dev), tuple(metas), window)
             logits = self.model.forward(
                 torch.tensor(ids, dtype=torch.int64).to(dev),
                 torch.tensor(positions, dtype=torch.int64).to(dev),
@@ -260,7 +302,16 @@ class Engine:
     ) -> list[Completion]:
         """Run the prompts together (continuous batching) to completion; results in prompt order."""
         per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per, strict=True)]
+        if len(per) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(per)} sampling params", "params")
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, per, strict=True):
+                ids.append(self.add_request(p, sp))
+        except BaseException:
+            for i in ids:  # all or nothing: no request of a rejected batch stays queued
+                self.abort(i)
+            raise
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         logprobs: dict[str, list[float | None]] = {i: [] for i in ids}
         reasons: dict[str, FinishReason] = {}
@@ -274,11 +325,13 @@ class Engine:
         return [Completion(i, list(p), tokens[i], reasons[i], logprobs[i]) for i, p in zip(ids, prompts, strict=True)]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TokenOutput]:
-        """Yield this request's tokens as they come (other queued requests advance too). Closing the iterator
-        early aborts the request and frees its blocks."""
-        seq_id = self.add_request(prompt_ids, params)
+        """Yield this request's tokens as they come (other queued requests advance too). The request is validated
+        now, not at the first token; closing the iterator early aborts it and frees its blocks."""
+        return self._stream(self.add_request(prompt_ids, params))
+
+    def _stream(self, seq_id: str) -> Iterator[TokenOutput]:
         try:
-            while True:
+            while seq_id in self.seqs:  # an abort from elsewhere ends the stream too
                 for out in self.step():
                     if out.seq_id == seq_id:
                         yield out

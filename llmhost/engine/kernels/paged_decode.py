@@ -28,7 +28,7 @@ def _partial_kernel(
     stride_tb,
     max_parts,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, PART: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PART: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -46,7 +46,7 @@ def _partial_kernel(
         tl.store(l_ptr + out_idx, tl.zeros([GROUP_PAD], tl.float32), mask=g_ok)
         return
     q_off = seq * stride_qb + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=g_ok[:, None], other=0.0).to(tl.float32)  # [GROUP_PAD, HEAD_DIM]
+    q = tl.load(q_ptr + q_off, mask=g_ok[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -58,16 +58,16 @@ def _partial_kernel(
         tok_ok = pos < ctx
         block = tl.load(tables_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=tok_ok, other=0)
         kv_off = block[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)  # [TILE_N, HEAD_DIM]
-        v = tl.load(v_ptr + kv_off, mask=tok_ok[:, None], other=0.0).to(tl.float32)
-        # float32 operands, ieee: decode is bound by reading K/V, not by these few multiply-adds.
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [GROUP_PAD, TILE_N]
+        k = tl.load(k_ptr + kv_off, mask=tok_ok[:, None], other=0.0)  # [TILE_N, HEAD_DIM]
+        v = tl.load(v_ptr + kv_off, mask=tok_ok[:, None], other=0.0)
+        # Tensor cores with float32 accumulation for bf16/fp16; exact float32 ("ieee") when the cache is float32.
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TILE_N]
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     tl.store(m_ptr + out_idx, m_i, mask=g_ok)
     tl.store(l_ptr + out_idx, l_i, mask=g_ok)
@@ -137,6 +137,7 @@ def paged_decode_attention(
         # tl.dot needs at least 16 rows: the group of query heads is padded (masked rows cost no memory traffic).
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, PART=PARTITION, TILE_N=TILE,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     _merge_kernel[(b, heads)](
         ws.m, ws.l, ws.acc, out, context_lens,
