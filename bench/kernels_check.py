@@ -1,0 +1,239 @@
+"""GPU check of the decode path against its references, compiled (not interpreted), in bf16 and fp32:
+1. each Triton kernel vs its torch reference (relative L2 error);
+2. a DecodeRunner graph replay vs the reference forward, on random weights at a small real shape;
+3. two models, each with its own runner, graphs and pool, replayed solo, interleaved step by step, and on two
+   CUDA streams at once: every logit must equal the solo run's exactly (graphs read only their own buffers).
+
+Usage: python bench/kernels_check.py   (writes bench/results/kernels_check-<gpu>.json)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from common import gpu_tag, write_result
+from shapes import SHAPES
+
+from llmhost.engine.attention import AttentionBatch, ChunkMeta, write_kv
+from llmhost.engine.decode_runner import DecodeRow, DecodeRunner
+from llmhost.engine.kernels.fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
+from llmhost.engine.kernels.paged_decode import DecodeWorkspace, paged_decode_attention
+from llmhost.engine.kv_cache import KVCache
+from llmhost.engine.model import LlamaModel
+from llmhost.engine.model import rms_norm as rms_norm_ref
+from llmhost.engine.rope import apply_rope, cos_sin, inv_frequencies
+from llmhost.model_files.shape import ModelShape
+
+DEV = torch.device("cuda")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def kernel_errors(dtype: torch.dtype) -> dict[str, float]:
+    g = torch.Generator(device=DEV).manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=DEV).to(dtype)
+
+    out: dict[str, float] = {}
+    # paged decode attention, GQA 32/8, head_dim 128, contexts across partitions
+    heads, kvh, d, bs, nb = 32, 8, 128, 16, 600
+    kc, vc = rnd(nb, bs, kvh, d), rnd(nb, bs, kvh, d)
+    lens = torch.tensor([1, 77, 2000, 4100], dtype=torch.int64, device=DEV)
+    tables = torch.stack([torch.randperm(nb, device=DEV)[:260] for _ in range(4)]).int()
+    q = rnd(4, heads, d)
+    ws = DecodeWorkspace(4, heads, d, 4160, DEV)
+    got = paged_decode_attention(q, kc, vc, tables, lens, d**-0.5, ws)
+    ref = torch.empty_like(q, dtype=torch.float64)
+    for b in range(4):
+        n = int(lens[b])
+        blocks = tables[b, : math.ceil(n / bs)].long()
+        k = kc[blocks].reshape(-1, kvh, d)[:n].repeat_interleave(heads // kvh, dim=1).double()
+        v = vc[blocks].reshape(-1, kvh, d)[:n].repeat_interleave(heads // kvh, dim=1).double()
+        s = torch.einsum("hd,nhd->hn", q[b].double(), k) * d**-0.5
+        ref[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
+    out["paged_decode_attention"] = rel(got, ref)
+    # norms and activation
+    x, res, w = rnd(8, 4096), rnd(8, 4096), rnd(4096)
+    expected_res = res + x
+    normed = add_rms_norm(x, res, w, 1e-5)
+    out["add_rms_norm"] = rel(normed, rms_norm_ref(expected_res, w, 1e-5))
+    out["add_rms_norm_residual"] = rel(res, expected_res)
+    out["rms_norm"] = rel(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
+    gu = rnd(8, 2 * 14336)
+    gate, up = gu.chunk(2, dim=-1)
+    out["silu_mul"] = rel(silu_mul(gu), torch.nn.functional.silu(gate) * up)
+    # rope + KV write
+    t = 8
+    qkv = rnd(t, (heads + 2 * kvh) * d)
+    positions = torch.randint(0, 8000, (t,), device=DEV)
+    slots = torch.randperm(nb * bs, device=DEV)[:t]
+    inv = inv_frequencies(d, 500000.0, None).to(DEV)
+    qr, kr, vr = torch.split(qkv.clone(), [heads * d, kvh * d, kvh * d], dim=-1)
+    cos, sin = cos_sin(positions, inv, dtype)
+    q_ref = apply_rope(qr.reshape(t, heads, d), cos, sin)
+    k_ref = apply_rope(kr.reshape(t, kvh, d), cos, sin)
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    kc_ref, vc_ref = torch.zeros_like(kc), torch.zeros_like(vc)
+    write_kv(kc_ref, vc_ref, k_ref, vr.reshape(t, kvh, d), slots)
+    rope_write_kv(qkv, positions, inv, slots, kc2, vc2, heads, kvh)
+    out["rope_q"] = rel(qkv[:, : heads * d].reshape(t, heads, d), q_ref)
+    out["rope_k_cache"] = rel(kc2, kc_ref)
+    out["v_cache"] = rel(vc2, vc_ref)
+    return out
+
+
+def random_model(shape: ModelShape, seed: int, dtype: torch.dtype = torch.bfloat16) -> LlamaModel:
+    torch.manual_seed(seed)
+    m = LlamaModel(shape, dtype, DEV, 1024)
+    for name, t in m.destinations().items():
+        t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.05)
+    return m
+
+
+def runner_for(
+    shape: ModelShape, seed: int, dtype: torch.dtype = torch.bfloat16
+) -> tuple[LlamaModel, KVCache, DecodeRunner]:
+    model = random_model(shape, seed, dtype)
+    cache = KVCache(shape, 8 * 64 + 1, 16, dtype, DEV)
+    torch.manual_seed(seed + 1)
+    cache.k.normal_()
+    cache.v.normal_()
+    runner = DecodeRunner(model, cache, 8, 1024)
+    runner.capture()
+    return model, cache, runner
+
+
+def rows_at(step: int, batch: int) -> list[DecodeRow]:
+    return [DecodeRow(3 + r + step, 300 + step, tuple(range(r * 64, r * 64 + 64))) for r in range(batch)]
+
+
+def reference_decode(model: LlamaModel, cache: KVCache, rows: list[DecodeRow]) -> torch.Tensor:
+    bs = cache.block_size
+    slots = torch.tensor([r.block_table[r.position // bs] * bs + r.position % bs for r in rows], device=DEV)
+    metas = tuple(
+        ChunkMeta(i, 1, r.position + 1, torch.tensor(r.block_table[: math.ceil((r.position + 1) / bs)], device=DEV))
+        for i, r in enumerate(rows)
+    )
+    return model.forward(
+        torch.tensor([r.token for r in rows], device=DEV), torch.tensor([r.position for r in rows], device=DEV),
+        AttentionBatch(slots, metas), cache, torch.arange(len(rows), device=DEV),
+    )  # fmt: skip
+
+
+def graph_vs_reference() -> dict[str, float]:
+    """Graph decode vs the reference forward, both in bf16 and in fp32, against an fp32 reference of the same
+    weights (the bf16 weights upcast). A random 30-layer network amplifies rounding, so the bf16 yardstick is the
+    reference's own bf16 error."""
+    shape = SHAPES["smollm2-135m"]
+    rows = rows_at(0, 3)
+    results: dict[str, torch.Tensor] = {}
+    model, cache, runner = runner_for(shape, 1)
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    results["graph_bf16"] = runner.run(rows).clone()
+    cache.k.copy_(k0)
+    cache.v.copy_(v0)
+    results["reference_bf16"] = reference_decode(model, cache, rows).clone()
+    # Graphs read the weight tensors in place, so copying new values in needs no recapture.
+    model32, cache32, runner32 = runner_for(shape, 1, torch.float32)
+    for (_, dst), (_, src) in zip(model32.destinations().items(), model.destinations().items(), strict=True):
+        dst.copy_(src.float())
+    cache32.k.copy_(k0.float())
+    cache32.v.copy_(v0.float())
+    results["graph_fp32"] = runner32.run(rows).clone()
+    cache32.k.copy_(k0.float())
+    cache32.v.copy_(v0.float())
+    ref32 = reference_decode(model32, cache32, rows)
+    return {
+        "graph_bf16_vs_fp32": rel(results["graph_bf16"], ref32),
+        "reference_bf16_vs_fp32": rel(results["reference_bf16"], ref32),
+        "graph_fp32_vs_reference_fp32": rel(results["graph_fp32"], ref32),
+    }
+
+
+def two_models() -> dict[str, Any]:
+    a = runner_for(SHAPES["smollm2-135m"], 10)
+    b = runner_for(replace_vocab(SHAPES["smollm2-135m"]), 20)
+    steps = 12
+    snapshots = {id(x): (x[1].k.clone(), x[1].v.clone()) for x in (a, b)}
+
+    def reset() -> None:
+        for x in (a, b):
+            k, v = snapshots[id(x)]
+            x[1].k.copy_(k)
+            x[1].v.copy_(v)
+
+    def solo(x: tuple[LlamaModel, KVCache, DecodeRunner]) -> list[torch.Tensor]:
+        return [x[2].run(rows_at(s, 4)).clone() for s in range(steps)]
+
+    reset()
+    solo_a, solo_b = solo(a), solo(b)
+    reset()
+    inter_a, inter_b = [], []
+    for s in range(steps):
+        inter_a.append(a[2].run(rows_at(s, 4)).clone())
+        inter_b.append(b[2].run(rows_at(s, 4)).clone())
+    reset()
+    sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
+    stream_a, stream_b = [], []
+    torch.cuda.synchronize()
+    for s in range(steps):
+        with torch.cuda.stream(sa):
+            stream_a.append(a[2].run(rows_at(s, 4)).clone())
+        with torch.cuda.stream(sb):
+            stream_b.append(b[2].run(rows_at(s, 4)).clone())
+    torch.cuda.synchronize()
+
+    def same(x: list[torch.Tensor], y: list[torch.Tensor]) -> bool:
+        return all(torch.equal(p, q) for p, q in zip(x, y, strict=True))
+
+    return {
+        "interleaved_equal_solo": same(inter_a, solo_a) and same(inter_b, solo_b),
+        "two_streams_equal_solo": same(stream_a, solo_a) and same(stream_b, solo_b),
+        "models_differ": not torch.equal(solo_a[0], solo_b[0][:, : solo_a[0].shape[1]]),
+        "steps": steps,
+    }
+
+
+def replace_vocab(shape: ModelShape) -> ModelShape:
+    from dataclasses import replace
+
+    return replace(shape, vocab_size=32000, num_layers=12)
+
+
+def main() -> None:
+    torch.set_grad_enabled(False)
+    doc: dict[str, Any] = {
+        "what": "compiled Triton kernels and CUDA-graph decode vs torch references; two models' graphs side by side",
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "kernels_rel_err_bf16": kernel_errors(torch.bfloat16),
+        "kernels_rel_err_fp32": kernel_errors(torch.float32),
+        "graph_decode_rel_err": graph_vs_reference(),
+        "two_models": two_models(),
+        "tolerance": "kernels: bf16 rel err < 1e-2 (rounding 2^-8 per op), fp32 < 1e-5; graph decode: fp32 < 1e-4 "
+        "vs the fp32 reference, bf16 at most 2x the reference's own bf16 error; two-model runs bitwise equal",
+        "command": "python bench/kernels_check.py",
+    }
+    ok_bf16 = all(v < 1e-2 for v in doc["kernels_rel_err_bf16"].values())
+    ok_fp32 = all(v < 1e-5 for v in doc["kernels_rel_err_fp32"].values())
+    tm = doc["two_models"]
+    ge = doc["graph_decode_rel_err"]
+    doc["all_ok"] = (
+        ok_bf16 and ok_fp32 and ge["graph_fp32_vs_reference_fp32"] < 1e-4
+        and ge["graph_bf16_vs_fp32"] <= 2 * ge["reference_bf16_vs_fp32"]
+        and tm["interleaved_equal_solo"] and tm["two_streams_equal_solo"]
+    )  # fmt: skip
+    write_result("kernels_check", gpu_tag(doc["gpu"]), doc)
+
+
+if __name__ == "__main__":
+    main()
