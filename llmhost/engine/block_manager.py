@@ -1,6 +1,12 @@
-"""BlockManager: the free list of KV-cache blocks and each sequence's block table. Pure bookkeeping.
+"""BlockManager: the free lists of KV-cache blocks and each sequence's block tables. Pure bookkeeping.
 
-Invariant: a block is either free or in exactly one sequence's table; `free_count + sum(len(tables)) == total`.
+Two pools. The full pool backs full-attention layers: a sequence's `block_table` covers every position it has.
+The window pool (only for models with sliding-window layers) backs those layers: a sequence's `window_table` holds
+logical blocks [window_start, window_start + len(window_table)), and blocks wholly before the window of its next
+token are released as it advances, so a sequence far longer than the window holds only the window's blocks there.
+
+Invariant, per pool: a block is either free or in exactly one sequence's table of that pool;
+`free_count + sum(len(tables)) == num_blocks`.
 """
 
 from __future__ import annotations
@@ -12,11 +18,17 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
-class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+class WindowBlockManager:
+    """The sliding-window layers' pool. A query at position p reads keys (p - window, p] (transformers'
+    `kv_idx > q_idx - sliding_window`), so it needs logical blocks from (p - window + 1) // block_size on; a
+    chunk of positions [start, end) needs blocks [first_needed(start), ceil(end / block_size))."""
+
+    def __init__(self, num_blocks: int, block_size: int, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"a sliding window must hold at least one token, got {window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # Pop from the end: recently freed blocks are reused first, which keeps hot blocks in cache.
+        self.window = window
         self._free = list(range(num_blocks - 1, -1, -1))
 
     @property
@@ -27,22 +39,115 @@ class BlockManager:
     def used_count(self) -> int:
         return self.num_blocks - len(self._free)
 
+    def first_needed(self, pos: int) -> int:
+        """The first logical block a query at `pos` reads."""
+        return max(0, pos - self.window + 1) // self.block_size
+
+    def _first_after_trim(self, seq: Sequence, start: int) -> int:
+        first = self.first_needed(start)
+        return max(first, seq.window_start) if seq.window_table else first
+
+    def _reclaimable(self, seq: Sequence, start: int) -> int:
+        """Blocks of `seq` that a chunk starting at `start` no longer reads."""
+        return min(len(seq.window_table), max(0, self.first_needed(start) - seq.window_start))
+
+    def extra_blocks(self, seq: Sequence, start: int, end: int) -> int:
+        """Blocks `seq` must add so that its window table covers positions [start, end) as a chunk reads them."""
+        first = self._first_after_trim(seq, start)
+        held = len(seq.window_table) - self._reclaimable(seq, start)
+        return max(0, blocks_for(end, self.block_size) - first - held)
+
+    def can_cover(self, seq: Sequence, start: int, end: int) -> bool:
+        return self.extra_blocks(seq, start, end) <= len(self._free) + self._reclaimable(seq, start)
+
+    def max_end(self, seq: Sequence, start: int) -> int:
+        """The furthest position a chunk starting at `start` can reach with the blocks free now."""
+        first = self._first_after_trim(seq, start)
+        held = len(seq.window_table) - self._reclaimable(seq, start)
+        return (first + held + len(self._free) + self._reclaimable(seq, start)) * self.block_size
+
+    def cover(self, seq: Sequence, start: int, end: int) -> None:
+        """Release what a chunk [start, end) no longer reads, then grow the table to cover `end`. Call can_cover
+        first: running out is a bug here."""
+        self.trim(seq, start)
+        if not seq.window_table:
+            seq.window_start = self.first_needed(start)
+        need = self.extra_blocks(seq, start, end)
+        if need > len(self._free):
+            raise RuntimeError(f"sliding-window KV pool exhausted: need {need} blocks, {len(self._free)} free")
+        for _ in range(need):
+            seq.window_table.append(self._free.pop())
+
+    def trim(self, seq: Sequence, pos: int) -> None:
+        """Release the blocks that a query at `pos` (and every later one) no longer reads."""
+        drop = self._reclaimable(seq, pos)
+        if drop:
+            self._free.extend(reversed(seq.window_table[:drop]))
+            del seq.window_table[:drop]
+            seq.window_start += drop
+
+    def release(self, seq: Sequence) -> None:
+        self._free.extend(reversed(seq.window_table))
+        seq.window_table = []
+        seq.window_start = 0
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, window: WindowBlockManager | None = None) -> None:
+        if window is not None and window.block_size != block_size:
+            raise ValueError("the full and the window pool must use the same block size")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.window = window
+        # Pop from the end: recently freed blocks are reused first, which keeps hot blocks in cache.
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free_count(self) -> int:
+        """Free blocks of the full pool (the window pool reports its own)."""
+        return len(self._free)
+
+    @property
+    def used_count(self) -> int:
+        return self.num_blocks - len(self._free)
+
     def extra_blocks(self, seq: Sequence, tokens: int) -> int:
-        """Blocks `seq` must add so that its table covers `tokens` positions."""
+        """Full-pool blocks `seq` must add so that its table covers `tokens` positions."""
         return max(0, blocks_for(tokens, self.block_size) - len(seq.block_table))
 
     def can_cover(self, seq: Sequence, tokens: int) -> bool:
-        return self.extra_blocks(seq, tokens) <= len(self._free)
+        """Whether both pools can hold `seq`'s next chunk, from its first uncomputed token to `tokens`."""
+        if self.extra_blocks(seq, tokens) > len(self._free):
+            return False
+        return self.window is None or self.window.can_cover(seq, seq.num_computed, tokens)
+
+    def window_room(self, seq: Sequence, reserve: int = 0) -> int | None:
+        """Tokens `seq`'s next chunk can have within the window pool's free blocks less `reserve`; None without a
+        window pool. A long prefill chunk reads the window before it plus itself, so it may need more than a
+        decode."""
+        if self.window is None:
+            return None
+        return self.window.max_end(seq, seq.num_computed) - reserve * self.block_size - seq.num_computed
 
     def cover(self, seq: Sequence, tokens: int) -> None:
-        """Grow `seq`'s table to cover `tokens` positions. Call can_cover first: running out is a bug here."""
+        """Grow `seq`'s tables to cover `tokens` positions (trimming its window table to what the chunk from
+        seq.num_computed reads). Call can_cover first: running out is a bug here."""
         need = self.extra_blocks(seq, tokens)
         if need > len(self._free):
             raise RuntimeError(f"KV pool exhausted: need {need} blocks, {len(self._free)} free")
+        if self.window is not None:
+            self.window.cover(seq, seq.num_computed, tokens)
         for _ in range(need):
             seq.block_table.append(self._free.pop())
 
+    def advanced(self, seq: Sequence) -> None:
+        """`seq.num_computed` moved on: release the window blocks its next token no longer reads."""
+        if self.window is not None:
+            self.window.trim(seq, seq.num_computed)
+
     def release(self, seq: Sequence) -> None:
-        """Return all of `seq`'s blocks; safe to call twice."""
+        """Return all of `seq`'s blocks in both pools; safe to call twice."""
         self._free.extend(reversed(seq.block_table))
         seq.block_table = []
+        if self.window is not None:
+            self.window.release(seq)

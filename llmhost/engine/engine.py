@@ -107,6 +107,14 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         window = None
         if cache.window is not None:
+            # One sequence alone must always be able to take its next token: its window (ceil(window / block) + 1
+            # blocks, as the window straddles a block boundary), or its whole length if that is shorter.
+            need = min(blocks_for(config.max_seq_len, cache.block_size), -(-cache.window // cache.block_size) + 1)
+            if cache.window_blocks < need:
+                raise ConfigError(
+                    f"model '{config.name}': the sliding-window KV pool holds {cache.window_blocks} blocks, fewer "
+                    f"than the {need} one sequence's window of {cache.window} tokens needs; raise kv_tokens"
+                )
             window = WindowBlockManager(cache.window_blocks, cache.block_size, cache.window)
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, window)
         self.scheduler = Scheduler(self.blocks, config.max_batch, step_tokens(config))

@@ -8,6 +8,10 @@ Policy, per step (vLLM v1 style: one step = one forward pass over a flat token b
 When the KV pool runs out, the newest running sequence not yet scheduled this step is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later. Nothing ever crashes for lack of blocks:
 a single sequence always fits, because the pool holds at least one max_seq_len sequence (checked at start-up).
+
+Models with sliding-window layers also draw on the window pool (block_manager.py), sized for max_batch windows.
+Decodes always fit there; a prefill chunk reads the window before it plus itself, so it is shortened to what the
+window pool holds now rather than preempting anyone for it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class Chunk:
     token_ids: tuple[int, ...]
     block_table: tuple[int, ...]  # covers start + len(token_ids) positions
     sample: bool  # the chunk ends at the sequence's last known token, so its next token is sampled
+    window_table: tuple[int, ...] = ()  # window pool: logical blocks window_start.. covering what the chunk reads
+    window_start: int = 0
 
     @property
     def end(self) -> int:
@@ -74,10 +80,11 @@ class Scheduler:
         preempted: list[str] = []
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
-        for seq in decoding + prefilling:
+        order = decoding + prefilling
+        for i, seq in enumerate(order):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._fit(seq, min(seq.num_tokens - seq.num_computed, budget), len(order) - i - 1)
             if n == 0:
                 continue
             if not self._make_room(seq, seq.num_computed + n, scheduled, preempted):
@@ -88,7 +95,7 @@ class Scheduler:
         # Admitting new work in a step that had to preempt would only thrash the pool.
         while self.waiting and not preempted and len(self.running) < self.max_batch and budget > 0:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._fit(seq, min(seq.num_tokens - seq.num_computed, budget), 0)
             if not self.blocks.can_cover(seq, seq.num_computed + n):
                 break
             self.waiting.popleft()
@@ -99,6 +106,13 @@ class Scheduler:
             budget -= n
         return StepPlan(tuple(chunks), tuple(preempted))
 
+    def _fit(self, seq: Sequence, n: int, pending: int) -> int:
+        """Shorten a chunk to what the window pool holds now, leaving one block for each of the `pending` running
+        sequences still to be scheduled this step (one more token needs at most one more block); never below one
+        token (one that does not fit makes room by preemption like any other)."""
+        room = self.blocks.window_room(seq, pending)
+        return n if room is None or n == 0 else max(1, min(n, room))
+
     def _chunk(self, seq: Sequence, n: int) -> Chunk:
         start = seq.num_computed
         self.blocks.cover(seq, start + n)
@@ -108,6 +122,8 @@ class Scheduler:
             token_ids=tuple(seq.token_ids(start, start + n)),
             block_table=tuple(seq.block_table),
             sample=start + n == seq.num_tokens,
+            window_table=tuple(seq.window_table),
+            window_start=seq.window_start,
         )
 
     def _make_room(self, seq: Sequence, tokens: int, scheduled: set[str], preempted: list[str]) -> bool:
@@ -136,6 +152,7 @@ class Scheduler:
             seq = by_id.get(c.seq_id)
             if seq is not None:
                 seq.num_computed = c.end
+                self.blocks.advanced(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence wherever it is."""

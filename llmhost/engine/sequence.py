@@ -29,7 +29,11 @@ class Sequence:
     arrival: float = 0.0
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # full pool: logical block i -> physical block
+    # Window pool (sliding-window layers): window_table[j] holds logical block window_start + j; blocks before
+    # the window of the next token have been released (see block_manager.py).
+    window_table: list[int] = field(default_factory=list)
+    window_start: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

@@ -47,6 +47,12 @@ def shape_from_gguf(g: GgufFile) -> ModelShape:
         layer_types = every_nth_full(layers, 6)
     elif window:
         layer_types = all_sliding(layers)
+    gemma = family == "gemma3"
+    # What llama.cpp assumes for Gemma 3 where the GGUF is silent: local layers' RoPE base 10000 (newer files
+    # write rope.freq_base_swa), and the attention scale 1/sqrt(head_dim) except for the 27B model (62 layers),
+    # whose query_pre_attn_scalar is hidden / heads.
+    local_theta = md.get(f"{arch}.rope.freq_base_swa", 10000.0) if gemma else None
+    pre_attn_scalar = (hidden // heads if layers == 62 else head_dim) if gemma else None
     return ModelShape(
         architecture=family,
         num_layers=layers,
@@ -68,6 +74,11 @@ def shape_from_gguf(g: GgufFile) -> ModelShape:
         layer_types=layer_types,
         norms_per_layer=4 if family == "gemma3" else 2,
         rope_scaling=_rope_scaling(md, arch),
+        rope_local_theta=float(local_theta) if local_theta is not None else None,
+        query_pre_attn_scalar=float(pre_attn_scalar) if pre_attn_scalar is not None else None,
+        attn_logit_softcap=_positive_float(md.get(f"{arch}.attn_logit_softcapping")),
+        final_logit_softcap=_positive_float(md.get(f"{arch}.final_logit_softcapping")),
+        hidden_activation="gelu_pytorch_tanh" if gemma else "silu",
         hf_architecture=str(md.get("general.name", arch)),
     )
 
@@ -86,3 +97,7 @@ def _rope_scaling(md: dict[str, Any], arch: str) -> dict[str, Any] | None:
     if not kind or kind == "none":
         return None
     return {"rope_type": kind, "factor": md.get(f"{arch}.rope.scaling.factor", 1.0)}
+
+
+def _positive_float(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and v > 0 else None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 LayerKind = Literal["full", "sliding"]
 
 # Architectures the engine runs. Inspect and plan read a few more shapes (see hf_config.READ_ONLY).
-RUNNABLE = ("llama", "mistral", "qwen2", "qwen3")
+RUNNABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 def every_nth_full(layers: int, n: int) -> tuple[LayerKind, ...]:
@@ -47,10 +48,25 @@ class ModelShape:
     layer_types: tuple[LayerKind, ...] = ()  # per layer; empty means every layer is "full"
     norms_per_layer: int = 2  # Gemma 3 has four (pre/post around attention and MLP)
     rope_scaling: dict[str, Any] | None = field(default=None, compare=False)
+    # Sliding layers' own RoPE (Gemma 3: rope_local_base_freq, unscaled); None: the same as the full layers'.
+    rope_local_theta: float | None = None
+    rope_local_scaling: dict[str, Any] | None = field(default=None, compare=False)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5; None: head_dim (Gemma sets it)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    hidden_activation: str = "silu"  # the MLP gate's activation, as HF names it (Gemma: gelu_pytorch_tanh)
     hf_architecture: str = ""  # e.g. LlamaForCausalLM, as the checkpoint names it
 
     def layer_kind(self, i: int) -> LayerKind:
         return self.layer_types[i] if self.layer_types else "full"
+
+    def layers_of_kind(self, kind: LayerKind) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.layer_kind(i) == kind)
+
+    @property
+    def attention_scale(self) -> float:
+        scalar: float = self.query_pre_attn_scalar or float(self.head_dim)
+        return math.pow(scalar, -0.5)  # as transformers computes it: query_pre_attn_scalar ** -0.5
 
     @property
     def num_sliding_layers(self) -> int:
