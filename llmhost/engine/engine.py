@@ -14,6 +14,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from llmhost.engine.block_manager import BlockManager, WindowBlockManager, block
 from llmhost.engine.gemma3 import Gemma3Model
 from llmhost.engine.kv_cache import KVCache
 from llmhost.engine.model import DecoderModel, LlamaModel
+
+if TYPE_CHECKING:  # Triton is imported only where decode graphs run: a CPU-only install has none
+    from llmhost.engine.decode_runner import DecodeRunner
 from llmhost.engine.sampler import make_generator, sample
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.scheduler import Scheduler, StepPlan
@@ -30,7 +34,13 @@ from llmhost.engine.sequence import FinishReason
 from llmhost.engine.sequence import Sequence as Seq
 from llmhost.engine.weights import iter_weights
 from llmhost.errors import ConfigError, PromptTooLongError, RequestError, UnsupportedModelError
-from llmhost.memory.estimate import ModelSpec, default_kv_tokens, sliding_kv_blocks, step_tokens
+from llmhost.memory.estimate import (
+    ModelSpec,
+    default_kv_tokens,
+    sliding_kv_blocks,
+    step_tokens,
+    uses_decode_graphs,
+)
 from llmhost.model_files.checkpoint import Checkpoint, open_checkpoint
 from llmhost.model_files.shape import RUNNABLE
 
@@ -94,10 +104,14 @@ class Engine:
         cache: KVCache,
         config: ModelConfig,
         eos_token_ids: Sequence[int] = (),
+        decode_graphs: bool = False,
     ) -> None:
-        if cache.num_blocks * cache.block_size < config.max_seq_len:
+        """decode_graphs: decode steps replay CUDA graphs (DecodeRunner); the cache's last block is then the
+        runner's scratch block, never handed to a sequence."""
+        managed = cache.num_blocks - 1 if decode_graphs else cache.num_blocks
+        if managed * cache.block_size < config.max_seq_len:
             raise ConfigError(
-                f"model '{config.name}': the KV pool holds {cache.num_blocks * cache.block_size} tokens, fewer than "
+                f"model '{config.name}': the KV pool holds {managed * cache.block_size} tokens, fewer than "
                 f"max_seq_len {config.max_seq_len}; raise kv_tokens or lower max_seq_len"
             )
         self.model = model
@@ -116,11 +130,18 @@ class Engine:
                     f"than the {need} one sequence's window of {cache.window} tokens needs; raise kv_tokens"
                 )
             window = WindowBlockManager(cache.window_blocks, cache.block_size, cache.window)
-        self.blocks = BlockManager(cache.num_blocks, cache.block_size, window)
+        self.blocks = BlockManager(managed, cache.block_size, window)
         self.scheduler = Scheduler(self.blocks, config.max_batch, step_tokens(config))
         self.seqs: dict[str, Seq] = {}
         self._ids = itertools.count()
         self._inflight: dict[int, torch.Tensor] = {}  # id(plan) -> logits of its sampled rows
+        self.runner: DecodeRunner | None = None
+        if decode_graphs:
+            from llmhost.engine.decode_runner import DecodeRunner
+
+            assert isinstance(model, LlamaModel) and cache.window is None
+            self.runner = DecodeRunner(model, cache, config.max_batch, config.max_seq_len)
+            self.runner.capture()
 
     @classmethod
     def load(
@@ -150,17 +171,19 @@ class Engine:
             weights = _counting(weights, lambda n: progress(n, total))
         model.load(weights, str(ckpt.path))
         tokens = kv_tokens if kv_tokens is not None else default_kv_tokens(config)
+        spec = ModelSpec.from_shape(config, ckpt.shape)
         # Sliding-window layers get their own pool of max_batch windows, as the planner counts them.
-        window_blocks = sliding_kv_blocks(ModelSpec.from_shape(config, ckpt.shape), tokens, block_size)
+        window_blocks = sliding_kv_blocks(spec, tokens, block_size)
+        graphs = uses_decode_graphs(spec, device.type == "cuda")
         cache = KVCache(
             ckpt.shape,
-            blocks_for(tokens, block_size),
+            blocks_for(tokens, block_size) + (1 if graphs else 0),  # + the decode runner's scratch block
             block_size,
             TORCH_DTYPES[config.kv_dtype_resolved],
             device,
             window_blocks,
         )
-        return cls(model, cache, config, eos_token_ids)
+        return cls(model, cache, config, eos_token_ids, decode_graphs=graphs)
 
     # -- requests -----------------------------------------------------------------------------------------------
 
@@ -216,6 +239,15 @@ class Engine:
 
     def execute(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> None:
         if plan.empty:
+            return
+        if self.runner is not None and all(len(c.token_ids) == 1 and c.sample for c in plan.chunks):
+            # A pure decode step replays a captured graph; prefill (and mixed steps) take the reference path.
+            from llmhost.engine.decode_runner import DecodeRow
+
+            decode = [DecodeRow(c.token_ids[0], c.start, c.block_table) for c in plan.chunks]
+            ctx0 = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+            with ctx0:
+                self._inflight[id(plan)] = self.runner.run(decode)
             return
         bs = self.cache.block_size
         windowed = self.cache.window is not None
@@ -353,9 +385,12 @@ class Engine:
         kv = self.cache.nbytes
         if self.device.type != "cuda":
             return MemoryReport(str(self.device), weights, kv, 0, 0, None)
+        # The caching allocator's peak covers weights, KV, the runner's static buffers and graph pool, and the
+        # largest eager step; graphs counts the runner's static buffers, workspace the rest.
         peak = torch.cuda.max_memory_reserved(self.device)
+        graphs = self.runner.static_bytes if self.runner is not None else 0
         free, total = torch.cuda.mem_get_info(self.device)
-        return MemoryReport(str(self.device), weights, kv, max(0, peak - weights - kv), 0, total - free)
+        return MemoryReport(str(self.device), weights, kv, max(0, peak - weights - kv - graphs), graphs, total - free)
 
 
 def _counting(

@@ -165,14 +165,37 @@ def stage_workspace(spec: ModelSpec, last: bool) -> int:
     return peak + ALLOCATOR_SLACK_BYTES
 
 
-def stage_graphs(spec: ModelSpec, last: bool, on_gpu: bool) -> int:
-    """One shared pool holds the largest captured decode batch's activations (decode attention reads the
-    paged cache in place: no context copy); each captured graph adds its executable's own memory."""
-    if not (on_gpu and spec.config.cuda_graphs):
+DECODE_PARTITION = 256  # context tokens per decode-attention program (engine/kernels/paged_decode.py PARTITION)
+
+
+def uses_decode_graphs(spec: ModelSpec, on_gpu: bool) -> bool:
+    """The engine captures decode graphs for Llama-family models without sliding windows on a GPU."""
+    return on_gpu and spec.config.cuda_graphs and spec.shape.architecture != "gemma3" and not spec.shape.sliding_window
+
+
+def stage_graphs(spec: ModelSpec, last: bool, on_gpu: bool, block_size: int = 16) -> int:
+    """What the decode runner (engine/decode_runner.py) allocates: static inputs and activations for max_batch
+    rows, the attention workspace, one scratch KV block for padded rows, and the graphs' shared pool, which holds
+    the largest captured batch's transient GEMM outputs; each captured graph adds its executable's own memory."""
+    if not uses_decode_graphs(spec, on_gpu):
         return 0
-    sizes = graph_batch_sizes(spec.config.max_batch)
-    pool = activation_bytes(spec, max(sizes), 0, last)
-    return pool + len(sizes) * GRAPH_EXEC_BYTES
+    s = spec.shape
+    b = spec.dtype_bytes
+    mb = max(graph_batch_sizes(spec.config.max_batch))
+    max_blocks = ceil_div(spec.config.max_seq_len, block_size)  # block-table columns
+    parts = ceil_div(spec.config.max_seq_len, DECODE_PARTITION)
+    q_dim = s.num_heads * s.head_dim
+    qkv_dim = q_dim + 2 * s.num_kv_heads * s.head_dim
+    inputs = mb * 4 * 8 + mb * max_blocks * 4  # tokens, positions, slots, lengths (int64); block tables (int32)
+    activations = mb * (2 * s.hidden_size + qkv_dim + q_dim + s.intermediate_size) * b  # h, x, qkv, attn, act
+    logits = mb * s.vocab_size * FP32 if last else 0
+    workspace = mb * s.num_heads * parts * (2 + s.head_dim) * FP32  # per-partition max, sum and accumulator
+    scratch = block_size * s.kv_bytes_per_token(spec.kv_dtype_bytes)  # one block of every layer's K and V
+    pool = mb * (2 * s.hidden_size + 2 * s.intermediate_size) * b  # o_proj, down, gate|up outputs
+    if last:
+        pool += mb * s.vocab_size * b  # the LM head's output before its float32 copy
+    n_graphs = len(graph_batch_sizes(spec.config.max_batch))
+    return inputs + activations + logits + workspace + scratch + pool + n_graphs * GRAPH_EXEC_BYTES
 
 
 def default_kv_tokens(config: ModelConfig) -> int:
@@ -188,7 +211,7 @@ def stage_need(
         weights=stage_weights(spec, start, end, first, last),
         kv=stage_kv(spec, kv_tokens, block_size, start, end),
         workspace=stage_workspace(spec, last),
-        graphs=stage_graphs(spec, last, on_gpu),
+        graphs=stage_graphs(spec, last, on_gpu, block_size),
     )
 
 
