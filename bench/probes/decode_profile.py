@@ -40,7 +40,7 @@ for _ in range(50):
 b.record()
 b.synchronize()
 replay = a.elapsed_time(b) / 50 / 1e3
-print(f"wall per step {wall*1e3:.3f} ms, graph replay {replay*1e3:.3f} ms")
+print(f"wall per step {wall * 1e3:.3f} ms, graph replay {replay * 1e3:.3f} ms")
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
     runner._forward(1)
     torch.cuda.synchronize()
