@@ -121,6 +121,8 @@ def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str
             })  # fmt: skip
             print(name, rows[-1], file=sys.stderr, flush=True)
 
+    engine_rows = engine_steps(model, shape, weight_bytes, copy_bw, (1, max_batch))
+
     # Plain torch eager: the reference forward decoding one token of one sequence (prompt 128).
     def eager_step() -> None:
         table = tuple(range(per_seq_blocks))
@@ -155,6 +157,7 @@ def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str
         "graph_capture_s": round(capture_s, 2),
         "graph_batch_sizes": list(sizes),
         "decode": rows,
+        "engine_step_decode": engine_rows,
         "prefill_2048": {
             "tokens_per_s": round(n / prefill_t, 1),
             "tflops": round(prefill_flops / prefill_t / 1e12, 1),
@@ -165,6 +168,46 @@ def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str
             "graph_over_eager": round(b1["tokens_per_s"] * eager_t, 2),
         },
     }
+
+
+def engine_steps(
+    model: LlamaModel, shape: ModelShape, weight_bytes: int, copy_bw: float, batches: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """Decode through Engine.step(): scheduler, graph replay and the sampler (greedy), prompt 128, in a fresh
+    engine (own cache and graphs) for each batch size: what a served request gets."""
+    from llmhost.config import ModelConfig
+    from llmhost.engine.engine import Engine
+    from llmhost.engine.sampling_params import SamplingParams
+
+    out = []
+    for b in batches:
+        cfg = ModelConfig(name="bench", path=Path("random"), dtype="bfloat16", max_seq_len=512, max_batch=b)
+        cache = KVCache(shape, b * 32 + 1, 16, torch.bfloat16, torch.device("cuda"))
+        engine = Engine(model, cache, cfg, decode_graphs=True)
+        params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        for r in range(b):
+            engine.add_request([(r * 7 + i) % shape.vocab_size for i in range(128)], params)
+        while any(s.num_computed < len(s.prompt_ids) for s in engine.seqs.values()):
+            engine.step()  # prefill (reference path)
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+        n = 40
+        t0 = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        torch.cuda.synchronize()
+        t = (time.perf_counter() - t0) / n
+        read = weight_bytes + b * 200 * shape.kv_bytes_per_token(2)
+        out.append({
+            "batch": b, "prompt": 128, "step_ms": round(t * 1e3, 3), "tokens_per_s": round(b / t, 1),
+            "fraction_of_copy_bandwidth": round(read / t / copy_bw, 3),
+        })  # fmt: skip
+        print("engine.step", out[-1], file=sys.stderr, flush=True)
+        del engine, cache
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
 
 
 def hf_generate_tok_s(shape: ModelShape) -> float:
