@@ -21,9 +21,9 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# The embedded default models on 127.0.0.1:8000 (GPU if there is one); `make serve ARGS="--port 9000"` passes more.
 serve: venv
-	$(BIN)/llmhost plan examples/models.toml --gpus auto
-	@echo "(llmhost serve is not built yet: this shows the plan for the bundled example config)"
+	$(BIN)/llmhost serve $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest

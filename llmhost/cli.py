@@ -1,4 +1,5 @@
-"""`llmhost` command line. User mistakes print one line and exit 2 (3: the models do not fit); never a traceback."""
+"""`llmhost` command line: inspect, plan, generate, serve, ps. User mistakes print one line and exit 2 (3: the models
+do not fit); never a traceback."""
 
 from __future__ import annotations
 
@@ -58,6 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--max-seq-len", type=int, default=4096)
     ge.add_argument("--json", action="store_true", help="print one JSON document with tokens and timings")
     ge.set_defaults(func=_cmd_generate)
+
+    se = sub.add_parser("serve", help="serve every configured model through an OpenAI-compatible HTTP API")
+    se.add_argument("--config", default=None, help="models.toml (default: the embedded SmolLM2-135M config)")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /admin routes")
+    se.add_argument("--gpus", default="auto", help="'auto' (NVML) or a simulated list like '2x24GiB,1x80GiB'")
+    se.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    se.set_defaults(func=_cmd_serve)
+
+    ps = sub.add_parser("ps", help="show what each model of a running server is doing")
+    ps.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    ps.add_argument("--api-key", default=None)
+    ps.add_argument("--json", action="store_true", help="print the server's JSON document (schema llmhost.ps/1)")
+    ps.set_defaults(func=_cmd_ps)
     return p
 
 
@@ -97,6 +113,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from llmhost.generate_command import run_generate
 
     return run_generate(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from llmhost.serve_command import run_serve
+
+    return run_serve(args)
+
+
+def _cmd_ps(args: argparse.Namespace) -> int:
+    from llmhost.ps_command import run_ps
+
+    return run_ps(args)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,36 @@
 """TextStream: one request's tokens turned into text deltas, with stop strings applied. The engine works in token
-ids; this is where stop strings end a request (finish_reason "stop") and text is never emitted twice."""
+ids; this is where stop strings end a request (finish_reason "stop") and text is never emitted twice.
+
+It takes anything with a `token` id and a `finish_reason`: the engine's TokenOutput in-process, the host's
+TokenEvent in the API process."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from llmhost.engine.engine import Engine, TokenOutput
+from llmhost.engine.engine import Engine
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.sequence import FinishReason
 from llmhost.engine.stop_strings import StopMatcher
 from llmhost.engine.tokenizer import IncrementalDecoder, Tokenizer
 
 
+class GeneratedToken(Protocol):
+    """One generated token as the engine (TokenOutput) or the host (TokenEvent) reports it."""
+
+    @property
+    def token(self) -> int: ...
+
+    @property
+    def finish_reason(self) -> FinishReason | None: ...
+
+
 @dataclass(frozen=True)
 class TextDelta:
     text: str  # new text since the last delta (may be empty while a partial character or stop string waits)
-    token: TokenOutput | None  # the token that produced it; None for the final flush
+    token: GeneratedToken | None  # the token that produced it; None for the final flush
     finish_reason: FinishReason | None
 
 
@@ -27,7 +41,7 @@ class TextStream:
         self.decoder = IncrementalDecoder(tokenizer)
         self.matcher = StopMatcher(stop)
 
-    def feed(self, out: TokenOutput) -> TextDelta:
+    def feed(self, out: GeneratedToken) -> TextDelta:
         """Text for one token. A token that ends the sequence (EOS or a stop id) adds no text of its own."""
         if out.finish_reason == "stop":
             return TextDelta(self._flush(), out, "stop")

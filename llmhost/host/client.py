@@ -13,7 +13,8 @@ import multiprocessing as mp
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -102,9 +103,20 @@ class HostClient:
 
     async def generate(
         self, model: str, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[TokenEvent]:
-        """Yield this request's tokens. Leaving the loop early (client gone) aborts it in the host, which frees
-        its KV blocks."""
+    ) -> AsyncGenerator[TokenEvent, None]:
+        """Yield this request's tokens one by one. Leaving the loop early (client gone) aborts it in the host,
+        which frees its KV blocks."""
+        async with aclosing(self.generate_batches(model, prompt_ids, params, request_id)) as batches:
+            async for batch in batches:
+                for ev in batch:
+                    yield ev
+
+    async def generate_batches(
+        self, model: str, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncGenerator[list[TokenEvent], None]:
+        """Yield this request's tokens, every token that has arrived since the last yield together: a consumer
+        that falls behind (an API process serving many streams) catches up in fewer, larger steps. Leaving the
+        loop early aborts the request in the host, which frees its KV blocks."""
         if not self.alive:
             raise HostUnavailableError(self.stopped.reason if self.stopped else "the host is not running")
         rid = request_id or uuid.uuid4().hex
@@ -115,16 +127,28 @@ class HostClient:
         finished = False
         try:
             while True:
-                item = await waiter.queue.get()
-                if isinstance(item, RequestFailed):
-                    finished = True
-                    raise HostRequestError(item)
-                if isinstance(item, HostStopped):
-                    finished = True
-                    raise HostUnavailableError(item.reason)
-                yield item
-                if item.finish_reason is not None:
-                    finished = True
+                items = [await waiter.queue.get()]
+                while not waiter.queue.empty():
+                    items.append(waiter.queue.get_nowait())
+                events: list[TokenEvent] = []
+                failure: RequestFailed | HostStopped | None = None
+                for item in items:
+                    if not isinstance(item, TokenEvent):
+                        failure = item
+                        break
+                    events.append(item)
+                    if item.finish_reason is not None:
+                        break
+                # Set before yielding: a consumer that stops right after the last token must not send an Abort
+                # for a request the host has already finished (or failed).
+                finished = failure is not None or (events[-1].finish_reason is not None if events else False)
+                if events:
+                    yield events
+                if isinstance(failure, RequestFailed):
+                    raise HostRequestError(failure)
+                if isinstance(failure, HostStopped):
+                    raise HostUnavailableError(failure.reason)
+                if finished:
                     return
         finally:
             with self._lock:
@@ -165,8 +189,7 @@ class HostClient:
                 self._on_stopped(HostStopped("the host process exited"))
                 return
             if isinstance(msg, TokenBatch):
-                for ev in msg.events:
-                    self._deliver(ev.request_id, ev)
+                self._deliver_batch(msg.events)
             elif isinstance(msg, RequestFailed):
                 self._deliver(msg.request_id, msg)
             elif isinstance(msg, StatusReply):
@@ -181,6 +204,18 @@ class HostClient:
             elif isinstance(msg, HostStopped):
                 self._on_stopped(msg)
                 return
+
+    def _deliver_batch(self, events: tuple[TokenEvent, ...]) -> None:
+        """One wake-up per event loop per batch, not one per token: each call_soon_threadsafe writes the loop's
+        self-pipe, and a batch holds a token for every running sequence."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Waiter, TokenEvent]]] = {}
+        with self._lock:
+            for ev in events:
+                waiter = self._requests.get(ev.request_id)
+                if waiter is not None:
+                    by_loop.setdefault(waiter.loop, []).append((waiter, ev))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, rid: str, item: TokenEvent | RequestFailed | HostStopped) -> None:
         with self._lock:
@@ -203,6 +238,11 @@ class HostClient:
             w.loop.call_soon_threadsafe(w.queue.put_nowait, msg)
         for loop, fut in queries:
             loop.call_soon_threadsafe(_fail, fut, HostUnavailableError(msg.reason))
+
+
+def _put_all(items: list[tuple[_Waiter, TokenEvent]]) -> None:
+    for waiter, ev in items:
+        waiter.queue.put_nowait(ev)
 
 
 def _resolve(fut: asyncio.Future[StatusReply], reply: StatusReply) -> None:

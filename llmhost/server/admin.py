@@ -1,0 +1,81 @@
+"""Admin routes: `GET /admin/ps` (like `ollama ps`: what each model is doing now, where, with how many bytes) and
+`POST /admin/models/{name}/load|unload`.
+
+The ps document (schema `llmhost.ps/1`), one entry per configured model:
+`{"name", "state", "device", "memory": {"weights", "kv", "workspace", "graphs"}, "memory_total", "since" (epoch
+seconds the state began), "keep_alive_s", "expires_at" (epoch seconds after which an idle model may be parked; null
+while in use or when keep_alive is -1), "in_flight" (sequences the API has sent), "running", "waiting",
+"kv_blocks_used", "kv_blocks_total", "max_seq_len", "error"}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from llmhost.host.client import HostUnavailableError
+from llmhost.host.messages import ModelStatus
+from llmhost.server.errors import ApiError, from_host_error, model_not_found
+from llmhost.server.state import ServerState
+
+PS_SCHEMA = "llmhost.ps/1"
+
+
+def ps_entry(state: ServerState, name: str, st: ModelStatus | None) -> dict[str, Any]:
+    cfg = state.client.config.model(name)
+    in_flight = state.gate.in_flight.get(name, 0)
+    expires_at: float | None = None
+    if st is not None and st.state == "loaded" and in_flight == 0 and cfg.keep_alive_s >= 0:
+        expires_at = max(st.since, state.gate.last_used.get(name, 0.0)) + cfg.keep_alive_s
+    return {
+        "name": name,
+        "state": st.state if st else "loading",
+        "device": st.device if st else "",
+        "memory": dict(st.memory) if st else {},
+        "memory_total": sum(st.memory.values()) if st else 0,
+        "since": st.since if st else None,
+        "keep_alive_s": cfg.keep_alive_s,
+        "expires_at": expires_at,
+        "in_flight": in_flight,
+        "running": st.running if st else 0,
+        "waiting": st.waiting if st else 0,
+        "kv_blocks_used": st.kv_blocks_used if st else 0,
+        "kv_blocks_total": st.kv_blocks_total if st else 0,
+        "max_seq_len": cfg.max_seq_len,
+        "error": st.error if st else "",
+    }
+
+
+def router(state: ServerState, require_key: Callable[..., Awaitable[None]]) -> APIRouter:
+    r = APIRouter(prefix="/admin", dependencies=[Depends(require_key)])
+
+    @r.get("/ps")
+    async def ps() -> JSONResponse:
+        status = await state.fresh_status()
+        models = [ps_entry(state, name, status.get(name)) for name in state.model_names]
+        return JSONResponse({"schema": PS_SCHEMA, "models": models})
+
+    async def command(action: Literal["load", "unload"], name: str) -> JSONResponse:
+        if name not in state.tokenizers:
+            raise model_not_found(name, state.model_names)
+        try:
+            reply = await state.client.admin(action, name)
+        except HostUnavailableError as e:
+            raise from_host_error(e, name) from None
+        if not reply.ok:
+            raise ApiError(400, reply.message, param="name")
+        st = {m.name: m for m in reply.models}.get(name)
+        return JSONResponse(ps_entry(state, name, st))
+
+    @r.post("/models/{name}/load")
+    async def load(name: str) -> JSONResponse:
+        return await command("load", name)
+
+    @r.post("/models/{name}/unload")
+    async def unload(name: str) -> JSONResponse:
+        return await command("unload", name)
+
+    return r
