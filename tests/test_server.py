@@ -392,14 +392,20 @@ def test_admin_unload_then_load(server: Server) -> None:
 
 
 def test_default_config_answers_paris_and_sigterm_stops_everything(tmp_path: Path) -> None:
-    """No --config: the embedded SmolLM2. Then SIGTERM during a stream: the stream ends with an error event, the
+    """No --config: the embedded SmolLM2 (chat) and Gemma 3 270M (completions). Then SIGTERM during a stream: the stream ends with an error event, the
     server exits 0, and no process it started (the host, multiprocessing's helper) is left."""
     srv = Server([], tmp_path / "default.log", api_key=None)
     try:
         srv.wait_loaded("smollm2-135m")
+        srv.wait_loaded("gemma3-270m")
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        assert [m.id for m in c.models.list().data] == ["smollm2-135m", "gemma3-270m"]
         r = c.chat.completions.create(model="smollm2-135m", messages=PARIS, max_tokens=16, temperature=0)  # type: ignore[arg-type]
         assert "Paris" in (r.choices[0].message.content or "")
+        # the base model needs one example sentence to answer with the city (see test_gemma3.py)
+        prompt = "The capital of Germany is Berlin. The capital of France is"
+        g = c.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=8, temperature=0)
+        assert "Paris" in g.choices[0].text
         children = psutil.Process(srv.proc.pid).children(recursive=True)
         assert children, "the host process should be a child of the server"
         stream = c.completions.create(
