@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     ge.set_defaults(func=_cmd_generate)
 
     se = sub.add_parser("serve", help="serve every configured model through an OpenAI-compatible HTTP API")
-    se.add_argument("--config", default=None, help="models.toml (default: the embedded SmolLM2-135M + Gemma 3 270M config)")
+    se.add_argument("--config", default=None, help="models.toml (default: embedded SmolLM2-135M + Gemma 3 270M)")
     se.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /admin routes")

@@ -392,8 +392,9 @@ def test_admin_unload_then_load(server: Server) -> None:
 
 
 def test_default_config_answers_paris_and_sigterm_stops_everything(tmp_path: Path) -> None:
-    """No --config: the embedded SmolLM2 (chat) and Gemma 3 270M (completions). Then SIGTERM during a stream: the stream ends with an error event, the
-    server exits 0, and no process it started (the host, multiprocessing's helper) is left."""
+    """No --config: the embedded SmolLM2 (chat) and Gemma 3 270M (completions). Then SIGTERM during a stream: the
+    stream ends with an error event, the server exits 0, and no process it started (the host, multiprocessing's
+    helper) is left."""
     srv = Server([], tmp_path / "default.log", api_key=None)
     try:
         srv.wait_loaded("smollm2-135m")
