@@ -35,8 +35,13 @@ class DecodeRow:
 
 
 class DecodeRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache, max_batch: int, max_seq_len: int) -> None:
+    def __init__(
+        self, model: LlamaModel, cache: KVCache, max_batch: int, max_seq_len: int, capture_on_demand: bool = False
+    ) -> None:
+        """capture_on_demand: capture each batch size the first time it runs (a model swapped back in starts
+        decoding after one size's capture, not all of them)."""
         s = model.shape
+        self.capture_on_demand = capture_on_demand
         self.model = model
         self.cache = cache
         self.block_size = cache.block_size
@@ -119,6 +124,8 @@ class DecodeRunner:
         valid until the next call)."""
         b = len(rows)
         padded = next(size for size in self.sizes if size >= b)
+        if self.capture_on_demand and padded not in self.graphs:
+            self._capture(padded)
         self._stage(rows, padded)
         graph = self.graphs.get(padded)
         if graph is not None:
@@ -151,12 +158,15 @@ class DecodeRunner:
     def capture(self) -> None:
         """Capture every batch size, largest first, into one shared pool."""
         for b in sorted(self.sizes, reverse=True):
-            self._stage([], b)  # padding inputs: capture must not touch real cache blocks
-            self._forward(b)  # warm-up: compiles the kernels and lets cuBLAS pick its algorithms
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self._forward(b)
-            self.pool = g.pool()
-            self.graphs[b] = g
+            self._capture(b)
+
+    def _capture(self, b: int) -> None:
+        self._stage([], b)  # padding inputs: capture must not touch real cache blocks
+        self._forward(b)  # warm-up: compiles the kernels and lets cuBLAS pick its algorithms
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            self._forward(b)
+        self.pool = g.pool()
+        self.graphs[b] = g
         torch.cuda.synchronize()

@@ -1,0 +1,132 @@
+"""EngineRuntime: the coordinator's tensor work on real engines (load from disk, park to pinned RAM, unpark,
+release), and the driver readings its ledger reconciles with."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from typing import Any
+
+import torch
+
+from llmhost.engine.engine import Engine
+from llmhost.engine.tokenizer import Tokenizer
+from llmhost.host import parking
+from llmhost.host.coordinator import ByDevice, Slot
+from llmhost.host.ledger import Reading
+from llmhost.memory.inventory import Inventory
+from llmhost.model_files import open_checkpoint
+
+log = logging.getLogger("llmhost.host")
+
+
+class DriverProbe:
+    """Device-wide used bytes (cudaMemGetInfo) and other processes' bytes (NVML per-process accounting).
+
+    Other processes' share is the inventory's figure at start (what was in use before this process) plus whatever
+    other processes gained since. Where NVML cannot attribute memory to processes (no per-process accounting, or
+    a container whose PIDs NVML does not see), the figure at start is kept."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+        self._nvml: Any = None
+        self._others_at_start: dict[int, int] = {}
+        if not inventory.has_gpus or inventory.source != "nvml":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            for d in inventory.devices:
+                self._others_at_start[d.index] = self._others(d.index) or 0
+        except Exception as e:  # NVML missing or refusing: readings fall back to the start figures
+            log.info("NVML per-process accounting unavailable (%s): other processes' memory is the start figure", e)
+            self._nvml = None
+
+    def _others(self, index: int) -> int | None:
+        if self._nvml is None:
+            return None
+        nv = self._nvml
+        try:
+            procs = nv.nvmlDeviceGetComputeRunningProcesses(nv.nvmlDeviceGetHandleByIndex(index))
+        except Exception:
+            return None
+        me = os.getpid()
+        initialized: bool = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+        if procs and initialized and not any(p.pid == me for p in procs):
+            return None  # our own PID is invisible (PID namespace): attribution is unreliable
+        return sum(int(p.usedGpuMemory or 0) for p in procs if p.pid != me)
+
+    def reading(self, device: int) -> Reading | None:
+        if not self.inventory.has_gpus or self.inventory.source != "nvml" or not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info(device)
+        external = self.inventory.devices[device].external
+        others = self._others(device)
+        if others is not None:
+            external += max(0, others - self._others_at_start.get(device, 0))
+        return Reading(used=int(total - free), external=int(external))
+
+
+class EngineRuntime:
+    """Loads engines from their checkpoints where the slot's plan puts them."""
+
+    def __init__(self, inventory: Inventory, block_size: int) -> None:
+        self.inventory = inventory
+        self.block_size = block_size
+        self.probe = DriverProbe(inventory)
+        self._kv_bytes: dict[str, tuple[int, int]] = {}
+
+    def load(self, slot: Slot) -> None:
+        if len(slot.plan.stages) > 1:
+            raise RuntimeError("split models load through the staged engine (not wired in yet)")
+        ckpt = open_checkpoint(slot.config.path)
+        tokenizer = Tokenizer.from_checkpoint(ckpt)
+        slot.engine = Engine.load(
+            slot.config,
+            slot.device_names[0],
+            kv_tokens=slot.plan.kv_tokens,
+            block_size=self.block_size,
+            checkpoint=ckpt,
+            eos_token_ids=tokenizer.eos_token_ids,
+        )
+
+    def park(self, slot: Slot) -> int:
+        engine: Engine = slot.engine
+        self._kv_bytes[slot.name] = parking.kv_pool_bytes(engine)
+        slot.parked = parking.park(engine, slot.parked)
+        return int(slot.parked.nbytes)
+
+    def unpark(self, slot: Slot) -> None:
+        parking.unpark(slot.engine, slot.parked, self._kv_bytes[slot.name])
+
+    def release(self, slot: Slot) -> None:
+        slot.engine = None
+        self._free()
+
+    def drop_parked(self, slot: Slot) -> None:
+        slot.parked = None
+        if slot.state == "parked":
+            slot.engine = None  # a parked engine without its host copy has nothing to come back from
+        self._free()
+
+    def measure(self, slot: Slot) -> ByDevice:
+        engine: Engine = slot.engine
+        device = slot.plan.stages[0].device
+        graphs = engine.runner.static_bytes if engine.runner is not None else 0
+        kinds = {"weights": engine.model.weight_bytes(), "kv": engine.cache.nbytes, "workspace": 0, "graphs": graphs}
+        return {device: kinds}
+
+    def reading(self, device: int) -> Reading | None:
+        return self.probe.reading(device)
+
+    def can_park(self) -> bool:
+        return self.inventory.has_gpus and self.inventory.source != "cpu"
+
+    @staticmethod
+    def _free() -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
