@@ -165,7 +165,7 @@ def test_ledger_tracks_park_budget() -> None:
 
 
 def test_three_big_models_on_one_gpu_two_resident_one_on_demand() -> None:
-    coord, rt, _ = build([cfg("a"), cfg("b"), cfg("c")])
+    coord, _rt, _ = build([cfg("a"), cfg("b"), cfg("c")])
     assert [s.state for s in coord.slots.values()] == ["loaded", "loaded", "unloaded"]
     dev = coord.ledger.devices[0]
     assert dev.placed == coord.slots["a"].plan.total + coord.slots["b"].plan.total
@@ -256,7 +256,7 @@ def test_keep_alive_expiry_parks_idle_models() -> None:
 
 
 def test_park_budget_drops_the_oldest_host_copy() -> None:
-    coord, rt, now = build([cfg("a"), cfg("b"), cfg("c")], park_budget=40 * GiB)  # one ~29.5 GB copy at a time
+    coord, _rt, now = build([cfg("a"), cfg("b"), cfg("c")], park_budget=40 * GiB)  # one ~29.5 GB copy at a time
     now[0] += 1
     coord.touch("a")
     coord.ensure_resident("c")  # parks b
@@ -290,7 +290,7 @@ def test_without_parking_evicted_models_are_unloaded() -> None:
 
 
 def test_failed_load_rolls_back_ledger_and_driver() -> None:
-    coord, rt, now = build([cfg("a"), cfg("b", keep_alive_s=-1.0), cfg("c")], gpus="1x80GiB")
+    coord, rt, _now = build([cfg("a"), cfg("b", keep_alive_s=-1.0), cfg("c")], gpus="1x80GiB")
     # c needs a's room: a is parked first, then c's load fails half-way
     entries_before = {k: dict(v) for k, v in coord.ledger.devices[0].entries.items()}
     rt.fail_next = "load"
