@@ -63,6 +63,7 @@ class ModelConfig:
 class HostConfig:
     reserve: tuple[int, ...] = (0,)  # bytes kept free per GPU; one value applies to all GPUs
     block_size: int = DEFAULT_BLOCK_SIZE
+    park_ram: int | None = None  # pinned host RAM parked models' weights may hold; None: half of the host's RAM
 
     def reserve_for(self, gpu_index: int) -> int:
         if len(self.reserve) == 1:
@@ -112,7 +113,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     return Config(host=host, models=models, source=source)
 
 
-_HOST_KEYS = {"reserve", "block_size"}
+_HOST_KEYS = {"reserve", "block_size", "park_ram"}
 _MODEL_KEYS = {
     "path",
     "dtype",
@@ -139,7 +140,8 @@ def _parse_host(t: Mapping[str, Any], where: str) -> HostConfig:
         _get(lambda v: _size(v, allow_zero=True), {"reserve": x}, "reserve", where, "[host]") for x in items
     )
     block_size = _get(_positive_int, t, "block_size", where, "[host]", DEFAULT_BLOCK_SIZE)
-    return HostConfig(reserve=reserve, block_size=block_size)
+    park_ram = _get(lambda v: _size(v, allow_zero=True), t, "park_ram", where, "[host]") if "park_ram" in t else None
+    return HostConfig(reserve=reserve, block_size=block_size, park_ram=park_ram)
 
 
 def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> ModelConfig:

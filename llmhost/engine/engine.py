@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmhost.config import ModelConfig
-from llmhost.engine.attention import AttentionBatch, ChunkMeta
 from llmhost.engine.block_manager import BlockManager, WindowBlockManager, blocks_for
 from llmhost.engine.gemma3 import Gemma3Model
 from llmhost.engine.kv_cache import KVCache
-from llmhost.engine.model import DecoderModel, LlamaModel
+from llmhost.engine.model import DecoderModel, LlamaModel, StageInputs
+from llmhost.engine.placement import LayerPlacement, StageSpec
 
 if TYPE_CHECKING:  # Triton is imported only where decode graphs run: a CPU-only install has none
     from llmhost.engine.decode_runner import DecodeRunner
@@ -32,6 +32,7 @@ from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.scheduler import Scheduler, StepPlan
 from llmhost.engine.sequence import FinishReason
 from llmhost.engine.sequence import Sequence as Seq
+from llmhost.engine.step_inputs import DeviceStep, StepInputs
 from llmhost.engine.weights import iter_weights
 from llmhost.errors import ConfigError, PromptTooLongError, RequestError, UnsupportedModelError
 from llmhost.memory.estimate import (
@@ -83,7 +84,8 @@ class Completion:
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Bytes this engine holds, by category, and what the driver reports for the whole device."""
+    """Bytes this engine holds, by category, and what the driver reports for the whole device (a split model's
+    memory_report() sums its devices: device names them all, joined by commas)."""
 
     device: str
     weights: int
@@ -101,13 +103,21 @@ class Engine:
     def __init__(
         self,
         model: DecoderModel,
-        cache: KVCache,
+        cache: KVCache | Sequence[KVCache],
         config: ModelConfig,
         eos_token_ids: Sequence[int] = (),
         decode_graphs: bool = False,
     ) -> None:
-        """decode_graphs: decode steps replay CUDA graphs (DecodeRunner); the cache's last block is then the
+        """cache: the KV cache, or one per stage of a split model (each holding that stage's layers on its
+        device, all with the same blocks: one block manager's ids address every stage's pools alike).
+        decode_graphs: decode steps replay CUDA graphs (DecodeRunner); the cache's last block is then the
         runner's scratch block, never handed to a sequence."""
+        caches = (cache,) if isinstance(cache, KVCache) else tuple(cache)
+        _check_caches(model.placement, caches)
+        if decode_graphs and model.placement.split:
+            # The decode runner captures one device's kernels and buffers; a split model decodes eagerly.
+            raise ValueError("decode graphs run a model on one device; a split model decodes eagerly")
+        cache = caches[0]
         managed = cache.num_blocks - 1 if decode_graphs else cache.num_blocks
         if managed * cache.block_size < config.max_seq_len:
             raise ConfigError(
@@ -115,9 +125,11 @@ class Engine:
                 f"max_seq_len {config.max_seq_len}; raise kv_tokens or lower max_seq_len"
             )
         self.model = model
-        self.cache = cache
+        self.placement = model.placement
+        self.caches = caches  # one per stage, in stage order
+        self.cache = cache  # the first stage's (the only one unless split); its geometry is every stage's
         self.config = config
-        self.device = model.device
+        self.device = model.device  # the first stage's; logits (and samplers' generators) live on the last
         self.eos_token_ids = frozenset(eos_token_ids)
         window = None
         if cache.window is not None:
@@ -136,6 +148,7 @@ class Engine:
         self._ids = itertools.count()
         self._inflight: dict[int, torch.Tensor] = {}  # id(plan) -> logits of its sampled rows
         self.runner: DecodeRunner | None = None
+        self.graphs_wanted = decode_graphs  # a parked engine has no runner; unpark rebuilds it when this is set
         if decode_graphs:
             from llmhost.engine.decode_runner import DecodeRunner
 
@@ -153,20 +166,32 @@ class Engine:
         checkpoint: Checkpoint | None = None,
         eos_token_ids: Sequence[int] = (),
         progress: Callable[[int, int], None] | None = None,
+        stages: Sequence[StageSpec] | LayerPlacement | None = None,
     ) -> Engine:
         """Stream weights from the checkpoint onto `device` and allocate the KV pool for `kv_tokens` (default
-        max_seq_len x max_batch, as the planner assumes; pass the plan's figure for "fill" models)."""
-        device = torch.device(device)
+        max_seq_len x max_batch, as the planner assumes; pass the plan's figure for "fill" models).
+        stages: split the model, [(device, start, end), ...] (or a LayerPlacement, e.g. from_plan): layers
+        [start, end) with their weights and KV pool on that device; `device` is then unused."""
         ckpt = checkpoint or open_checkpoint(config.path)
+        n = ckpt.shape.num_layers
+        if stages is None:
+            placement = LayerPlacement.single(device, n)
+        elif isinstance(stages, LayerPlacement):
+            placement = LayerPlacement.of(stages.stages, n)  # checked against this checkpoint's layer count
+        else:
+            placement = LayerPlacement.of(stages, n)
         dtype = TORCH_DTYPES[config.dtype]
         model_class = MODEL_CLASSES.get(ckpt.shape.architecture)
         if model_class is None:
             raise UnsupportedModelError(
                 f"architecture {ckpt.shape.architecture!r} cannot run yet; supported: {', '.join(RUNNABLE)}"
             )
-        model = model_class(ckpt.shape, dtype, device, config.max_seq_len)
+        model = model_class(ckpt.shape, dtype, placement.first, config.max_seq_len, placement)
         total = len(ckpt.tensors)
-        weights = iter_weights(ckpt, dtype, device)
+        devices = model.weight_devices()
+        first = placement.first
+        # Each tensor straight onto its layer's device; one the model has no place for (it is dropped) goes first.
+        weights = iter_weights(ckpt, dtype, lambda name: devices.get(name, first))
         if progress is not None:
             weights = _counting(weights, lambda n: progress(n, total))
         model.load(weights, str(ckpt.path))
@@ -174,16 +199,21 @@ class Engine:
         spec = ModelSpec.from_shape(config, ckpt.shape)
         # Sliding-window layers get their own pool of max_batch windows, as the planner counts them.
         window_blocks = sliding_kv_blocks(spec, tokens, block_size)
-        graphs = uses_decode_graphs(spec, device.type == "cuda")
-        cache = KVCache(
-            ckpt.shape,
-            blocks_for(tokens, block_size) + (1 if graphs else 0),  # + the decode runner's scratch block
-            block_size,
-            TORCH_DTYPES[config.kv_dtype_resolved],
-            device,
-            window_blocks,
-        )
-        return cls(model, cache, config, eos_token_ids, decode_graphs=graphs)
+        # A split model decodes eagerly: the decode runner (and its CUDA graphs) is single-device.
+        graphs = uses_decode_graphs(spec, first.type == "cuda", split=placement.split)
+        caches = [
+            KVCache(
+                ckpt.shape,
+                blocks_for(tokens, block_size) + (1 if graphs else 0),  # + the decode runner's scratch block
+                block_size,
+                TORCH_DTYPES[config.kv_dtype_resolved],
+                st.device,
+                window_blocks,
+                st.layers,  # this stage's layers only: memory/estimate.py stage_kv(start, end)
+            )
+            for st in placement.stages
+        ]
+        return cls(model, caches, config, eos_token_ids, decode_graphs=graphs)
 
     # -- requests -----------------------------------------------------------------------------------------------
 
@@ -211,7 +241,7 @@ class Engine:
             id=seq_id,
             prompt_ids=prompt,
             params=params,
-            generator=make_generator(params.seed, self.device),
+            generator=make_generator(params.seed, self.placement.last),  # sampling runs where the logits are
             max_new_tokens=min(params.max_tokens, limit - len(prompt)),
             arrival=time.monotonic(),
         )
@@ -234,8 +264,8 @@ class Engine:
 
     # -- the step contract --------------------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
-        return self.scheduler.schedule()
+    def schedule(self, prefill_limit: int | None = None) -> StepPlan:
+        return self.scheduler.schedule(prefill_limit)
 
     def execute(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> None:
         if plan.empty:
@@ -249,47 +279,18 @@ class Engine:
             with ctx0:
                 self._inflight[id(plan)] = self.runner.run(decode)
             return
-        bs = self.cache.block_size
-        windowed = self.cache.window is not None
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        metas: list[ChunkMeta] = []
-        w_slots: list[int] = []  # the window pool's slots and contexts, for sliding-window layers
-        w_metas: list[ChunkMeta] = []
-        rows: list[int] = []
-        for c in plan.chunks:
-            q_start = len(ids)
-            ids.extend(c.token_ids)
-            for p in range(c.start, c.end):
-                positions.append(p)
-                slots.append(c.block_table[p // bs] * bs + p % bs)
-            blocks = torch.tensor(c.block_table[: blocks_for(c.end, bs)], dtype=torch.int64)
-            metas.append(ChunkMeta(q_start, len(c.token_ids), c.end, blocks.to(self.device)))
-            if windowed:
-                # window_table[j] is logical block window_start + j; the chunk reads from that block's first token.
-                first = c.window_start
-                w_slots.extend(c.window_table[p // bs - first] * bs + p % bs for p in range(c.start, c.end))
-                w_blocks = torch.tensor(c.window_table[: blocks_for(c.end, bs) - first], dtype=torch.int64)
-                ctx_start = first * bs
-                w_metas.append(
-                    ChunkMeta(q_start, len(c.token_ids), c.end - ctx_start, w_blocks.to(self.device), ctx_start)
-                )
-            if c.sample:
-                rows.append(len(ids) - 1)
+        inputs = StepInputs(plan.chunks, self.cache.block_size, self.cache.window is not None)
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
-            dev = self.device
-            window = (
-                AttentionBatch(torch.tensor(w_slots, dtype=torch.int64).to(dev), tuple(w_metas)) if windowed else None
-            )
-            batch = AttentionBatch(torch.tensor(slots, dtype=torch.int64).to(dev), tuple(metas), window)
-            logits = self.model.forward(
-                torch.tensor(ids, dtype=torch.int64).to(dev),
-                torch.tensor(positions, dtype=torch.int64).to(dev),
-                batch,
-                self.cache,
-                torch.tensor(rows, dtype=torch.int64).to(dev),
+            # The step's metadata reaches each device once (not once per stage or layer); stages on one device
+            # share it.
+            on: dict[torch.device, DeviceStep] = {dev: inputs.to(dev) for dev in self.placement.devices}
+            stages = [
+                StageInputs(on[st.device].positions, on[st.device].batch, cache)
+                for st, cache in zip(self.placement.stages, self.caches, strict=True)
+            ]
+            logits = self.model.forward_stages(
+                on[self.placement.first].input_ids, stages, on[self.placement.last].logits_rows
             )
         self._inflight[id(plan)] = logits
 
@@ -381,16 +382,63 @@ class Engine:
             self.abort(seq_id)
 
     def memory_report(self) -> MemoryReport:
-        weights = self.model.weight_bytes()
-        kv = self.cache.nbytes
-        if self.device.type != "cuda":
-            return MemoryReport(str(self.device), weights, kv, 0, 0, None)
-        # The caching allocator's peak covers weights, KV, the runner's static buffers and graph pool, and the
-        # largest eager step; graphs counts the runner's static buffers, workspace the rest.
-        peak = torch.cuda.max_memory_reserved(self.device)
-        graphs = self.runner.static_bytes if self.runner is not None else 0
-        free, total = torch.cuda.mem_get_info(self.device)
-        return MemoryReport(str(self.device), weights, kv, max(0, peak - weights - kv - graphs), graphs, total - free)
+        """This engine's bytes; a split model's summed over its devices (memory_by_device has each)."""
+        reports = list(self.memory_by_device().values())
+        if len(reports) == 1:
+            return reports[0]
+        used = [r.driver_used for r in reports]
+        return MemoryReport(
+            ",".join(r.device for r in reports),
+            sum(r.weights for r in reports),
+            sum(r.kv for r in reports),
+            sum(r.workspace for r in reports),
+            sum(r.graphs for r in reports),
+            None if any(u is None for u in used) else sum(u for u in used if u is not None),
+        )
+
+    def memory_by_device(self) -> dict[str, MemoryReport]:
+        """Per device this engine uses (str(device) -> report): weights and KV exactly, from the tensors held
+        there; on a GPU, workspace is the caching allocator's peak there beyond those (and the graphs)."""
+        weights: dict[torch.device, int] = {}
+        kv: dict[torch.device, int] = {}
+        for k, cache in enumerate(self.caches):
+            dev = self.placement.stages[k].device
+            weights[dev] = weights.get(dev, 0) + sum(t.numel() * t.element_size() for t in self.model.stage_tensors(k))
+            kv[dev] = kv.get(dev, 0) + cache.nbytes
+        out: dict[str, MemoryReport] = {}
+        for dev in self.placement.devices:
+            w, c = weights[dev], kv[dev]
+            if dev.type != "cuda":
+                out[str(dev)] = MemoryReport(str(dev), w, c, 0, 0, None)
+                continue
+            # The caching allocator's peak covers weights, KV, the runner's static buffers and graph pool, and the
+            # largest eager step; graphs counts the runner's static buffers, workspace the rest.
+            peak = torch.cuda.max_memory_reserved(dev)
+            graphs = self.runner.static_bytes if self.runner is not None else 0  # never on a split model
+            free, total = torch.cuda.mem_get_info(dev)
+            out[str(dev)] = MemoryReport(str(dev), w, c, max(0, peak - w - c - graphs), graphs, total - free)
+        return out
+
+
+def _check_caches(placement: LayerPlacement, caches: Sequence[KVCache]) -> None:
+    """One cache per stage, holding that stage's layers on its device, all of one geometry (a caller's bug
+    otherwise, not the user's)."""
+    if len(caches) != len(placement.stages):
+        raise ValueError(f"{len(caches)} KV caches for a model of {len(placement.stages)} stages")
+    geometry = {(c.num_blocks, c.block_size, c.window, c.window_blocks) for c in caches}
+    if len(geometry) != 1:
+        raise ValueError(f"the stages' KV caches differ in blocks or window: {sorted(geometry, key=str)}")
+    for k, (st, c) in enumerate(zip(placement.stages, caches, strict=True)):
+        if c.layers != st.layers or _resolved(c.device) != _resolved(st.device):
+            raise ValueError(
+                f"stage {k} runs layers [{st.start}, {st.end}) on {st.device} but its KV cache holds "
+                f"[{c.layers.start}, {c.layers.stop}) on {c.device}"
+            )
+
+
+def _resolved(device: torch.device) -> torch.device:
+    """'cuda' as the index it means now ('cuda:0'), so two spellings of one device compare equal."""
+    return torch.empty(0, device=device).device
 
 
 def _counting(

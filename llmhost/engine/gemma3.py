@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmhost.engine.attention import AttentionBatch
-from llmhost.engine.kv_cache import KVCache
-from llmhost.engine.model import DecoderModel
+from llmhost.engine.model import DecoderModel, StageInputs
+from llmhost.engine.placement import LayerPlacement
 from llmhost.engine.rope import apply_rope, cos_sin, inv_frequencies
 from llmhost.errors import UnsupportedModelError
 from llmhost.model_files.shape import ModelShape
@@ -52,7 +51,14 @@ def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 class Gemma3Model(DecoderModel):
-    def __init__(self, shape: ModelShape, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        shape: ModelShape,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_seq_len: int,
+        placement: LayerPlacement | None = None,
+    ) -> None:
         if shape.architecture != "gemma3":
             raise UnsupportedModelError(f"architecture {shape.architecture!r} is not Gemma 3")
         if shape.hidden_activation not in _ACTIVATIONS:
@@ -60,15 +66,17 @@ class Gemma3Model(DecoderModel):
                 f"Gemma 3 with hidden_activation {shape.hidden_activation!r} is not supported "
                 f"(supported: {', '.join(_ACTIVATIONS)})"
             )
-        super().__init__(shape, dtype, device, max_seq_len)
+        super().__init__(shape, dtype, device, max_seq_len, placement)
         s = shape
         q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        empty = self.empty
-        self.embed = empty(s.vocab_size, s.hidden_size)
-        self.norm = empty(s.hidden_size)
-        self.lm_head = self.embed if s.tie_embeddings else empty(s.vocab_size, s.hidden_size)
-        self.layers = [
-            Gemma3Layer(
+
+        def layer(i: int) -> Gemma3Layer:
+            dev = self.device_of(i)
+
+            def empty(*dims: int) -> torch.Tensor:
+                return self.empty(*dims, device=dev)
+
+            return Gemma3Layer(
                 input_norm=empty(s.hidden_size),
                 qkv=empty(q + 2 * kv, s.hidden_size),
                 qkv_bias=empty(q + 2 * kv) if s.qkv_bias else None,
@@ -81,17 +89,18 @@ class Gemma3Model(DecoderModel):
                 gate_up=empty(2 * s.intermediate_size, s.hidden_size),
                 down=empty(s.hidden_size, s.intermediate_size),
             )
-            for _ in range(s.num_layers)
-        ]
+
+        self.layers = [layer(i) for i in range(s.num_layers)]
         # Global layers: rope_theta with the configured scaling; local layers: their own base, unscaled unless the
-        # config scales them too.
-        self.inv_freq = inv_frequencies(s.head_dim, s.rope_theta, s.rope_scaling).to(device)
+        # config scales them too. One copy per stage's device.
+        self.stage_inv_freq = self.per_stage(inv_frequencies(s.head_dim, s.rope_theta, s.rope_scaling))
         local_theta = s.rope_local_theta if s.rope_local_theta is not None else s.rope_theta
-        self.local_inv_freq = inv_frequencies(s.head_dim, local_theta, s.rope_local_scaling).to(device)
+        self.stage_local_inv_freq = self.per_stage(inv_frequencies(s.head_dim, local_theta, s.rope_local_scaling))
+        self.inv_freq, self.local_inv_freq = self.stage_inv_freq[0], self.stage_local_inv_freq[0]
         self.scale = s.attention_scale
         self.approximate = _ACTIVATIONS[s.hidden_activation]
         # transformers multiplies by sqrt(hidden) rounded to the weights' dtype (bf16: 25.25 for 640, not 25.30).
-        self.embed_scale = torch.tensor(s.hidden_size**0.5, dtype=dtype, device=device)
+        self.embed_scale = torch.tensor(s.hidden_size**0.5, dtype=dtype, device=self.device)
 
     # -- loading ------------------------------------------------------------------------------------------------
 
@@ -108,32 +117,24 @@ class Gemma3Model(DecoderModel):
             dest |= self.projection_destinations(p, lw)
         return dest
 
-    def tensors(self) -> list[torch.Tensor]:
-        tensors = [self.embed, self.norm] + ([] if self.shape.tie_embeddings else [self.lm_head])
-        for lw in self.layers:
-            tensors += [t for t in vars(lw).values() if t is not None]
-        return tensors
+    def layer_tensors(self, layer: int) -> list[torch.Tensor]:
+        return [t for t in vars(self.layers[layer]).values() if t is not None]
 
     # -- forward ------------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        batch: AttentionBatch,
-        cache: KVCache,
-        logits_rows: torch.Tensor,
-    ) -> torch.Tensor:
-        """input_ids, positions: [T]; logits_rows: [R] indices into T -> float32 logits [R, vocab]."""
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed) * self.embed_scale
+
+    def run_stage(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
         s = self.shape
         eps = s.rms_norm_eps
-        h = F.embedding(input_ids, self.embed) * self.embed_scale  # [T, hidden]
+        batch, cache = inputs.batch, inputs.cache
         rope = {
-            "full": cos_sin(positions, self.inv_freq, self.dtype),
-            "sliding": cos_sin(positions, self.local_inv_freq, self.dtype),
+            "full": cos_sin(inputs.positions, self.stage_inv_freq[stage], self.dtype),
+            "sliding": cos_sin(inputs.positions, self.stage_local_inv_freq[stage], self.dtype),
         }
-        for i, lw in enumerate(self.layers):
+        for i in self.placement.stages[stage].layers:
+            lw = self.layers[i]
             cos, sin = rope[s.layer_kind(i)]
             x = gemma_rms_norm(h, lw.input_norm, eps)
             q, k, v = self.qkv_heads(x, lw)
@@ -148,10 +149,11 @@ class Gemma3Model(DecoderModel):
             gate, up = F.linear(x, lw.gate_up).chunk(2, dim=-1)
             m = F.linear(F.gelu(gate, approximate=self.approximate) * up, lw.down)
             h = h + gemma_rms_norm(m, lw.post_ffn_norm, eps)
-        # Only rows that sample reach the head: logits for a whole prompt would cost vocab x T floats.
-        h = gemma_rms_norm(h[logits_rows], self.norm, eps)
-        logits = F.linear(h, self.lm_head)
-        cap = s.final_logit_softcap
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(gemma_rms_norm(h, self.norm, self.shape.rms_norm_eps), self.lm_head)
+        cap = self.shape.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits.float()

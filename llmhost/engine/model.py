@@ -3,12 +3,16 @@
 
 Weights live in plain tensors allocated once at their final size (q/k/v and gate/up fused), so device memory is
 exactly the estimate's `weights` term; loading copies each streamed tensor into its slice.
+
+A model may be split into stages (placement.py): each layer's tensors live on its stage's device, the embedding on
+the first, the final norm and head on the last (a tied head copied there when split). `forward_stages` runs the
+stages in order and hands the hidden state from one to the next with an asynchronous device-to-device copy.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 
 from llmhost.engine.attention import AttentionBatch, paged_attention, write_kv
 from llmhost.engine.kv_cache import KVCache
+from llmhost.engine.placement import LayerPlacement
 from llmhost.engine.rope import apply_rope, cos_sin, inv_frequencies
 from llmhost.errors import ModelFileError, UnsupportedModelError
 from llmhost.model_files.shape import ModelShape
@@ -43,37 +48,97 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class StageInputs:
+    """One stage's view of a step, on the stage's device."""
+
+    positions: torch.Tensor  # [T] int64
+    batch: AttentionBatch
+    cache: KVCache  # holds this stage's layers
+
+
 class DecoderModel(abc.ABC):
     """Weights allocated once at their final size and filled by `load`; `forward` runs a flat token batch over
-    the paged cache and returns float32 logits of the rows that sample. Subclasses allocate their tensors in
-    __init__ and name them in `destinations`."""
+    the paged cache and returns float32 logits of the rows that sample. Subclasses allocate their layers in
+    __init__ (each on `device_of(i)`), name them in `destinations`, and run one stage's layers in `run_stage`."""
 
     shape: ModelShape
     dtype: torch.dtype
-    device: torch.device
+    device: torch.device  # the first stage's: where token ids enter (the whole model's when not split)
+    placement: LayerPlacement
 
-    def __init__(self, shape: ModelShape, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        shape: ModelShape,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_seq_len: int,
+        placement: LayerPlacement | None = None,
+    ) -> None:
+        """placement: the stages; None puts every layer on `device`."""
         if shape.o_bias or shape.mlp_bias:
             raise UnsupportedModelError(
                 "o_proj or MLP biases (attention_bias / mlp_bias in config.json) are not supported"
             )
         self.shape = shape
         self.dtype = dtype
-        self.device = device
+        self.placement = placement if placement is not None else LayerPlacement.single(device, shape.num_layers)
+        self.device = self.placement.first
         self.max_seq_len = max_seq_len
+        s = shape
+        first, last = self.placement.first, self.placement.last
+        self.embed = self.empty(s.vocab_size, s.hidden_size, device=first)
+        self.norm = self.empty(s.hidden_size, device=last)
+        # A tied head reads the embedding; a split model's last stage needs its own copy of it, filled at load
+        # (memory/estimate.py stage_weights counts that copy). Stages, not devices, decide: the CPU tests run the
+        # split path with every stage on "cpu".
+        self.own_head = not s.tie_embeddings or self.placement.split
+        self.lm_head = self.empty(s.vocab_size, s.hidden_size, device=last) if self.own_head else self.embed
 
-    def empty(self, *dims: int) -> torch.Tensor:
-        return torch.empty(dims, dtype=self.dtype, device=self.device)
+    def empty(self, *dims: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.empty(dims, dtype=self.dtype, device=self.device if device is None else device)
+
+    def device_of(self, layer: int) -> torch.device:
+        return self.placement.device_of(layer)
+
+    def per_stage(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """A small constant (e.g. RoPE frequencies) copied once onto each stage's device, in stage order."""
+        return [t.to(st.device) for st in self.placement.stages]
 
     @abc.abstractmethod
     def destinations(self) -> dict[str, torch.Tensor]:
         """HF tensor name -> the view of our storage it fills."""
 
     @abc.abstractmethod
-    def tensors(self) -> list[torch.Tensor]:
-        """Every tensor this model owns, each once (a tied head is the embedding)."""
+    def layer_tensors(self, layer: int) -> list[torch.Tensor]:
+        """Every tensor of one decoder layer."""
 
     @abc.abstractmethod
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] on the first stage's device -> hidden states [T, hidden]."""
+
+    @abc.abstractmethod
+    def run_stage(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+        """The layers of stage `stage` over h: [T, hidden] on that stage's device -> [T, hidden]."""
+
+    @abc.abstractmethod
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [R, hidden] on the last stage's device -> float32 logits [R, vocab]."""
+
+    def stage_tensors(self, k: int) -> list[torch.Tensor]:
+        """Every tensor stage k owns: its layers, the embedding on the first, the norm and own head on the last."""
+        st = self.placement.stages[k]
+        tensors = [self.embed] if k == 0 else []
+        for i in st.layers:
+            tensors += self.layer_tensors(i)
+        if k == len(self.placement.stages) - 1:
+            tensors += [self.norm] + ([self.lm_head] if self.own_head else [])
+        return tensors
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this model owns, each once (an unsplit tied head is the embedding)."""
+        return [t for k in range(len(self.placement.stages)) for t in self.stage_tensors(k)]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -82,7 +147,26 @@ class DecoderModel(abc.ABC):
         cache: KVCache,
         logits_rows: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; logits_rows: [R] indices into T -> float32 logits [R, vocab]."""
+        """An unsplit model's step: input_ids, positions: [T]; logits_rows: [R] indices into T -> float32 logits
+        [R, vocab]."""
+        return self.forward_stages(input_ids, [StageInputs(positions, batch, cache)], logits_rows)
+
+    @torch.inference_mode()
+    def forward_stages(
+        self, input_ids: torch.Tensor, stages: Sequence[StageInputs], logits_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """input_ids: [T] on the first stage's device; stages: one StageInputs per stage, each on its device;
+        logits_rows: [R] indices into T, on the last stage's device -> float32 logits [R, vocab] there."""
+        if len(stages) != len(self.placement.stages):
+            raise ValueError(f"{len(stages)} stage inputs for a model of {len(self.placement.stages)} stages")
+        h = self.embed_tokens(input_ids)  # [T, hidden]
+        for k, st in enumerate(self.placement.stages):
+            # The hand-off: a device-to-device copy ordered on the streams of both devices, with no host sync
+            # (when both stages share a device it returns h itself; the path is the same).
+            h = h.to(st.device, non_blocking=True)
+            h = self.run_stage(k, h, stages[k])
+        # Only rows that sample reach the head: logits for a whole prompt would cost vocab x T floats.
+        return self.head(h[logits_rows])
 
     def load(self, weights: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
         """Copy streamed tensors into place; every destination must be filled exactly once."""
@@ -107,6 +191,13 @@ class DecoderModel(abc.ABC):
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ModelFileError(f"{where}: tensor '{missing[0]}' is missing{more}; the checkpoint is incomplete")
         del tied_head
+        if self.shape.tie_embeddings and self.own_head:
+            self.lm_head.copy_(self.embed)  # the split model's tied head: the embedding, on the last device
+
+    def weight_devices(self) -> dict[str, torch.device]:
+        """HF tensor name -> the device its destination lives on, so streaming places each tensor there directly.
+        Names with no destination (a tied checkpoint's stored head, inv_freq buffers) are absent."""
+        return {name: t.device for name, t in self.destinations().items()}
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -179,7 +270,14 @@ class LayerWeights:
 
 
 class LlamaModel(DecoderModel):
-    def __init__(self, shape: ModelShape, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        shape: ModelShape,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_seq_len: int,
+        placement: LayerPlacement | None = None,
+    ) -> None:
         if shape.architecture not in LLAMA_FAMILY:
             raise UnsupportedModelError(
                 f"architecture {shape.architecture!r} is not a Llama-family model ({', '.join(LLAMA_FAMILY)})"
@@ -188,15 +286,17 @@ class LlamaModel(DecoderModel):
             raise UnsupportedModelError(
                 f"{shape.architecture} with hidden_act {shape.hidden_activation!r} is not supported (only silu)"
             )
-        super().__init__(shape, dtype, device, max_seq_len)
+        super().__init__(shape, dtype, device, max_seq_len, placement)
         s = shape
         q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        empty = self.empty
-        self.embed = empty(s.vocab_size, s.hidden_size)
-        self.norm = empty(s.hidden_size)
-        self.lm_head = self.embed if s.tie_embeddings else empty(s.vocab_size, s.hidden_size)
-        self.layers = [
-            LayerWeights(
+
+        def layer(i: int) -> LayerWeights:
+            dev = self.device_of(i)
+
+            def empty(*dims: int) -> torch.Tensor:
+                return self.empty(*dims, device=dev)
+
+            return LayerWeights(
                 input_norm=empty(s.hidden_size),
                 qkv=empty(q + 2 * kv, s.hidden_size),
                 qkv_bias=empty(q + 2 * kv) if s.qkv_bias else None,
@@ -207,9 +307,10 @@ class LlamaModel(DecoderModel):
                 gate_up=empty(2 * s.intermediate_size, s.hidden_size),
                 down=empty(s.hidden_size, s.intermediate_size),
             )
-            for _ in range(s.num_layers)
-        ]
-        self.inv_freq = inv_frequencies(s.head_dim, s.rope_theta, s.rope_scaling).to(device)
+
+        self.layers = [layer(i) for i in range(s.num_layers)]
+        self.stage_inv_freq = self.per_stage(inv_frequencies(s.head_dim, s.rope_theta, s.rope_scaling))
+        self.inv_freq = self.stage_inv_freq[0]  # the first stage's (the decode runner's, unsplit)
         self.scale = s.head_dim**-0.5
 
     # -- loading ------------------------------------------------------------------------------------------------
@@ -225,28 +326,20 @@ class LlamaModel(DecoderModel):
             dest |= self.projection_destinations(p, lw)
         return dest
 
-    def tensors(self) -> list[torch.Tensor]:
-        tensors = [self.embed, self.norm] + ([] if self.shape.tie_embeddings else [self.lm_head])
-        for lw in self.layers:
-            tensors += [t for t in vars(lw).values() if t is not None]
-        return tensors
+    def layer_tensors(self, layer: int) -> list[torch.Tensor]:
+        return [t for t in vars(self.layers[layer]).values() if t is not None]
 
     # -- forward ------------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        batch: AttentionBatch,
-        cache: KVCache,
-        logits_rows: torch.Tensor,
-    ) -> torch.Tensor:
-        """input_ids, positions: [T]; logits_rows: [R] indices into T -> float32 logits [R, vocab]."""
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed)
+
+    def run_stage(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
         eps = self.shape.rms_norm_eps
-        h = F.embedding(input_ids, self.embed)  # [T, hidden]
-        cos, sin = cos_sin(positions, self.inv_freq, self.dtype)
-        for i, lw in enumerate(self.layers):
+        batch, cache = inputs.batch, inputs.cache
+        cos, sin = cos_sin(inputs.positions, self.stage_inv_freq[stage], self.dtype)
+        for i in self.placement.stages[stage].layers:
+            lw = self.layers[i]
             x = rms_norm(h, lw.input_norm, eps)
             q, k, v = self.qkv_heads(x, lw)
             if lw.q_norm is not None and lw.k_norm is not None:
@@ -258,6 +351,7 @@ class LlamaModel(DecoderModel):
             x = rms_norm(h, lw.post_attn_norm, eps)
             gate, up = F.linear(x, lw.gate_up).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, lw.down)
-        # Only rows that sample reach the head: logits for a whole prompt would cost vocab x T floats.
-        h = rms_norm(h[logits_rows], self.norm, eps)
-        return F.linear(h, self.lm_head).float()
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.norm, self.shape.rms_norm_eps), self.lm_head).float()

@@ -73,12 +73,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> StepPlan:
-        budget = self.token_budget
+    def schedule(self, prefill_limit: int | None = None) -> StepPlan:
+        """prefill_limit: at most this many prompt tokens beside the decode tokens (the host's cap, so that this
+        model's prefill does not stall another model's decode for long); None: the token budget alone."""
         chunks: list[Chunk] = []
         scheduled: set[str] = set()
         preempted: list[str] = []
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
+        budget = self.token_budget if prefill_limit is None else min(self.token_budget, len(decoding) + prefill_limit)
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
         order = decoding + prefilling
         for i, seq in enumerate(order):

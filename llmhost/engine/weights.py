@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,16 @@ _GGUF_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _PERMUTED_FAMILIES = ("llama", "mistral")
 
 
-def iter_weights(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, tensor on `device`) for every weight of `ckpt`, one at a time, in file order.
+# Where each tensor goes, by HF name: a split model places each layer's tensors on its stage's device.
+DeviceOf = Callable[[str], torch.device]
+
+
+def iter_weights(
+    ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | DeviceOf
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor on its device) for every weight of `ckpt`, one at a time, in file order.
+    `device` is one device for every tensor, or a function of the HF name (a split model's layers go straight to
+    their stage's device, never through another GPU).
 
     Floating-point tensors arrive in `dtype`; integer tensors keep their stored dtype. Every yielded tensor owns
     its memory (a consumer may keep it). A GGUF's tensors are dequantized, renamed to HF names, un-permuted (Q/K of
@@ -87,6 +95,7 @@ def iter_weights(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> 
     """
     if not dtype.is_floating_point:
         raise ValueError(f"iter_weights: dtype must be a floating-point dtype, not {dtype}")
+    device_of = _device_fn(device)
     # Sorted by position so each file is read front to back (sequential disk reads).
     tensors = sorted(ckpt.tensors, key=lambda t: (str(t.file), t.offset))
     with ExitStack() as stack:
@@ -99,12 +108,23 @@ def iter_weights(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> 
 
         for info in tensors:
             if ckpt.format == "safetensors":
-                yield info.name, _place(_read_plain(reader(info), info), dtype, device)
+                yield info.name, _place(_read_plain(reader(info), info), dtype, device_of(info.name))
                 continue
             name = gguf_to_hf_name(info.name, ckpt.shape.architecture)
             if name is None:
                 continue
-            yield name, _gguf_tensor(reader(info), info, name, ckpt.shape, dtype, device)
+            yield name, _gguf_tensor(reader(info), info, name, ckpt.shape, dtype, device_of(name))
+
+
+def _device_fn(device: torch.device | DeviceOf) -> DeviceOf:
+    if not isinstance(device, torch.device):
+        return device
+    one = device
+
+    def same(_name: str) -> torch.device:
+        return one
+
+    return same
 
 
 def weight_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:

@@ -1,31 +1,39 @@
-"""HostCore: runs in the host-core process. Plans, loads every configured model, then drives all engines from
-one loop: drain messages, step every engine that has work, send the tokens of the whole iteration at once.
+"""HostCore: the host-core loop. It owns the coordinator (which models are resident), the GPU scheduler (which
+model steps next on each device) and every engine, and talks to its client over one pipe.
 
-One failing model never takes the others down: a load failure marks that model "failed", a step that raises
-fails that engine's requests, and the loop goes on.
+One loop iteration: bring in models that have requests waiting (loading or swapping them back, evicting others),
+drain messages, then step: per device the scheduler picks the ready model with the least weighted GPU time (two
+small decode steps of different models share the GPU on two CUDA streams); every device's step is launched before
+any is collected, so devices run in parallel; the tokens of the whole iteration go out in one message.
+
+One failing model never takes the others down: a failed load marks that model "failed" and fails its waiting
+requests, a step that raises fails that engine's requests, and the loop goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 
-from llmhost.config import Config, ModelConfig
+from llmhost.config import Config
 from llmhost.engine.engine import Engine
-from llmhost.engine.tokenizer import Tokenizer
+from llmhost.engine.scheduler import StepPlan
 from llmhost.errors import LlmhostError, RequestError
+from llmhost.host.coordinator import Coordinator, LoadFailed, ModelRuntime, Residency, Slot, plan_residencies
+from llmhost.host.gpu_scheduler import GpuScheduler, StepShape, concurrent_ok
+from llmhost.host.ledger import Ledger
 from llmhost.host.messages import (
     Abort,
     AdminCommand,
     HostStopped,
-    ModelState,
     ModelStatus,
     Query,
     RequestFailed,
@@ -37,122 +45,148 @@ from llmhost.host.messages import (
     TokenEvent,
 )
 from llmhost.memory.estimate import ModelSpec
-from llmhost.memory.inventory import Inventory
-from llmhost.memory.plan import ModelPlan, Plan
-from llmhost.memory.planner import plan_models
+from llmhost.memory.inventory import Inventory, host_memory
 from llmhost.model_files import open_checkpoint
 
 log = logging.getLogger("llmhost.host")
 
 IDLE_WAIT_S = 0.05  # how long the loop blocks on the pipe when no engine has work
+EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
+PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
 
 @dataclass
-class _Slot:
-    """One configured model: its plan, its engine when resident, and what `ps` shows."""
+class _Running:
+    """One launched step, collected after every device's step was launched."""
 
-    config: ModelConfig
-    plan: ModelPlan
-    device: str
-    state: ModelState = "unloaded"
-    since: float = 0.0
-    engine: Engine | None = None
-    error: str = ""
-
-    def status(self) -> ModelStatus:
-        eng = self.engine
-        memory: dict[str, int] = {}
-        if eng is not None:
-            r = eng.memory_report()
-            memory = {"weights": r.weights, "kv": r.kv, "workspace": r.workspace, "graphs": r.graphs}
-        return ModelStatus(
-            name=self.config.name,
-            state=self.state,
-            device=self.device if eng is not None else "",
-            max_seq_len=self.config.max_seq_len,
-            memory=memory,
-            since=self.since,
-            keep_alive_s=self.config.keep_alive_s,
-            running=len(eng.scheduler.running) if eng else 0,
-            waiting=len(eng.scheduler.waiting) if eng else 0,
-            kv_blocks_used=eng.blocks.used_count if eng else 0,
-            kv_blocks_total=eng.blocks.num_blocks if eng else 0,
-            error=self.error,
-        )
+    name: str
+    engine: Engine
+    plan: StepPlan
+    shape: StepShape
+    t0: float
 
 
 class HostCore:
-    def __init__(self, config: Config, inventory: Inventory, conn: Connection) -> None:
+    def __init__(
+        self, config: Config, inventory: Inventory, conn: Connection, runtime: ModelRuntime | None = None
+    ) -> None:
         self.config = config
         self.conn = conn
         specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
-        self.plan: Plan = plan_models(specs, inventory, config.host)
-        self.slots: dict[str, _Slot] = {}
-        for mp in self.plan.models:
-            stage = mp.stages[0]
-            device = inventory.devices[stage.device]
-            if len(mp.stages) > 1:
-                raise LlmhostError(f"model '{mp.name}' must be split across GPUs, which the engine cannot run yet")
-            name = "cpu" if device.kind == "cpu" else f"cuda:{device.index}"
-            self.slots[mp.name] = _Slot(config.model(mp.name), mp, name)
+        self.residencies = plan_residencies(specs, inventory, config.host)
+        plan = self.residencies.resident
+        if runtime is None:
+            from llmhost.host.model_runtime import EngineRuntime
+
+            runtime = EngineRuntime(inventory, plan.block_size)
+        slots: dict[str, Slot] = {}
+        names = [m.name for m in plan.models] + list(self.residencies.on_demand)
+        for name in names:
+            mp = self.residencies.model_plan(name)
+            devices = tuple(
+                "cpu" if inventory.devices[s.device].kind == "cpu" else f"cuda:{inventory.devices[s.device].index}"
+                for s in mp.stages
+            )
+            slots[name] = Slot(config.model(name), mp, devices)
+        park_ram = config.host.park_ram if config.host.park_ram is not None else host_memory()[0] // 2
+        self.coordinator = Coordinator(slots, Ledger(plan.budgets, park_ram), runtime, busy=self._busy)
+        self.gpu = GpuScheduler()
+        self.pending: dict[str, deque[Submit]] = {name: deque() for name in slots}
+        self.resident_at_start = [m.name for m in plan.models]
         self.stopping = False
+        self._streams: dict[str, torch.cuda.Stream] = {}
+        self._next_expiry = 0.0
+
+    @property
+    def slots(self) -> dict[str, Slot]:
+        return self.coordinator.slots
+
+    def _busy(self, name: str) -> bool:
+        eng: Engine | None = self.slots[name].engine
+        in_engine = eng is not None and self.slots[name].state == "loaded" and bool(eng.seqs)
+        return in_engine or bool(self.pending[name])
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        for slot in self.slots.values():
-            slot.state, slot.since = "loading", time.time()
+        for name in self.resident_at_start:
+            self.slots[name].state = "loading"
         self._send_status(0)
-        for name in self.slots:  # the plan's load order
-            self._load(name)
+        for name in self.resident_at_start:  # the plan's load order
+            self._bring_in(name)
             self._drain(0.0)  # answer status queries between loads
             if self.stopping:
                 break
         while not self.stopping:
-            busy = any(s.engine is not None and s.engine.has_work for s in self.slots.values())
-            self._drain(0.0 if busy else IDLE_WAIT_S)
-            if busy:
-                self._step_all()
+            self.iterate()
         self.conn.send(HostStopped("shutdown"))
 
-    def _load(self, name: str) -> None:
-        slot = self.slots[name]
-        slot.state, slot.since, slot.error = "loading", time.time(), ""
+    def iterate(self) -> None:
+        self._admit_pending()
+        busy = any(self._ready(s) for s in self.slots.values())
+        self._drain(0.0 if busy else IDLE_WAIT_S)
+        if busy:
+            self._step()
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRE_EVERY_S
+            for name in self.coordinator.expire():
+                self._left(name)
+
+    @staticmethod
+    def _ready(slot: Slot) -> bool:
+        return slot.state == "loaded" and slot.engine is not None and slot.engine.has_work
+
+    def _bring_in(self, name: str) -> Residency | None:
+        """Make `name` resident; None when its load failed (its waiting requests are failed)."""
+        was: dict[str, str] = {n: s.state for n, s in self.slots.items()}
         try:
-            ckpt = open_checkpoint(slot.config.path)
-            tokenizer = Tokenizer.from_checkpoint(ckpt)
-            slot.engine = Engine.load(
-                slot.config,
-                slot.device,
-                kv_tokens=slot.plan.kv_tokens,
-                block_size=self.plan.block_size,
-                checkpoint=ckpt,
-                eos_token_ids=tokenizer.eos_token_ids,
-            )
-            slot.state = "loaded"
-        except Exception as e:  # a broken checkpoint or an OOM must not stop the other models
-            log.error("loading %s failed: %s", name, e)
-            slot.engine = None
-            slot.state, slot.error = "failed", str(e)
-            self._free_device_memory()
-        slot.since = time.time()
+            result = self.coordinator.ensure_resident(name)
+        except LoadFailed as e:
+            for sub in self.pending[name]:
+                self.conn.send(RequestFailed(sub.request_id, "model_not_loaded", str(e)))
+            self.pending[name].clear()
+            self._sync_scheduler(was)
+            self._send_status(0)
+            return None
+        if result is Residency.READY:
+            self._sync_scheduler(was)
+            if was[name] != "loaded":
+                self._send_status(0)
+        return result
+
+    def _sync_scheduler(self, was: dict[str, str]) -> None:
+        """Register models that became resident with the GPU scheduler; forget those that left."""
+        for n, s in self.slots.items():
+            if was[n] == "loaded" and s.state != "loaded":
+                self._left(n)
+            elif was[n] != "loaded" and s.state == "loaded":
+                self.gpu.add(n, s.device_names[0], s.config.weight)
+
+    def _left(self, name: str) -> None:
+        with contextlib.suppress(KeyError):
+            self.gpu.remove(name)
         self._send_status(0)
+
+    def _admit_pending(self) -> None:
+        for name, queue in self.pending.items():
+            if not queue:
+                continue
+            if self.slots[name].state != "loaded" and self._bring_in(name) is not Residency.READY:
+                continue  # failed (requests answered) or blocked (they wait for a busy model to go idle)
+            while queue:
+                self._add(self.slots[name], queue.popleft())
 
     def _unload(self, name: str) -> None:
         slot = self.slots[name]
-        if slot.engine is not None:
+        if slot.engine is not None and slot.state == "loaded":
             for seq_id in list(slot.engine.seqs):
                 self.conn.send(RequestFailed(seq_id, "model_not_loaded", f"model '{name}' was unloaded"))
-        slot.engine = None
-        slot.state, slot.since = "unloaded", time.time()
-        self._free_device_memory()
-        self._send_status(0)
-
-    @staticmethod
-    def _free_device_memory() -> None:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        for sub in self.pending[name]:
+            self.conn.send(RequestFailed(sub.request_id, "model_not_loaded", f"model '{name}' was unloaded"))
+        self.pending[name].clear()
+        self.coordinator.unload(name, "admin request")
+        self._left(name)
 
     # -- messages -----------------------------------------------------------------------------------------------
 
@@ -165,68 +199,204 @@ class HostCore:
         if isinstance(msg, Submit):
             self._submit(msg)
         elif isinstance(msg, Abort):
-            for slot in self.slots.values():
-                if slot.engine is not None and slot.engine.abort(msg.request_id):
-                    break
+            self._abort(msg.request_id)
         elif isinstance(msg, Query):
             self._send_status(msg.query_id)
         elif isinstance(msg, AdminCommand):
             if msg.model not in self.slots:
                 self.conn.send(StatusReply(msg.query_id, (), ok=False, message=f"model '{msg.model}' not found"))
                 return
-            if msg.action == "load" and self.slots[msg.model].engine is None:
-                self._load(msg.model)
+            if msg.action == "load" and self.slots[msg.model].state != "loaded":
+                self._bring_in(msg.model)
             elif msg.action == "unload":
                 self._unload(msg.model)
             self._send_status(msg.query_id)
         elif isinstance(msg, Shutdown):
             self.stopping = True
 
+    def _abort(self, request_id: str) -> None:
+        for name, slot in self.slots.items():
+            queue = self.pending[name]
+            for sub in queue:
+                if sub.request_id == request_id:
+                    queue.remove(sub)
+                    return
+            if slot.state == "loaded" and slot.engine is not None and slot.engine.abort(request_id):
+                return
+
     def _submit(self, msg: Submit) -> None:
         slot = self.slots.get(msg.model)
         if slot is None:
             self.conn.send(RequestFailed(msg.request_id, "model_not_found", f"model '{msg.model}' does not exist"))
             return
-        if slot.engine is None:
+        self.coordinator.touch(msg.model)
+        if slot.state == "loaded":
+            self._add(slot, msg)
+            return
+        limit = PENDING_PER_BATCH * slot.config.max_batch
+        if len(self.pending[msg.model]) >= limit:
             self.conn.send(
-                RequestFailed(msg.request_id, "model_not_loaded", f"model '{msg.model}' is {slot.state}", None)
+                RequestFailed(
+                    msg.request_id,
+                    "queue_full",
+                    f"model '{msg.model}' is {slot.state} and {limit} requests already wait for it; retry later",
+                )
             )
             return
+        self.pending[msg.model].append(msg)  # brought in at the top of the next iteration
+
+    def _add(self, slot: Slot, msg: Submit) -> None:
         try:
             slot.engine.add_request(msg.prompt_ids, msg.params, msg.request_id)
         except RequestError as e:
             self.conn.send(RequestFailed(msg.request_id, "invalid", str(e), e.param))
 
     def _send_status(self, query_id: int) -> None:
-        self.conn.send(StatusReply(query_id, tuple(s.status() for s in self.slots.values())))
+        self.conn.send(StatusReply(query_id, tuple(self.status(s) for s in self.slots.values())))
+
+    def status(self, slot: Slot) -> ModelStatus:
+        eng: Engine | None = slot.engine if slot.state == "loaded" else None
+        memory: dict[str, int] = {}
+        for kinds in self.coordinator.ledger.devices:
+            for kind, b in kinds.entries.get(slot.name, {}).items():
+                memory[kind] = memory.get(kind, 0) + b
+        share = 0.0
+        with contextlib.suppress(KeyError):
+            share = self.gpu.shares(slot.device_names[0]).get(slot.name, 0.0)
+        return ModelStatus(
+            name=slot.name,
+            state=slot.state,
+            device=",".join(slot.device_names) if slot.state in ("loaded", "parked") else "",
+            max_seq_len=slot.config.max_seq_len,
+            memory=memory,
+            since=slot.since,
+            keep_alive_s=slot.config.keep_alive_s,
+            running=len(eng.scheduler.running) if eng else 0,
+            waiting=(len(eng.scheduler.waiting) if eng else 0) + len(self.pending[slot.name]),
+            kv_blocks_used=eng.blocks.used_count if eng else 0,
+            kv_blocks_total=eng.blocks.num_blocks if eng else 0,
+            error=slot.error,
+            host_copy_bytes=self.coordinator.ledger.parked.get(slot.name, 0),
+            gpu_share=share,
+            swaps_in=slot.swaps_in,
+            last_swap_s=slot.last_swap_s,
+        )
 
     # -- the loop's work ----------------------------------------------------------------------------------------
 
-    def _step_all(self) -> None:
-        events: list[TokenEvent] = []
+    def _step(self) -> None:
+        """Launch one step per device (two when two small decode steps may overlap on separate streams), then
+        collect them all and send the iteration's tokens."""
+        lanes: dict[str, list[str]] = {}
         for name, slot in self.slots.items():
-            eng = slot.engine
-            if eng is None or not eng.has_work:
+            if self._ready(slot):
+                lanes.setdefault(slot.device_names[0], []).append(name)
+        launched: list[_Running] = []
+        for device, ready in lanes.items():
+            first = self._launch(device, ready, None)
+            if first is None:
                 continue
-            try:
-                outs = eng.step()
-            except Exception:  # a failing step fails this engine's requests, not the host
-                log.error("step of %s failed:\n%s", name, traceback.format_exc())
-                for seq_id in list(eng.seqs):
-                    eng.abort(seq_id)
-                    self.conn.send(RequestFailed(seq_id, "internal", f"model '{name}' failed while generating"))
-                continue
-            events.extend(TokenEvent(o.seq_id, o.token, o.logprob, o.top_logprobs, o.finish_reason) for o in outs)
+            launched.append(first)
+            rest = [n for n in ready if n != first.name]
+            second = self._peek_second(device, rest, first)
+            if second is not None:
+                launched.append(second)
+        events: list[TokenEvent] = []
+        for run in launched:
+            events.extend(self._collect(run))
         if events:
             self.conn.send(TokenBatch(tuple(events)))
 
+    def _plan(self, name: str, device: str) -> tuple[StepPlan, StepShape]:
+        eng: Engine = self.slots[name].engine
+        plan = eng.schedule(self.gpu.prefill_budget(name, device))
+        rows = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.sample)
+        prefill = sum(len(c.token_ids) for c in plan.chunks) - rows
+        return plan, StepShape(rows, prefill)
 
-def host_main(config: Config, inventory: Inventory, conn: Connection) -> None:
-    """Entry point of the host-core process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s host %(levelname)s %(message)s")
+    def _launch(self, device: str, ready: list[str], stream: torch.cuda.Stream | None) -> _Running | None:
+        while ready:
+            name = self.gpu.pick(device, ready)
+            if name is None:
+                return None
+            plan, shape = self._plan(name, device)
+            if plan.empty:
+                # work queued but nothing schedulable now (KV pool full): leave it out of this pick
+                ready = [n for n in ready if n != name]
+                continue
+            run = self._execute(name, plan, shape, stream)
+            if run is None:
+                ready = [n for n in ready if n != name]
+                continue
+            return run
+        return None
+
+    def _peek_second(self, device: str, rest: list[str], first: _Running) -> _Running | None:
+        """A second model's decode step on its own stream when both steps are small decodes (gpu_scheduler's
+        concurrent_ok): two models' weight streaming then overlaps instead of alternating. Whether the second
+        step would be decode-only is read from its engine before scheduling it (a schedule cannot be undone)."""
+        if not rest or not device.startswith("cuda") or first.shape.prefill_tokens:
+            return None
+        name = self.gpu.pick(device, rest, busy=[first.name])
+        if name is None or not concurrent_ok(first.shape, _next_shape(self.slots[name].engine)):
+            return None
+        plan, shape = self._plan(name, device)
+        if plan.empty:
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        stream = self._streams[device]
+        return self._execute(name, plan, shape, stream)
+
+    def _execute(
+        self, name: str, plan: StepPlan, shape: StepShape, stream: torch.cuda.Stream | None
+    ) -> _Running | None:
+        eng: Engine = self.slots[name].engine
+        t0 = time.perf_counter()
+        try:
+            eng.execute(plan, stream)
+        except Exception:
+            self._fail_engine(name, eng)
+            return None
+        if stream is not None:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)  # collect's sampling reads the logits
+        return _Running(name, eng, plan, shape, t0)
+
+    def _collect(self, run: _Running) -> list[TokenEvent]:
+        try:
+            outs = run.engine.collect(run.plan)  # returns after the step's tokens reached the host
+        except Exception:
+            self._fail_engine(run.name, run.engine)
+            return []
+        seconds = time.perf_counter() - run.t0
+        self.gpu.charge(run.name, seconds)
+        self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds)
+        self.coordinator.touch(run.name)
+        return [TokenEvent(o.seq_id, o.token, o.logprob, o.top_logprobs, o.finish_reason) for o in outs]
+
+    def _fail_engine(self, name: str, eng: Engine) -> None:
+        """A failing step fails this engine's requests, not the host."""
+        log.error("step of %s failed:\n%s", name, traceback.format_exc())
+        for seq_id in list(eng.seqs):
+            eng.abort(seq_id)
+            self.conn.send(RequestFailed(seq_id, "internal", f"model '{name}' failed while generating"))
+
+
+def _next_shape(engine: Engine) -> StepShape:
+    """The size the engine's next step would have: decode rows, and a nonzero prefill when any prompt is pending."""
+    sched = engine.scheduler
+    rows = sum(1 for s in sched.running if s.num_tokens - s.num_computed == 1)
+    prefill = sum(s.num_tokens - s.num_computed for s in sched.running) - rows + len(sched.waiting)
+    return StepShape(rows, prefill)
+
+
+def host_main(config: Config, inventory: Inventory, conn: Connection, runtime: Any = None) -> None:
+    """Entry point of the host-core process (or thread, in-process)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s host %(levelname)s %(message)s")
     torch.set_grad_enabled(False)
     try:
-        core = HostCore(config, inventory, conn)
+        core = HostCore(config, inventory, conn, runtime)
     except LlmhostError as e:
         conn.send(HostStopped(str(e)))
         return

@@ -69,7 +69,7 @@ class TokenBatch:
 @dataclass(frozen=True)
 class RequestFailed:
     request_id: str
-    kind: Literal["invalid", "model_not_found", "model_not_loaded", "internal"]
+    kind: Literal["invalid", "model_not_found", "model_not_loaded", "queue_full", "internal"]
     message: str
     param: str | None = None
 
@@ -88,6 +88,10 @@ class ModelStatus:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     error: str = ""  # why a load failed
+    host_copy_bytes: int = 0  # pinned host RAM holding its weights (parked, or kept to park again without a copy)
+    gpu_share: float = 0.0  # fraction of its device's measured GPU time it used since it became resident
+    swaps_in: int = 0  # times it came back from pinned RAM
+    last_swap_s: float | None = None  # seconds the last swap-in took
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ The engine is held to these assumptions (DESIGN.md "Memory model"); each is stat
 - one step processes at most `step_tokens = max(prefill_chunk, max_batch)` tokens (decodes count against it);
 - logits are computed in float32 only for rows that sample (at most max_batch), never for every prompt token;
 - CUDA graphs are captured for the decode batch sizes in `graph_batch_sizes(max_batch)`, largest first, sharing
-  one memory pool, so the pool holds the activations of the largest captured batch.
+  one memory pool, so the pool holds the activations of the largest captured batch; a split model has none;
+- a split model holds on each stage its layers' weights and KV pool (the same block count on every stage), the
+  embedding on the first stage, the final norm and head on the last (a tied head copied there).
 """
 
 from __future__ import annotations
@@ -168,16 +170,24 @@ def stage_workspace(spec: ModelSpec, last: bool) -> int:
 DECODE_PARTITION = 256  # context tokens per decode-attention program (engine/kernels/paged_decode.py PARTITION)
 
 
-def uses_decode_graphs(spec: ModelSpec, on_gpu: bool) -> bool:
-    """The engine captures decode graphs for Llama-family models without sliding windows on a GPU."""
-    return on_gpu and spec.config.cuda_graphs and spec.shape.architecture != "gemma3" and not spec.shape.sliding_window
+def uses_decode_graphs(spec: ModelSpec, on_gpu: bool, split: bool = False) -> bool:
+    """The engine captures decode graphs for Llama-family models without sliding windows on one GPU; a model
+    split across devices decodes eagerly (the decode runner is single-device)."""
+    return (
+        on_gpu
+        and not split
+        and spec.config.cuda_graphs
+        and spec.shape.architecture != "gemma3"
+        and not spec.shape.sliding_window
+    )
 
 
-def stage_graphs(spec: ModelSpec, last: bool, on_gpu: bool, block_size: int = 16) -> int:
+def stage_graphs(spec: ModelSpec, last: bool, on_gpu: bool, block_size: int = 16, split: bool = False) -> int:
     """What the decode runner (engine/decode_runner.py) allocates: static inputs and activations for max_batch
     rows, the attention workspace, one scratch KV block for padded rows, and the graphs' shared pool, which holds
-    the largest captured batch's transient GEMM outputs; each captured graph adds its executable's own memory."""
-    if not uses_decode_graphs(spec, on_gpu):
+    the largest captured batch's transient GEMM outputs; each captured graph adds its executable's own memory.
+    Nothing for a stage of a split model (split: the stage is not the whole model)."""
+    if not uses_decode_graphs(spec, on_gpu, split):
         return 0
     s = spec.shape
     b = spec.dtype_bytes
@@ -211,7 +221,7 @@ def stage_need(
         weights=stage_weights(spec, start, end, first, last),
         kv=stage_kv(spec, kv_tokens, block_size, start, end),
         workspace=stage_workspace(spec, last),
-        graphs=stage_graphs(spec, last, on_gpu, block_size),
+        graphs=stage_graphs(spec, last, on_gpu, block_size, split=not (first and last)),
     )
 
 

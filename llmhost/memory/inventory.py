@@ -96,6 +96,11 @@ def cpu_inventory(note: str = "") -> Inventory:
     return Inventory((cpu,), "cpu", note)
 
 
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of host RAM."""
+    return _meminfo()
+
+
 def _meminfo() -> tuple[int, int]:
     """MemTotal and MemAvailable in bytes (Linux); elsewhere a conservative 8 GiB of which all is free."""
     try:

@@ -103,6 +103,8 @@ def from_host_error(e: HostRequestError | HostUnavailableError, model: str) -> A
         return ApiError(400, f.message, param=f.param, code="invalid_value")
     if f.kind == "model_not_found":
         return ApiError(404, f.message, param="model", code="model_not_found")
+    if f.kind == "queue_full":
+        return ApiError(429, f.message, "rate_limit_exceeded", code="queue_full", retry_after=RETRY_LOADING_S)
     if f.kind == "model_not_loaded":
         return ApiError(503, f.message, "service_unavailable", code="model_not_loaded", retry_after=RETRY_LOADING_S)
     return ApiError(500, f"model '{model}' failed: {f.message}", "server_error", code="internal_error")

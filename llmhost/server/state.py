@@ -49,7 +49,8 @@ class ServerState:
                 log.info("ignoring request field '%s' (not supported; logged once)", name)
 
     def check_model(self, name: str) -> None:
-        """Raise the ApiError a request for `name` gets now: 503 while stopping, 404 unknown, 503 not loaded."""
+        """Raise the ApiError a request for `name` gets now: 503 while stopping, 404 unknown, 503 when its last load
+        failed. A model that is loading, parked or unloaded takes the request: the host brings it in first."""
         if self.stopping:
             raise shutting_down()
         if name not in self.tokenizers:
@@ -57,9 +58,7 @@ class ServerState:
         if not self.client.alive:
             raise self.host_error(HostUnavailableError("the host process is not running"), name)
         st = self.client.status.get(name)
-        if st is None:  # the host has not reported yet: it is starting and will load every model
-            raise model_unavailable(name, "loading")
-        if st.state != "loaded":
+        if st is not None and st.state == "failed":
             raise model_unavailable(name, st.state, st.error)
 
     def host_error(self, e: HostRequestError | HostUnavailableError, model: str) -> ApiError:

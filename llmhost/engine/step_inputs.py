@@ -1,0 +1,105 @@
+"""StepInputs: one eager step's per-token metadata (token ids, positions, KV slots, block tables, sampled rows),
+built on the host from a StepPlan and packed into one int64 tensor, so each device that runs a stage of the model
+receives all of it with one host-to-device copy per step, not one per tensor or per layer.
+
+Packed layout: [ids: T | positions: T | slots: T | window slots: T (windowed models) | rows: R | each chunk's
+full-pool blocks | each chunk's window-pool blocks]. `to(device)` copies it once and returns views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llmhost.engine.attention import AttentionBatch, ChunkMeta
+from llmhost.engine.block_manager import blocks_for
+from llmhost.engine.scheduler import Chunk
+
+
+@dataclass(frozen=True)
+class DeviceStep:
+    """The step's metadata on one device (views into one packed tensor)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    batch: AttentionBatch
+    logits_rows: torch.Tensor  # [R] int64: rows of T whose next token is sampled
+
+
+@dataclass(frozen=True)
+class _ChunkLayout:
+    q_start: int
+    q_len: int
+    ctx_len: int
+    blocks: tuple[int, int]  # (offset, length) in the packed tensor
+    w_ctx_len: int
+    w_blocks: tuple[int, int]
+    w_ctx_start: int
+
+
+class StepInputs:
+    def __init__(self, chunks: Sequence[Chunk], block_size: int, windowed: bool) -> None:
+        """windowed: the model has a window pool; its slots and tables are packed too."""
+        bs = block_size
+        self.windowed = windowed
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        w_slots: list[int] = []
+        rows: list[int] = []
+        blocks: list[list[int]] = []
+        w_blocks: list[list[int]] = []
+        metas: list[tuple[int, int, int, int, int]] = []  # q_start, q_len, ctx_len, w_ctx_len, w_ctx_start
+        for c in chunks:
+            q_start = len(ids)
+            ids.extend(c.token_ids)
+            for p in range(c.start, c.end):
+                positions.append(p)
+                slots.append(c.block_table[p // bs] * bs + p % bs)
+            blocks.append(list(c.block_table[: blocks_for(c.end, bs)]))
+            w_len, ctx_start = 0, 0
+            if windowed:
+                # window_table[j] is logical block window_start + j; the chunk reads from that block's first token.
+                first = c.window_start
+                w_slots.extend(c.window_table[p // bs - first] * bs + p % bs for p in range(c.start, c.end))
+                w_blocks.append(list(c.window_table[: blocks_for(c.end, bs) - first]))
+                ctx_start = first * bs
+                w_len = c.end - ctx_start
+            metas.append((q_start, len(c.token_ids), c.end, w_len, ctx_start))
+            if c.sample:
+                rows.append(len(ids) - 1)
+        t = len(ids)
+        packed = ids + positions + slots + w_slots + rows
+        self._rows = (len(packed) - len(rows), len(rows))
+        self._num_tokens = t
+        layouts: list[_ChunkLayout] = []
+        for k, (q_start, q_len, ctx_len, w_len, ctx_start) in enumerate(metas):
+            b = (len(packed), len(blocks[k]))
+            packed += blocks[k]
+            wb = (0, 0)
+            if windowed:
+                wb = (len(packed), len(w_blocks[k]))
+                packed += w_blocks[k]
+            layouts.append(_ChunkLayout(q_start, q_len, ctx_len, b, w_len, wb, ctx_start))
+        self._layouts = tuple(layouts)
+        self.host = torch.tensor(packed, dtype=torch.int64)  # [packed] on the CPU
+
+    def to(self, device: torch.device) -> DeviceStep:
+        """One copy of the packed metadata onto `device` (none on the CPU), and views of it."""
+        d = self.host.to(device)
+        t = self._num_tokens
+
+        def part(span: tuple[int, int]) -> torch.Tensor:
+            return d[span[0] : span[0] + span[1]]
+
+        full = tuple(ChunkMeta(c.q_start, c.q_len, c.ctx_len, part(c.blocks)) for c in self._layouts)
+        window = None
+        if self.windowed:
+            w_metas = tuple(
+                ChunkMeta(c.q_start, c.q_len, c.w_ctx_len, part(c.w_blocks), c.w_ctx_start) for c in self._layouts
+            )
+            window = AttentionBatch(d[3 * t : 4 * t], w_metas)
+        batch = AttentionBatch(d[2 * t : 3 * t], full, window)
+        return DeviceStep(d[:t], d[t : 2 * t], batch, part(self._rows))
