@@ -16,7 +16,8 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Literal
+from multiprocessing.connection import Connection
+from typing import Any, Literal
 
 from llmhost.config import Config
 from llmhost.engine.sampling_params import SamplingParams
@@ -57,6 +58,20 @@ class _Waiter:
     queue: asyncio.Queue[TokenEvent | RequestFailed | HostStopped]
 
 
+class _HostThread(threading.Thread):
+    """The host loop in a thread, with the process API HostClient.stop uses (a thread cannot be killed: a host
+    that does not stop on Shutdown is left to the interpreter's exit, as a daemon)."""
+
+    def __init__(self, config: Config, inventory: Inventory, conn: Connection, runtime: Any) -> None:
+        super().__init__(target=host_main, args=(config, inventory, conn, runtime), name="llmhost-host", daemon=True)
+
+    def terminate(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+
 class HostClient:
     def __init__(self, config: Config, inventory: Inventory) -> None:
         self.config = config
@@ -70,14 +85,22 @@ class HostClient:
         self._lock = threading.Lock()
         self.status_changed = threading.Event()
 
-    def start(self) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=host_main, args=(self.config, self.inventory, child), name="llmhost-host", daemon=False
-        )
-        self._proc.start()
-        child.close()
+    def start(self, in_process: bool = False, runtime: Any = None) -> None:
+        """Start the host: in a spawned process (the server), or in a thread of this process (the Python API and
+        the benches; `runtime` then replaces the engine runtime, e.g. random weights)."""
+        self._proc: _HostThread | mp.process.BaseProcess
+        if in_process:
+            self._conn, child = mp.Pipe()
+            self._proc = _HostThread(self.config, self.inventory, child, runtime)
+            self._proc.start()
+        else:
+            ctx = mp.get_context("spawn")
+            self._conn, child = ctx.Pipe()
+            self._proc = ctx.Process(
+                target=host_main, args=(self.config, self.inventory, child), name="llmhost-host", daemon=False
+            )
+            self._proc.start()
+            child.close()
         threading.Thread(target=self._read, name="llmhost-host-reader", daemon=True).start()
         threading.Thread(target=self._write, name="llmhost-host-writer", daemon=True).start()
 

@@ -12,6 +12,7 @@ import torch
 
 from llmhost.engine.engine import Engine
 from llmhost.engine.tokenizer import Tokenizer
+from llmhost.errors import LlmhostError
 from llmhost.host import parking
 from llmhost.host.coordinator import ByDevice, Slot
 from llmhost.host.ledger import Reading
@@ -83,14 +84,18 @@ class EngineRuntime:
         if len(slot.plan.stages) > 1:
             raise RuntimeError("split models load through the staged engine (not wired in yet)")
         ckpt = open_checkpoint(slot.config.path)
-        tokenizer = Tokenizer.from_checkpoint(ckpt)
+        try:
+            eos: tuple[int, ...] = tuple(Tokenizer.from_checkpoint(ckpt).eos_token_ids)
+        except LlmhostError as e:  # token-id clients (Host.stream_tokens) need no tokenizer; text clients fail earlier
+            log.warning("model '%s': no tokenizer (%s); it stops only at max_tokens or stop ids", slot.name, e)
+            eos = ()
         slot.engine = Engine.load(
             slot.config,
             slot.device_names[0],
             kv_tokens=slot.plan.kv_tokens,
             block_size=self.block_size,
             checkpoint=ckpt,
-            eos_token_ids=tokenizer.eos_token_ids,
+            eos_token_ids=eos,
         )
 
     def park(self, slot: Slot) -> int:
