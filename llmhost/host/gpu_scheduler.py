@@ -1,0 +1,263 @@
+"""GpuScheduler: which model steps next on each device, how long a prefill chunk may be, and whether two models'
+steps may share the GPU on separate CUDA streams. Pure arithmetic over the GPU seconds the host measures; no torch.
+
+Fair sharing is start-time fair queuing (stride scheduling): every model carries a virtual time, the measured GPU
+seconds of its steps divided by its weight, and `pick` returns the ready model with the smallest. Over any window in
+which a set of models stays ready, each one's share of GPU time tends to weight / (sum of their weights), whatever
+its step costs, within one step's cost / weight. A model that was not ready, and becomes ready, has its virtual
+time lifted to the smallest of the models that stayed ready (the WFQ rule): time it spent idle earns no credit, so
+it takes no burst, and models with nothing to do take no share.
+
+Invariants: virtual times only grow; a lone ready model is always picked; devices are independent of each other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+# One KV block at the default block size: a prefill always advances by at least this many tokens per step, so a
+# prompt finishes even beside the fastest decoder (a 16-token chunk costs about as much as a decode step).
+MIN_PREFILL_TOKENS = 16
+# Weight of the newest sample in the step-cost averages: about the last five steps count, so an estimate follows a
+# batch-size change within a few steps, while one slow step (a Python hiccup) moves it by a fifth only.
+EMA_ALPHA = 0.2
+# Decode steps of up to this many rows may overlap on two streams. DESIGN.md measured overlapped decode at batch 1:
+# two CUDA streams in one process reach ~1.10 normalized throughput (steps one after the other: 1.0), two threads
+# 0.47 + 0.72 of solo against strict alternation's 0.21 + 0.79; there is room because one graph-replayed decode
+# step alone reaches only 71-83% of copy bandwidth (bench/results/decode-h100.json). Up to 8 rows a decode step is
+# still that weight-streaming step: its time is within 3% (prompt 128) to 12% (prompt 2048) of batch 1's. Larger
+# batches were not measured overlapped; a prefill (compute-bound, 61-67% of GEMM peak) would only lengthen the
+# other model's decode step.
+CONCURRENT_MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The size of one model's next step, as the host reads it from the engine's StepPlan."""
+
+    decode_rows: int  # sequences taking their one decode token
+    prefill_tokens: int  # prompt tokens of the chunks still in prefill
+
+
+def concurrent_ok(first: StepShape, second: StepShape, max_rows: int = CONCURRENT_MAX_ROWS) -> bool:
+    """Whether two models' steps may run at once on separate CUDA streams of one GPU: only when both are
+    decode-only with at most `max_rows` rows, the case measured to raise total throughput (see CONCURRENT_MAX_ROWS).
+    Otherwise the host runs them one after the other."""
+    return all(s.prefill_tokens == 0 and 0 < s.decode_rows <= max_rows for s in (first, second))
+
+
+@dataclass
+class _Account:
+    """One model's standing on its device."""
+
+    device: str
+    weight: float
+    vtime: float = 0.0  # virtual seconds: GPU seconds / weight, plus lifts when it becomes ready
+    gpu_s: float = 0.0  # measured GPU seconds charged since it was added
+    last_pick: int = -1  # the lane's pick count when it was last picked: ties go to the least recently picked
+    decode_step_s: float | None = None  # EMA, seconds per decode-only step
+    prefill_token_s: float | None = None  # EMA, seconds per prefill token beyond the step's decode cost
+    smallest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its smallest prefill step
+    largest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its largest prefill step
+
+
+@dataclass
+class _Lane:
+    """One device: its models in the order they were added and who was ready at the last pick."""
+
+    models: dict[str, _Account] = field(default_factory=dict)
+    active: set[str] = field(default_factory=set)  # ready or busy at the last pick
+    clock: float = 0.0  # smallest virtual time among the active models at the last pick
+    picks: int = 0
+
+
+class GpuScheduler:
+    """Weighted fair sharing of measured GPU time between the models of each device (one lane per device name,
+    e.g. "cuda:0" or "cpu"). The host's loop: `pick` a model, run its step, `charge` the step's GPU seconds and
+    `observe` its size; before a prefill step it caps the chunk at `prefill_budget`."""
+
+    def __init__(self, min_prefill_tokens: int = MIN_PREFILL_TOKENS, ema_alpha: float = EMA_ALPHA) -> None:
+        if min_prefill_tokens < 1 or not 0.0 < ema_alpha <= 1.0:
+            raise ValueError("min_prefill_tokens must be >= 1 and ema_alpha in (0, 1]")
+        self.min_prefill_tokens = min_prefill_tokens
+        self.ema_alpha = ema_alpha
+        self._lanes: dict[str, _Lane] = {}
+        self._accounts: dict[str, _Account] = {}
+
+    # -- membership ---------------------------------------------------------------------------------------------
+
+    def add(self, model: str, device: str, weight: float = 1.0) -> None:
+        """Register a resident model on `device` with its share `weight` (> 0, ModelConfig.weight). It starts with
+        no credit: at its first pick it is lifted to the device's current virtual time."""
+        if model in self._accounts:
+            raise ValueError(f"model '{model}' is already in the GPU scheduler (on {self._accounts[model].device})")
+        if not weight > 0.0 or math.isinf(weight):
+            raise ValueError(f"model '{model}': weight must be a positive number, got {weight}")
+        acct = _Account(device, weight)
+        self._accounts[model] = acct
+        self._lanes.setdefault(device, _Lane()).models[model] = acct
+
+    def remove(self, model: str) -> None:
+        """Forget a model (unloaded, parked or failed); the others' shares are then computed without it."""
+        acct = self._account(model)
+        del self._accounts[model]
+        lane = self._lanes[acct.device]
+        del lane.models[model]
+        lane.active.discard(model)
+        if not lane.models:
+            del self._lanes[acct.device]
+
+    # -- fair sharing -------------------------------------------------------------------------------------------
+
+    def pick(self, device: str, ready: Collection[str], busy: Collection[str] = ()) -> str | None:
+        """The ready model of `device` that steps next: the smallest virtual time (ties: the least recently picked,
+        then the earliest added, so a model lifted level with others is not passed over forever); None when none
+        is ready. `ready`: models whose next step would do work (a model whose engine has work but
+        schedules an empty step must be left out, or it would be picked again and again for free). `busy`: models
+        whose step is still in flight on another stream; they are not candidates but count as active, so they are
+        not lifted at the next pick. Names on other devices are ignored; unknown names raise KeyError."""
+        for name in (*ready, *busy):
+            self._account(name)
+        lane = self._lanes.get(device)
+        if lane is None:
+            return None
+        wanted = set(ready)
+        candidates = [m for m in lane.models if m in wanted]
+        active = {m for m in lane.models if m in wanted or m in busy}
+        staying = active & lane.active
+        # The WFQ rule: a newcomer starts at the smallest virtual time of those that stayed active (or, when all
+        # are new, where the device's clock stopped), so idle time is never banked as credit.
+        floor = min((lane.models[m].vtime for m in staying), default=lane.clock)
+        for m in active - lane.active:
+            acct = lane.models[m]
+            acct.vtime = max(acct.vtime, floor)
+        lane.active = active
+        if active:
+            lane.clock = max(lane.clock, min(lane.models[m].vtime for m in active))
+        if not candidates:
+            return None
+        chosen = min(candidates, key=lambda m: (lane.models[m].vtime, lane.models[m].last_pick))
+        lane.models[chosen].last_pick = lane.picks
+        lane.picks += 1
+        return chosen
+
+    def charge(self, model: str, seconds: float) -> None:
+        """Account `seconds` of GPU time to `model` (its step's CUDA-event or wall time). When two steps overlapped
+        on separate streams, charge each its own measured time: both were slowed by sharing the GPU."""
+        if not seconds >= 0.0 or math.isinf(seconds):
+            raise ValueError(f"model '{model}': GPU time must be a finite number of seconds >= 0, got {seconds}")
+        acct = self._account(model)
+        acct.gpu_s += seconds
+        acct.vtime += seconds / acct.weight
+
+    def shares(self, device: str) -> dict[str, float]:
+        """Each model's fraction of the GPU seconds charged on `device` since it was added (all 0.0 before any
+        charge; models removed since do not count)."""
+        lane = self._lanes.get(device)
+        if lane is None:
+            return {}
+        total = sum(a.gpu_s for a in lane.models.values())
+        return {m: (a.gpu_s / total if total > 0.0 else 0.0) for m, a in lane.models.items()}
+
+    def gpu_seconds(self, model: str) -> float:
+        """GPU seconds charged to `model` since it was added."""
+        return self._account(model).gpu_s
+
+    # -- step costs and prefill chunking ------------------------------------------------------------------------
+
+    def observe(self, model: str, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
+        """Feed the step-cost estimates with one executed step: `decode_rows` decode tokens, `prefill_tokens`
+        prompt tokens, `seconds` from launch to completion on the GPU (its latency, even if it overlapped).
+
+        - A decode-only step samples decode_step_s, the model's base step time (nearly flat in the row count at
+          small batches; the average follows the batch).
+        - A step with prefill samples prefill_token_s, the seconds each prefill token adds, as the slope of a
+          secant from a reference step: (seconds - ref_s) / (prefill_tokens - ref_tokens). The reference is the
+          decode step (0 tokens, decode_step_s) once one was measured; before that (a model whose first steps are
+          a prompt), its smallest prefill step so far, whose size gives no slope by itself.
+        - The largest prefill step is kept too (tokens, seconds): prefill_budget extrapolates only proportionally
+          from it."""
+        if decode_rows < 0 or prefill_tokens < 0 or not seconds >= 0.0 or math.isinf(seconds):
+            raise ValueError(f"model '{model}': step sizes must be >= 0 and seconds finite >= 0")
+        acct = self._account(model)
+        if prefill_tokens == 0:
+            if decode_rows > 0:
+                acct.decode_step_s = self._ema(acct.decode_step_s, seconds)
+            return
+        acct.largest_prefill = self._extreme(acct.largest_prefill, prefill_tokens, seconds, larger=True)
+        if acct.decode_step_s is not None:
+            ref_tokens, ref_s = 0, acct.decode_step_s
+        else:
+            ref = acct.smallest_prefill
+            acct.smallest_prefill = self._extreme(ref, prefill_tokens, seconds, larger=False)
+            if ref is None or prefill_tokens <= ref[0]:
+                return
+            ref_tokens, ref_s = ref
+        per_token_s = max(0.0, seconds - ref_s) / (prefill_tokens - ref_tokens)
+        acct.prefill_token_s = self._ema(acct.prefill_token_s, per_token_s)
+
+    def prefill_budget(self, model: str, device: str) -> int | None:
+        """The most prefill tokens `model`'s next step may take so that it delays each other model active on
+        `device` (ready or busy at the last pick) by at most one of that model's decode steps. None: no limit,
+        because no other model is active there or none of them has a measured decode step yet.
+
+            stall_s   [s]        = shortest decode_step_s among the other active models: the delay allowed
+            base_s    [s]        = this model's decode_step_s (before one is measured: its smallest prefill
+                                   step, at most one floor chunk's tokens above it)
+            by_slope  [tokens]   = stall_s / prefill_token_s: the prefill adds <= stall_s to the step
+            by_size   [tokens]   = n_max x (base_s + stall_s) / t_max, from the largest prefill step measured
+                                   (n_max tokens in t_max seconds): the step stays <= base_s + stall_s if the time
+                                   per token does not grow with the chunk (true of GEMMs; a chunk's attention
+                                   grows with its position, which the averages follow). This bounds the step
+                                   where the slope has not been measured yet, e.g. across the point where a
+                                   memory-bound chunk becomes compute-bound and the slope jumps.
+            budget    [tokens]   = min(by_slope, by_size), never below min_prefill_tokens (prompts progress);
+                                   a model that never prefilled gets min_prefill_tokens, a cheap measurement.
+
+        When step time is linear in the tokens, by_slope is exact. When it is rather max(memory time, compute
+        time) (convex), the secant lies above the curve up to the chunk it was measured at, and by_size covers
+        larger chunks; so chunks grow by about (base_s + stall_s) / base_s per step while memory-bound and stop
+        where the step is base_s + stall_s long."""
+        acct = self._account(model)
+        if acct.device != device:
+            raise ValueError(f"model '{model}' is on {acct.device}, not {device}")
+        lane = self._lanes[device]
+        others = [lane.models[m].decode_step_s for m in lane.active if m != model]
+        measured = [s for s in others if s is not None]
+        if not measured:
+            return None
+        stall_s = min(measured)
+        floor = self.min_prefill_tokens
+        if acct.largest_prefill is None:
+            return floor
+        n_max, t_max = acct.largest_prefill
+        base_s = acct.decode_step_s
+        if base_s is None:
+            assert acct.smallest_prefill is not None  # observed together with largest_prefill
+            base_s = acct.smallest_prefill[1]
+        # A step measured at zero seconds (a broken timer) gives no ground to grow beyond it.
+        budget = n_max * (base_s + stall_s) / t_max if t_max > 0.0 else float(n_max)
+        if acct.prefill_token_s is not None and acct.prefill_token_s > 0.0:
+            budget = min(budget, stall_s / acct.prefill_token_s)
+        return max(floor, math.floor(budget))
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _account(self, model: str) -> _Account:
+        acct = self._accounts.get(model)
+        if acct is None:
+            raise KeyError(f"model '{model}' is not in the GPU scheduler (add it when its engine is loaded)")
+        return acct
+
+    def _ema(self, old: float | None, sample: float) -> float:
+        return sample if old is None else old + self.ema_alpha * (sample - old)
+
+    def _extreme(self, old: tuple[int, float] | None, tokens: int, seconds: float, larger: bool) -> tuple[int, float]:
+        """Keep the smallest (or largest) step size seen, averaging the seconds of repeated steps of that size."""
+        if old is None or (tokens > old[0] if larger else tokens < old[0]):
+            return tokens, seconds
+        if tokens == old[0]:
+            return tokens, self._ema(old[1], seconds)
+        return old

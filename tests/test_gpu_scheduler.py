@@ -1,0 +1,311 @@
+"""GpuScheduler as pure logic: a simulated host loop with fake per-step costs (about the Mistral-7B and Qwen2.5-14B
+decode steps at batch 1 on the H100, bench/results/decode-h100.json: 6.4 and 12.1 ms). The simulation keeps its own
+ledger of GPU time, so the shares it checks do not come from the scheduler's own arithmetic."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+
+from llmhost.host.gpu_scheduler import GpuScheduler, StepShape, concurrent_ok
+
+DEV = "cuda:0"
+MS = 1e-3
+STEP_7B = 6.5 * MS
+STEP_14B = 12.0 * MS
+
+
+def make(weights: dict[str, float], device: str = DEV) -> GpuScheduler:
+    sched = GpuScheduler()
+    for name, w in weights.items():
+        sched.add(name, device, w)
+    return sched
+
+
+def run(
+    sched: GpuScheduler,
+    cost: dict[str, float],
+    steps: int,
+    ready: Callable[[int], set[str]] | None = None,
+    device: str = DEV,
+) -> tuple[Counter[str], list[str]]:
+    """`steps` iterations of the host loop: pick, 'run' the step (its fake cost), charge it. Returns the simulated
+    GPU seconds per model and the sequence of picks."""
+    used: Counter[str] = Counter()
+    picks: list[str] = []
+    for i in range(steps):
+        now_ready = ready(i) if ready is not None else set(cost)
+        m = sched.pick(device, now_ready)
+        if m is None:
+            continue
+        assert m in now_ready
+        used[m] += cost[m]
+        picks.append(m)
+        sched.charge(m, cost[m])
+    return used, picks
+
+
+def fractions(used: Counter[str]) -> dict[str, float]:
+    total = sum(used.values())
+    return {m: s / total for m, s in used.items()}
+
+
+# -- fair sharing ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heavy", ["m7b", "m14b"])
+def test_weights_3_to_1_give_75_25_of_gpu_time(heavy: str) -> None:
+    weights = {"m7b": 1.0, "m14b": 1.0, heavy: 3.0}
+    sched = make(weights)
+    used, _ = run(sched, {"m7b": STEP_7B, "m14b": STEP_14B}, 2000)
+    light = "m14b" if heavy == "m7b" else "m7b"
+    share = fractions(used)
+    assert share[heavy] == pytest.approx(0.75, abs=0.05)
+    assert share[light] == pytest.approx(0.25, abs=0.05)
+    # shares() reports the same ledger.
+    assert sched.shares(DEV) == pytest.approx(share)
+
+
+def test_equal_weights_share_equally_despite_step_costs() -> None:
+    sched = make({"m7b": 1.0, "m14b": 1.0})
+    used, picks = run(sched, {"m7b": STEP_7B, "m14b": STEP_14B}, 2000)
+    assert fractions(used)["m7b"] == pytest.approx(0.5, abs=0.05)
+    # Equal time means the cheaper model takes more steps (alternation would give it 35% of the time).
+    assert picks.count("m7b") > 1.5 * picks.count("m14b")
+
+
+def test_three_models_share_by_weight() -> None:
+    weights = {"a": 1.0, "b": 2.0, "c": 3.0}
+    sched = make(weights)
+    used, _ = run(sched, {"a": 5 * MS, "b": 9 * MS, "c": 14 * MS}, 3000)
+    share = fractions(used)
+    for name, w in weights.items():
+        assert share[name] == pytest.approx(w / 6.0, abs=0.05)
+
+
+def test_model_idle_then_ready_gets_no_burst() -> None:
+    sched = make({"m7b": 1.0, "m14b": 1.0})
+    cost = {"m7b": STEP_7B, "m14b": STEP_14B}
+    # m14b has nothing to do for 1000 steps: m7b takes the whole GPU.
+    used, _ = run(sched, cost, 1000, ready=lambda i: {"m7b"})
+    assert set(used) == {"m7b"}
+    assert sched.pick(DEV, set()) is None  # a moment with nothing to do at all
+    # Then both are ready: m14b's share of the next window is its fair half, not a catch-up of the idle time.
+    used, picks = run(sched, cost, 150)
+    assert fractions(used)["m14b"] == pytest.approx(0.5, abs=0.05)
+    # ...from the start of the window too: no run of m14b steps longer than fairness needs (12 ms vs 6.5 ms).
+    runs = "".join("b" if p == "m14b" else "a" for p in picks)
+    assert "bbb" not in runs[:40]
+
+
+def test_idle_weighted_model_gets_its_weight_share_when_back() -> None:
+    sched = make({"heavy": 3.0, "light": 1.0})
+    cost = {"heavy": STEP_7B, "light": STEP_14B}
+    run(sched, cost, 500, ready=lambda i: {"light"})
+    used, _ = run(sched, cost, 400)
+    assert fractions(used)["heavy"] == pytest.approx(0.75, abs=0.05)
+
+
+def test_intermittent_model_is_served_and_takes_no_share_while_idle() -> None:
+    """b is ready every other step only (lifted level with a each time): it is not passed over on ties, and a
+    takes every step b leaves."""
+    sched = make({"a": 1.0, "b": 1.0})
+    used, picks = run(sched, {"a": STEP_7B, "b": STEP_7B}, 1000, ready=lambda i: {"a", "b"} if i % 2 else {"a"})
+    assert len(picks) == 1000
+    assert fractions(used)["b"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_single_ready_model_is_always_picked() -> None:
+    sched = make({"a": 1.0, "b": 1.0})
+    sched.charge("a", 100.0)  # a is far ahead of b, but b has nothing to do
+    for _ in range(10):
+        assert sched.pick(DEV, {"a"}) == "a"
+        sched.charge("a", STEP_7B)
+    assert sched.pick(DEV, set()) is None
+    assert sched.pick("cuda:7", {"a"}) is None  # a lives on cuda:0
+
+
+def test_busy_model_is_not_a_candidate_and_keeps_its_credit() -> None:
+    sched = make({"b": 1.0, "a": 1.0, "c": 1.0})
+    assert sched.pick(DEV, {"a", "b", "c"}) == "b"  # all even: the earliest added
+    sched.charge("b", 1.0)
+    assert sched.pick(DEV, {"a", "b", "c"}) == "a"
+    # a's step is in flight on a side stream while the default stream takes the next pick.
+    assert sched.pick(DEV, {"b", "c"}, busy={"a"}) == "c"
+    sched.charge("c", 3.0)
+    sched.charge("a", 0.5)
+    # a had work all along: it keeps its lead over b rather than being lifted level with b (as a model back from
+    # idle would be, and then lose the tie to b, picked less recently).
+    assert sched.pick(DEV, {"a", "b", "c"}) == "a"
+
+
+def test_devices_are_independent() -> None:
+    sched = GpuScheduler()
+    sched.add("a", "cuda:0", 1.0)
+    sched.add("b", "cuda:0", 1.0)
+    sched.add("c", "cuda:1", 5.0)
+    sched.charge("c", 10.0)
+    assert sched.pick("cuda:0", {"a", "b", "c"}) == "a"
+    assert sched.pick("cuda:1", {"a", "b", "c"}) == "c"
+    assert set(sched.shares("cuda:0")) == {"a", "b"}
+    assert sched.shares("cuda:1") == {"c": 1.0}
+    assert sched.shares("cuda:2") == {}
+
+
+def test_remove_and_add_again() -> None:
+    sched = make({"a": 1.0, "b": 1.0, "c": 1.0})
+    run(sched, {"a": STEP_7B, "b": STEP_7B, "c": STEP_7B}, 300)
+    sched.remove("b")
+    assert set(sched.shares(DEV)) == {"a", "c"}
+    with pytest.raises(KeyError, match="'b'"):
+        sched.pick(DEV, {"a", "b"})
+    with pytest.raises(KeyError):
+        sched.charge("b", 1.0)
+    used, _ = run(sched, {"a": STEP_7B, "c": STEP_14B}, 400)
+    assert fractions(used)["a"] == pytest.approx(0.5, abs=0.05)
+    # Added again, b starts with no credit: its share of the next window is its third, not a burst.
+    sched.add("b", DEV, 1.0)
+    assert sched.gpu_seconds("b") == 0.0
+    used, _ = run(sched, {"a": STEP_7B, "b": STEP_7B, "c": STEP_14B}, 300)
+    assert fractions(used)["b"] == pytest.approx(1 / 3, abs=0.05)
+
+
+def test_bad_input_is_refused() -> None:
+    sched = make({"a": 1.0})
+    with pytest.raises(ValueError, match="already"):
+        sched.add("a", "cuda:1", 1.0)
+    for w in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight"):
+            sched.add("z", DEV, w)
+    with pytest.raises(ValueError):
+        sched.charge("a", -1.0)
+    with pytest.raises(ValueError):
+        sched.observe("a", 1, -1, 0.1)
+    with pytest.raises(ValueError, match="cuda:0"):
+        sched.prefill_budget("a", "cuda:1")
+
+
+# -- prefill chunking -----------------------------------------------------------------------------------------------
+
+PER_TOKEN_14B = 60e-6  # s/token: Qwen2.5-14B prefill, 16.7k tokens/s on the H100 (decode-h100.json)
+ENGINE_CHUNK = 512  # DEFAULT_PREFILL_CHUNK: what the engine takes when nothing limits it
+
+
+def linear_cost(decode_s: float, per_token_s: float) -> Callable[[int], float]:
+    return lambda tokens: decode_s + per_token_s * tokens
+
+
+def roofline_cost(decode_s: float, per_token_s: float) -> Callable[[int], float]:
+    """A step takes the longer of reading the weights (the decode step) and computing its tokens."""
+    return lambda tokens: max(decode_s, per_token_s * tokens)
+
+
+def prefill_beside_decode(
+    cost: Callable[[int], float], prompt: int, budgeted: bool = True
+) -> tuple[list[tuple[int, float]], int]:
+    """The 14B prefills a `prompt`-token prompt while the 7B decodes, equal weights. Returns each 14B prefill
+    step as (tokens, seconds) and the number of 7B steps meanwhile."""
+    sched = make({"m7b": 1.0, "m14b": 1.0})
+    left = prompt
+    steps: list[tuple[int, float]] = []
+    decodes = 0
+    while left > 0:
+        m = sched.pick(DEV, {"m7b", "m14b"})
+        if m == "m7b":
+            sched.charge(m, STEP_7B)
+            sched.observe(m, 1, 0, STEP_7B)
+            decodes += 1
+            continue
+        assert m == "m14b"
+        budget = sched.prefill_budget(m, DEV) if budgeted else None
+        tokens = min(left, ENGINE_CHUNK, budget if budget is not None else ENGINE_CHUNK)
+        seconds = cost(tokens)
+        sched.charge(m, seconds)
+        sched.observe(m, 0, tokens, seconds)
+        steps.append((tokens, seconds))
+        left -= tokens
+    return steps, decodes
+
+
+def test_prefill_budget_bounds_the_stall_of_another_models_decode() -> None:
+    cost = linear_cost(STEP_14B, PER_TOKEN_14B)
+    steps, decodes = prefill_beside_decode(cost, 4096)
+    # Each prefill step delays the 7B by at most one of its decode steps beyond the 14B's own step time.
+    for tokens, seconds in steps:
+        assert seconds - STEP_14B <= STEP_7B + 1e-12, (tokens, seconds)
+    # ...and the chunks are as large as that allows (6.5 ms / 60 us = 108 tokens) once the slope is measured.
+    chunks = [t for t, _ in steps]
+    assert chunks[0] == 16  # never prefilled: a floor-sized measurement first
+    assert max(chunks) == 108
+    assert sum(chunks) == 4096 and decodes > 0
+    # Without the budget the engine's 512-token chunks stall the 7B for 4.7 of its steps.
+    unbudgeted, _ = prefill_beside_decode(cost, 4096, budgeted=False)
+    assert max(s for _, s in unbudgeted) - STEP_14B > 4 * STEP_7B
+
+
+@pytest.mark.parametrize("decoded_before", [True, False])
+def test_prefill_budget_never_overshoots_when_cost_is_a_roofline(decoded_before: bool) -> None:
+    """Small chunks are memory-bound (free tokens, slope 0), large ones compute-bound: the budget must grow through
+    the free region without jumping past the knee."""
+    cost = roofline_cost(STEP_14B, PER_TOKEN_14B)
+    sched = make({"m7b": 1.0, "m14b": 1.0})
+    if decoded_before:
+        sched.observe("m14b", 1, 0, STEP_14B)
+    sched.observe("m7b", 1, 0, STEP_7B)
+    sched.pick(DEV, {"m7b", "m14b"})
+    chunks, seconds = [], []
+    for _ in range(40):
+        budget = sched.prefill_budget("m14b", DEV)
+        assert budget is not None
+        tokens = min(budget, ENGINE_CHUNK)
+        chunks.append(tokens)
+        seconds.append(cost(tokens))
+        sched.observe("m14b", 0, tokens, seconds[-1])
+    assert all(s - STEP_14B <= STEP_7B + 1e-12 for s in seconds)
+    assert chunks[:3] == sorted(chunks[:3]) and chunks[2] > chunks[0]  # growing through the memory-bound sizes
+    # Settles where the step is one 7B step longer than the 14B's decode step: (12 + 6.5) ms / 60 us = 308 tokens.
+    assert chunks[-1] == pytest.approx(308, rel=0.05)
+
+
+def test_prefill_budget_is_none_alone_or_unmeasured() -> None:
+    sched = make({"a": 1.0, "b": 1.0})
+    sched.observe("a", 0, 512, 0.03)
+    assert sched.pick(DEV, {"a"}) == "a"
+    assert sched.prefill_budget("a", DEV) is None  # nothing else ready
+    sched.pick(DEV, {"a", "b"})
+    assert sched.prefill_budget("a", DEV) is None  # b ready but its decode step never measured
+    sched.observe("b", 1, 0, STEP_7B)
+    assert sched.prefill_budget("a", DEV) is not None
+    sched.pick(DEV, {"a"})  # b went idle again
+    assert sched.prefill_budget("a", DEV) is None
+
+
+def test_prefill_budget_floor_and_proportional_growth() -> None:
+    sched = make({"a": 1.0, "b": 1.0})
+    sched.observe("b", 1, 0, 0.1 * MS)  # a very fast decoder beside a
+    sched.pick(DEV, {"a", "b"})
+    assert sched.prefill_budget("a", DEV) == 16  # a never prefilled
+    sched.observe("a", 1, 0, STEP_14B)
+    sched.observe("a", 0, 512, STEP_14B + 512 * PER_TOKEN_14B)
+    assert sched.prefill_budget("a", DEV) == 16  # 0.1 ms buys 2 tokens: the floor keeps the prompt moving
+    # Tokens that cost nothing measurable (a memory-bound chunk) let the chunk grow only in proportion:
+    # 64 tokens x (12 + 6.5) ms / 12 ms = 98 tokens, a step of at most 18.5 ms if time per token does not grow.
+    sched2 = make({"a": 1.0, "b": 1.0})
+    sched2.observe("b", 1, 0, STEP_7B)
+    sched2.observe("a", 1, 0, STEP_14B)
+    sched2.observe("a", 0, 64, STEP_14B)
+    sched2.pick(DEV, {"a", "b"})
+    assert sched2.prefill_budget("a", DEV) == 98
+
+
+# -- streams --------------------------------------------------------------------------------------------------------
+
+
+def test_concurrent_only_for_small_decode_steps() -> None:
+    assert concurrent_ok(StepShape(1, 0), StepShape(8, 0))
+    assert not concurrent_ok(StepShape(1, 0), StepShape(9, 0))
+    assert not concurrent_ok(StepShape(1, 0), StepShape(0, 16))
+    assert not concurrent_ok(StepShape(1, 16), StepShape(1, 0))
+    assert not concurrent_ok(StepShape(0, 0), StepShape(1, 0))
