@@ -78,7 +78,7 @@ class EngineRuntime:
         self.inventory = inventory
         self.block_size = block_size
         self.probe = DriverProbe(inventory)
-        self._kv_bytes: dict[str, tuple[int, int]] = {}
+        self._kv_bytes: dict[str, list[int]] = {}
 
     def load(self, slot: Slot) -> None:
         if len(slot.plan.stages) > 1:

@@ -41,8 +41,8 @@ def _weight_storages(engine: Engine) -> list[torch.UntypedStorage]:
 
 
 def _scratch_storages(engine: Engine) -> list[torch.UntypedStorage]:
-    """Device storages whose contents need not survive a park: the KV pools."""
-    return [t.untyped_storage() for t in (engine.cache.full_storage, engine.cache.window_storage)]
+    """Device storages whose contents need not survive a park: the KV pools of every stage."""
+    return [t.untyped_storage() for c in engine.caches for t in (c.full_storage, c.window_storage)]
 
 
 def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -78,9 +78,9 @@ def park(engine: Engine, copy: HostCopy | None) -> HostCopy:
     return copy
 
 
-def unpark(engine: Engine, copy: HostCopy, kv_bytes: tuple[int, int]) -> float:
+def unpark(engine: Engine, copy: HostCopy, kv_bytes: list[int]) -> float:
     """Give the engine its device memory back and copy the weights in; returns the copy's seconds (host to device,
-    measured to the last byte). `kv_bytes`: the two KV pools' sizes, as Engine.load allocated them."""
+    measured to the last byte). `kv_bytes`: kv_pool_bytes(engine) before the park."""
     on_gpu = engine.device.type == "cuda"
     for st, _, n in copy.offsets:
         st.resize_(n)
@@ -107,11 +107,9 @@ def unpark(engine: Engine, copy: HostCopy, kv_bytes: tuple[int, int]) -> float:
     return seconds
 
 
-def kv_pool_bytes(engine: Engine) -> tuple[int, int]:
-    return (
-        engine.cache.full_storage.untyped_storage().nbytes(),
-        engine.cache.window_storage.untyped_storage().nbytes(),
-    )
+def kv_pool_bytes(engine: Engine) -> list[int]:
+    """Each KV pool's bytes, as unpark must allocate them again."""
+    return [st.nbytes() for st in _scratch_storages(engine)]
 
 
 def _collect(engine: Engine) -> None:
