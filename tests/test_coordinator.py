@@ -322,3 +322,33 @@ def test_failed_unpark_leaves_the_model_failed_and_frees_its_host_copy() -> None
     assert coord.slots["b"].parked is None
     dev = coord.ledger.devices[0]
     assert "b" not in dev.entries and dev.last is not None and dev.last.unexplained == -workspace(dev)
+
+
+# -- split models: one ledger per device ----------------------------------------------------------------------------
+
+
+def test_split_model_is_placed_and_freed_on_every_device_ledger() -> None:
+    # BIG (~29.5 GB of weights) fits on no 24 GiB GPU: the planner splits it over both; SMALL goes beside it
+    smalls = {f"s{i}": SMALL for i in range(1, 6)}
+    coord, rt, now = build([cfg("big")] + [cfg(n) for n in smalls], gpus="2x24GiB", shapes=smalls)
+    big = coord.slots["big"]
+    assert big.plan.devices == (0, 1) and big.state == "loaded"
+    for stage in big.plan.stages:
+        dev = coord.ledger.devices[stage.device]
+        assert dev.held_by("big") == stage.need.total
+        assert rt.alloc["big"][stage.device] == stage.need.weights + stage.need.kv + stage.need.graphs
+        assert dev.last is not None and dev.last.unexplained == -workspace(dev)
+    states = {n: s.state for n, s in coord.slots.items()}
+    on_demand = [n for n, st in states.items() if st == "unloaded"]
+    assert on_demand, "five small models beside the split one do not all fit at once"
+    # whichever small model had to wait, bringing it in evicts what it must, on the devices where it is short
+    for name in on_demand:
+        now[0] += 1
+        coord.touch("big")  # the split model is the most recently used: small ones are evicted first
+        assert coord.ensure_resident(name) is Residency.READY
+        assert coord.slots["big"].state == "loaded"
+    for dev in coord.ledger.devices:
+        assert dev.free >= 0
+        assert dev.last is not None and dev.last.unexplained == -workspace(dev)
+    coord.unload("big")
+    assert all("big" not in d.entries for d in coord.ledger.devices) and "big" not in rt.alloc

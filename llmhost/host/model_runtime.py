@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from llmhost.engine.engine import Engine
+from llmhost.engine.placement import LayerPlacement
 from llmhost.engine.tokenizer import Tokenizer
 from llmhost.errors import LlmhostError
 from llmhost.host import parking
@@ -81,8 +82,6 @@ class EngineRuntime:
         self._kv_bytes: dict[str, list[int]] = {}
 
     def load(self, slot: Slot) -> None:
-        if len(slot.plan.stages) > 1:
-            raise RuntimeError("split models load through the staged engine (not wired in yet)")
         ckpt = open_checkpoint(slot.config.path)
         try:
             eos: tuple[int, ...] = tuple(Tokenizer.from_checkpoint(ckpt).eos_token_ids)
@@ -96,6 +95,12 @@ class EngineRuntime:
             block_size=self.block_size,
             checkpoint=ckpt,
             eos_token_ids=eos,
+            # the plan's stages on their devices: a model split across GPUs holds each stage's layers and KV there
+            stages=LayerPlacement.from_plan(
+                slot.plan.stages,
+                {st.device: name for st, name in zip(slot.plan.stages, slot.device_names, strict=True)},
+                ckpt.shape.num_layers,
+            ),
         )
 
     def park(self, slot: Slot) -> int:
@@ -118,11 +123,16 @@ class EngineRuntime:
         self._free()
 
     def measure(self, slot: Slot) -> ByDevice:
+        """Weights, KV and the decode runner's static buffers per device, from the tensors held there. Workspace
+        (the largest step's activations) is left to the plan's reservation: the allocator's peak is device-wide
+        and cannot be told apart between models sharing a GPU."""
         engine: Engine = slot.engine
-        device = slot.plan.stages[0].device
-        graphs = engine.runner.static_bytes if engine.runner is not None else 0
-        kinds = {"weights": engine.model.weight_bytes(), "kv": engine.cache.nbytes, "workspace": 0, "graphs": graphs}
-        return {device: kinds}
+        reports = engine.memory_by_device()
+        out: ByDevice = {}
+        for st, name in zip(slot.plan.stages, slot.device_names, strict=True):
+            r = reports[str(torch.device(name))]
+            out[st.device] = {"weights": r.weights, "kv": r.kv, "workspace": 0, "graphs": r.graphs}
+        return out
 
     def reading(self, device: int) -> Reading | None:
         return self.probe.reading(device)
