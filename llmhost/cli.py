@@ -13,6 +13,7 @@ from rich.console import Console
 from llmhost.config import load_config, resolve_path_argument
 from llmhost.errors import LlmhostError
 from llmhost.memory.estimate import ModelSpec
+from llmhost.memory.history import History
 from llmhost.memory.inventory import Inventory, detect_inventory, parse_gpu_spec
 from llmhost.memory.planner import PlanInfeasible, plan_models
 from llmhost.model_files import open_checkpoint
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="models.toml")
     pl.add_argument("--gpus", default="auto", help="'auto' (NVML) or a simulated list like '2x24GiB,1x80GiB'")
     pl.add_argument("--json", action="store_true", help="print one JSON document (schema llmhost.plan/1)")
+    pl.add_argument(
+        "--no-history", action="store_true", help="ignore what earlier loads measured; plan from the estimate alone"
+    )
     pl.set_defaults(func=_cmd_plan)
 
     ge = sub.add_parser("generate", help="load one model and complete a prompt (CPU or GPU)")
@@ -94,15 +98,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     inventory = inventory_from_arg(args.gpus)
     specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
+    history = None if args.no_history else History()
     try:
-        plan = plan_models(specs, inventory, config.host)
+        plan = plan_models(specs, inventory, config.host, history)
     except PlanInfeasible as e:
         if args.json:
             print(json.dumps(infeasible_json(e.shortfall, inventory), indent=2))
         print(f"llmhost: error: {e}", file=sys.stderr)
         return e.exit_code
     if args.json:
-        print(json.dumps(plan_json(plan, inventory), indent=2))
+        used = history.path if history is not None and history.enabled else None
+        print(json.dumps(plan_json(plan, inventory, used), indent=2))
     else:
         render_plan(plan, inventory, Console())
     return 0

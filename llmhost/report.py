@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -9,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmhost.config import DTYPE_BYTES
+from llmhost.memory.estimate import StageNeed
 from llmhost.memory.inventory import Inventory
 from llmhost.memory.plan import Plan, Shortfall
 from llmhost.model_files.checkpoint import Checkpoint
@@ -72,7 +75,8 @@ def render_inspect(ckpt: Checkpoint, console: Console) -> None:
     console.print(table)
 
 
-def plan_json(plan: Plan, inventory: Inventory) -> dict[str, Any]:
+def plan_json(plan: Plan, inventory: Inventory, history: Path | None = None) -> dict[str, Any]:
+    """history: the measured-memory history file the plan consulted (None: none was)."""
     gpus = []
     for b in plan.budgets:
         d = b.device
@@ -117,19 +121,27 @@ def plan_json(plan: Plan, inventory: Inventory) -> dict[str, Any]:
         "feasible": True,
         "inventory": {"source": inventory.source, "note": inventory.note},
         "block_size": plan.block_size,
+        "history": None if history is None else str(history),
         "gpus": gpus,
         "models": models,
     }
 
 
-def _need_json(need: Any) -> dict[str, int]:
+def _need_json(need: StageNeed) -> dict[str, Any]:
+    at = need.measured_at
     return {
         "weights_bytes": need.weights,
         "kv_bytes": need.kv,
         "workspace_bytes": need.workspace,
         "graphs_bytes": need.graphs,
         "total_bytes": need.total,
+        "from_history": list(need.measured),
+        "history_recorded_at": None if at is None else datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
     }
+
+
+def _local_time(ts: float | None) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
 
 
 def infeasible_json(sf: Shortfall, inventory: Inventory) -> dict[str, Any]:
@@ -158,15 +170,24 @@ def render_plan(plan: Plan, inventory: Inventory, console: Console) -> None:
         table = Table(title=title, title_justify="left")
         for col in ("model", "layers", "weights", "KV", "workspace", "graphs", "total"):
             table.add_column(col, justify="left" if col in ("model", "layers") else "right")
-        for m, s in plan.stages_on(d.index):
+        rows = plan.stages_on(d.index)
+        measured = [(m, s) for m, s in rows if s.need.measured]
+        pad = " " if measured else ""  # unmarked figures line up with the marked ones
+        for m, s in rows:
             layers = f"{s.start}-{s.end - 1}" if len(m.stages) > 1 else "all"
             n = s.need
-            table.add_row(m.name, layers, *(fmt_bytes(x) for x in (n.weights, n.kv, n.workspace, n.graphs, n.total)))
+            terms = {"weights": n.weights, "kv": n.kv, "workspace": n.workspace, "graphs": n.graphs}
+            cells = [fmt_bytes(v) + ("*" if t in n.measured else pad) for t, v in terms.items()]
+            table.add_row(m.name, layers, *cells, fmt_bytes(n.total) + pad)
+        if measured:
+            when = ", ".join(f"{m.name} ({_local_time(s.need.measured_at)})" for m, s in measured)
+            table.caption = escape(f"* from measured history: {when}")
+            table.caption_justify = "left"
         table.add_section()
-        table.add_row("external", "", "", "", "", "", fmt_bytes(d.external))
-        table.add_row("runtime", "", "", "", "", "", fmt_bytes(b.runtime))
-        table.add_row("reserve", "", "", "", "", "", fmt_bytes(b.reserve))
-        table.add_row("[bold]free[/]", "", "", "", "", "", f"[bold]{fmt_bytes(plan.free_on(d.index))}[/]")
+        table.add_row("external", "", "", "", "", "", fmt_bytes(d.external) + pad)
+        table.add_row("runtime", "", "", "", "", "", fmt_bytes(b.runtime) + pad)
+        table.add_row("reserve", "", "", "", "", "", fmt_bytes(b.reserve) + pad)
+        table.add_row("[bold]free[/]", "", "", "", "", "", f"[bold]{fmt_bytes(plan.free_on(d.index))}[/]{pad}")
         console.print(table)
     models = Table(title="models (in load order)", title_justify="left")
     for col in ("#", "model", "device(s)", "KV tokens", "max_seq_len", "max_batch", "largest max_seq_len"):

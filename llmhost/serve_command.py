@@ -25,6 +25,7 @@ from llmhost.engine.tokenizer import Tokenizer
 from llmhost.errors import ConfigError
 from llmhost.host.client import HostClient
 from llmhost.memory.estimate import ModelSpec
+from llmhost.memory.history import History
 from llmhost.memory.inventory import Inventory, detect_inventory, parse_gpu_spec
 from llmhost.memory.planner import plan_models
 from llmhost.model_files import open_checkpoint
@@ -84,7 +85,8 @@ def run_serve(args: argparse.Namespace) -> int:
     inventory: Inventory = detect_inventory() if args.gpus == "auto" else parse_gpu_spec(args.gpus)
     console = Console()
     specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
-    render_plan(plan_models(specs, inventory, config.host), inventory, console)
+    # The figures earlier loads measured replace the estimate where they exist (LLMHOST_HISTORY=off: never).
+    render_plan(plan_models(specs, inventory, config.host, History()), inventory, console)
     sock = _bind(args.host, args.port)
     # Tokenizers first: converting a GGUF vocabulary writes a cache the host process then reads, never both at once.
     tokenizers = {m.name: Tokenizer.from_checkpoint(open_checkpoint(m.path)) for m in config.models}

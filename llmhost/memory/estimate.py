@@ -14,8 +14,10 @@ The engine is held to these assumptions (DESIGN.md "Memory model"); each is stat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from llmhost.config import DTYPE_BYTES, ModelConfig
+from llmhost.memory.history import model_fingerprint
 from llmhost.model_files.checkpoint import Checkpoint
 from llmhost.model_files.shape import ModelShape
 
@@ -45,12 +47,21 @@ class ModelSpec:
     embed_params: int
     head_params: int  # final norm + untied LM head; tied heads reuse the embedding
     other_params: int = 0  # tensors that belong to no layer or end (e.g. rope_freqs); placed with the head
+    fingerprint: str | None = None  # the checkpoint's (memory/history.py); None: a bare shape, never in the history
 
     @classmethod
     def from_checkpoint(cls, config: ModelConfig, ckpt: Checkpoint) -> ModelSpec:
         parts = ckpt.params_by_part()
         layers = tuple(parts.get(i, 0) for i in range(ckpt.shape.num_layers))
-        return cls(config, ckpt.shape, layers, parts.get("embed", 0), parts.get("head", 0), parts.get("other", 0))
+        return cls(
+            config,
+            ckpt.shape,
+            layers,
+            parts.get("embed", 0),
+            parts.get("head", 0),
+            parts.get("other", 0),
+            fingerprint=model_fingerprint(ckpt),
+        )
 
     @classmethod
     def from_shape(cls, config: ModelConfig, shape: ModelShape) -> ModelSpec:
@@ -80,6 +91,9 @@ class ModelSpec:
         return params * self.dtype_bytes
 
 
+MeasuredTerm = Literal["workspace", "graphs"]  # the terms a plan may take from the measured history
+
+
 @dataclass(frozen=True)
 class StageNeed:
     """One model's bytes on one device: the whole model, or one stage of a split."""
@@ -88,6 +102,10 @@ class StageNeed:
     kv: int
     workspace: int
     graphs: int
+    # Terms taken from the measured history instead of the estimate (in term order), and when they were measured
+    # (Unix seconds); empty and None for a pure estimate.
+    measured: tuple[MeasuredTerm, ...] = ()
+    measured_at: float | None = None
 
     @property
     def total(self) -> int:

@@ -1,7 +1,8 @@
 """Place models on devices before loading a byte: spread, don't stack; split only what fits on no single GPU.
 
-Everything is computed from the estimate; nothing is found by trial. Returns a `Plan` or raises
-PlanInfeasibleError carrying a `Shortfall` with computed remedies.
+Everything is computed from the estimate (or, given a history, from what earlier loads of the same model on the
+same GPU kind measured); nothing is found by trial. Returns a `Plan` or raises PlanInfeasibleError carrying a
+`Shortfall` with computed remedies.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from llmhost.config import HostConfig
+from llmhost.config import HostConfig, ModelConfig
 from llmhost.errors import ConfigError, InventoryError, PlanInfeasibleError
 from llmhost.memory.estimate import ModelSpec, StageNeed, default_kv_tokens, kv_blocks, stage_need
+from llmhost.memory.history import History, Measured, history_key
 from llmhost.memory.inventory import Inventory
 from llmhost.memory.plan import DeviceBudget, FitLimit, ModelPlan, Plan, Shortfall, Stage
 from llmhost.memory.runtime import runtime_overhead
@@ -44,14 +46,69 @@ def make_budgets(inventory: Inventory, host: HostConfig) -> tuple[DeviceBudget, 
     )
 
 
-def plan_models(specs: Sequence[ModelSpec], inventory: Inventory, host: HostConfig) -> Plan:
+class _Needs:
+    """stage_need on one of the plan's devices. Given a history, a stage that was loaded before on a GPU of the
+    same kind (same checkpoint, config, torch and layer range) takes its measured workspace and graphs figures.
+    Weights and KV stay the estimate's: both are exact arithmetic (tensor headers x dtype; whole blocks x bytes
+    per token), and KV follows this plan's pool size, which "fill" changes after placement."""
+
+    def __init__(self, budgets: Sequence[DeviceBudget], block_size: int, history: History | None) -> None:
+        self.bs = block_size
+        self.devices = {b.device.index: b.device for b in budgets}
+        self.history = history
+        # Planning asks for the same stage many times (trial placements, searches): one history lookup each.
+        self._memo: dict[tuple[str, ModelConfig, str, int, int], Measured | None] = {}
+
+    def on_gpu(self, d: int) -> bool:
+        return self.devices[d].kind == "cuda"
+
+    def estimate(self, spec: ModelSpec, kv_tokens: int, start: int, end: int, d: int) -> StageNeed:
+        return stage_need(spec, kv_tokens, self.bs, start, end, self.on_gpu(d))
+
+    def __call__(self, spec: ModelSpec, kv_tokens: int, start: int, end: int, d: int) -> StageNeed:
+        need = self.estimate(spec, kv_tokens, start, end, d)
+        m = self._measured(spec, start, end, d)
+        if m is None:
+            return need
+        return replace(
+            need, workspace=m.workspace, graphs=m.graphs, measured=("workspace", "graphs"), measured_at=m.recorded_at
+        )
+
+    def whole(self, it: _Item, d: int) -> StageNeed:
+        return self(it.spec, it.kv_tokens, 0, it.spec.shape.num_layers, d)
+
+    def whole_estimate(self, it: _Item, d: int) -> StageNeed:
+        return self.estimate(it.spec, it.kv_tokens, 0, it.spec.shape.num_layers, d)
+
+    def _measured(self, spec: ModelSpec, start: int, end: int, d: int) -> Measured | None:
+        dev = self.devices[d]
+        # GPUs only: on the CPU the engine cannot tell activations from the rest of the process's memory.
+        if self.history is None or spec.fingerprint is None or dev.kind != "cuda":
+            return None
+        memo = (spec.fingerprint, spec.config, dev.name, start, end)
+        if memo not in self._memo:
+            self._memo[memo] = self.history.lookup(history_key(spec, spec.fingerprint, dev, start, end, self.bs))
+        return self._memo[memo]
+
+
+def plan_models(
+    specs: Sequence[ModelSpec], inventory: Inventory, host: HostConfig, history: History | None = None
+) -> Plan:
+    """history: measured workspace and graphs figures of earlier loads replace the estimate where they exist (the
+    stages' `need.measured` says which); None plans from the estimate alone."""
     budgets = make_budgets(inventory, host)
     bs = host.block_size
+    needs = _Needs(budgets, bs, history)
     items = [_item(spec, budgets) for spec in specs]
-    on_gpu = {b.device.index: b.device.kind == "cuda" for b in budgets}
     # Larger and higher-priority models first: they have the fewest places to go, and loading them first keeps
-    # the allocator's large blocks contiguous.
-    order = sorted(items, key=lambda it: (-it.spec.config.priority, -_whole(it, bs, True).total))
+    # the allocator's large blocks contiguous. (By the estimate: the order must not depend on a device.)
+    order = sorted(
+        items,
+        key=lambda it: (
+            -it.spec.config.priority,
+            -stage_need(it.spec, it.kv_tokens, bs, 0, it.spec.shape.num_layers).total,
+        ),
+    )
     free = {b.device.index: b.usable for b in budgets}
     count = {i: 0 for i in free}
     heavy = {i: 0 for i in free}
@@ -59,10 +116,10 @@ def plan_models(specs: Sequence[ModelSpec], inventory: Inventory, host: HostConf
 
     singles: list[_Item] = []
     for it in order:
-        if all(_whole(it, bs, on_gpu[d]).total > budgets[d].usable for d in it.candidates) and len(it.candidates) > 1:
-            split = _split(it, bs, {d: free[d] for d in it.candidates}, on_gpu)
+        if all(needs.whole(it, d).total > budgets[d].usable for d in it.candidates) and len(it.candidates) > 1:
+            split = _split(it, needs, {d: free[d] for d in it.candidates})
             if split is None:
-                raise PlanInfeasible(_split_shortfall(it, bs, free, budgets, on_gpu))
+                raise PlanInfeasible(_split_shortfall(it, needs, free, budgets))
             stages[it.spec.name] = split
             for part in split:
                 free[part.device] -= part.need.total
@@ -71,21 +128,21 @@ def plan_models(specs: Sequence[ModelSpec], inventory: Inventory, host: HostConf
         else:
             singles.append(it)
 
-    assignment = _search(singles, bs, free, count, heavy, on_gpu)
+    assignment = _search(singles, needs, free, count, heavy)
     if isinstance(assignment, _Failure):
-        raise PlanInfeasible(_single_shortfall(assignment.item, bs, assignment.free, budgets, on_gpu))
+        raise PlanInfeasible(_single_shortfall(assignment.item, needs, assignment.free, budgets))
     for it in singles:
         d = assignment[it.spec.name]
-        need = _whole(it, bs, on_gpu[d])
+        need = needs.whole(it, d)
         stages[it.spec.name] = (Stage(d, 0, it.spec.shape.num_layers, need),)
         free[d] -= need.total
 
-    kv_final = _fill(order, stages, free, bs, on_gpu)
+    kv_final = _fill(order, stages, free, needs)
     models = []
     for n, it in enumerate(order):
         st = stages[it.spec.name]
         kv = kv_final[it.spec.name]
-        fit, limited = _max_seq_len_fit(it, st, kv, bs, free, on_gpu)
+        fit, limited = _max_seq_len_fit(it, st, kv, needs, free)
         models.append(
             ModelPlan(
                 name=it.spec.name,
@@ -130,10 +187,6 @@ def _item(spec: ModelSpec, budgets: Sequence[DeviceBudget]) -> _Item:
     return _Item(spec, kv, candidates)
 
 
-def _whole(it: _Item, bs: int, on_gpu: bool) -> StageNeed:
-    return stage_need(it.spec, it.kv_tokens, bs, 0, it.spec.shape.num_layers, on_gpu)
-
-
 # -- single-device placement: greedy preference order, backtracking when greedy fails -------------------------
 
 
@@ -145,13 +198,12 @@ class _Failure:
 
 def _search(
     items: list[_Item],
-    bs: int,
+    stage_needs: _Needs,
     free: dict[int, int],
     count: dict[int, int],
     heavy: dict[int, int],
-    on_gpu: dict[int, bool],
 ) -> dict[str, int] | _Failure:
-    needs = [{d: _whole(it, bs, on_gpu[d]).total for d in it.candidates} for it in items]
+    needs = [{d: stage_needs.whole(it, d).total for d in it.candidates} for it in items]
     free, count, heavy = dict(free), dict(count), dict(heavy)
     assignment: dict[str, int] = {}
     first_failure: list[_Failure] = []
@@ -207,21 +259,21 @@ def _search(
 # -- splitting across devices ----------------------------------------------------------------------------------
 
 
-def _split(it: _Item, bs: int, free: dict[int, int], on_gpu: dict[int, bool]) -> tuple[Stage, ...] | None:
+def _split(it: _Item, needs: _Needs, free: dict[int, int]) -> tuple[Stage, ...] | None:
     """Fewest devices first (those with the most room); stages in device order."""
     by_room = sorted(free, key=lambda d: (-free[d], d))
     for k in range(2, len(by_room) + 1):
         chosen = sorted(by_room[:k])
-        stages = _partition(it, bs, chosen, free, on_gpu, balanced=True)
+        stages = _partition(it, needs, chosen, free, balanced=True)
         if stages is None:
-            stages = _partition(it, bs, chosen, free, on_gpu, balanced=False)
+            stages = _partition(it, needs, chosen, free, balanced=False)
         if stages is not None:
             return stages
     return None
 
 
 def _partition(
-    it: _Item, bs: int, devices: list[int], free: dict[int, int], on_gpu: dict[int, bool], balanced: bool
+    it: _Item, needs: _Needs, devices: list[int], free: dict[int, int], balanced: bool
 ) -> tuple[Stage, ...] | None:
     """Contiguous layer ranges, one per device. Balanced: layers in proportion to each device's room once its
     fixed part (its ends, workspace, graphs) is taken. Otherwise: each stage takes as many layers as fit."""
@@ -231,7 +283,7 @@ def _partition(
         return None
 
     def need(i: int, start: int, end: int) -> StageNeed:
-        return stage_need(it.spec, it.kv_tokens, bs, start, end, on_gpu[devices[i]])
+        return needs(it.spec, it.kv_tokens, start, end, devices[i])
 
     # An empty stage at a device's position costs exactly its fixed part: embedding first, head last.
     positions = [0] + [1] * (k - 2) + [n]
@@ -263,13 +315,10 @@ def _partition(
 
 
 def _fill(
-    order: list[_Item],
-    stages: dict[str, tuple[Stage, ...]],
-    free: dict[int, int],
-    bs: int,
-    on_gpu: dict[int, bool],
+    order: list[_Item], stages: dict[str, tuple[Stage, ...]], free: dict[int, int], needs: _Needs
 ) -> dict[str, int]:
     """Share each device's leftover among its single-device "fill" models, in whole blocks."""
+    bs = needs.bs
     kv = {it.spec.name: it.kv_tokens for it in order}
     fillers: dict[int, list[_Item]] = {}
     for it in order:
@@ -280,10 +329,11 @@ def _fill(
         share = free[d] // len(group)
         for it in group:
             (old,) = stages[it.spec.name]
-            per_block = max(1, stage_need(it.spec, bs, bs, 0, it.spec.shape.num_layers, on_gpu[d]).kv)
+            per_block = max(1, needs.estimate(it.spec, bs, 0, it.spec.shape.num_layers, d).kv)
             extra_blocks = max(0, share) // per_block
             new_kv = kv_blocks(it.kv_tokens, bs) * bs + extra_blocks * bs
-            new = stage_need(it.spec, new_kv, bs, 0, it.spec.shape.num_layers, on_gpu[d])
+            # The same history record as the placed stage: it is keyed by the config's "fill", not the token count.
+            new = needs(it.spec, new_kv, 0, it.spec.shape.num_layers, d)
             # Sliding-window layers stop growing, so a block can cost less than per_block; never more.
             if new.total - old.need.total <= share:
                 kv[it.spec.name] = new_kv
@@ -293,20 +343,24 @@ def _fill(
 
 
 def _max_seq_len_fit(
-    it: _Item, stages: tuple[Stage, ...], kv: int, bs: int, free: dict[int, int], on_gpu: dict[int, bool]
+    it: _Item, stages: tuple[Stage, ...], kv: int, needs: _Needs, free: dict[int, int]
 ) -> tuple[int, FitLimit]:
     """Largest max_seq_len with everything else unchanged: binary search on the exact estimate."""
     cfg = it.spec.config
     fixed_pool = cfg.kv_tokens is not None  # an explicit or filled pool keeps its size; a sequence fits inside it
+    # Growth is estimated against the estimate of the placed size, never against a measured figure: another
+    # max_seq_len was never measured, and comparing an estimate with a measurement would make the search
+    # non-monotone. What the measurement corrected stays corrected by the same amount.
+    base = [needs.estimate(it.spec, kv, st.start, st.end, st.device).total for st in stages]
 
     def fits(s: int) -> bool:
         spec = replace(it.spec, config=replace(cfg, max_seq_len=s))
         tokens = kv if fixed_pool else s * cfg.max_batch
         if fixed_pool and s > kv:
             return False
-        for st in stages:
-            new = stage_need(spec, tokens, bs, st.start, st.end, on_gpu[st.device])
-            if new.total - st.need.total > free[st.device]:
+        for st, placed in zip(stages, base, strict=True):
+            new = needs.estimate(spec, tokens, st.start, st.end, st.device)
+            if new.total - placed > free[st.device]:
                 return False
         return True
 
@@ -352,18 +406,18 @@ def _resized(it: _Item, max_seq_len: int | None = None, max_batch: int | None = 
     return replace(it, spec=replace(it.spec, config=cfg), kv_tokens=kv)
 
 
-def _single_shortfall(
-    it: _Item, bs: int, free: dict[int, int], budgets: Sequence[DeviceBudget], on_gpu: dict[int, bool]
-) -> Shortfall:
+def _single_shortfall(it: _Item, needs: _Needs, free: dict[int, int], budgets: Sequence[DeviceBudget]) -> Shortfall:
     d = max(it.candidates, key=lambda c: (free[c], -c))
     label = budgets[d].device.label
-    need = _whole(it, bs, on_gpu[d]).total
+    need = needs.whole(it, d).total
+    base = needs.whole_estimate(it, d).total
     avail = max(0, free[d])
     cfg = it.spec.config
     remedies: list[str] = []
 
     def fits(variant: _Item) -> bool:
-        return _whole(variant, bs, on_gpu[d]).total <= avail
+        # As in _max_seq_len_fit: a variant's change is estimated, on top of the (possibly measured) need.
+        return need + needs.whole_estimate(variant, d).total - base <= avail
 
     s = _largest(lambda v: fits(_resized(it, max_seq_len=v)), 1, cfg.max_seq_len - 1)
     if s >= 1:
@@ -379,8 +433,7 @@ def _single_shortfall(
         others = [
             b.device.index
             for b in budgets
-            if b.device.index not in it.candidates
-            and _whole(it, bs, on_gpu[b.device.index]).total <= free[b.device.index]
+            if b.device.index not in it.candidates and needs.whole(it, b.device.index).total <= free[b.device.index]
         ]
         if others:
             remedies.append(f"GPU {others[0]} has room: pin gpus = [{others[0]}] or remove the pinning")
@@ -394,17 +447,15 @@ def _single_shortfall(
     return Shortfall(cfg.name, label, need, avail, tuple(remedies))
 
 
-def _split_shortfall(
-    it: _Item, bs: int, free: dict[int, int], budgets: Sequence[DeviceBudget], on_gpu: dict[int, bool]
-) -> Shortfall:
+def _split_shortfall(it: _Item, needs: _Needs, free: dict[int, int], budgets: Sequence[DeviceBudget]) -> Shortfall:
     devs = sorted(it.candidates)
     label = f"GPUs {devs[0]}-{devs[-1]} together" if len(devs) > 1 else budgets[devs[0]].device.label
     avail = sum(max(0, free[d]) for d in devs)
-    short = _split_overflow(it, bs, devs, free, on_gpu)
+    short = _split_overflow(it, needs, devs, free)
     cfg = it.spec.config
     remedies: list[str] = []
     room = {d: free[d] for d in devs}
-    s = _largest(lambda v: _split(_resized(it, max_seq_len=v), bs, room, on_gpu) is not None, 1, cfg.max_seq_len - 1)
+    s = _largest(lambda v: _split(_resized(it, max_seq_len=v), needs, room) is not None, 1, cfg.max_seq_len - 1)
     if s >= 1:
         remedies.append(f"max_seq_len = {s} fits when split across {label}")
     if not remedies:
@@ -412,7 +463,7 @@ def _split_shortfall(
     return Shortfall(cfg.name, label, avail + short, avail, tuple(remedies))
 
 
-def _split_overflow(it: _Item, bs: int, devs: list[int], free: dict[int, int], on_gpu: dict[int, bool]) -> int:
+def _split_overflow(it: _Item, needs: _Needs, devs: list[int], free: dict[int, int]) -> int:
     """Bytes missing for a split over all `devs`: each stage takes as many layers as fit (at least one), the last
     takes the rest; what overflows is the shortfall. Positive even when the sum of free memory would suffice but
     layers cannot be cut finer."""
@@ -421,13 +472,11 @@ def _split_overflow(it: _Item, bs: int, devs: list[int], free: dict[int, int], o
     for i, d in enumerate(devs):
         later = len(devs) - i - 1
         end = n if later == 0 else max(start + 1, n - later)
-        while (
-            later and end > start + 1 and stage_need(it.spec, it.kv_tokens, bs, start, end, on_gpu[d]).total > free[d]
-        ):
+        while later and end > start + 1 and needs(it.spec, it.kv_tokens, start, end, d).total > free[d]:
             end -= 1
         if start >= n:
             break
-        missing += max(0, stage_need(it.spec, it.kv_tokens, bs, start, min(end, n), on_gpu[d]).total - free[d])
+        missing += max(0, needs(it.spec, it.kv_tokens, start, min(end, n), d).total - free[d])
         start = end
     return max(missing, 1)
 
