@@ -6,8 +6,10 @@ will look up, built by `history_key`:
     key = history_key(spec, spec.fingerprint, device, stage.start, stage.end, plan.block_size)
     History().record(key, Measured(weights=r.weights, kv=r.kv, workspace=r.workspace, graphs=r.graphs))
 
-`record` never raises: a history that cannot be written logs one warning and is skipped. The planner reads it
-through `plan_models(..., history=History())`; `lookup` returns None for anything it does not hold.
+`record` never raises: a history that cannot be written logs one warning and is skipped. Record GPU stages only,
+measured after the largest step has run once (else the workspace figure undercounts what serving will need);
+the planner ignores records for the CPU, where the engine cannot measure a workspace. The planner reads the
+history through `plan_models(..., history=History())`; `lookup` returns None for anything it does not hold.
 
 A record is keyed by everything that decides its bytes: the checkpoint (`model_fingerprint`: shape, tensor table
 and file sizes, no tensor data read), the memory-relevant config fields (`config_digest`), the GPU kind
