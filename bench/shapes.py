@@ -13,4 +13,5 @@ SHAPES: dict[str, ModelShape] = {
     ),
     "qwen2.5-7b": ModelShape("qwen2", 28, 3584, 28, 4, 128, 18944, 152064, False, 32768, rope_theta=1e6, qkv_bias=True),
     "yi-34b": ModelShape("llama", 60, 7168, 56, 8, 128, 20480, 64000, False, 4096, rope_theta=5e6),
+    "llama-3-70b": ModelShape("llama", 80, 8192, 64, 8, 128, 28672, 128256, False, 8192, rope_theta=500000.0),
 }

@@ -153,8 +153,17 @@ class Engine:
             from llmhost.engine.decode_runner import DecodeRunner
 
             assert isinstance(model, LlamaModel) and cache.window is None
-            self.runner = DecodeRunner(model, cache, config.max_batch, config.max_seq_len)
-            self.runner.capture()
+            with self._on_device():
+                self.runner = DecodeRunner(model, cache, config.max_batch, config.max_seq_len)
+                self.runner.capture()
+
+    def _on_device(self) -> contextlib.AbstractContextManager[object]:
+        """The model's GPU as the current device, for the decode runner: CUDA graph capture and replay and Triton
+        launches use the current device's stream, not the tensors' device (an engine on cuda:1 would otherwise
+        capture and launch on cuda:0). The eager path needs none: torch ops run on their tensors' device."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.device)
 
     @classmethod
     def load(
@@ -276,7 +285,7 @@ class Engine:
 
             decode = [DecodeRow(c.token_ids[0], c.start, c.block_table) for c in plan.chunks]
             ctx0 = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-            with ctx0:
+            with self._on_device(), ctx0:
                 self._inflight[id(plan)] = self.runner.run(decode)
             return
         inputs = StepInputs(plan.chunks, self.cache.block_size, self.cache.window is not None)
