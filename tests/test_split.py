@@ -425,3 +425,29 @@ def test_engine_checks_its_caches_against_the_stages(tiny: Any) -> None:
     smaller = KVCache(m.shape, c1.num_blocks - 1, BLOCK, torch.float32, torch.device("cpu"), layers=range(2, 4))
     with pytest.raises(ValueError, match="differ in blocks"):
         Engine(m, [c0, smaller], engine.config)
+
+
+# -- the GPU bench's planning half ---------------------------------------------------------------------------------
+
+
+def test_multi_gpu_bench_plans_without_a_gpu() -> None:
+    """bench/multi_gpu.py imports without CUDA, and on two simulated H200s the planner splits Llama-3-70B across
+    both (no graph pool), spreads two 8B models one per GPU, and its largest max_seq_len for the split plans while
+    one token and one block more are rejected."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "multi_gpu.py"
+    spec = importlib.util.spec_from_file_location("multi_gpu_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = bench.plan_only(bench.SIMULATED_H200_PAIR)
+    stages = doc["split"]["stages"]
+    assert [s["gpu"] for s in stages] == [0, 1] and stages[0]["layers"][0] == 0 and stages[1]["layers"][1] == 80
+    assert stages[0]["layers"][1] == stages[1]["layers"][0] and all(s["graphs"] == 0 for s in stages)
+    assert set(doc["split"]["predicted_per_gpu"]) == {0, 1}
+    assert doc["pair_devices"] == {"a": [0], "b": [1]}
+    fit = doc["fit"]
+    assert fit["fit_limited_by"] == "memory" and fit["plan_at_fit_feasible"]
+    assert fit["one_token_more"]["rejected"] and fit["one_block_more"]["rejected"]
+    assert not torch.cuda.is_initialized()
