@@ -24,10 +24,10 @@ from llmhost.config import Config, load_config
 from llmhost.engine.tokenizer import Tokenizer
 from llmhost.errors import ConfigError
 from llmhost.host.client import HostClient
+from llmhost.host.coordinator import plan_residencies
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.history import History
 from llmhost.memory.inventory import Inventory, detect_inventory, parse_gpu_spec
-from llmhost.memory.planner import plan_models
 from llmhost.model_files import open_checkpoint
 from llmhost.report import render_plan
 from llmhost.server.app import create_app
@@ -86,7 +86,10 @@ def run_serve(args: argparse.Namespace) -> int:
     console = Console()
     specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
     # The figures earlier loads measured replace the estimate where they exist (LLMHOST_HISTORY=off: never).
-    render_plan(plan_models(specs, inventory, config.host, History()), inventory, console)
+    residencies = plan_residencies(specs, inventory, config.host, History())
+    render_plan(residencies.resident, inventory, console)
+    if residencies.on_demand:
+        console.print(f"loaded on demand, evicting idle models (each fits alone): {', '.join(residencies.on_demand)}")
     sock = _bind(args.host, args.port)
     # Tokenizers first: converting a GGUF vocabulary writes a cache the host process then reads, never both at once.
     tokenizers = {m.name: Tokenizer.from_checkpoint(open_checkpoint(m.path)) for m in config.models}

@@ -309,3 +309,60 @@ def test_concurrent_only_for_small_decode_steps() -> None:
     assert not concurrent_ok(StepShape(1, 0), StepShape(0, 16))
     assert not concurrent_ok(StepShape(1, 16), StepShape(1, 0))
     assert not concurrent_ok(StepShape(0, 0), StepShape(1, 0))
+
+
+def run_overlapped(
+    sched: GpuScheduler, cost: dict[str, float], pair_s: float, iterations: int
+) -> tuple[Counter[str], float, int]:
+    """The host loop with two streams (core.py _step/_peek_second): pick the first model, let the second step
+    beside it when `overlap_ok`, charge overlapped steps their solo cost and feed the estimates as the host does.
+    Wall time: a pair takes `pair_s`, a lone step its cost. Returns the steps per model, the wall seconds and the
+    number of overlapped pairs."""
+    steps: Counter[str] = Counter()
+    wall = 0.0
+    pairs = 0
+    for _ in range(iterations):
+        first = sched.pick(DEV, set(cost))
+        assert first is not None
+        rest = set(cost) - {first}
+        second = sched.pick(DEV, rest, busy=[first]) if rest else None
+        if second is not None and not sched.overlap_ok(first, second):
+            second = None
+        ran = [first] if second is None else [first, second]
+        wall += cost[first] if second is None else pair_s
+        pairs += second is not None
+        for m in ran:
+            steps[m] += 1
+            overlapped = second is not None
+            solo = sched.solo_step_s(m) if overlapped else None
+            sched.charge(m, solo if solo is not None else cost[m])
+            sched.observe(m, 1, 0, pair_s if overlapped else cost[m], overlapped)
+    return steps, wall, pairs
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (3.0, 1.0), (1.0, 3.0)])
+def test_overlapped_steps_share_normalized_speed_by_weight(weights: tuple[float, float]) -> None:
+    """Two models overlapping on two streams: each one's normalized speed (steps x solo cost over wall time, its
+    speed together over alone) follows the weights, and overlap still happens (the pair beats stepping in turn).
+    Before the fix every iteration ran both, one step each whatever the weights."""
+    cost = {"m7b": STEP_7B, "m14b": STEP_14B}
+    sched = make(dict(zip(cost, weights, strict=True)))
+    pair_s = 14.0 * MS  # a pair of overlapped decode steps: longer than the 14B's alone, shorter than both
+    steps, wall, pairs = run_overlapped(sched, cost, pair_s, 3000)
+    normalized = {m: steps[m] * cost[m] / wall for m in cost}
+    assert normalized["m7b"] / normalized["m14b"] == pytest.approx(weights[0] / weights[1], rel=0.05)
+    assert pairs > 300
+    assert sum(normalized.values()) > 1.05
+
+
+def test_overlap_waits_for_solo_costs_and_overlapped_steps_leave_them() -> None:
+    sched = make({"a": 1.0, "b": 1.0})
+    sched.pick(DEV, {"a", "b"})
+    assert not sched.overlap_ok("a", "b"), "no solo cost measured yet: step one after the other"
+    sched.observe("a", 1, 0, STEP_7B)
+    sched.observe("b", 1, 0, STEP_14B)
+    assert sched.overlap_ok("a", "b")
+    sched.observe("a", 1, 0, 30 * MS, overlapped=True)
+    assert sched.solo_step_s("a") == pytest.approx(STEP_7B)
+    sched.charge("b", 10 * STEP_14B)
+    assert not sched.overlap_ok("a", "b"), "b is ahead by more than a's step"

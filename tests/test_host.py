@@ -79,9 +79,51 @@ def test_host_generate_text_with_the_real_smollm2(tmp_path: Path) -> None:
         assert "Paris" in text
         assert host.unload("smol").state == "unloaded"
         # an unloaded model comes back for the next request
-        assert "Paris" in host.generate("smol", "What is the capital of France?", chat=True, max_tokens=16)
+        assert "Paris" in host.generate(
+            "smol", "What is the capital of France?", chat=True, max_tokens=16, temperature=0.0
+        )
         assert [m.state for m in host.ps()] == ["loaded"]
 
 
 def test_inventory_is_the_cpu_here() -> None:
     assert not cpu_inventory().has_gpus
+
+
+def test_host_records_measured_bytes_in_the_history_and_plans_use_them(
+    tiny_models: TinyModels,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a load on a (simulated) GPU the host stores what was measured per stage, keyed as the planner looks
+    it up; the next plan of the same model on the same GPU kind takes those figures."""
+    from multiprocessing import Pipe
+
+    from test_coordinator import FakeRuntime
+
+    from llmhost.config import load_config
+    from llmhost.host.core import HostCore
+    from llmhost.memory.history import History, history_key
+    from llmhost.memory.inventory import parse_gpu_spec
+
+    monkeypatch.setenv("LLMHOST_HISTORY", str(tmp_path / "h.sqlite"))
+    config = load_config(_config(tmp_path, {"a": tiny_models("llama")[1]}))
+    inventory = parse_gpu_spec("1x24GiB")
+
+    class Measuring(FakeRuntime):
+        def measure(self, slot):  # type: ignore[no-untyped-def]
+            planned = super().measure(slot)
+            return {d: {**k, "workspace": 12345, "graphs": 678} for d, k in planned.items()}
+
+    ours, theirs = Pipe()
+    core = HostCore(config, inventory, theirs, Measuring())
+    core._send_status = lambda query_id: None  # type: ignore[method-assign]  # fake engines have no status
+    assert core._bring_in("a") is not None and core.slots["a"].state == "loaded"
+    spec, stage = core.specs["a"], core.slots["a"].plan.stages[0]
+    key = history_key(spec, spec.fingerprint or "", inventory.devices[0], stage.start, stage.end, 16)
+    got = History().lookup(key)
+    assert got is not None and (got.workspace, got.graphs) == (12345, 678)
+    assert got.weights == stage.need.weights
+    again = HostCore(config, inventory, theirs, Measuring())
+    need = again.slots["a"].plan.stages[0].need
+    assert (need.workspace, need.graphs) == (12345, 678), "the next plan uses the measured figures"
+    ours.close()

@@ -13,6 +13,7 @@ The reference forward (model.py) stays the prefill path and the definition of co
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,13 @@ from llmhost.engine.kv_cache import KVCache
 from llmhost.engine.model import LlamaModel
 from llmhost.engine.model import rms_norm as rms_norm_reference
 from llmhost.memory.estimate import graph_batch_sizes
+
+# Fixed: graphs of different models replay at the same time on two streams (host/core.py; the threads of
+# bench/multi_model.py). cuBLAS keeps one workspace per (handle, stream), and a captured GEMM keeps the workspace of
+# the stream it was captured on: on torch's single default capture stream every model's graphs shared one
+# workspace, and concurrent replays raced on it (hangs on the lent H100). One capture stream per model gives each
+# its own; kept per model, so a runner rebuilt after a swap-in reuses it rather than allocating another workspace.
+_CAPTURE_STREAMS: weakref.WeakKeyDictionary[LlamaModel, torch.cuda.Stream] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -165,7 +173,10 @@ class DecodeRunner:
         self._forward(b)  # warm-up: compiles the kernels and lets cuBLAS pick its algorithms
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        stream = _CAPTURE_STREAMS.get(self.model)
+        if stream is None:
+            stream = _CAPTURE_STREAMS[self.model] = torch.cuda.Stream(self.model.device)  # type: ignore[no-untyped-call]
+        with torch.cuda.graph(g, pool=self.pool, stream=stream):
             self._forward(b)
         self.pool = g.pool()
         self.graphs[b] = g

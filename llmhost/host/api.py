@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -27,6 +27,7 @@ from llmhost.engine.tokenizer import Tokenizer
 from llmhost.errors import RequestError
 from llmhost.host.client import HostClient
 from llmhost.host.messages import ModelStatus, TokenEvent
+from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.inventory import Inventory, detect_inventory, parse_gpu_spec
 from llmhost.model_files import open_checkpoint
 
@@ -34,7 +35,15 @@ START_TIMEOUT_S = 600.0  # the first status from the host (planning done), not t
 
 
 class Host:
-    def __init__(self, config: Config, inventory: Inventory | None = None, runtime: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        inventory: Inventory | None = None,
+        runtime: Any = None,
+        specs: Sequence[ModelSpec] | None = None,
+    ) -> None:
+        """runtime, specs: replace the engine runtime and the planner's reading of the checkpoints (benches with
+        random weights at real shapes; see HostClient.start)."""
         self.config = config
         self.inventory = inventory or detect_inventory()
         self.tokenizers: dict[str, Tokenizer] = {}  # loaded on first text request: token-id requests need none
@@ -42,7 +51,7 @@ class Host:
         self._thread = threading.Thread(target=self._loop.run_forever, name="llmhost-api-loop", daemon=True)
         self._thread.start()
         self.client = HostClient(config, self.inventory)
-        self.client.start(in_process=True, runtime=runtime)
+        self.client.start(in_process=True, runtime=runtime, specs=specs)
         if not self.client.status_changed.wait(START_TIMEOUT_S) or self.client.stopped is not None:
             reason = self.client.stopped.reason if self.client.stopped else "no answer"
             self.close()

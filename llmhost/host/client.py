@@ -13,7 +13,7 @@ import multiprocessing as mp
 import queue
 import threading
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from llmhost.config import Config
 from llmhost.engine.sampling_params import SamplingParams
-from llmhost.host.core import host_main
+from llmhost.host.core import HostCore, host_main
 from llmhost.host.messages import (
     Abort,
     AdminCommand,
@@ -37,6 +37,7 @@ from llmhost.host.messages import (
     TokenBatch,
     TokenEvent,
 )
+from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.inventory import Inventory
 
 
@@ -62,8 +63,28 @@ class _HostThread(threading.Thread):
     """The host loop in a thread, with the process API HostClient.stop uses (a thread cannot be killed: a host
     that does not stop on Shutdown is left to the interpreter's exit, as a daemon)."""
 
-    def __init__(self, config: Config, inventory: Inventory, conn: Connection, runtime: Any) -> None:
-        super().__init__(target=host_main, args=(config, inventory, conn, runtime), name="llmhost-host", daemon=True)
+    def __init__(
+        self,
+        config: Config,
+        inventory: Inventory,
+        conn: Connection,
+        runtime: Any,
+        specs: Sequence[ModelSpec] | None,
+        on_start: Callable[[HostCore], None] | None,
+    ) -> None:
+        super().__init__(
+            target=host_main,
+            args=(config, inventory, conn, runtime, specs, self._started),
+            name="llmhost-host",
+            daemon=True,
+        )
+        self.core: HostCore | None = None
+        self._on_start = on_start
+
+    def _started(self, core: HostCore) -> None:
+        self.core = core
+        if self._on_start is not None:
+            self._on_start(core)
 
     def terminate(self) -> None:
         pass
@@ -85,15 +106,26 @@ class HostClient:
         self._lock = threading.Lock()
         self.status_changed = threading.Event()
 
-    def start(self, in_process: bool = False, runtime: Any = None) -> None:
+    def start(
+        self,
+        in_process: bool = False,
+        runtime: Any = None,
+        specs: Sequence[ModelSpec] | None = None,
+        on_start: Callable[[HostCore], None] | None = None,
+    ) -> None:
         """Start the host: in a spawned process (the server), or in a thread of this process (the Python API and
-        the benches; `runtime` then replaces the engine runtime, e.g. random weights)."""
+        the benches). In-process only: `runtime` replaces the engine runtime (e.g. random weights), `specs` the
+        planner's reading of the checkpoints (e.g. ModelSpec.from_shape where no checkpoint exists), and
+        `on_start` is called with the core in the host thread before its first load (e.g. to observe its
+        coordinator)."""
         self._proc: _HostThread | mp.process.BaseProcess
         if in_process:
             self._conn, child = mp.Pipe()
-            self._proc = _HostThread(self.config, self.inventory, child, runtime)
+            self._proc = _HostThread(self.config, self.inventory, child, runtime, specs, on_start)
             self._proc.start()
         else:
+            if runtime is not None or specs is not None or on_start is not None:
+                raise ValueError("runtime, specs and on_start apply to an in-process host only")
             ctx = mp.get_context("spawn")
             self._conn, child = ctx.Pipe()
             self._proc = ctx.Process(
@@ -117,6 +149,13 @@ class HostClient:
             self._proc.kill()
         self._outbox.put(None)
         self._fail_all(HostStopped("the server is shutting down"))
+
+    @property
+    def core(self) -> HostCore | None:
+        """The in-process host's core once it is built (benches read its coordinator and GPU scheduler; read only,
+        and only what the loop thread no longer changes); None for a host in its own process."""
+        proc = getattr(self, "_proc", None)
+        return proc.core if isinstance(proc, _HostThread) else None
 
     @property
     def alive(self) -> bool:

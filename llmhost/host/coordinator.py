@@ -28,6 +28,7 @@ from llmhost.errors import LlmhostError
 from llmhost.host.ledger import Ledger, Reading
 from llmhost.host.messages import ModelState
 from llmhost.memory.estimate import ModelSpec
+from llmhost.memory.history import History
 from llmhost.memory.inventory import Inventory
 from llmhost.memory.plan import ModelPlan, Plan
 from llmhost.memory.planner import PlanInfeasible, plan_models
@@ -36,6 +37,7 @@ from llmhost.units import fmt_bytes
 log = logging.getLogger("llmhost.host")
 
 ByDevice = dict[int, dict[str, int]]  # device index -> memory kind -> bytes
+REFRESH_BLOCKED_S = 1.0  # a load that does not fit re-reads the devices at most this often
 
 
 class Residency(enum.Enum):
@@ -138,6 +140,7 @@ class Coordinator:
     on_loaded: Callable[[Slot, ByDevice], None] = lambda slot, measured: None  # e.g. record in history
     clock: Callable[[], float] = time.monotonic
     events: list[Event] = field(default_factory=list)
+    next_refresh: float = 0.0  # clock time from which a blocked load may re-read the devices again
 
     # -- residency ----------------------------------------------------------------------------------------------
 
@@ -152,6 +155,13 @@ class Coordinator:
             return Residency.READY
         need = slot.planned()
         victims = self._victims(slot, need)
+        if victims is None and self.clock() >= self.next_refresh:
+            # Fixed: the drift (driver-used bytes the ledger cannot explain, e.g. another process still freeing its
+            # memory at the last reconciliation) was re-read only at a load, park or unload, so a load it blocked
+            # waited forever (seen on the lent H100). Re-read the devices, at most once a second, and decide again.
+            self.next_refresh = self.clock() + REFRESH_BLOCKED_S
+            self._reconcile(list(need))
+            victims = self._victims(slot, need)
         if victims is None:
             return Residency.BLOCKED
         for v in victims:
@@ -215,11 +225,14 @@ class Coordinator:
             raise LoadFailed(f"model '{slot.name}' could not be {'swapped in' if swap else 'loaded'}: {e}") from e
         seconds = time.perf_counter() - t0
         measured = self.runtime.measure(slot)
-        # Workspace is the largest step's peak, not reached yet: keep the plan's figure reserved when larger.
-        for dev, kinds in measured.items():
-            kinds["workspace"] = max(kinds.get("workspace", 0), need.get(dev, {}).get("workspace", 0))
+        # The ledger keeps the plan's workspace reserved where it is larger than what was measured: a step larger
+        # than the profiled one (a batch of prefills) may still come.
+        entries = {
+            dev: {**kinds, "workspace": max(kinds.get("workspace", 0), need.get(dev, {}).get("workspace", 0))}
+            for dev, kinds in measured.items()
+        }
         self.ledger.release(slot.name)
-        self.ledger.place(slot.name, measured)
+        self.ledger.place(slot.name, entries)
         if swap:  # the host copy stays (and stays counted): parking again needs no copy
             slot.swaps_in += 1
             slot.last_swap_s = seconds
@@ -336,24 +349,26 @@ def _lru(slot: Slot) -> float:
     return slot.last_used
 
 
-def plan_residencies(specs: Sequence[ModelSpec], inventory: Inventory, host_config: Any) -> Residencies:
+def plan_residencies(
+    specs: Sequence[ModelSpec], inventory: Inventory, host_config: Any, history: History | None = None
+) -> Residencies:
     """All models at once when they fit (the normal plan). Otherwise the longest prefix in config order that fits
     at once is loaded at start, and every other model is planned alone (it must fit by itself, pinned models'
     memory aside) and swapped in on demand. A model that fits nowhere even alone raises the planner's
     PlanInfeasible with its remedies, as `llmhost plan` does."""
     try:
-        return Residencies(plan_models(specs, inventory, host_config), {})
+        return Residencies(plan_models(specs, inventory, host_config, history), {})
     except PlanInfeasible:
         pass
     k = len(specs) - 1
     while k > 0:
         try:
-            resident = plan_models(specs[:k], inventory, host_config)
+            resident = plan_models(specs[:k], inventory, host_config, history)
             break
         except PlanInfeasible:
             k -= 1
     else:
-        resident = plan_models(specs[:1], inventory, host_config)
+        resident = plan_models(specs[:1], inventory, host_config, history)
         k = 1
     pinned = [s for s in specs[:k] if s.config.keep_alive_s < 0]
     on_demand: dict[str, ModelPlan] = {}
@@ -368,6 +383,6 @@ def plan_residencies(specs: Sequence[ModelSpec], inventory: Inventory, host_conf
                 f"model '{spec.name}' is pinned (keep_alive = -1) but does not fit beside the models before it; "
                 "list pinned models first or give it a keep_alive"
             )
-        alone = plan_models([*pinned, spec], inventory, host_config)
+        alone = plan_models([*pinned, spec], inventory, host_config, history)
         on_demand[spec.name] = next(m for m in alone.models if m.name == spec.name)
     return Residencies(resident, on_demand)

@@ -3,8 +3,9 @@ model steps next on each device) and every engine, and talks to its client over 
 
 One loop iteration: bring in models that have requests waiting (loading or swapping them back, evicting others),
 drain messages, then step: per device the scheduler picks the ready model with the least weighted GPU time (two
-small decode steps of different models share the GPU on two CUDA streams); every device's step is launched before
-any is collected, so devices run in parallel; the tokens of the whole iteration go out in one message.
+small decode steps of different models share the GPU on two CUDA streams when the second is not ahead of its
+share); every device's step is launched before any is collected, so devices run in parallel; the tokens of the
+whole iteration go out in one message.
 
 One failing model never takes the others down: a failed load marks that model "failed" and fails its waiting
 requests, a step that raises fails that engine's requests, and the loop goes on.
@@ -17,6 +18,7 @@ import logging
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -27,7 +29,7 @@ from llmhost.config import Config
 from llmhost.engine.engine import Engine
 from llmhost.engine.scheduler import StepPlan
 from llmhost.errors import LlmhostError, RequestError
-from llmhost.host.coordinator import Coordinator, LoadFailed, ModelRuntime, Residency, Slot, plan_residencies
+from llmhost.host.coordinator import ByDevice, Coordinator, LoadFailed, ModelRuntime, Residency, Slot, plan_residencies
 from llmhost.host.gpu_scheduler import GpuScheduler, StepShape, concurrent_ok
 from llmhost.host.ledger import Ledger
 from llmhost.host.messages import (
@@ -45,6 +47,7 @@ from llmhost.host.messages import (
     TokenEvent,
 )
 from llmhost.memory.estimate import ModelSpec
+from llmhost.memory.history import History, Measured, history_key
 from llmhost.memory.inventory import Inventory, host_memory
 from llmhost.model_files import open_checkpoint
 
@@ -64,16 +67,31 @@ class _Running:
     plan: StepPlan
     shape: StepShape
     t0: float
+    overlapped: bool = False  # another model's step ran beside it on another stream
 
 
 class HostCore:
     def __init__(
-        self, config: Config, inventory: Inventory, conn: Connection, runtime: ModelRuntime | None = None
+        self,
+        config: Config,
+        inventory: Inventory,
+        conn: Connection,
+        runtime: ModelRuntime | None = None,
+        specs: Sequence[ModelSpec] | None = None,
     ) -> None:
+        """specs: the planner's view of each configured model, in config order; None reads them from the
+        checkpoints. Benches that build random-weight engines at a real shape (a runtime of their own, no
+        checkpoint on disk) pass ModelSpec.from_shape."""
         self.config = config
         self.conn = conn
-        specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
-        self.residencies = plan_residencies(specs, inventory, config.host)
+        if specs is None:
+            specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
+        elif [s.name for s in specs] != [m.name for m in config.models]:
+            raise ValueError("specs must name the configured models, in config order")
+        self.specs = {s.name: s for s in specs}
+        self.inventory = inventory
+        self.history = History()
+        self.residencies = plan_residencies(specs, inventory, config.host, self.history)
         plan = self.residencies.resident
         if runtime is None:
             from llmhost.host.model_runtime import EngineRuntime
@@ -89,7 +107,9 @@ class HostCore:
             )
             slots[name] = Slot(config.model(name), mp, devices)
         park_ram = config.host.park_ram if config.host.park_ram is not None else host_memory()[0] // 2
-        self.coordinator = Coordinator(slots, Ledger(plan.budgets, park_ram), runtime, busy=self._busy)
+        self.coordinator = Coordinator(
+            slots, Ledger(plan.budgets, park_ram), runtime, busy=self._busy, on_loaded=self._record
+        )
         self.gpu = GpuScheduler()
         self.pending: dict[str, deque[Submit]] = {name: deque() for name in slots}
         self.resident_at_start = [m.name for m in plan.models]
@@ -105,6 +125,20 @@ class HostCore:
         eng: Engine | None = self.slots[name].engine
         in_engine = eng is not None and self.slots[name].state == "loaded" and bool(eng.seqs)
         return in_engine or bool(self.pending[name])
+
+    def _record(self, slot: Slot, measured: ByDevice) -> None:
+        """Store what this load measured per stage, so later plans of the same model, config, GPU kind and torch
+        use it (memory/history.py). GPUs only: the CPU's figures are exact arithmetic already."""
+        spec = self.specs[slot.name]
+        if spec.fingerprint is None or not self.history.enabled:
+            return
+        for st in slot.plan.stages:
+            device = self.inventory.devices[st.device]
+            if device.kind == "cpu" or st.device not in measured:
+                continue
+            m = measured[st.device]
+            key = history_key(spec, spec.fingerprint, device, st.start, st.end, self.residencies.resident.block_size)
+            self.history.record(key, Measured(m["weights"], m["kv"], m["workspace"], m["graphs"]))
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -300,6 +334,7 @@ class HostCore:
             rest = [n for n in ready if n != first.name]
             second = self._peek_second(device, rest, first)
             if second is not None:
+                first.overlapped = second.overlapped = True
                 launched.append(second)
         events: list[TokenEvent] = []
         for run in launched:
@@ -340,6 +375,10 @@ class HostCore:
         name = self.gpu.pick(device, rest, busy=[first.name])
         if name is None or not concurrent_ok(first.shape, _next_shape(self.slots[name].engine)):
             return None
+        # Fixed: the second model used to step beside every step of the first whatever its virtual time, so
+        # with two models both stepped once per pair and weights had no effect (gpu_scheduler.py's docstring).
+        if not self.gpu.overlap_ok(first.name, name):
+            return None
         plan, shape = self._plan(name, device)
         if plan.empty:
             return None
@@ -369,8 +408,11 @@ class HostCore:
             self._fail_engine(run.name, run.engine)
             return []
         seconds = time.perf_counter() - run.t0
-        self.gpu.charge(run.name, seconds)
-        self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds)
+        solo = self.gpu.solo_step_s(run.name) if run.overlapped else None
+        # An overlapped step is charged its solo cost (the pair's wall time would give both models the same
+        # number of steps whatever their weights: gpu_scheduler.py).
+        self.gpu.charge(run.name, solo if solo is not None else seconds)
+        self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds, run.overlapped)
         self.coordinator.touch(run.name)
         return [TokenEvent(o.seq_id, o.token, o.logprob, o.top_logprobs, o.finish_reason) for o in outs]
 
@@ -390,16 +432,26 @@ def _next_shape(engine: Engine) -> StepShape:
     return StepShape(rows, prefill)
 
 
-def host_main(config: Config, inventory: Inventory, conn: Connection, runtime: Any = None) -> None:
-    """Entry point of the host-core process (or thread, in-process)."""
+def host_main(
+    config: Config,
+    inventory: Inventory,
+    conn: Connection,
+    runtime: Any = None,
+    specs: Sequence[ModelSpec] | None = None,
+    on_start: Callable[[HostCore], None] | None = None,
+) -> None:
+    """Entry point of the host-core process (or thread, in-process). on_start: called with the core before its
+    loop starts (in-process hosts: benches and tests reach the coordinator and the GPU scheduler through it)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s host %(levelname)s %(message)s")
     torch.set_grad_enabled(False)
     try:
-        core = HostCore(config, inventory, conn, runtime)
+        core = HostCore(config, inventory, conn, runtime, specs)
     except LlmhostError as e:
         conn.send(HostStopped(str(e)))
         return
+    if on_start is not None:
+        on_start(core)
     # The API process going away (a closed pipe) or Ctrl-C reaching the process group both mean: stop quietly.
     with contextlib.suppress(EOFError, BrokenPipeError, KeyboardInterrupt):
         core.run()

@@ -8,6 +8,14 @@ its step costs, within one step's cost / weight. A model that was not ready, and
 time lifted to the smallest of the models that stayed ready (the WFQ rule): time it spent idle earns no credit, so
 it takes no burst, and models with nothing to do take no share.
 
+Two models' small decode steps may overlap on two CUDA streams (`concurrent_ok`). An overlapped step is charged
+what it costs alone (its model's decode_step_s, measured on steps that ran alone), not its wall time: both steps
+take about as long as the pair, so charging wall time would give each model one step per pair whatever its weight,
+and the smaller model's speed would fall to its step time over the pair's (the report's starved small model). With
+solo costs, virtual time counts each model's normalized progress (its speed together over its speed alone), which
+is what fair sharing promises. `overlap_ok` lets the second model start beside the first only when its virtual
+time is within the first's step (start-time fair queuing's eligibility), so overlap never lets it run ahead.
+
 Invariants: virtual times only grow; a lone ready model is always picked; devices are independent of each other.
 """
 
@@ -145,7 +153,7 @@ class GpuScheduler:
 
     def charge(self, model: str, seconds: float) -> None:
         """Account `seconds` of GPU time to `model` (its step's CUDA-event or wall time). When two steps overlapped
-        on separate streams, charge each its own measured time: both were slowed by sharing the GPU."""
+        on separate streams, charge each what it costs alone (`solo_step_s`; see the module's docstring)."""
         if not seconds >= 0.0 or math.isinf(seconds):
             raise ValueError(f"model '{model}': GPU time must be a finite number of seconds >= 0, got {seconds}")
         acct = self._account(model)
@@ -165,14 +173,31 @@ class GpuScheduler:
         """GPU seconds charged to `model` since it was added."""
         return self._account(model).gpu_s
 
+    def solo_step_s(self, model: str) -> float | None:
+        """The model's decode step time when it runs alone (EMA); None before one was measured."""
+        return self._account(model).decode_step_s
+
+    def overlap_ok(self, first: str, second: str) -> bool:
+        """Whether `second` may step now on another stream beside `first`'s step (just picked, not yet charged)
+        without running ahead of its share: its virtual time must not pass the one `first` reaches at the end of
+        its step, vtime(first) + solo cost / weight. Both need a measured solo decode step, the cost an
+        overlapped step is charged; until then they step one after the other (which measures it)."""
+        a, b = self._account(first), self._account(second)
+        if a.device != b.device or a.decode_step_s is None or b.decode_step_s is None:
+            return False
+        return b.vtime <= a.vtime + a.decode_step_s / a.weight
+
     # -- step costs and prefill chunking ------------------------------------------------------------------------
 
-    def observe(self, model: str, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
+    def observe(
+        self, model: str, decode_rows: int, prefill_tokens: int, seconds: float, overlapped: bool = False
+    ) -> None:
         """Feed the step-cost estimates with one executed step: `decode_rows` decode tokens, `prefill_tokens`
         prompt tokens, `seconds` from launch to completion on the GPU (its latency, even if it overlapped).
 
-        - A decode-only step samples decode_step_s, the model's base step time (nearly flat in the row count at
-          small batches; the average follows the batch).
+        - A decode-only step that ran alone samples decode_step_s, the model's base step time (nearly flat in
+          the row count at small batches; the average follows the batch). An `overlapped` one (another model's
+          step ran beside it on another stream) does not: its latency is the pair's, not its own cost.
         - A step with prefill samples prefill_token_s, the seconds each prefill token adds, as the slope of a
           secant from a reference step: (seconds - ref_s) / (prefill_tokens - ref_tokens). The reference is the
           decode step (0 tokens, decode_step_s) once one was measured; before that (a model whose first steps are
@@ -183,7 +208,7 @@ class GpuScheduler:
             raise ValueError(f"model '{model}': step sizes must be >= 0 and seconds finite >= 0")
         acct = self._account(model)
         if prefill_tokens == 0:
-            if decode_rows > 0:
+            if decode_rows > 0 and not overlapped:
                 acct.decode_step_s = self._ema(acct.decode_step_s, seconds)
             return
         acct.largest_prefill = self._extreme(acct.largest_prefill, prefill_tokens, seconds, larger=True)

@@ -12,15 +12,27 @@ import torch
 
 from llmhost.engine.engine import Engine
 from llmhost.engine.placement import LayerPlacement
+from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.tokenizer import Tokenizer
 from llmhost.errors import LlmhostError
 from llmhost.host import parking
 from llmhost.host.coordinator import ByDevice, Slot
 from llmhost.host.ledger import Reading
+from llmhost.memory.estimate import step_tokens
 from llmhost.memory.inventory import Inventory
 from llmhost.model_files import open_checkpoint
 
 log = logging.getLogger("llmhost.host")
+
+
+def run_largest_step(engine: Engine) -> None:
+    """Run the largest step a request can cause once (a dummy prompt of one full prefill chunk, one output token),
+    so the caching allocator holds that step's activations: measured at load, the workspace is a measurement
+    in the ledger and the history, not the estimate."""
+    n = min(step_tokens(engine.config), engine.config.max_seq_len - 1)
+    rid = engine.add_request([0] * n, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    while rid in engine.seqs:
+        engine.step()
 
 
 class DriverProbe:
@@ -80,15 +92,42 @@ class EngineRuntime:
         self.block_size = block_size
         self.probe = DriverProbe(inventory)
         self._kv_bytes: dict[str, list[int]] = {}
+        self._workspace: dict[str, dict[str, int]] = {}  # model -> device -> bytes its largest step took
 
     def load(self, slot: Slot) -> None:
+        gpus = [torch.device(n) for n in slot.device_names if n.startswith("cuda")]
+        before = {}
+        for d in gpus:
+            torch.cuda.synchronize(d)
+            before[str(d)] = torch.cuda.memory_reserved(d)
+        slot.engine = self.build(slot)
+        if gpus:
+            # Per GPU, what the load and the largest step left reserved beyond weights, KV and the runner's static
+            # buffers: activations and the CUDA-graph pool (the estimate's workspace and pool terms).
+            run_largest_step(slot.engine)
+            reports = slot.engine.memory_by_device()
+            self._workspace[slot.name] = {
+                str(d): max(
+                    0,
+                    torch.cuda.memory_reserved(d)
+                    - before[str(d)]
+                    - reports[str(d)].weights
+                    - reports[str(d)].kv
+                    - reports[str(d)].graphs,
+                )
+                for d in gpus
+            }
+
+    def build(self, slot: Slot) -> Engine:
+        """The slot's engine from its checkpoint, where its plan puts it (a bench overrides this to build random
+        weights at a real shape; load's measuring stays the same)."""
         ckpt = open_checkpoint(slot.config.path)
         try:
             eos: tuple[int, ...] = tuple(Tokenizer.from_checkpoint(ckpt).eos_token_ids)
         except LlmhostError as e:  # token-id clients (Host.stream_tokens) need no tokenizer; text clients fail earlier
             log.warning("model '%s': no tokenizer (%s); it stops only at max_tokens or stop ids", slot.name, e)
             eos = ()
-        slot.engine = Engine.load(
+        return Engine.load(
             slot.config,
             slot.device_names[0],
             kv_tokens=slot.plan.kv_tokens,
@@ -117,21 +156,24 @@ class EngineRuntime:
         self._free()
 
     def drop_parked(self, slot: Slot) -> None:
+        if slot.parked is not None:
+            slot.parked.release()  # unpinned now, freed with the last reference
         slot.parked = None
         if slot.state == "parked":
             slot.engine = None  # a parked engine without its host copy has nothing to come back from
         self._free()
 
     def measure(self, slot: Slot) -> ByDevice:
-        """Weights, KV and the decode runner's static buffers per device, from the tensors held there. Workspace
-        (the largest step's activations) is left to the plan's reservation: the allocator's peak is device-wide
-        and cannot be told apart between models sharing a GPU."""
+        """Weights, KV and the decode runner's static buffers per device, from the tensors held there; workspace
+        as the profile step at load measured it (0 on the CPU)."""
         engine: Engine = slot.engine
         reports = engine.memory_by_device()
+        workspace = self._workspace.get(slot.name, {})
         out: ByDevice = {}
         for st, name in zip(slot.plan.stages, slot.device_names, strict=True):
-            r = reports[str(torch.device(name))]
-            out[st.device] = {"weights": r.weights, "kv": r.kv, "workspace": 0, "graphs": r.graphs}
+            key = str(torch.device(name))
+            r = reports[key]
+            out[st.device] = {"weights": r.weights, "kv": r.kv, "workspace": workspace.get(key, 0), "graphs": r.graphs}
         return out
 
     def reading(self, device: int) -> Reading | None:

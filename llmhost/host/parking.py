@@ -13,8 +13,10 @@ The host copy is kept after an unpark: weights never change, so parking the same
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,12 +25,44 @@ from llmhost.engine.engine import Engine
 
 @dataclass
 class HostCopy:
-    host: torch.Tensor  # [bytes] uint8, pinned when the engine is on a GPU
+    host: torch.Tensor  # [bytes] uint8, page-locked (registered with the driver) when the engine is on a GPU
     offsets: list[tuple[torch.UntypedStorage, int, int]]  # (device storage, offset in host, bytes)
+    registered: bool = False  # host is registered with cudaHostRegister: release() must unregister it
 
     @property
     def nbytes(self) -> int:
         return self.host.numel()
+
+    def release(self) -> None:
+        """Unpin the host memory (it is freed when the last reference goes). Call before dropping the copy."""
+        if self.registered:
+            self.registered = False
+            rt = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+            _check(rt.cudaHostUnregister(self.host.data_ptr()), "cudaHostUnregister")
+
+    def __del__(self) -> None:
+        # A copy dropped without release() must not leave its pages registered after they are freed.
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+def pinned_empty(nbytes: int) -> torch.Tensor:
+    """Exactly `nbytes` of page-locked host memory, registered with the driver (cudaHostRegister); unregister it
+    with cudaHostUnregister before it is freed (HostCopy.release).
+
+    Fixed: host copies were allocated with pin_memory=True, but torch's pinned allocator rounds every allocation
+    up to a power of two (a 27.5 GiB Qwen2.5-14B copy pinned 32 GiB, beyond what the park budget counts) and
+    keeps freed blocks pinned in its cache, so dropping a host copy gave no RAM back."""
+    host = torch.empty(nbytes, dtype=torch.uint8)
+    rt = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    _check(rt.cudaHostRegister(host.data_ptr(), nbytes, 0), "cudaHostRegister")
+    return host
+
+
+def _check(err: Any, call: str) -> None:
+    """err: torch.cuda.cudart()'s cudaError (0: success)."""
+    if int(err) != 0:
+        raise RuntimeError(f"{call} failed with CUDA error {int(err)}")
 
 
 def _weight_storages(engine: Engine) -> list[torch.UntypedStorage]:
@@ -58,7 +92,7 @@ def park(engine: Engine, copy: HostCopy | None) -> HostCopy:
     on_gpu = engine.device.type == "cuda"
     if copy is None:
         total = sum(st.nbytes() for st in storages)
-        host = torch.empty(total, dtype=torch.uint8, pin_memory=on_gpu)
+        host = pinned_empty(total) if on_gpu else torch.empty(total, dtype=torch.uint8)
         offsets = []
         off = 0
         for st in storages:
@@ -66,7 +100,7 @@ def park(engine: Engine, copy: HostCopy | None) -> HostCopy:
             host[off : off + n].copy_(_flat(st), non_blocking=True)
             offsets.append((st, off, n))
             off += n
-        copy = HostCopy(host, offsets)
+        copy = HostCopy(host, offsets, registered=on_gpu)
         if on_gpu:
             torch.cuda.synchronize(engine.device)  # the copies must land before the storages are freed
     engine.runner = None  # drops the graphs, their pool and the static buffers
