@@ -352,3 +352,29 @@ def test_split_model_is_placed_and_freed_on_every_device_ledger() -> None:
         assert dev.last is not None and dev.last.unexplained == -workspace(dev)
     coord.unload("big")
     assert all("big" not in d.entries for d in coord.ledger.devices) and "big" not in rt.alloc
+
+
+def test_blocked_load_rereads_the_driver_when_the_drift_was_transient() -> None:
+    """Another process still held 47 GiB at the last reconciliation (it was exiting): the drift made a load wait.
+    Once that memory is gone, the next attempt re-reads the driver and loads it (nothing is evictable: only the
+    stale drift stood in the way)."""
+    rt = FakeRuntime()
+    ghost = [0]
+    real = rt.reading
+
+    def reading(device: int) -> Reading | None:
+        r = real(device)
+        assert r is not None
+        return Reading(used=r.used + ghost[0], external=r.external)
+
+    rt.reading = reading  # type: ignore[method-assign]
+    coord, _, now = build([cfg("a", keep_alive_s=-1), cfg("b")], runtime=rt, shapes={"b": SMALL})
+    ghost[0] = 47 * GiB
+    coord.unload("b")  # reconciles while the other process still holds its memory
+    assert coord.ledger.devices[0].drift > 40 * GiB
+    assert coord.ensure_resident("b") is Residency.BLOCKED
+    ghost[0] = 0
+    assert coord.ensure_resident("b") is Residency.BLOCKED, "re-read at most once a second"
+    now[0] += 1.0
+    assert coord.ensure_resident("b") is Residency.READY
+    assert coord.ledger.devices[0].drift == 0

@@ -1,0 +1,187 @@
+"""The JSON document of bench/multi_model.py: each scenario's numbers summarized from its phases, and every target
+of issue 6 judged on them (met, not met, or not measured, with the value and the goal side by side)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+PAIR_KEYS = ("together_1_1", "together_3_1", "together_1_3")
+
+
+def _tok(stats: dict[str, Any], name: str) -> float | None:
+    row = stats.get(name) if isinstance(stats, dict) else None
+    return float(row["tokens_per_s"]) if isinstance(row, dict) and "tokens_per_s" in row else None
+
+
+def _pair_summary(together: dict[str, Any], alone: dict[str, Any], names: list[str], copy_gbps: float | None) -> dict:
+    """Per model tok/s alone and together, normalized speed, GPU share; both: normalized sum, effective bandwidth."""
+    out: dict[str, Any] = {"models": {}}
+    norms = []
+    combined = 0.0
+    for n in names:
+        t, a = _tok(together, n), _tok(alone, n)
+        norm = t / a if t is not None and a else None
+        norms.append(norm)
+        row = together.get(n, {})
+        combined += row.get("bytes_per_s", 0.0)
+        out["models"][n] = {
+            "tokens_per_s_alone": a,
+            "tokens_per_s_together": t,
+            "normalized": round(norm, 4) if norm is not None else None,
+            "gpu_share": row.get("gpu_share"),
+            "itl_ms_together": row.get("itl_ms"),
+        }
+    if all(x is not None for x in norms):
+        out["normalized_sum"] = round(sum(x for x in norms if x is not None), 4)
+    out["combined_bandwidth_GBps"] = round(combined / 1e9, 1)
+    if copy_gbps:
+        out["fraction_of_copy_bandwidth"] = round(combined / 1e9 / copy_gbps, 4)
+    if "failed_requests" in together:
+        out["failed_requests"] = together["failed_requests"]
+    return out
+
+
+def _target(name: str, value: Any, goal: str, met: bool | None, **extra: Any) -> dict[str, Any]:
+    return {"target": name, "value": value, "goal": goal, "met": met, **extra}
+
+
+def build(
+    mode: Any, pair_names: list[str], four_names: list[str], results: dict[str, Any], mps: dict[str, Any]
+) -> dict[str, Any]:
+    base = results.get("pair/baseline", {})
+    copy_gbps = base.get("copy_bandwidth_GBps")
+    host = dict(results.get("pair/host", {}))
+    for key in ("pair/host-3:1", "pair/host-1:3"):  # each weighting's host ran in a process of its own
+        host.update({k: v for k, v in results.get(key, {}).items() if k.startswith("together_")})
+    pair: dict[str, Any] = {"shapes": list(mode.pair), "host": {}, "baselines": {}}
+    host_alone = host.get("alone", {})
+    pair["host"]["alone"] = host_alone
+    for key in PAIR_KEYS:
+        if key in host:
+            pair["host"][key] = _pair_summary(host[key], host_alone, pair_names, copy_gbps)
+    engine_alone = base.get("alone", {})
+    pair["baselines"]["engine_alone"] = engine_alone
+    sources = {
+        "threads": base.get("threads"),
+        "processes": results.get("pair/processes", {}).get("processes"),
+        "mps": results.get("pair/mps", {}).get("processes"),
+    }
+    for key, stats in sources.items():
+        if stats:
+            pair["baselines"][key] = _pair_summary(stats, engine_alone, pair_names, copy_gbps)
+
+    four: dict[str, Any] = {"shapes": list(mode.four), "clients_per_model": 8, "host": {}, "baselines": {}}
+    fh = results.get("four/host", {})
+    if "together" in fh:
+        together = fh["together"]
+        four["host"]["aggregate_tokens_per_s"] = round(sum(_tok(together, n) or 0.0 for n in four_names), 1)
+        four["host"]["failed_requests"] = together.get("failed_requests", 0) + fh.get("alone_failed_requests", 0)
+        four["host"]["models"] = {
+            n: {
+                "tokens_per_s_alone": _tok(fh.get("alone", {}), n),
+                "tokens_per_s_together": _tok(together, n),
+                "gpu_share": together.get(n, {}).get("gpu_share"),
+                "itl_ms_alone": fh.get("alone", {}).get(n, {}).get("itl_ms"),
+                "itl_ms_together": together.get(n, {}).get("itl_ms"),
+            }
+            for n in four_names
+        }
+    four_sources = {
+        "threads": results.get("four/baseline", {}).get("threads"),
+        "processes": results.get("four/processes", {}).get("processes"),
+        "mps": results.get("four/mps", {}).get("processes"),
+    }
+    for key, stats in four_sources.items():
+        if stats:
+            four["baselines"][key] = {
+                "aggregate_tokens_per_s": round(sum(_tok(stats, n) or 0.0 for n in four_names), 1),
+                "models": {
+                    n: {"tokens_per_s": _tok(stats, n), "itl_ms": stats.get(n, {}).get("itl_ms")} for n in four_names
+                },
+            }
+
+    swap = results.get("swap/swap", {})
+    hosts = ("pair/host", "pair/host-3:1", "pair/host-1:3", "four/host", "swap/swap")
+    recs = [r for k in hosts for r in results.get(k, {}).get("reconciliations", [])]
+    doc: dict[str, Any] = {
+        "copy_bandwidth_GBps": copy_gbps,
+        "pair": pair,
+        "four": four,
+        "swap": {k: v for k, v in swap.items() if k != "reconciliations"},
+        "memory": {
+            "reconciliations": recs,
+            "max_abs_relative_error": max((abs(r["relative_error"]) for r in recs), default=None),
+        },
+        "mps": mps,
+    }
+    doc["targets"] = targets(pair, four, swap, recs, copy_gbps)
+    doc["errors"] = {k: v for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    doc["phase_seconds"] = {k: v.get("phase_s") for k, v in results.items() if isinstance(v, dict)}
+    return doc
+
+
+def targets(
+    pair: dict[str, Any], four: dict[str, Any], swap: dict[str, Any], recs: list[dict[str, Any]], copy: float | None
+) -> list[dict[str, Any]]:
+    out = []
+    eq = pair["host"].get("together_1_1", {})
+    frac = eq.get("fraction_of_copy_bandwidth")
+    out.append(_target("pair: combined effective bandwidth / copy bandwidth (weights 1:1)", frac, ">= 0.88",
+                       None if frac is None else frac >= 0.88, combined_GBps=eq.get("combined_bandwidth_GBps"),
+                       copy_GBps=copy))  # fmt: skip
+    mine = eq.get("combined_bandwidth_GBps")
+    best = {k: v.get("combined_bandwidth_GBps") for k, v in pair["baselines"].items() if "combined_bandwidth_GBps" in v}
+    out.append(_target("pair: combined bandwidth above every baseline", mine, f"> {best}",
+                       None if mine is None or not best else all(mine > b for b in best.values())))  # fmt: skip
+    norms = [m.get("normalized") for m in eq.get("models", {}).values()]
+    if len(norms) == 2 and None not in norms:
+        a, b = norms
+        spread = abs(a - b) / max(a, b)
+        out.append(_target("pair: normalized speeds within 15% (weights 1:1)", round(spread, 4), "<= 0.15",
+                           spread <= 0.15, normalized=norms))  # fmt: skip
+    else:
+        out.append(_target("pair: normalized speeds within 15% (weights 1:1)", None, "<= 0.15", None))
+    for key, heavy in (("together_3_1", 0), ("together_1_3", 1)):
+        run = pair["host"].get(key, {})
+        ns = [m.get("normalized") for m in run.get("models", {}).values()]
+        if len(ns) == 2 and None not in ns and ns[1 - heavy]:
+            ratio = ns[heavy] / ns[1 - heavy]
+            out.append(_target(f"pair: normalized ratio heavy/light, weights {key[9:].replace('_', ':')}",
+                               round(ratio, 3), "3 +- 0.45", abs(ratio - 3.0) <= 0.45, normalized=ns))  # fmt: skip
+        else:
+            out.append(_target(f"pair: normalized ratio, weights {key[9:].replace('_', ':')}", None, "3 +- 0.45", None))
+
+    agg = four["host"].get("aggregate_tokens_per_s")
+    bases = {k: v["aggregate_tokens_per_s"] for k, v in four["baselines"].items()}
+    best4 = max(bases.values()) if bases else None
+    out.append(_target("four: host aggregate tok/s / best baseline", None if agg is None or not best4 else
+                       round(agg / best4, 4), ">= 0.90", None if agg is None or not best4 else agg >= 0.9 * best4,
+                       host=agg, baselines=bases))  # fmt: skip
+    ratios = {
+        n: m["itl_ms_together"]["p99"] / m["itl_ms_alone"]["p99"]
+        for n, m in four["host"].get("models", {}).items()
+        if m.get("itl_ms_alone") and m.get("itl_ms_together")
+    }
+    worst = max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
+    out.append(_target("four: worst p99 ITL together / alone", None if worst is None else
+                       {"model": worst[0], "ratio": round(worst[1], 3)}, "<= 3", None if worst is None else
+                       worst[1] <= 3.0, ratios={n: round(r, 3) for n, r in ratios.items()}))  # fmt: skip
+
+    copies = swap.get("copies", [])
+    gbps = [c["GBps"] for c in copies]
+    out.append(_target("swap: host-to-device copy GB/s (median; min)", None if not gbps else
+                       [round(statistics.median(gbps), 1), min(gbps)], ">= 45", None if not gbps else
+                       statistics.median(gbps) >= 45))  # fmt: skip
+    unparks = [e["seconds"] for e in swap.get("events", []) if e["action"] == "unpark"]
+    out.append(_target("swap: whole swap-in seconds (coordinator, median; max)", None if not unparks else
+                       [round(statistics.median(unparks), 3), max(unparks)], "< 0.7", None if not unparks else
+                       statistics.median(unparks) < 0.7))  # fmt: skip
+    reqs = swap.get("sequential_requests", []) + swap.get("burst_requests", [])
+    failed = sum(1 for r in reqs if r.get("failed"))
+    out.append(_target("swap: failed requests", None if not reqs else failed, "== 0",
+                       None if not reqs else failed == 0, requests=len(reqs)))  # fmt: skip
+    worst_mem = max((abs(r["relative_error"]) for r in recs), default=None)
+    out.append(_target("memory: |predicted - measured| / measured after every load", worst_mem, "<= 0.02",
+                       None if worst_mem is None else worst_mem <= 0.02, reconciliations=len(recs)))  # fmt: skip
+    return out

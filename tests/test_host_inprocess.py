@@ -1,0 +1,78 @@
+"""The in-process host's hooks for benches, on the CPU: models planned from shapes alone (no checkpoint on disk),
+engines built by a runtime of the caller's (EngineRuntime.build), the core reached through HostClient.core and
+on_start, and a request served end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmhost.config import Config, HostConfig, ModelConfig
+from llmhost.engine.engine import Engine
+from llmhost.engine.kv_cache import KVCache
+from llmhost.engine.model import LlamaModel
+from llmhost.engine.sampling_params import SamplingParams
+from llmhost.host.client import HostClient
+from llmhost.host.coordinator import Slot
+from llmhost.host.core import HostCore
+from llmhost.host.model_runtime import EngineRuntime
+from llmhost.memory.estimate import ModelSpec
+from llmhost.memory.inventory import cpu_inventory
+from llmhost.model_files.shape import ModelShape
+
+SHAPE = ModelShape("llama", 2, 64, 4, 2, 16, 128, 256, False, 512)
+
+
+class RandomRuntime(EngineRuntime):
+    """Random weights at SHAPE instead of a checkpoint."""
+
+    def build(self, slot: Slot) -> Engine:
+        torch.manual_seed(0)
+        model = LlamaModel(SHAPE, torch.float32, torch.device("cpu"), slot.config.max_seq_len)
+        for name, t in model.destinations().items():
+            t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.02)
+        blocks = -(-slot.plan.kv_tokens // self.block_size)
+        cache = KVCache(SHAPE, blocks, self.block_size, torch.float32, torch.device("cpu"))
+        return Engine(model, cache, slot.config)
+
+
+def test_host_planned_from_shapes_with_a_runtime_of_its_own() -> None:
+    models = tuple(
+        ModelConfig(n, Path("/nonexistent") / n, dtype="float32", max_seq_len=64, max_batch=2) for n in ("a", "b")
+    )
+    config = Config(HostConfig(), models)
+    inventory = cpu_inventory()
+    seen: list[HostCore] = []
+    client = HostClient(config, inventory)
+    specs = [ModelSpec.from_shape(m, SHAPE) for m in models]
+    client.start(in_process=True, runtime=RandomRuntime(inventory, 16), specs=specs, on_start=seen.append)
+    try:
+        assert client.status_changed.wait(60)
+
+        async def generate() -> list[int]:
+            params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+            return [ev.token for ev in [e async for e in client.generate("b", [1, 2, 3], params)]]
+
+        tokens = asyncio.run(generate())
+        assert len(tokens) == 5
+        assert seen and client.core is seen[0]
+        assert {n: s.state for n, s in client.core.slots.items()} == {"a": "loaded", "b": "loaded"}
+        assert client.core.gpu.gpu_seconds("b") > 0.0
+    finally:
+        client.stop()
+
+
+def test_specs_must_name_the_configured_models() -> None:
+    models = (ModelConfig("a", Path("/nonexistent/a"), dtype="float32", max_seq_len=64, max_batch=2),)
+    other = ModelConfig("z", Path("/nonexistent/z"), dtype="float32", max_seq_len=64, max_batch=2)
+    with pytest.raises(ValueError, match="config order"):
+        HostCore(Config(HostConfig(), models), cpu_inventory(), None, specs=[ModelSpec.from_shape(other, SHAPE)])  # type: ignore[arg-type]
+
+
+def test_runtime_and_specs_only_for_an_in_process_host() -> None:
+    client = HostClient(Config(HostConfig(), ()), cpu_inventory())
+    with pytest.raises(ValueError, match="in-process"):
+        client.start(in_process=False, specs=[])
