@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # Triton is imported only where decode graphs run: a CPU-only
     from llmhost.engine.decode_runner import DecodeRunner
 from llmhost.engine.sampler import make_generator, sample
 from llmhost.engine.sampling_params import SamplingParams
-from llmhost.engine.scheduler import Scheduler, StepPlan
+from llmhost.engine.scheduler import Chunk, Scheduler, StepPlan
 from llmhost.engine.sequence import FinishReason
 from llmhost.engine.sequence import Sequence as Seq
 from llmhost.engine.step_inputs import DeviceStep, StepInputs
@@ -279,29 +279,49 @@ class Engine:
     def execute(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> None:
         if plan.empty:
             return
-        if self.runner is not None and all(len(c.token_ids) == 1 and c.sample for c in plan.chunks):
-            # A pure decode step replays a captured graph; prefill (and mixed steps) take the reference path.
-            from llmhost.engine.decode_runner import DecodeRow
-
-            decode = [DecodeRow(c.token_ids[0], c.start, c.block_table) for c in plan.chunks]
-            ctx0 = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-            with self._on_device(), ctx0:
-                self._inflight[id(plan)] = self.runner.run(decode)
-            return
-        inputs = StepInputs(plan.chunks, self.cache.block_size, self.cache.window is not None)
+        decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
-            # The step's metadata reaches each device once (not once per stage or layer); stages on one device
-            # share it.
-            on: dict[torch.device, DeviceStep] = {dev: inputs.to(dev) for dev in self.placement.devices}
-            stages = [
-                StageInputs(on[st.device].positions, on[st.device].batch, cache)
-                for st, cache in zip(self.placement.stages, self.caches, strict=True)
-            ]
-            logits = self.model.forward_stages(
-                on[self.placement.first].input_ids, stages, on[self.placement.last].logits_rows
-            )
-        self._inflight[id(plan)] = logits
+        if self.runner is None or not decode:
+            with ctx:
+                self._inflight[id(plan)] = self._forward_chunks(plan.chunks)
+            return
+        from llmhost.engine.decode_runner import DecodeRow
+
+        rows = [DecodeRow(c.token_ids[0], c.start, c.block_table) for c in decode]
+        if len(decode) == len(plan.chunks):  # a pure decode step replays a captured graph
+            with self._on_device(), ctx:
+                self._inflight[id(plan)] = self.runner.run(rows)
+            return
+        # A mixed step: its decode rows still replay the graph and only the prompt chunks take the reference
+        # path, so a prompt arriving beside running sequences does not turn their steps eager. The logits are
+        # stitched back into the order of the plan's sampled chunks.
+        prompts = [c for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)]
+        sampled = [c for c in plan.chunks if c.sample]
+        is_decode = [len(c.token_ids) == 1 for c in sampled]
+        with self._on_device(), ctx:
+            dec = self.runner.run(rows)  # a view of the runner's static buffer: copied out below
+            pre = self._forward_chunks(prompts)
+            out = torch.empty(len(sampled), dec.shape[1], dtype=dec.dtype, device=dec.device)
+            dev = dec.device
+            out[torch.tensor([k for k, d in enumerate(is_decode) if d], device=dev)] = dec
+            if pre.shape[0]:
+                out[torch.tensor([k for k, d in enumerate(is_decode) if not d], device=dev)] = pre.to(dev)
+        self._inflight[id(plan)] = out
+
+    def _forward_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        """The reference forward over `chunks` (any mix of prompt chunks and decode tokens): float32 logits of
+        the chunks that sample, in order."""
+        inputs = StepInputs(chunks, self.cache.block_size, self.cache.window is not None)
+        # The step's metadata reaches each device once (not once per stage or layer); stages on one device
+        # share it.
+        on: dict[torch.device, DeviceStep] = {dev: inputs.to(dev) for dev in self.placement.devices}
+        stages = [
+            StageInputs(on[st.device].positions, on[st.device].batch, cache)
+            for st, cache in zip(self.placement.stages, self.caches, strict=True)
+        ]
+        return self.model.forward_stages(
+            on[self.placement.first].input_ids, stages, on[self.placement.last].logits_rows
+        )
 
     def collect(self, plan: StepPlan) -> list[TokenOutput]:
         if plan.empty:
