@@ -366,3 +366,27 @@ def test_overlap_waits_for_solo_costs_and_overlapped_steps_leave_them() -> None:
     assert sched.solo_step_s("a") == pytest.approx(STEP_7B)
     sched.charge("b", 10 * STEP_14B)
     assert not sched.overlap_ok("a", "b"), "b is ahead by more than a's step"
+
+
+def test_launch_bound_prefill_takes_the_whole_chunk() -> None:
+    """When even a floor-sized prefill step costs far more than a decode step (the eager path's per-kernel launch
+    cost), no chunk size keeps another model's stall to one decode step: the budget is lifted, so the prompt is
+    done in few steps instead of many equally long ones."""
+    s = GpuScheduler()
+    s.add("small", "cuda:0")
+    s.add("big", "cuda:0")
+    s.observe("small", 8, 0, 0.0065)
+    s.observe("big", 8, 0, 0.010)
+    s.pick("cuda:0", ["small", "big"])
+    assert s.prefill_budget("big", "cuda:0") == 16  # never prefilled: a floor-sized measurement first
+    s.observe("big", 8, 16, 0.045)  # 16 prompt tokens beside its decode rows: +35 ms, fixed cost
+    assert s.prefill_budget("big", "cuda:0") is None
+    t = GpuScheduler()  # the same, but a cheap prefill step keeps the bound
+    t.add("small", "cuda:0")
+    t.add("big", "cuda:0")
+    t.observe("small", 8, 0, 0.0065)
+    t.observe("big", 8, 0, 0.010)
+    t.pick("cuda:0", ["small", "big"])
+    t.observe("big", 8, 16, 0.011)
+    budget = t.prefill_budget("big", "cuda:0")
+    assert budget is not None and 16 <= budget < 512

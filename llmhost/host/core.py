@@ -55,6 +55,10 @@ log = logging.getLogger("llmhost.host")
 
 IDLE_WAIT_S = 0.05  # how long the loop blocks on the pipe when no engine has work
 EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
+# Decode steps of different models that may run at once on one GPU (the first on the current stream, the others
+# on side streams): small models do not saturate the GPU alone, and overlapping them is what threads and MPS gain
+# over time slicing (bench/results/multi_model-h100.json baselines).
+MAX_CONCURRENT_STEPS = 4
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
 
@@ -114,7 +118,7 @@ class HostCore:
         self.pending: dict[str, deque[Submit]] = {name: deque() for name in slots}
         self.resident_at_start = [m.name for m in plan.models]
         self.stopping = False
-        self._streams: dict[str, torch.cuda.Stream] = {}
+        self._streams: dict[str, list[torch.cuda.Stream]] = {}  # per device, the side streams of overlapped steps
         self._next_expiry = 0.0
 
     @property
@@ -332,10 +336,18 @@ class HostCore:
                 continue
             launched.append(first)
             rest = [n for n in ready if n != first.name]
-            second = self._peek_second(device, rest, first)
-            if second is not None:
-                first.overlapped = second.overlapped = True
-                launched.append(second)
+            beside: list[_Running] = []
+            while len(beside) < MAX_CONCURRENT_STEPS - 1:
+                more = self._peek_second(device, rest, first, len(beside))
+                if more is None:
+                    break
+                beside.append(more)
+                rest.remove(more.name)
+            if beside:
+                first.overlapped = True
+                for run in beside:
+                    run.overlapped = True
+                launched.extend(beside)
         events: list[TokenEvent] = []
         for run in launched:
             events.extend(self._collect(run))
@@ -366,10 +378,11 @@ class HostCore:
             return run
         return None
 
-    def _peek_second(self, device: str, rest: list[str], first: _Running) -> _Running | None:
-        """A second model's decode step on its own stream when both steps are small decodes (gpu_scheduler's
-        concurrent_ok): two models' weight streaming then overlaps instead of alternating. Whether the second
-        step would be decode-only is read from its engine before scheduling it (a schedule cannot be undone)."""
+    def _peek_second(self, device: str, rest: list[str], first: _Running, k: int = 0) -> _Running | None:
+        """Another model's decode step on its own stream (the k-th beside `first`) when both steps are small
+        decodes (gpu_scheduler's concurrent_ok): the models' weight streaming then overlaps instead of
+        alternating. Whether the step would be decode-only is read from its engine before scheduling it (a
+        schedule cannot be undone)."""
         if not rest or not device.startswith("cuda") or first.shape.prefill_tokens:
             return None
         name = self.gpu.pick(device, rest, busy=[first.name])
@@ -382,10 +395,10 @@ class HostCore:
         plan, shape = self._plan(name, device)
         if plan.empty:
             return None
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        stream = self._streams[device]
-        return self._execute(name, plan, shape, stream)
+        streams = self._streams.setdefault(device, [])
+        while len(streams) <= k:
+            streams.append(torch.cuda.Stream(device))  # type: ignore[no-untyped-call]
+        return self._execute(name, plan, shape, streams[k])
 
     def _execute(
         self, name: str, plan: StepPlan, shape: StepShape, stream: torch.cuda.Stream | None

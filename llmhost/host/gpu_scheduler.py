@@ -69,6 +69,7 @@ class _Account:
     prefill_token_s: float | None = None  # EMA, seconds per prefill token beyond the step's decode cost
     smallest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its smallest prefill step
     largest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its largest prefill step
+    cheapest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its smallest prefill step, ever
 
 
 @dataclass
@@ -212,6 +213,7 @@ class GpuScheduler:
                 acct.decode_step_s = self._ema(acct.decode_step_s, seconds)
             return
         acct.largest_prefill = self._extreme(acct.largest_prefill, prefill_tokens, seconds, larger=True)
+        acct.cheapest_prefill = self._extreme(acct.cheapest_prefill, prefill_tokens, seconds, larger=False)
         if acct.decode_step_s is not None:
             ref_tokens, ref_s = 0, acct.decode_step_s
         else:
@@ -240,6 +242,8 @@ class GpuScheduler:
                                    memory-bound chunk becomes compute-bound and the slope jumps.
             budget    [tokens]   = min(by_slope, by_size), never below min_prefill_tokens (prompts progress);
                                    a model that never prefilled gets min_prefill_tokens, a cheap measurement.
+                                   None when a floor-sized prefill step already costs more than decode_step_s +
+                                   stall_s (launch-bound): then chunking cannot keep the bound, only multiply it.
 
         When step time is linear in the tokens, by_slope is exact. When it is rather max(memory time, compute
         time) (convex), the secant lies above the curve up to the chunk it was measured at, and by_size covers
@@ -262,6 +266,13 @@ class GpuScheduler:
         if base_s is None:
             assert acct.smallest_prefill is not None  # observed together with largest_prefill
             base_s = acct.smallest_prefill[1]
+        if acct.decode_step_s is not None and acct.cheapest_prefill is not None:
+            n_min, t_min = acct.cheapest_prefill
+            if n_min <= 2 * floor and t_min - acct.decode_step_s > stall_s:
+                # Launch-bound prefill (the eager path's fixed cost per step, ~10 us per kernel): even a floor-sized
+                # chunk stalls the others by more than one of their decode steps, so no chunk size keeps the bound;
+                # small chunks would only multiply the stalls (and the prompt's time). Take the whole chunk.
+                return None
         # A step measured at zero seconds (a broken timer) gives no ground to grow beyond it.
         budget = n_max * (base_s + stall_s) / t_max if t_max > 0.0 else float(n_max)
         if acct.prefill_token_s is not None and acct.prefill_token_s > 0.0:
