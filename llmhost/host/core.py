@@ -64,14 +64,19 @@ PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this man
 
 @dataclass
 class _Running:
-    """One launched step, collected after every device's step was launched."""
+    """One launched step, in flight until its stream reaches `done`; then collected (on the same stream)."""
 
     name: str
     engine: Engine
     plan: StepPlan
     shape: StepShape
     t0: float
+    stream: torch.cuda.Stream | None = None
+    done: torch.cuda.Event | None = None  # recorded after the step's kernels; None on the CPU (ran synchronously)
     overlapped: bool = False  # another model's step ran beside it on another stream
+
+    def finished(self) -> bool:
+        return self.done is None or bool(self.done.query())  # type: ignore[no-untyped-call]
 
 
 class HostCore:
@@ -118,7 +123,8 @@ class HostCore:
         self.pending: dict[str, deque[Submit]] = {name: deque() for name in slots}
         self.resident_at_start = [m.name for m in plan.models]
         self.stopping = False
-        self._streams: dict[str, list[torch.cuda.Stream]] = {}  # per device, the side streams of overlapped steps
+        self._streams: dict[str, list[torch.cuda.Stream]] = {}  # per device, the streams steps run on
+        self._inflight: dict[str, list[_Running]] = {}  # per device, steps launched and not yet collected
         self._next_expiry = 0.0
 
     @property
@@ -161,7 +167,7 @@ class HostCore:
 
     def iterate(self) -> None:
         self._admit_pending()
-        busy = any(self._ready(s) for s in self.slots.values())
+        busy = self._in_flight() or any(self._ready(s) for s in self.slots.values())
         self._drain(0.0 if busy else IDLE_WAIT_S)
         if busy:
             self._step()
@@ -216,6 +222,7 @@ class HostCore:
                 self._add(self.slots[name], queue.popleft())
 
     def _unload(self, name: str) -> None:
+        self._finish_in_flight(name)
         slot = self.slots[name]
         if slot.engine is not None and slot.state == "loaded":
             for seq_id in list(slot.engine.seqs):
@@ -323,36 +330,85 @@ class HostCore:
     # -- the loop's work ----------------------------------------------------------------------------------------
 
     def _step(self) -> None:
-        """Launch one step per device (two when two small decode steps may overlap on separate streams), then
-        collect them all and send the iteration's tokens."""
+        """Collect every step whose GPU work is done, then launch new ones: per device the scheduler's pick, and
+        beside it (each on its own stream) further small decode steps of other models, up to
+        MAX_CONCURRENT_STEPS in flight. Steps run free: a model whose step finished steps again at once, while
+        the others' are still in flight, as separate threads or processes would (no lockstep per iteration). On
+        the CPU one step runs at a time, to completion."""
+        events: list[TokenEvent] = []
+        for runs in self._inflight.values():
+            for run in [r for r in runs if r.finished()]:
+                runs.remove(run)
+                events.extend(self._collect(run))
+        in_flight = {r.name for runs in self._inflight.values() for r in runs}
         lanes: dict[str, list[str]] = {}
         for name, slot in self.slots.items():
-            if self._ready(slot):
+            if name not in in_flight and self._ready(slot):
                 lanes.setdefault(slot.device_names[0], []).append(name)
-        launched: list[_Running] = []
         for device, ready in lanes.items():
-            first = self._launch(device, ready, None)
-            if first is None:
+            if not device.startswith("cuda"):
+                alone = self._launch(device, ready, None)
+                if alone is not None:
+                    events.extend(self._collect(alone))
                 continue
-            launched.append(first)
-            rest = [n for n in ready if n != first.name]
-            beside: list[_Running] = []
-            while len(beside) < MAX_CONCURRENT_STEPS - 1:
-                more = self._peek_second(device, rest, first, len(beside))
-                if more is None:
+            running = self._inflight.setdefault(device, [])
+            while ready and len(running) < MAX_CONCURRENT_STEPS:
+                launched = self._launch_beside(device, ready, running)
+                if launched is None:
                     break
-                beside.append(more)
-                rest.remove(more.name)
-            if beside:
-                first.overlapped = True
-                for run in beside:
-                    run.overlapped = True
-                launched.extend(beside)
-        events: list[TokenEvent] = []
-        for run in launched:
-            events.extend(self._collect(run))
+                ready.remove(launched.name)
+                running.append(launched)
         if events:
             self.conn.send(TokenBatch(tuple(events)))
+
+    def _in_flight(self) -> bool:
+        return any(self._inflight.values())
+
+    def _finish_in_flight(self, name: str) -> None:
+        """Wait for and collect `name`'s step in flight (before its engine is unloaded)."""
+        for runs in self._inflight.values():
+            for run in [r for r in runs if r.name == name]:
+                runs.remove(run)
+                if run.done is not None:
+                    run.done.synchronize()
+                events = self._collect(run)
+                if events:
+                    self.conn.send(TokenBatch(tuple(events)))
+
+    def _stream(self, device: str, running: list[_Running]) -> torch.cuda.Stream:
+        """A stream of the device's pool that no step in flight uses."""
+        pool = self._streams.setdefault(device, [])
+        used = {id(r.stream) for r in running}
+        for st in pool:
+            if id(st) not in used:
+                return st
+        st = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        pool.append(st)
+        return st
+
+    def _launch_beside(self, device: str, ready: list[str], running: list[_Running]) -> _Running | None:
+        if not running:
+            return self._launch(device, ready, self._stream(device, running))
+        # Beside steps in flight only small decode steps (gpu_scheduler's concurrent_ok), of a model not ahead of
+        # its share: its virtual time within the earliest running step's (overlap_ok). Whether its step would be
+        # decode-only is read from its engine before scheduling it (a schedule cannot be undone).
+        if any(r.shape.prefill_tokens for r in running):
+            return None
+        name = self.gpu.pick(device, ready, busy=[r.name for r in running])
+        if name is None:
+            return None
+        shape = _next_shape(self.slots[name].engine)
+        if not all(concurrent_ok(r.shape, shape) for r in running) or not self.gpu.overlap_ok(running[0].name, name):
+            return None
+        plan, shape = self._plan(name, device)
+        if plan.empty:
+            return None
+        run = self._execute(name, plan, shape, self._stream(device, running))
+        if run is not None:
+            run.overlapped = True
+            for r in running:
+                r.overlapped = True
+        return run
 
     def _plan(self, name: str, device: str) -> tuple[StepPlan, StepShape]:
         eng: Engine = self.slots[name].engine
@@ -378,28 +434,6 @@ class HostCore:
             return run
         return None
 
-    def _peek_second(self, device: str, rest: list[str], first: _Running, k: int = 0) -> _Running | None:
-        """Another model's decode step on its own stream (the k-th beside `first`) when both steps are small
-        decodes (gpu_scheduler's concurrent_ok): the models' weight streaming then overlaps instead of
-        alternating. Whether the step would be decode-only is read from its engine before scheduling it (a
-        schedule cannot be undone)."""
-        if not rest or not device.startswith("cuda") or first.shape.prefill_tokens:
-            return None
-        name = self.gpu.pick(device, rest, busy=[first.name])
-        if name is None or not concurrent_ok(first.shape, _next_shape(self.slots[name].engine)):
-            return None
-        # Fixed: the second model used to step beside every step of the first whatever its virtual time, so
-        # with two models both stepped once per pair and weights had no effect (gpu_scheduler.py's docstring).
-        if not self.gpu.overlap_ok(first.name, name):
-            return None
-        plan, shape = self._plan(name, device)
-        if plan.empty:
-            return None
-        streams = self._streams.setdefault(device, [])
-        while len(streams) <= k:
-            streams.append(torch.cuda.Stream(device))  # type: ignore[no-untyped-call]
-        return self._execute(name, plan, shape, streams[k])
-
     def _execute(
         self, name: str, plan: StepPlan, shape: StepShape, stream: torch.cuda.Stream | None
     ) -> _Running | None:
@@ -410,13 +444,17 @@ class HostCore:
         except Exception:
             self._fail_engine(name, eng)
             return None
+        done = None
         if stream is not None:
-            torch.cuda.current_stream(stream.device).wait_stream(stream)  # collect's sampling reads the logits
-        return _Running(name, eng, plan, shape, t0)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(stream)
+        return _Running(name, eng, plan, shape, t0, stream, done)
 
     def _collect(self, run: _Running) -> list[TokenEvent]:
+        ctx = torch.cuda.stream(run.stream) if run.stream is not None else contextlib.nullcontext()
         try:
-            outs = run.engine.collect(run.plan)  # returns after the step's tokens reached the host
+            with ctx:  # sampling on the step's own stream: its sync waits for this step only
+                outs = run.engine.collect(run.plan)  # returns after the step's tokens reached the host
         except Exception:
             self._fail_engine(run.name, run.engine)
             return []
