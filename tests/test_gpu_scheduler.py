@@ -303,11 +303,13 @@ def test_prefill_budget_floor_and_proportional_growth() -> None:
 # -- streams --------------------------------------------------------------------------------------------------------
 
 
-def test_concurrent_only_for_small_decode_steps() -> None:
+def test_concurrent_for_small_decode_steps_and_one_prompt_step() -> None:
     assert concurrent_ok(StepShape(1, 0), StepShape(8, 0))
     assert not concurrent_ok(StepShape(1, 0), StepShape(9, 0))
-    assert not concurrent_ok(StepShape(1, 0), StepShape(0, 16))
-    assert not concurrent_ok(StepShape(1, 16), StepShape(1, 0))
+    assert concurrent_ok(StepShape(1, 0), StepShape(0, 16)), "a prompt step runs beside decodes"
+    assert concurrent_ok(StepShape(1, 16), StepShape(1, 0))
+    assert not concurrent_ok(StepShape(1, 16), StepShape(9, 0)), "the decode beside it must still be small"
+    assert not concurrent_ok(StepShape(0, 16), StepShape(2, 32)), "two prompt steps never overlap"
     assert not concurrent_ok(StepShape(0, 0), StepShape(1, 0))
 
 

@@ -389,11 +389,10 @@ class HostCore:
     def _launch_beside(self, device: str, ready: list[str], running: list[_Running]) -> _Running | None:
         if not running:
             return self._launch(device, ready, self._stream(device, running))
-        # Beside steps in flight only small decode steps (gpu_scheduler's concurrent_ok), of a model not ahead of
-        # its share: its virtual time within the earliest running step's (overlap_ok). Whether its step would be
-        # decode-only is read from its engine before scheduling it (a schedule cannot be undone).
-        if any(r.shape.prefill_tokens for r in running):
-            return None
+        # Beside steps in flight only small decode steps and at most one prompt step (gpu_scheduler's
+        # concurrent_ok), of a model not ahead of its share: its virtual time within the earliest running step's
+        # (overlap_ok). The step's shape is read from its engine before scheduling it (a schedule cannot be
+        # undone).
         name = self.gpu.pick(device, ready, busy=[r.name for r in running])
         if name is None:
             return None
@@ -459,7 +458,8 @@ class HostCore:
             self._fail_engine(run.name, run.engine)
             return []
         seconds = time.perf_counter() - run.t0
-        solo = self.gpu.solo_step_s(run.name) if run.overlapped else None
+        # A prompt step is charged its measured time: its solo decode cost would undercharge it.
+        solo = self.gpu.solo_step_s(run.name) if run.overlapped and not run.shape.prefill_tokens else None
         # An overlapped step is charged its solo cost (the pair's wall time would give both models the same
         # number of steps whatever their weights: gpu_scheduler.py).
         self.gpu.charge(run.name, solo if solo is not None else seconds)

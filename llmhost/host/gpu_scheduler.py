@@ -50,10 +50,14 @@ class StepShape:
 
 
 def concurrent_ok(first: StepShape, second: StepShape, max_rows: int = CONCURRENT_MAX_ROWS) -> bool:
-    """Whether two models' steps may run at once on separate CUDA streams of one GPU: only when both are
-    decode-only with at most `max_rows` rows, the case measured to raise total throughput (see CONCURRENT_MAX_ROWS).
-    Otherwise the host runs them one after the other."""
-    return all(s.prefill_tokens == 0 and 0 < s.decode_rows <= max_rows for s in (first, second))
+    """Whether two models' steps may run at once on separate CUDA streams of one GPU: decode-only steps of at most
+    `max_rows` rows (the case measured to raise total throughput, see CONCURRENT_MAX_ROWS), and one step with
+    prompt tokens beside them. Letting the GPU drain before every prompt step stalled every other model for that
+    step's whole time (bench/results/multi_model-h100.json, four models: p99 inter-token latency 7-9x solo), so a
+    prompt now runs beside the decodes and only lengthens them; two prompt steps never overlap."""
+    if first.prefill_tokens and second.prefill_tokens:
+        return False
+    return all(s.prefill_tokens > 0 or 0 < s.decode_rows <= max_rows for s in (first, second))
 
 
 @dataclass
