@@ -225,10 +225,10 @@ class Coordinator:
             raise LoadFailed(f"model '{slot.name}' could not be {'swapped in' if swap else 'loaded'}: {e}") from e
         seconds = time.perf_counter() - t0
         measured = self.runtime.measure(slot)
-        # The ledger keeps the plan's workspace reserved where it is larger than what was measured: a step larger
-        # than the profiled one (a batch of prefills) may still come.
+        # The ledger holds the measured workspace where the runtime measured one (it ran the largest step at the
+        # deepest position at load); elsewhere the plan's figure stays reserved.
         entries = {
-            dev: {**kinds, "workspace": max(kinds.get("workspace", 0), need.get(dev, {}).get("workspace", 0))}
+            dev: {**kinds, "workspace": kinds.get("workspace", 0) or need.get(dev, {}).get("workspace", 0)}
             for dev, kinds in measured.items()
         }
         self.ledger.release(slot.name)

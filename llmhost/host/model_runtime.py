@@ -18,7 +18,6 @@ from llmhost.errors import LlmhostError
 from llmhost.host import parking
 from llmhost.host.coordinator import ByDevice, Slot
 from llmhost.host.ledger import Reading
-from llmhost.memory.estimate import step_tokens
 from llmhost.memory.inventory import Inventory
 from llmhost.model_files import open_checkpoint
 
@@ -26,10 +25,10 @@ log = logging.getLogger("llmhost.host")
 
 
 def run_largest_step(engine: Engine) -> None:
-    """Run the largest step a request can cause once (a dummy prompt of one full prefill chunk, one output token),
-    so the caching allocator holds that step's activations: measured at load, the workspace is a measurement
-    in the ledger and the history, not the estimate."""
-    n = min(step_tokens(engine.config), engine.config.max_seq_len - 1)
+    """Run the largest step a request can cause once, at the deepest position: a dummy prompt of max_seq_len - 1
+    tokens (its last chunk attends to the whole context), one output token. The caching allocator then holds
+    that step's activations, so the workspace the ledger and the history record is measured, not the estimate."""
+    n = engine.config.max_seq_len - 1
     rid = engine.add_request([0] * n, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
     while rid in engine.seqs:
         engine.step()
