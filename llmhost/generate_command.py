@@ -59,8 +59,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     load_s = time.perf_counter() - t0
     if args.chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt_ids = tokenizer.encode(args.prompt)
 

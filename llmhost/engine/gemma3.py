@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmhost.engine.model import DecoderModel, StageInputs
+from llmhost.engine.model import DecoderModel, LayerWeights, StageInputs
 from llmhost.engine.placement import LayerPlacement
 from llmhost.engine.rope import apply_rope, cos_sin, inv_frequencies
 from llmhost.errors import UnsupportedModelError
@@ -29,18 +29,12 @@ _ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 
 
 @dataclass
-class Gemma3Layer:
-    input_norm: torch.Tensor  # [hidden], before attention
-    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]: q, k, v projections stacked
-    qkv_bias: torch.Tensor | None  # attention_bias only
-    q_norm: torch.Tensor | None  # [head_dim]
-    k_norm: torch.Tensor | None
-    o: torch.Tensor  # [hidden, heads * head_dim]
-    post_attn_norm: torch.Tensor  # on the attention output, before the residual add
+class Gemma3Layer(LayerWeights):
+    """LayerWeights (input_norm before attention, post_attn_norm on the attention output before the residual
+    add), plus the norms around the MLP."""
+
     pre_ffn_norm: torch.Tensor  # before the MLP
     post_ffn_norm: torch.Tensor  # on the MLP output, before the residual add
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate and up stacked
-    down: torch.Tensor  # [hidden, intermediate]
 
 
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,29 +62,7 @@ class Gemma3Model(DecoderModel):
             )
         super().__init__(shape, dtype, device, max_seq_len, placement)
         s = shape
-        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-
-        def layer(i: int) -> Gemma3Layer:
-            dev = self.device_of(i)
-
-            def empty(*dims: int) -> torch.Tensor:
-                return self.empty(*dims, device=dev)
-
-            return Gemma3Layer(
-                input_norm=empty(s.hidden_size),
-                qkv=empty(q + 2 * kv, s.hidden_size),
-                qkv_bias=empty(q + 2 * kv) if s.qkv_bias else None,
-                q_norm=empty(s.head_dim) if s.qk_norm else None,
-                k_norm=empty(s.head_dim) if s.qk_norm else None,
-                o=empty(s.hidden_size, q),
-                post_attn_norm=empty(s.hidden_size),
-                pre_ffn_norm=empty(s.hidden_size),
-                post_ffn_norm=empty(s.hidden_size),
-                gate_up=empty(2 * s.intermediate_size, s.hidden_size),
-                down=empty(s.hidden_size, s.intermediate_size),
-            )
-
-        self.layers = [layer(i) for i in range(s.num_layers)]
+        self.layers = [self.alloc_layer(i, Gemma3Layer, "pre_ffn_norm", "post_ffn_norm") for i in range(s.num_layers)]
         # Global layers: rope_theta with the configured scaling; local layers: their own base, unscaled unless the
         # config scales them too. One copy per stage's device.
         self.stage_inv_freq = self.per_stage(inv_frequencies(s.head_dim, s.rope_theta, s.rope_scaling))

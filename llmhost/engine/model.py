@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,9 @@ class StageInputs:
     positions: torch.Tensor  # [T] int64
     batch: AttentionBatch
     cache: KVCache  # holds this stage's layers
+
+
+L = TypeVar("L", bound="LayerWeights")
 
 
 class DecoderModel(abc.ABC):
@@ -100,6 +103,28 @@ class DecoderModel(abc.ABC):
 
     def device_of(self, layer: int) -> torch.device:
         return self.placement.device_of(layer)
+
+    def alloc_layer(self, i: int, cls: type[L], *extra_norms: str) -> L:
+        """Layer i's tensors on its stage's device: the projections and norms every decoder layer here holds,
+        plus `extra_norms`, more [hidden] norms a subclass of LayerWeights adds (Gemma 3's around the MLP)."""
+        s, dev = self.shape, self.device_of(i)
+        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+
+        def empty(*dims: int) -> torch.Tensor:
+            return self.empty(*dims, device=dev)
+
+        tensors: dict[str, Any] = {
+            "input_norm": empty(s.hidden_size),
+            "qkv": empty(q + 2 * kv, s.hidden_size),
+            "qkv_bias": empty(q + 2 * kv) if s.qkv_bias else None,
+            "q_norm": empty(s.head_dim) if s.qk_norm else None,
+            "k_norm": empty(s.head_dim) if s.qk_norm else None,
+            "o": empty(s.hidden_size, q),
+            "post_attn_norm": empty(s.hidden_size),
+            "gate_up": empty(2 * s.intermediate_size, s.hidden_size),
+            "down": empty(s.hidden_size, s.intermediate_size),
+        }
+        return cls(**tensors, **{name: empty(s.hidden_size) for name in extra_norms})
 
     def per_stage(self, t: torch.Tensor) -> list[torch.Tensor]:
         """A small constant (e.g. RoPE frequencies) copied once onto each stage's device, in stage order."""
@@ -288,27 +313,7 @@ class LlamaModel(DecoderModel):
             )
         super().__init__(shape, dtype, device, max_seq_len, placement)
         s = shape
-        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-
-        def layer(i: int) -> LayerWeights:
-            dev = self.device_of(i)
-
-            def empty(*dims: int) -> torch.Tensor:
-                return self.empty(*dims, device=dev)
-
-            return LayerWeights(
-                input_norm=empty(s.hidden_size),
-                qkv=empty(q + 2 * kv, s.hidden_size),
-                qkv_bias=empty(q + 2 * kv) if s.qkv_bias else None,
-                q_norm=empty(s.head_dim) if s.qk_norm else None,
-                k_norm=empty(s.head_dim) if s.qk_norm else None,
-                o=empty(s.hidden_size, q),
-                post_attn_norm=empty(s.hidden_size),
-                gate_up=empty(2 * s.intermediate_size, s.hidden_size),
-                down=empty(s.hidden_size, s.intermediate_size),
-            )
-
-        self.layers = [layer(i) for i in range(s.num_layers)]
+        self.layers = [self.alloc_layer(i, LayerWeights) for i in range(s.num_layers)]
         self.stage_inv_freq = self.per_stage(inv_frequencies(s.head_dim, s.rope_theta, s.rope_scaling))
         self.inv_freq = self.stage_inv_freq[0]  # the first stage's (the decode runner's, unsplit)
         self.scale = s.head_dim**-0.5

@@ -95,6 +95,10 @@ class Tokenizer:
             ids.insert(0, bos)
         return ids
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Messages through the chat template, then token ids: no BOS added, the template writes its own."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
 

@@ -129,7 +129,7 @@ class Host:
         if isinstance(prompt, list):
             return prompt
         if chat:
-            return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]), add_special_tokens=False)
+            return tok.encode_chat([{"role": "user", "content": prompt}])
         return tok.encode(prompt)
 
     # -- life cycle ---------------------------------------------------------------------------------------------

@@ -110,10 +110,7 @@ class HostCore:
         names = [m.name for m in plan.models] + list(self.residencies.on_demand)
         for name in names:
             mp = self.residencies.model_plan(name)
-            devices = tuple(
-                "cpu" if inventory.devices[s.device].kind == "cpu" else f"cuda:{inventory.devices[s.device].index}"
-                for s in mp.stages
-            )
+            devices = tuple(inventory.devices[s.device].torch_name for s in mp.stages)
             slots[name] = Slot(config.model(name), mp, devices)
         park_ram = config.host.park_ram if config.host.park_ram is not None else host_memory()[0] // 2
         self.coordinator = Coordinator(

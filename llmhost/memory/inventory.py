@@ -25,6 +25,11 @@ class Device:
     def label(self) -> str:
         return "cpu" if self.kind == "cpu" else f"GPU {self.index}"
 
+    @property
+    def torch_name(self) -> str:
+        """The torch device string engines on it use ("cpu", "cuda:1"), as ModelStatus.device reports it."""
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
 
 @dataclass(frozen=True)
 class Inventory:
@@ -91,18 +96,14 @@ def detect_inventory() -> Inventory:
 
 
 def cpu_inventory(note: str = "") -> Inventory:
-    total, available = _meminfo()
+    total, available = host_memory()
     cpu = Device(index=0, name="cpu", total=total, external=total - available, kind="cpu")
     return Inventory((cpu,), "cpu", note)
 
 
 def host_memory() -> tuple[int, int]:
-    """(total, available) bytes of host RAM."""
-    return _meminfo()
-
-
-def _meminfo() -> tuple[int, int]:
-    """MemTotal and MemAvailable in bytes (Linux); elsewhere a conservative 8 GiB of which all is free."""
+    """(total, available) bytes of host RAM: MemTotal and MemAvailable (Linux); elsewhere a conservative 8 GiB of
+    which all is free."""
     try:
         fields = {}
         for line in Path("/proc/meminfo").read_text().splitlines():

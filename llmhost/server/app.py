@@ -87,10 +87,9 @@ def create_app(
         state.check_model(req.model)
         tok = state.tokenizers[req.model]
         try:
-            text = tok.apply_chat_template([m.template_dict() for m in req.messages])
+            ids = tok.encode_chat([m.template_dict() for m in req.messages])
         except RequestError as e:
             raise from_request_error(e) from None
-        ids = tok.encode(text, add_special_tokens=False)
         builder = ChatBuilder(req.model, tok, req.n, len(ids), req.num_logprobs, req.include_usage)
         return await _generate(state, req, [ids], builder, arrival, request, "messages")
 

@@ -20,18 +20,13 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from llmhost.host.messages import ModelStatus
-from llmhost.memory.inventory import Device, Inventory
+from llmhost.memory.inventory import Inventory
 
 # vLLM's buckets, with finer low ends for GPU decode (a few ms per token).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.2, 0.4, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0)
 MEMORY_KINDS = ("weights", "kv", "workspace", "graphs")
-
-
-def device_name(d: Device) -> str:
-    """The name ModelStatus.device uses for the same device."""
-    return "cpu" if d.kind == "cpu" else f"cuda:{d.index}"
 
 
 @dataclass
@@ -135,7 +130,7 @@ class Metrics:
         self.model_memory.clear()  # a model that was unloaded must not keep reporting its last bytes
         by_device: dict[str, dict[str, int]] = {}
         for d in self.inventory.devices:
-            by_device[device_name(d)] = {"total": d.total, "external": d.external, **dict.fromkeys(MEMORY_KINDS, 0)}
+            by_device[d.torch_name] = {"total": d.total, "external": d.external, **dict.fromkeys(MEMORY_KINDS, 0)}
         for st in statuses:
             self.running.labels(st.name).set(st.running)
             self.waiting.labels(st.name).set(st.waiting)
