@@ -4,8 +4,9 @@ Per model shape (random weights: speed does not depend on values):
 - graph decode (DecodeRunner: fused Triton kernels + CUDA graphs) at batch 1, 8, 32, 64 with prompts of 128 and
   2048 tokens: tokens/s, step time, and effective bandwidth = (weight bytes + KV bytes read) / step time, with its
   ratio to the device copy bandwidth (read + write bytes of a 4 GiB device-to-device copy);
-- every step includes what a real engine step does around the graph: writing the inputs and a greedy argmax whose
-  tokens come back to the host;
+- every step includes what a real engine step does around the graph: writing the inputs, a greedy argmax on the
+  device whose tokens feed the next step there and come back to the host, run a step ahead as the engine runs
+  them (engine.py); `engine_step_decode` times the engine's own step() (scheduler, sampler, run-ahead);
 - prefill: one 2048-token chunk through the reference forward, as FLOP/s over the bf16 GEMM peak (8192^3);
 - baselines: the same model through plain torch eager ops (our reference forward, batch 1) and HF transformers
   `generate` (batch 1, random init at the same shape);
@@ -78,9 +79,45 @@ def random_model(shape: ModelShape, max_seq_len: int) -> LlamaModel:
     return m
 
 
-def decode_rows(batch: int, prompt: int, bs: int, step: int) -> list[DecodeRow]:
+def decode_rows(batch: int, prompt: int, bs: int, step: int, feed: bool = False) -> list[DecodeRow]:
+    """feed: each row's token is the previous step's row r, on the device (as when the engine runs ahead)."""
     per_seq = -(-(prompt + 64) // bs)
-    return [DecodeRow(1 + r, prompt + step, tuple(range(r * per_seq, (r + 1) * per_seq))) for r in range(batch)]
+    return [
+        DecodeRow(1 + r, prompt + step, tuple(range(r * per_seq, (r + 1) * per_seq)), feed=r if feed else -1)
+        for r in range(batch)
+    ]
+
+
+def pipelined_step_time(runner: DecodeRunner, b: int, prompt: int, bs: int, steps: int) -> float:
+    """Seconds per decode step as the engine runs them ahead (engine.py): step N+1's rows are staged and its graph
+    launched before step N's tokens are read; each step's greedy tokens are taken on the device, left in the
+    runner's `sampled` to feed the next step, and copied to the host (pinned, asynchronously), where they are read
+    one step later. Median over three runs of `steps` steps."""
+    host = [torch.empty(b, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+    done = [torch.cuda.Event() for _ in range(2)]
+
+    def run() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(steps + 1):
+            logits = runner.run(decode_rows(b, prompt, bs, i % 32, feed=i > 0))
+            tokens = logits.argmax(dim=-1)
+            runner.sampled[:b].copy_(tokens)
+            host[i % 2].copy_(tokens, non_blocking=True)
+            done[i % 2].record()
+            if i == 0:
+                done[0].synchronize()
+                t0 = time.perf_counter()  # timing starts after the one step whose tokens the host staged
+            else:
+                done[(i - 1) % 2].synchronize()
+                host[(i - 1) % 2].tolist()
+        done[steps % 2].synchronize()
+        host[steps % 2].tolist()
+        return (time.perf_counter() - t0) / steps
+
+    run()  # warm-up
+    times = sorted(run() for _ in range(3))
+    return times[1]
 
 
 def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str, Any]:
@@ -106,13 +143,7 @@ def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str
     rows = []
     for prompt in prompts:
         for b in batches:
-
-            def one_step(b: int = b, prompt: int = prompt, step: list[int] = [0]) -> None:  # noqa: B006
-                logits = runner.run(decode_rows(b, prompt, bs, step[0] % 32))
-                logits.argmax(dim=-1).tolist()  # the tokens come back to the host, as in a real step
-                step[0] += 1
-
-            t = timed(one_step, 30)
+            t = pipelined_step_time(runner, b, prompt, bs, 40)
             read = weight_bytes + b * (prompt + 16) * kv_per_token
             rows.append({
                 "batch": b, "prompt": prompt, "step_ms": round(t * 1e3, 3), "tokens_per_s": round(b / t, 1),

@@ -23,6 +23,7 @@ from shapes import SHAPES
 from llmhost.engine.attention import AttentionBatch, ChunkMeta, write_kv
 from llmhost.engine.decode_runner import DecodeRow, DecodeRunner
 from llmhost.engine.kernels.fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
+from llmhost.engine.kernels.gemv import linear
 from llmhost.engine.kernels.paged_decode import DecodeWorkspace, paged_decode_attention
 from llmhost.engine.kv_cache import KVCache
 from llmhost.engine.model import LlamaModel
@@ -85,6 +86,10 @@ def kernel_errors(dtype: torch.dtype) -> dict[str, float]:
     kc_ref, vc_ref = torch.zeros_like(kc), torch.zeros_like(vc)
     write_kv(kc_ref, vc_ref, k_ref, vr.reshape(t, kvh, d), slots)
     rope_write_kv(qkv, positions, inv, slots, kc2, vc2, heads, kvh)
+    # decode-shaped matmuls: GEMV at one row, tensor-core tiles up to 16, wide 64-row products (else cuBLAS)
+    for m, n, k in ((1, 6144, 4096), (1, 4096, 14336), (1, 32000, 4096), (8, 4096, 14336), (64, 28672, 4096)):
+        xm, wm = rnd(m, k), rnd(n, k)
+        out[f"linear_{m}x{n}x{k}"] = rel(linear(xm, wm), xm.double() @ wm.double().t())
     out["rope_q"] = rel(qkv[:, : heads * d].reshape(t, heads, d), q_ref)
     out["rope_k_cache"] = rel(kc2, kc_ref)
     out["v_cache"] = rel(vc2, vc_ref)

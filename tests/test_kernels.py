@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton")
 
 from llmhost.engine.attention import write_kv  # noqa: E402
 from llmhost.engine.kernels.fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul  # noqa: E402
+from llmhost.engine.kernels.gemv import linear, uses_triton  # noqa: E402
 from llmhost.engine.kernels.paged_decode import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from llmhost.engine.model import rms_norm as rms_norm_ref  # noqa: E402
 from llmhost.engine.rope import apply_rope, cos_sin, inv_frequencies  # noqa: E402
@@ -82,3 +83,25 @@ def test_rope_write_kv_matches_reference() -> None:
     torch.testing.assert_close(qkv[:, : heads * d].reshape(t, heads, d), q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kc, kc_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vc, vc_ref)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [(1, 40, 96), (1, 24, 1100), (3, 70, 96), (16, 33, 520), (40, 25700, 64), (40, 100, 64)],
+)  # GEMV, a K that is no multiple of its tile, tensor-core tiles of 16 rows, a wide and a narrow 40-row product
+def test_linear_matches_matmul(m: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(m * n + k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    out = linear(x, w, out=torch.full((m, n), float("nan")))
+    torch.testing.assert_close(out, x @ w.t(), atol=1e-4, rtol=1e-4)
+    assert uses_triton(m, n) == (m <= 16 or n == 25700)
+
+
+def test_linear_float32_output_rounds_like_the_reference() -> None:
+    """Float32 logits from bf16 inputs: the product rounds to bf16 first, as `F.linear(...).float()` does."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(1, 256, generator=g).bfloat16(), torch.randn(48, 256, generator=g).bfloat16()
+    out = linear(x, w, out=torch.empty(1, 48))
+    ref = (x.float() @ w.float().t()).bfloat16().float()
+    assert torch.equal(out.bfloat16().float(), out)  # every value is a bf16 value
+    torch.testing.assert_close(out, ref, atol=0.0, rtol=1e-2)

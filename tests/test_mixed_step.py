@@ -26,6 +26,7 @@ class ReferenceRunner:
         self.engine = engine
         self.rows_run = 0
         self.calls_with_prompts_beside = 0
+        self.sampled = torch.zeros(8, dtype=torch.int64)  # where the engine leaves each step's tokens
 
     def run(self, rows: list[Any]) -> torch.Tensor:
         self.rows_run += len(rows)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from llmhost.engine.kernels.fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
+from llmhost.engine.kernels.gemv import linear
 from llmhost.engine.kernels.paged_decode import DecodeWorkspace, paged_decode_attention
 from llmhost.engine.kv_cache import KVCache
 from llmhost.engine.model import LlamaModel
@@ -37,9 +37,12 @@ _CAPTURE_STREAMS: weakref.WeakKeyDictionary[LlamaModel, torch.cuda.Stream] = wea
 
 @dataclass(frozen=True)
 class DecodeRow:
-    token: int
+    token: int  # ignored when `feed` names a row of `DecodeRunner.sampled`
     position: int  # of `token`; it attends to positions 0..position
     block_table: tuple[int, ...]
+    # The row of `sampled` that holds this row's token on the device: the previous step's sampled tokens feed this
+    # one without a trip through the host (the engine runs a step ahead, engine.py); -1: `token` is known.
+    feed: int = -1
 
 
 class DecodeRunner:
@@ -59,13 +62,17 @@ class DecodeRunner:
         dev, dt = model.device, model.dtype
         self.max_blocks = -(-max_seq_len // cache.block_size)
         mb = max_batch
-        # Static inputs, written before each replay: rows of `inputs` are tokens, positions, KV slots and context
-        # lengths. The host fills pinned mirrors with numpy and sends each with one asynchronous copy.
-        self.inputs = torch.zeros(4, mb, dtype=torch.int64, device=dev)
-        self.tokens, self.positions, self.slots, self.lens = self.inputs.unbind(0)
+        # Static inputs, written before each replay: rows of `inputs` are tokens, where each row's token comes
+        # from, positions, KV slots and context lengths. The host fills pinned mirrors with numpy and sends each
+        # with one asynchronous copy. `sampled` (the engine's tokens of the previous step, written on the device)
+        # sits just before them in one buffer, so one gather picks each row's token from either.
+        self._ids = torch.zeros(6 * mb, dtype=torch.int64, device=dev)
+        self.sampled = self._ids[:mb]
+        self.inputs = self._ids[mb:].view(5, mb)
+        self.tokens, self.source, self.positions, self.slots, self.lens = self.inputs.unbind(0)
         self.tables = torch.zeros(mb, self.max_blocks, dtype=torch.int32, device=dev)
         pin = dev.type == "cuda"
-        self._host_inputs = torch.zeros(4, mb, dtype=torch.int64, pin_memory=pin)
+        self._host_inputs = torch.zeros(5, mb, dtype=torch.int64, pin_memory=pin)
         self._host_tables = torch.zeros(mb, self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self._copied = torch.cuda.Event() if pin else None  # type: ignore[no-untyped-call]
         # Static activations.
@@ -82,7 +89,7 @@ class DecodeRunner:
 
     @property
     def static_bytes(self) -> int:
-        tensors = [self.inputs, self.tables, self.h, self.x, self.qkv]
+        tensors = [self._ids, self.tables, self.h, self.x, self.qkv]
         tensors += [self.attn, self.act, self.logits]
         return sum(t.numel() * t.element_size() for t in tensors) + self.ws.nbytes
 
@@ -96,12 +103,13 @@ class DecodeRunner:
         eps = s.rms_norm_eps
         q_dim = s.num_heads * s.head_dim
         h, x, qkv, attn, act = self.h[:b], self.x[:b], self.qkv[:b], self.attn[:b], self.act[:b]
-        torch.index_select(m.embed, 0, self.tokens[:b], out=h)
+        # source[r] indexes _ids: a row of `sampled` (fed from the previous step) or the row's own staged token.
+        torch.index_select(m.embed, 0, self._ids[self.source[:b]], out=h)
         for i, lw in enumerate(m.layers):
             if i == 0:
                 rms_norm(h, lw.input_norm, eps, out=x)
             # (for later layers the previous layer's add_rms_norm already left input_norm(h) in x)
-            torch.matmul(x, lw.qkv.t(), out=qkv)
+            linear(x, lw.qkv, out=qkv)
             if lw.qkv_bias is not None:
                 qkv.add_(lw.qkv_bias)
             if lw.q_norm is not None and lw.k_norm is not None:
@@ -118,14 +126,14 @@ class DecodeRunner:
             paged_decode_attention(
                 q, self.cache.k[i], self.cache.v[i], self.tables[:b], self.lens[:b], m.scale, self.ws, out=attn
             )
-            o = torch.matmul(attn.view(b, q_dim), lw.o.t())
+            o = linear(attn.view(b, q_dim), lw.o)
             add_rms_norm(o, h, lw.post_attn_norm, eps, out=x)
-            gate_up = torch.matmul(x, lw.gate_up.t())
+            gate_up = linear(x, lw.gate_up)
             silu_mul(gate_up, out=act)
-            down = torch.matmul(act, lw.down.t())
+            down = linear(act, lw.down)
             nxt = m.layers[i + 1].input_norm if i + 1 < len(m.layers) else m.norm
             add_rms_norm(down, h, nxt, eps, out=x)
-        self.logits[:b].copy_(F.linear(x, m.lm_head))  # float32 logits, as the reference returns
+        linear(x, m.lm_head, out=self.logits[:b])  # float32 logits of the bf16 product, as the reference returns
 
     def run(self, rows: list[DecodeRow]) -> torch.Tensor:
         """Decode one token for each row; returns float32 logits [len(rows), vocab] (a view of a static buffer,
@@ -149,14 +157,18 @@ class DecodeRunner:
             self._copied.synchronize()  # the previous step's copy must have left the pinned buffers
         host = self._host_inputs.numpy()
         tables = self._host_tables.numpy()
+        mb = self.max_batch
         # Padded rows decode a dummy token at position 0 of the scratch block: they touch nothing real.
-        host[:, :padded] = ((0,), (0,), (self.scratch_block * bs,), (1,))
+        host[:, :padded] = ((0,), (0,), (0,), (self.scratch_block * bs,), (1,))
+        host[1, :padded] = range(mb, mb + padded)  # each row's own staged token (its index in _ids)
         tables[:padded] = self.scratch_block
         for r, row in enumerate(rows):
             host[0, r] = row.token
-            host[1, r] = row.position
-            host[2, r] = row.block_table[row.position // bs] * bs + row.position % bs
-            host[3, r] = row.position + 1
+            if row.feed >= 0:
+                host[1, r] = row.feed
+            host[2, r] = row.position
+            host[3, r] = row.block_table[row.position // bs] * bs + row.position % bs
+            host[4, r] = row.position + 1
             tables[r, : len(row.block_table)] = row.block_table
         self.inputs[:, :padded].copy_(self._host_inputs[:, :padded], non_blocking=True)
         self.tables[:padded].copy_(self._host_tables[:padded], non_blocking=True)

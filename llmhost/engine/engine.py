@@ -1,10 +1,15 @@
 """Engine: one model's inference, driven step by step from outside (DESIGN.md "Engine contract").
 
     plan = engine.schedule()      # plain data: which sequences, which tokens
-    engine.execute(plan, stream)  # launches the forward pass; no host sync needed
-    outputs = engine.collect(plan)  # samples, appends tokens, finishes sequences
+    engine.execute(plan, stream)  # launches the forward pass and the sampling; no host sync needed
+    outputs = engine.collect(plan)  # reads the tokens back, appends them, finishes sequences
 
-`generate()` and `stream()` are conveniences that loop over those three calls.
+`step()` runs ahead: with a decode graph runner, it schedules and launches step N+1 before reading step N's tokens.
+Step N's sampled tokens stay on the device and feed step N+1 there (DecodeRunner's `sampled`), each sequence
+carrying its one unread token as `pending`; the host's bookkeeping for step N+1 then overlaps the GPU running
+step N. A sequence that step N finishes (a stop token) wastes its row of step N+1, which is discarded. Steps run
+ahead only after steps whose rows ask for no logprobs and no penalties: those need step N's logits or token
+history on the host. `generate()` and `stream()` are conveniences that loop over `step()`.
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from llmhost.engine.placement import LayerPlacement, StageSpec
 
 if TYPE_CHECKING:  # Triton is imported only where decode graphs run: a CPU-only install has none
     from llmhost.engine.decode_runner import DecodeRunner
-from llmhost.engine.sampler import make_generator, sample
+from llmhost.engine.sampler import PendingSample, launch_sample, make_generator
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.scheduler import Chunk, Scheduler, StepPlan
-from llmhost.engine.sequence import FinishReason
+from llmhost.engine.sequence import PENDING_TOKEN, FinishReason
 from llmhost.engine.sequence import Sequence as Seq
 from llmhost.engine.step_inputs import DeviceStep, StepInputs
 from llmhost.engine.weights import iter_weights
@@ -80,6 +85,16 @@ class Completion:
     output_ids: list[int]
     finish_reason: FinishReason
     logprobs: list[float | None]
+
+
+@dataclass
+class _Launched:
+    """A step between execute and collect: its sampled sequences, in the order of the plan's sampled chunks
+    (None for one aborted before the step launched), and their tokens on the way to the host."""
+
+    seqs: list[Seq | None]
+    sample: PendingSample | None
+    advanced: bool = False  # the scheduler already counted its tokens as computed (the engine ran ahead)
 
 
 @dataclass(frozen=True)
@@ -146,7 +161,9 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, config.max_batch, step_tokens(config))
         self.seqs: dict[str, Seq] = {}
         self._ids = itertools.count()
-        self._inflight: dict[int, torch.Tensor] = {}  # id(plan) -> logits of its sampled rows
+        self._inflight: dict[int, _Launched] = {}  # id(plan) -> what collect needs
+        self._feed_rows: dict[str, int] = {}  # seq id -> row of the runner's `sampled` holding its pending token
+        self._ahead: StepPlan | None = None  # launched by step() before the previous step was read
         self.runner: DecodeRunner | None = None
         self.graphs_wanted = decode_graphs  # a parked engine has no runner; unpark rebuilds it when this is set
         if decode_graphs:
@@ -155,7 +172,8 @@ class Engine:
             assert isinstance(model, LlamaModel) and cache.window is None
             with self._on_device():
                 self.runner = DecodeRunner(model, cache, config.max_batch, config.max_seq_len)
-                self.runner.capture()
+                if self.device.type == "cuda":  # on a CPU (tests) the runner steps without graphs
+                    self.runner.capture()
 
     def _on_device(self) -> contextlib.AbstractContextManager[object]:
         """The model's GPU as the current device, for the decode runner: CUDA graph capture and replay and Triton
@@ -279,34 +297,62 @@ class Engine:
     def execute(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> None:
         if plan.empty:
             return
-        decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with self._on_device(), ctx:
+            logits = self._forward(plan)
+            self._inflight[id(plan)] = self._launch_sample(plan, logits)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """Launch the plan's forward pass: float32 logits of its sampled chunks, in order."""
+        decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
         if self.runner is None or not decode:
-            with ctx:
-                self._inflight[id(plan)] = self._forward_chunks(plan.chunks)
-            return
+            return self._forward_chunks(plan.chunks)
         from llmhost.engine.decode_runner import DecodeRow
 
-        rows = [DecodeRow(c.token_ids[0], c.start, c.block_table) for c in decode]
+        rows = [
+            DecodeRow(c.token_ids[0], c.start, c.block_table)
+            if c.token_ids[0] != PENDING_TOKEN
+            else DecodeRow(0, c.start, c.block_table, feed=self._feed_rows[c.seq_id])
+            for c in decode
+        ]
         if len(decode) == len(plan.chunks):  # a pure decode step replays a captured graph
-            with self._on_device(), ctx:
-                self._inflight[id(plan)] = self.runner.run(rows)
-            return
+            return self.runner.run(rows)
         # A mixed step: its decode rows still replay the graph and only the prompt chunks take the reference
         # path, so a prompt arriving beside running sequences does not turn their steps eager. The logits are
         # stitched back into the order of the plan's sampled chunks.
         prompts = [c for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)]
         sampled = [c for c in plan.chunks if c.sample]
         is_decode = [len(c.token_ids) == 1 for c in sampled]
-        with self._on_device(), ctx:
-            dec = self.runner.run(rows)  # a view of the runner's static buffer: copied out below
-            pre = self._forward_chunks(prompts)
-            out = torch.empty(len(sampled), dec.shape[1], dtype=dec.dtype, device=dec.device)
-            dev = dec.device
-            out[torch.tensor([k for k, d in enumerate(is_decode) if d], device=dev)] = dec
-            if pre.shape[0]:
-                out[torch.tensor([k for k, d in enumerate(is_decode) if not d], device=dev)] = pre.to(dev)
-        self._inflight[id(plan)] = out
+        dec = self.runner.run(rows)  # a view of the runner's static buffer: copied out below
+        pre = self._forward_chunks(prompts)
+        out = torch.empty(len(sampled), dec.shape[1], dtype=dec.dtype, device=dec.device)
+        dev = dec.device
+        out[torch.tensor([k for k, d in enumerate(is_decode) if d], device=dev)] = dec
+        if pre.shape[0]:
+            out[torch.tensor([k for k, d in enumerate(is_decode) if not d], device=dev)] = pre.to(dev)
+        return out
+
+    def _launch_sample(self, plan: StepPlan, logits: torch.Tensor) -> _Launched:
+        """Queue the sampling of the step's tokens right behind its forward pass (the logits may be the runner's
+        static buffer, which the next step overwrites), and leave them in the runner's `sampled` for a next step
+        that runs ahead."""
+        seqs = [self.seqs.get(c.seq_id) for c in plan.chunks if c.sample]
+        live = [k for k, s in enumerate(seqs) if s is not None]
+        if not live:
+            return _Launched(seqs, None)
+        alive = [s for s in seqs if s is not None]
+        rows = logits if len(live) == len(seqs) else logits[live]
+        pending = launch_sample(
+            rows,
+            [s.params for s in alive],
+            [s.generator for s in alive],
+            [s.prompt_ids for s in alive],
+            [s.output_ids for s in alive],
+        )
+        if self.runner is not None:
+            self.runner.sampled[: len(alive)].copy_(pending.tokens)
+            self._feed_rows = {s.id: k for k, s in enumerate(alive)}
+        return _Launched(seqs, pending)
 
     def _forward_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """The reference forward over `chunks` (any mix of prompt chunks and decode tokens): float32 logits of
@@ -326,23 +372,20 @@ class Engine:
     def collect(self, plan: StepPlan) -> list[TokenOutput]:
         if plan.empty:
             return []
-        logits = self._inflight.pop(id(plan))
-        self.scheduler.advance(plan)
-        sampled = [c for c in plan.chunks if c.sample]
-        # A request aborted while its step ran gets nothing; the step's other rows are unaffected.
-        live = [(i, self.seqs[c.seq_id]) for i, c in enumerate(sampled) if c.seq_id in self.seqs]
-        if not live:
+        launched = self._inflight.pop(id(plan))
+        if not launched.advanced:
+            self.scheduler.advance(plan)
+        if launched.sample is None:
             return []
-        seqs = [s for _, s in live]
-        result = sample(
-            logits[[i for i, _ in live]],
-            [s.params for s in seqs],
-            [s.generator for s in seqs],
-            [s.prompt_ids for s in seqs],
-            [s.output_ids for s in seqs],
-        )
+        result = launched.sample.result()  # the one wait for the device
         outputs = []
-        for k, seq in enumerate(seqs):
+        alive = [s for s in launched.seqs if s is not None]
+        for k, seq in enumerate(alive):
+            if seq.pending:
+                seq.pending -= 1  # its token is read now, whatever happened to the sequence meanwhile
+            # A request aborted while its step ran gets nothing; the step's other rows are unaffected.
+            if seq.id not in self.seqs:
+                continue
             token = result.tokens[k]
             seq.output_ids.append(token)
             reason = self._finish_reason(seq, token)
@@ -353,6 +396,31 @@ class Engine:
             outputs.append(TokenOutput(seq.id, token, result.logprobs[k], result.top_logprobs[k], reason))
         return outputs
 
+    def _can_run_ahead(self, plan: StepPlan) -> bool:
+        """Whether the step after `plan` may launch before plan's tokens are read: the decode runner feeds them on
+        the device, and no sampled row needs plan's logits (logprobs) or its token on the host (penalties)."""
+        if self.runner is None or plan.empty:
+            return False
+        launched = self._inflight[id(plan)]
+        return launched.sample is not None and all(
+            s is None or (s.params.logprobs is None and not s.params.uses_penalties) for s in launched.seqs
+        )
+
+    def _run_ahead(self, plan: StepPlan) -> StepPlan | None:
+        """Count plan's tokens as computed and its sampled tokens as pending, then schedule and launch the next
+        step; returns it, or None when there is nothing to run."""
+        launched = self._inflight[id(plan)]
+        self.scheduler.advance(plan)
+        launched.advanced = True
+        for seq in launched.seqs:
+            if seq is not None:
+                seq.pending += 1
+        nxt = self.schedule()
+        if nxt.empty:
+            return None
+        self.execute(nxt)
+        return nxt
+
     def _finish_reason(self, seq: Seq, token: int) -> FinishReason | None:
         if token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos):
             return "stop"
@@ -361,8 +429,13 @@ class Engine:
         return None
 
     def step(self) -> list[TokenOutput]:
-        plan = self.schedule()
-        self.execute(plan)
+        """Outputs of one step. With a decode runner the next step is already launched when this returns."""
+        plan, self._ahead = self._ahead, None
+        if plan is None:
+            plan = self.schedule()
+            self.execute(plan)
+        if self._can_run_ahead(plan):
+            self._ahead = self._run_ahead(plan)
         return self.collect(plan)
 
     # -- conveniences -------------------------------------------------------------------------------------------

@@ -50,6 +50,19 @@ def sample(
     output_ids: Sequence[Sequence[int]],
 ) -> SampleOutput:
     """Sample one token per row. logits: [R, V], any float dtype, on the generators' device."""
+    return launch_sample(logits, params, generators, prompt_ids, output_ids).result()
+
+
+def launch_sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+) -> PendingSample:
+    """Queue the sampling of one token per row on the logits' device and the copy of its results to the host;
+    nothing waits for the device. `PendingSample.tokens` holds the tokens on the device at once (the engine feeds
+    them to the next step); `.result()` waits for the copy."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
     rows = logits.shape[0]
@@ -78,7 +91,7 @@ def sample(
         drawn = (probs / noise).argmax(dim=-1)
         tokens = torch.where(settings.greedy, tokens, drawn)
 
-    return _collect(raw, tokens, params)
+    return _pack(raw, tokens, params)
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,10 @@ def _row_settings(params: Sequence[SamplingParams], device: torch.device) -> _Ro
         ],
         dtype=torch.float32,
     )
-    # non_blocking: a pageable source is staged by the driver before the call returns, so no stream sync is needed.
+    # From pinned memory the copy is queued like any kernel; from pageable memory the driver may wait for the
+    # stream first, which would stall an engine launching its next step before this one finished.
+    if device.type == "cuda":
+        table = table.pin_memory()
     table = table.to(device, non_blocking=True)
     columns = table.unbind(dim=1)
     return _RowSettings(
@@ -209,11 +225,48 @@ def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams], sett
     return probs
 
 
-def _collect(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> SampleOutput:
-    """Move tokens (and logprobs where asked) to the host in one copy; this is the sampler's one sync."""
+class PendingSample:
+    """Sampled tokens (and logprobs where asked) on their way to the host: one packed device tensor, copied with
+    one asynchronous copy into pinned memory; `result()` is the sampler's one sync."""
+
+    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor, params: Sequence[SamplingParams], most: int):
+        self.tokens = tokens  # [R] int64 on the device
+        self.params = list(params)
+        self.most = most
+        if packed.device.type == "cuda":
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._done: torch.cuda.Event | None = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._done.record()
+        else:
+            self._host, self._done = packed, None
+
+    def result(self) -> SampleOutput:
+        if self._done is not None:
+            self._done.synchronize()
+        if self._host.dtype == torch.int64:  # tokens only
+            return SampleOutput(
+                cast(list[int], self._host.tolist()), [None] * len(self.params), [None] * len(self.params)
+            )
+        packed = cast(list[list[float]], self._host.tolist())  # [R, 2 + 2 * most]
+        most = self.most
+        out_logprobs: list[float | None] = []
+        out_top: list[list[tuple[int, float]] | None] = []
+        for p, row in zip(self.params, packed, strict=True):
+            if p.logprobs is None:
+                out_logprobs.append(None)
+                out_top.append(None)
+            else:
+                k = min(p.logprobs, most)
+                out_logprobs.append(row[1])
+                out_top.append([(int(t), v) for t, v in zip(row[2 : 2 + k], row[2 + most : 2 + most + k], strict=True)])
+        return SampleOutput([int(row[0]) for row in packed], out_logprobs, out_top)
+
+
+def _pack(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> PendingSample:
+    """Tokens, and logprobs where asked, packed into one tensor for one copy to the host."""
     if all(p.logprobs is None for p in params):
-        token_list = cast(list[int], tokens.tolist())
-        return SampleOutput(token_list, [None] * len(params), [None] * len(params))
+        return PendingSample(tokens, tokens, params, 0)
     logprobs = torch.log_softmax(raw, dim=-1)  # [R, V]
     chosen = logprobs.gather(-1, tokens[:, None])  # [R, 1]
     # A stable sort rather than topk: topk orders tied values (common in bf16 logits) differently for different k
@@ -224,15 +277,4 @@ def _collect(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingP
         top_values, top_ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
         columns += [top_ids[:, :most].double(), top_values[:, :most].double()]  # descending, ties by token id
     # float64 holds every token id and float32 logprob exactly, so one packed copy replaces four.
-    packed = cast(list[list[float]], torch.cat(columns, dim=1).tolist())  # [R, 2 + 2 * most]
-    out_logprobs: list[float | None] = []
-    out_top: list[list[tuple[int, float]] | None] = []
-    for p, row in zip(params, packed, strict=True):
-        if p.logprobs is None:
-            out_logprobs.append(None)
-            out_top.append(None)
-        else:
-            k = min(p.logprobs, most)
-            out_logprobs.append(row[1])
-            out_top.append([(int(t), v) for t, v in zip(row[2 : 2 + k], row[2 + most : 2 + most + k], strict=True)])
-    return SampleOutput([int(row[0]) for row in packed], out_logprobs, out_top)
+    return PendingSample(tokens, torch.cat(columns, dim=1), params, most)

@@ -29,6 +29,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether sampling reads the token history (on the host)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def validate(self) -> SamplingParams:
         """Raise RequestError naming the field and its valid range; return self for chaining."""
         if self.max_tokens < 1:

@@ -79,7 +79,8 @@ class Scheduler:
         chunks: list[Chunk] = []
         scheduled: set[str] = set()
         preempted: list[str] = []
-        decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
+        # A sequence whose pending token is its last gets no more steps (it finishes when that token is read).
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1 and not s.awaits_last_token]
         budget = self.token_budget if prefill_limit is None else min(self.token_budget, len(decoding) + prefill_limit)
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
         order = decoding + prefilling

@@ -12,6 +12,8 @@ from llmhost.engine.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
 
+PENDING_TOKEN = -1  # a token id in a chunk whose value is still on the device (Sequence.pending)
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # not started, or preempted (its KV was dropped and will be recomputed)
@@ -28,6 +30,9 @@ class Sequence:
     max_new_tokens: int  # params.max_tokens capped by max_seq_len - prompt length
     arrival: float = 0.0
     output_ids: list[int] = field(default_factory=list)
+    # Tokens sampled on the device but not yet read back (0 or 1): the engine scheduled and launched the next
+    # step before reading this one's tokens (engine.py, "running ahead"); position num_tokens - 1 is then one.
+    pending: int = 0
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # full pool: logical block i -> physical block
     # Window pool (sliding-window layers): window_table[j] holds logical block window_start + j; blocks before
@@ -40,10 +45,18 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """Its pending token is its last by length: nothing more to schedule."""
+        return self.pending > 0 and len(self.output_ids) + self.pending >= self.max_new_tokens
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Token ids at positions [start, end) of prompt + output."""
+        """Token ids at positions [start, end) of prompt + output; PENDING_TOKEN where the token is pending."""
+        known = len(self.prompt_ids) + len(self.output_ids)
+        if end > known:
+            return self.token_ids(start, known) + [PENDING_TOKEN] * (end - max(start, known))
         p = len(self.prompt_ids)
         if end <= p:
             return self.prompt_ids[start:end]
