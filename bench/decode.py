@@ -7,7 +7,8 @@ Per model shape (random weights: speed does not depend on values):
 - every step includes what a real engine step does around the graph: writing the inputs, a greedy argmax on the
   device whose tokens feed the next step there and come back to the host, run a step ahead as the engine runs
   them (engine.py); `engine_step_decode` times the engine's own step() (scheduler, sampler, run-ahead);
-- prefill: one 2048-token chunk through the reference forward, as FLOP/s over the bf16 GEMM peak (8192^3);
+- prefill: one 2048-token chunk through the engine's forward (fused kernels on the GPU), as the matmul FLOPs it
+  needs (layers' projections, causal attention, the head for one row) per second over the bf16 GEMM peak (8192^3);
 - baselines: the same model through plain torch eager ops (our reference forward, batch 1) and HF transformers
   `generate` (batch 1, random init at the same shape);
 - CUDA-graph capture time for all batch sizes.
@@ -164,7 +165,9 @@ def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str
         )  # fmt: skip
         logits.argmax(dim=-1).tolist()
 
+    model.fused = False  # plain torch ops, no Triton kernels
     eager_t = timed(eager_step, 10)
+    model.fused = True
 
     # Prefill: one 2048-token chunk (fresh sequence) through the reference forward.
     n = 2048
@@ -177,9 +180,17 @@ def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str
         lambda: model.forward(ids, pos, AttentionBatch(slots, (meta,)), cache, torch.tensor([n - 1], device="cuda")),
         5,
     )
-    params = weight_bytes // 2
-    attn_flops = 4 * shape.num_layers * shape.num_heads * shape.head_dim * n * n / 2  # causal QK^T and PV
-    prefill_flops = 2 * params * n + attn_flops
+    # Matmul FLOPs the chunk needs: the layers' projections for every token, the head for the one sampled row
+    # (the embedding is a lookup), and causal attention (QK^T and PV over half the square).
+    q, kv, hid, inter = (
+        shape.num_heads * shape.head_dim,
+        shape.num_kv_heads * shape.head_dim,
+        shape.hidden_size,
+        shape.intermediate_size,
+    )
+    layer_params = hid * (q + 2 * kv) + q * hid + 3 * hid * inter
+    attn_flops = 4 * shape.num_layers * shape.num_heads * shape.head_dim * n * n / 2
+    prefill_flops = 2 * shape.num_layers * layer_params * n + 2 * hid * shape.vocab_size + attn_flops
     sizes = runner.sizes
     b1 = next(r for r in rows if r["batch"] == 1 and r["prompt"] == 128)
     return {

@@ -5,7 +5,10 @@ bf16 keeps 8 significant bits (relative rounding 2^-8 = 0.4%); the two implement
 after a near-tie. The checks: (1) the prompt's next-token logits, ours vs HF bf16, relative L2 error < 2e-2, and
 both vs an fp32 CPU reference; (2) greedy tokens equal until the first step where HF's own top-2 logit margin
 is below the bf16 noise (0.05), i.e. any divergence is explained by a near-tie; (3) a batch of 4 prompts of
-different lengths gives each sequence the tokens it gets alone (batching changes nothing, also in bf16).
+different lengths gives each sequence the tokens it gets alone until a near-tie: where the two part ways, the
+tokens each chose had logprobs within 0.05 of each other. (Bitwise equality held while cuBLAS ran every decode
+matmul; the decode GEMV that runs a batch of one sums in another order than the tensor-core tiles of batches of
+2-16, kernels/gemv.py, so bf16 logits of one sequence now differ in the last bits between the two.)
 
 Usage: python bench/parity_gpu.py  (writes bench/results/parity_gpu-<gpu>.json)
 """
@@ -37,6 +40,16 @@ STEPS = 32
 TIE_MARGIN = 0.05
 
 
+def _near_tie_divergence(
+    tokens_a: list[int], logprobs_a: list[float | None], tokens_b: list[int], logprobs_b: list[float | None]
+) -> bool:
+    """Two greedy runs of one prompt agree, or part ways where both chosen tokens were nearly equally likely."""
+    for ta, la, tb, lb in zip(tokens_a, logprobs_a, tokens_b, logprobs_b, strict=True):
+        if ta != tb:
+            return la is not None and lb is not None and abs(la - lb) < TIE_MARGIN
+    return True
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -66,23 +79,24 @@ def check(arch: str) -> dict[str, Any]:
     prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (100, 37, 64, 5)]
     greedy = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=0)
 
-    ours_alone = [engine.generate([p], greedy)[0].output_ids for p in prompts]
-    ours_batch = [c.output_ids for c in engine.generate(prompts, greedy)]
+    alone = [engine.generate([p], greedy)[0] for p in prompts]
+    batch = engine.generate(prompts, greedy)
+    ours_alone = [c.output_ids for c in alone]
+    ours_batch = [c.output_ids for c in batch]
 
     p = prompts[0]
     with torch.no_grad():
         hf_logits = hf(torch.tensor([p], device="cuda")).logits[0, -1]
         ref_logits = ref32(torch.tensor([p])).logits[0, -1]
     # Our first-step logits, through the engine's own step contract.
-    engine.add_request(p, SamplingParams(max_tokens=1, temperature=0.0))
+    rid = engine.add_request(p, SamplingParams(max_tokens=1, temperature=0.0))
     plan = engine.schedule()
     while len(plan.chunks) and not plan.chunks[-1].sample:
         engine.execute(plan)
         engine.collect(plan)
         plan = engine.schedule()
-    engine.execute(plan)
-    our_logits = engine._inflight[id(plan)][-1]
-    engine.collect(plan)
+    our_logits = engine._forward(plan)[-1].clone()  # the forward pass of the step that samples, without sampling
+    engine.abort(rid)
 
     with torch.no_grad():
         hf_out = hf.generate(
@@ -113,13 +127,19 @@ def check(arch: str) -> dict[str, Any]:
         "greedy_steps": STEPS,
         "divergence_explained_by_near_tie": explained,
         "batch_equals_alone": ours_batch == ours_alone,
+        "batch_divergence_explained_by_near_tie": all(
+            _near_tie_divergence(a.output_ids, a.logprobs, b.output_ids, b.logprobs)
+            for a, b in zip(alone, batch, strict=True)
+        ),
     }
 
 
 def main() -> None:
     rows = [check(a) for a in ARCHS]
     ok = all(
-        r["logits_rel_err_vs_hf_bf16"] < 2e-2 and r["divergence_explained_by_near_tie"] and r["batch_equals_alone"]
+        r["logits_rel_err_vs_hf_bf16"] < 2e-2
+        and r["divergence_explained_by_near_tie"]
+        and r["batch_divergence_explained_by_near_tie"]
         for r in rows
     )
     doc = {
