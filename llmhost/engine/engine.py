@@ -396,7 +396,7 @@ class Engine:
             outputs.append(TokenOutput(seq.id, token, result.logprobs[k], result.top_logprobs[k], reason))
         return outputs
 
-    def _can_run_ahead(self, plan: StepPlan) -> bool:
+    def can_run_ahead(self, plan: StepPlan) -> bool:
         """Whether the step after `plan` may launch before plan's tokens are read: the decode runner feeds them on
         the device, and no sampled row needs plan's logits (logprobs) or its token on the host (penalties)."""
         if self.runner is None or plan.empty:
@@ -406,9 +406,10 @@ class Engine:
             s is None or (s.params.logprobs is None and not s.params.uses_penalties) for s in launched.seqs
         )
 
-    def _run_ahead(self, plan: StepPlan) -> StepPlan | None:
+    def run_ahead(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> StepPlan | None:
         """Count plan's tokens as computed and its sampled tokens as pending, then schedule and launch the next
-        step; returns it, or None when there is nothing to run."""
+        step (on `stream`: plan's, so it runs after plan); returns it, or None when there is nothing to run. Call
+        after execute(plan), before collect(plan), when can_run_ahead(plan)."""
         launched = self._inflight[id(plan)]
         self.scheduler.advance(plan)
         launched.advanced = True
@@ -418,7 +419,7 @@ class Engine:
         nxt = self.schedule()
         if nxt.empty:
             return None
-        self.execute(nxt)
+        self.execute(nxt, stream)
         return nxt
 
     def _finish_reason(self, seq: Seq, token: int) -> FinishReason | None:
@@ -434,8 +435,8 @@ class Engine:
         if plan is None:
             plan = self.schedule()
             self.execute(plan)
-        if self._can_run_ahead(plan):
-            self._ahead = self._run_ahead(plan)
+        if self.can_run_ahead(plan):
+            self._ahead = self.run_ahead(plan)
         return self.collect(plan)
 
     # -- conveniences -------------------------------------------------------------------------------------------

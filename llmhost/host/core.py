@@ -74,6 +74,7 @@ class _Running:
     stream: torch.cuda.Stream | None = None
     done: torch.cuda.Event | None = None  # recorded after the step's kernels; None on the CPU (ran synchronously)
     overlapped: bool = False  # another model's step ran beside it on another stream
+    followed: bool = False  # the model's next step was launched behind it before it was collected (run ahead)
 
     def finished(self) -> bool:
         return self.done is None or bool(self.done.query())  # type: ignore[no-untyped-call]
@@ -355,8 +356,40 @@ class HostCore:
                     break
                 ready.remove(launched.name)
                 running.append(launched)
+        for device, running in self._inflight.items():
+            self._run_ahead(device, running)
         if events:
             self.conn.send(TokenBatch(tuple(events)))
+
+    def _run_ahead(self, device: str, running: list[_Running]) -> None:
+        """A model alone on its GPU launches its next step behind the one in flight, before collecting it, as
+        Engine.step() does (engine.py, "running ahead"): the host's collect and schedule then overlap the GPU
+        instead of leaving it idle between steps. Only alone: beside other models the scheduler picks each step,
+        and their steps fill the gaps."""
+        names = {r.name for r in running}
+        if len(names) != 1:
+            return
+        last = running[-1]
+        others = any(
+            n != last.name and slot.device_names[0] == device and self._ready(slot) for n, slot in self.slots.items()
+        )
+        if last.followed or others or not last.engine.can_run_ahead(last.plan):
+            return
+        t0 = time.perf_counter()
+        last.followed = True
+        try:
+            nxt = last.engine.run_ahead(last.plan, last.stream)
+        except Exception:
+            self._fail_engine(last.name, last.engine)
+            return
+        if nxt is None:
+            return
+        rows = sum(1 for c in nxt.chunks if len(c.token_ids) == 1 and c.sample)
+        shape = StepShape(rows, sum(len(c.token_ids) for c in nxt.chunks) - rows)
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record(last.stream)
+        # Its latency includes the step ahead of it: charged and observed like an overlapped step.
+        running.append(_Running(last.name, last.engine, nxt, shape, t0, last.stream, done, overlapped=True))
 
     def _in_flight(self) -> bool:
         return any(self._inflight.values())
