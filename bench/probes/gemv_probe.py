@@ -1,4 +1,4 @@
-# ruff: noqa: B023, F821, E501
+# ruff: noqa: B023, F821
 """Probe: can a Triton GEMV/skinny GEMM beat cuBLAS on decode-shaped matmuls, and where does a decode step's time
 go? Prints JSON lines; writes $OUT/gemv_probe.json when OUT is set.
 
