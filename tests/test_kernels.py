@@ -105,4 +105,3 @@ def test_linear_float32_output_rounds_like_the_reference() -> None:
     ref = (x.float() @ w.float().t()).bfloat16().float()
     assert torch.equal(out.bfloat16().float(), out)  # every value is a bf16 value
     torch.testing.assert_close(out, ref, atol=0.0, rtol=1e-2)
-

@@ -406,17 +406,19 @@ class Engine:
             s is None or (s.params.logprobs is None and not s.params.uses_penalties) for s in launched.seqs
         )
 
-    def run_ahead(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> StepPlan | None:
+    def run_ahead(
+        self, plan: StepPlan, stream: torch.cuda.Stream | None = None, prefill_limit: int | None = None
+    ) -> StepPlan | None:
         """Count plan's tokens as computed and its sampled tokens as pending, then schedule and launch the next
-        step (on `stream`: plan's, so it runs after plan); returns it, or None when there is nothing to run. Call
-        after execute(plan), before collect(plan), when can_run_ahead(plan)."""
+        step (on `stream`: plan's, so it runs after plan; `prefill_limit` as in schedule); returns it, or None
+        when there is nothing to run. Call after execute(plan), before collect(plan), when can_run_ahead(plan)."""
         launched = self._inflight[id(plan)]
         self.scheduler.advance(plan)
         launched.advanced = True
         for seq in launched.seqs:
             if seq is not None:
                 seq.pending += 1
-        nxt = self.schedule()
+        nxt = self.schedule(prefill_limit)
         if nxt.empty:
             return None
         self.execute(nxt, stream)

@@ -370,15 +370,21 @@ class HostCore:
         if len(names) != 1:
             return
         last = running[-1]
+        # Any other model with work on this GPU (ready now or not) takes its turns through the scheduler; and a
+        # step run ahead takes decodes only (prefill_limit 0 below), so the model's waiting prompts must wait for
+        # a step the scheduler picks: none may be waiting.
         others = any(
-            n != last.name and slot.device_names[0] == device and self._ready(slot) for n, slot in self.slots.items()
+            n != last.name and slot.device_names[0] == device and slot.engine is not None and slot.engine.has_work
+            for n, slot in self.slots.items()
         )
-        if last.followed or others or not last.engine.can_run_ahead(last.plan):
+        eng = last.engine
+        prompts = bool(eng.scheduler.waiting) or any(s.num_tokens - s.num_computed > 1 for s in eng.scheduler.running)
+        if last.followed or others or prompts or not eng.can_run_ahead(last.plan):
             return
         t0 = time.perf_counter()
         last.followed = True
         try:
-            nxt = last.engine.run_ahead(last.plan, last.stream)
+            nxt = eng.run_ahead(last.plan, last.stream, prefill_limit=0)
         except Exception:
             self._fail_engine(last.name, last.engine)
             return
