@@ -451,3 +451,16 @@ def test_multi_gpu_bench_plans_without_a_gpu() -> None:
     assert fit["fit_limited_by"] == "memory" and fit["plan_at_fit_feasible"]
     assert fit["one_token_more"]["rejected"] and fit["one_block_more"]["rejected"]
     assert not torch.cuda.is_initialized()
+
+
+@pytest.mark.parametrize("stages", ["2", "3"])
+def test_split_with_fused_kernels_gives_the_unsplit_greedy_tokens(
+    tiny: Any, unsplit_tokens: dict[str, list[list[int]]], stages: str
+) -> None:
+    """The GPU's forward (model.fused: Triton kernels, here under the interpreter) on a split model: each stage's
+    kernels over its own layers, KV pool and RoPE table."""
+    pytest.importorskip("triton")
+    engine = load(tiny("llama"), SPLITS["llama"][stages])
+    engine.model.fused = True  # type: ignore[attr-defined]
+    assert outputs(engine.generate(prompts(), greedy())) == unsplit_tokens["llama"]
+    assert_all_free(engine)

@@ -12,6 +12,7 @@ stages in order and hands the hidden state from one to the next with an asynchro
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -345,7 +346,10 @@ class LlamaModel(DecoderModel):
 
     def run_stage(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
         if self.fused and not any(inputs.cache.in_window_pool(i) for i in self.placement.stages[stage].layers):
-            return self._run_stage_fused(stage, h, inputs)
+            # Triton launches on the current device, not the tensors': a split model's later stages would
+            # otherwise launch their kernels on the first GPU (seen on 2x H200: out-of-bounds gathers).
+            with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
+                return self._run_stage_fused(stage, h, inputs)
         eps = self.shape.rms_norm_eps
         batch, cache = inputs.batch, inputs.cache
         cos, sin = cos_sin(inputs.positions, self.stage_inv_freq[stage], self.dtype)
