@@ -237,7 +237,10 @@ class PendingSample:
             self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self._host.copy_(packed, non_blocking=True)
             self._done: torch.cuda.Event | None = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._done.record()
+            # On the stream the copy ran on: the logits' device's, which for a split model is not the current
+            # device (an event on the current one would not cover the copy, and the host would read the pinned
+            # buffer early: garbage token ids, seen on 2x H200 as an out-of-bounds embedding gather).
+            self._done.record(torch.cuda.current_stream(packed.device))
         else:
             self._host, self._done = packed, None
 
