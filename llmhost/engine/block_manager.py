@@ -18,6 +18,34 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+class FreeBlocks:
+    """One pool's free list. Blocks are taken from the end: recently freed blocks are reused first, which keeps hot
+    blocks in cache."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_count(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def take(self, n: int, table: list[int], what: str) -> None:
+        """Append n free blocks to `table`. Callers check first: running out is a bug here."""
+        if n > len(self._free):
+            raise RuntimeError(f"{what} exhausted: need {n} blocks, {len(self._free)} free")
+        for _ in range(n):
+            table.append(self._free.pop())
+
+    def give(self, blocks: list[int]) -> None:
+        """Return blocks (a table or its head), so that the table's first block is reused last."""
+        self._free.extend(reversed(blocks))
+
+
 class WindowBlockManager:
     """The sliding-window layers' pool. A query at position p reads keys (p - window, p] (transformers'
     `kv_idx > q_idx - sliding_window`), so it needs logical blocks from (p - window + 1) // block_size on; a
@@ -29,15 +57,15 @@ class WindowBlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.window = window
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.pool = FreeBlocks(num_blocks)
 
     @property
     def free_count(self) -> int:
-        return len(self._free)
+        return self.pool.free_count
 
     @property
     def used_count(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.pool.used_count
 
     def first_needed(self, pos: int) -> int:
         """The first logical block a query at `pos` reads."""
@@ -58,13 +86,13 @@ class WindowBlockManager:
         return max(0, blocks_for(end, self.block_size) - first - held)
 
     def can_cover(self, seq: Sequence, start: int, end: int) -> bool:
-        return self.extra_blocks(seq, start, end) <= len(self._free) + self._reclaimable(seq, start)
+        return self.extra_blocks(seq, start, end) <= self.pool.free_count + self._reclaimable(seq, start)
 
     def max_end(self, seq: Sequence, start: int) -> int:
         """The furthest position a chunk starting at `start` can reach with the blocks free now."""
         first = self._first_after_trim(seq, start)
         held = len(seq.window_table) - self._reclaimable(seq, start)
-        return (first + held + len(self._free) + self._reclaimable(seq, start)) * self.block_size
+        return (first + held + self.pool.free_count + self._reclaimable(seq, start)) * self.block_size
 
     def cover(self, seq: Sequence, start: int, end: int) -> None:
         """Release what a chunk [start, end) no longer reads, then grow the table to cover `end`. Call can_cover
@@ -72,22 +100,18 @@ class WindowBlockManager:
         self.trim(seq, start)
         if not seq.window_table:
             seq.window_start = self.first_needed(start)
-        need = self.extra_blocks(seq, start, end)
-        if need > len(self._free):
-            raise RuntimeError(f"sliding-window KV pool exhausted: need {need} blocks, {len(self._free)} free")
-        for _ in range(need):
-            seq.window_table.append(self._free.pop())
+        self.pool.take(self.extra_blocks(seq, start, end), seq.window_table, "sliding-window KV pool")
 
     def trim(self, seq: Sequence, pos: int) -> None:
         """Release the blocks that a query at `pos` (and every later one) no longer reads."""
         drop = self._reclaimable(seq, pos)
         if drop:
-            self._free.extend(reversed(seq.window_table[:drop]))
+            self.pool.give(seq.window_table[:drop])
             del seq.window_table[:drop]
             seq.window_start += drop
 
     def release(self, seq: Sequence) -> None:
-        self._free.extend(reversed(seq.window_table))
+        self.pool.give(seq.window_table)
         seq.window_table = []
         seq.window_start = 0
 
@@ -99,17 +123,16 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.window = window
-        # Pop from the end: recently freed blocks are reused first, which keeps hot blocks in cache.
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.pool = FreeBlocks(num_blocks)
 
     @property
     def free_count(self) -> int:
         """Free blocks of the full pool (the window pool reports its own)."""
-        return len(self._free)
+        return self.pool.free_count
 
     @property
     def used_count(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.pool.used_count
 
     def extra_blocks(self, seq: Sequence, tokens: int) -> int:
         """Full-pool blocks `seq` must add so that its table covers `tokens` positions."""
@@ -117,7 +140,7 @@ class BlockManager:
 
     def can_cover(self, seq: Sequence, tokens: int) -> bool:
         """Whether both pools can hold `seq`'s next chunk, from its first uncomputed token to `tokens`."""
-        if self.extra_blocks(seq, tokens) > len(self._free):
+        if self.extra_blocks(seq, tokens) > self.pool.free_count:
             return False
         return self.window is None or self.window.can_cover(seq, seq.num_computed, tokens)
 
@@ -133,12 +156,11 @@ class BlockManager:
         """Grow `seq`'s tables to cover `tokens` positions (trimming its window table to what the chunk from
         seq.num_computed reads). Call can_cover first: running out is a bug here."""
         need = self.extra_blocks(seq, tokens)
-        if need > len(self._free):
-            raise RuntimeError(f"KV pool exhausted: need {need} blocks, {len(self._free)} free")
+        if need > self.pool.free_count:  # before the window pool changes anything
+            raise RuntimeError(f"KV pool exhausted: need {need} blocks, {self.pool.free_count} free")
         if self.window is not None:
             self.window.cover(seq, seq.num_computed, tokens)
-        for _ in range(need):
-            seq.block_table.append(self._free.pop())
+        self.pool.take(need, seq.block_table, "KV pool")
 
     def advanced(self, seq: Sequence) -> None:
         """`seq.num_computed` moved on: release the window blocks its next token no longer reads."""
@@ -147,7 +169,7 @@ class BlockManager:
 
     def release(self, seq: Sequence) -> None:
         """Return all of `seq`'s blocks in both pools; safe to call twice."""
-        self._free.extend(reversed(seq.block_table))
+        self.pool.give(seq.block_table)
         seq.block_table = []
         if self.window is not None:
             self.window.release(seq)
