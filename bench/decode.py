@@ -169,7 +169,7 @@ def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str
     eager_t = timed(eager_step, 10)
     model.fused = True
 
-    # Prefill: one 2048-token chunk (fresh sequence) through the reference forward.
+    # Prefill: one 2048-token chunk (fresh sequence) through the forward the engine runs (fused kernels).
     n = 2048
     table = tuple(range(-(-n // bs)))
     slots = torch.arange(n, device="cuda")

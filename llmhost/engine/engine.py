@@ -89,10 +89,11 @@ class Completion:
 
 @dataclass
 class _Launched:
-    """A step between execute and collect: its sampled sequences, in the order of the plan's sampled chunks
-    (None for one aborted before the step launched), and their tokens on the way to the host."""
+    """A step between execute and collect: the sequences it samples for, in the order of the plan's sampled chunks
+    (less any aborted before the step launched), and their tokens on the way to the host (None when there are
+    none)."""
 
-    seqs: list[Seq | None]
+    seqs: list[Seq]
     sample: PendingSample | None
     advanced: bool = False  # the scheduler already counted its tokens as computed (the engine ran ahead)
 
@@ -336,12 +337,12 @@ class Engine:
         """Queue the sampling of the step's tokens right behind its forward pass (the logits may be the runner's
         static buffer, which the next step overwrites), and leave them in the runner's `sampled` for a next step
         that runs ahead."""
-        seqs = [self.seqs.get(c.seq_id) for c in plan.chunks if c.sample]
-        live = [k for k, s in enumerate(seqs) if s is not None]
-        if not live:
-            return _Launched(seqs, None)
-        alive = [s for s in seqs if s is not None]
-        rows = logits if len(live) == len(seqs) else logits[live]
+        sampled = [self.seqs.get(c.seq_id) for c in plan.chunks if c.sample]
+        live = [k for k, s in enumerate(sampled) if s is not None]
+        alive = [s for s in sampled if s is not None]
+        if not alive:
+            return _Launched(alive, None)
+        rows = logits if len(live) == len(sampled) else logits[live]
         pending = launch_sample(
             rows,
             [s.params for s in alive],
@@ -352,7 +353,7 @@ class Engine:
         if self.runner is not None:
             self.runner.sampled[: len(alive)].copy_(pending.tokens)
             self._feed_rows = {s.id: k for k, s in enumerate(alive)}
-        return _Launched(seqs, pending)
+        return _Launched(alive, pending)
 
     def _forward_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """The reference forward over `chunks` (any mix of prompt chunks and decode tokens): float32 logits of
@@ -379,8 +380,7 @@ class Engine:
             return []
         result = launched.sample.result()  # the one wait for the device
         outputs = []
-        alive = [s for s in launched.seqs if s is not None]
-        for k, seq in enumerate(alive):
+        for k, seq in enumerate(launched.seqs):
             if seq.pending:
                 seq.pending -= 1  # its token is read now, whatever happened to the sequence meanwhile
             # A request aborted while its step ran gets nothing; the step's other rows are unaffected.
@@ -403,7 +403,7 @@ class Engine:
             return False
         launched = self._inflight[id(plan)]
         return launched.sample is not None and all(
-            s is None or (s.params.logprobs is None and not s.params.uses_penalties) for s in launched.seqs
+            s.params.logprobs is None and not s.params.uses_penalties for s in launched.seqs
         )
 
     def run_ahead(
@@ -416,8 +416,7 @@ class Engine:
         self.scheduler.advance(plan)
         launched.advanced = True
         for seq in launched.seqs:
-            if seq is not None:
-                seq.pending += 1
+            seq.pending += 1
         nxt = self.schedule(prefill_limit)
         if nxt.empty:
             return None

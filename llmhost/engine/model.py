@@ -190,7 +190,10 @@ class DecoderModel(abc.ABC):
             # The hand-off: a device-to-device copy ordered on the streams of both devices, with no host sync
             # (when both stages share a device it returns h itself; the path is the same).
             h = h.to(st.device, non_blocking=True)
-            h = self.run_stage(k, h, stages[k])
+            # Each stage runs with its GPU current: Triton launches on the current device, not the tensors'
+            # (with the first stage's current, a split model's later stages gave other tokens on 2x H200).
+            with torch.cuda.device(st.device) if st.device.type == "cuda" else contextlib.nullcontext():
+                h = self.run_stage(k, h, stages[k])
         # Only rows that sample reach the head: logits for a whole prompt would cost vocab x T floats.
         return self.head(h[logits_rows])
 
@@ -346,10 +349,7 @@ class LlamaModel(DecoderModel):
 
     def run_stage(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
         if self.fused and not any(inputs.cache.in_window_pool(i) for i in self.placement.stages[stage].layers):
-            # Triton launches on the current device, not the tensors': a split model's later stages would
-            # otherwise launch their kernels on the first GPU (seen on 2x H200: out-of-bounds gathers).
-            with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
-                return self._run_stage_fused(stage, h, inputs)
+            return self._run_stage_fused(stage, h, inputs)
         eps = self.shape.rms_norm_eps
         batch, cache = inputs.batch, inputs.cache
         cos, sin = cos_sin(inputs.positions, self.stage_inv_freq[stage], self.dtype)

@@ -378,7 +378,7 @@ class HostCore:
             for n, slot in self.slots.items()
         )
         eng = last.engine
-        prompts = bool(eng.scheduler.waiting) or any(s.num_tokens - s.num_computed > 1 for s in eng.scheduler.running)
+        prompts = _next_shape(eng).prefill_tokens > 0
         if last.followed or others or prompts or not eng.can_run_ahead(last.plan):
             return
         t0 = time.perf_counter()
@@ -390,12 +390,10 @@ class HostCore:
             return
         if nxt is None:
             return
-        rows = sum(1 for c in nxt.chunks if len(c.token_ids) == 1 and c.sample)
-        shape = StepShape(rows, sum(len(c.token_ids) for c in nxt.chunks) - rows)
         done = torch.cuda.Event()  # type: ignore[no-untyped-call]
         done.record(last.stream)
         # Its latency includes the step ahead of it: charged and observed like an overlapped step.
-        running.append(_Running(last.name, last.engine, nxt, shape, t0, last.stream, done, overlapped=True))
+        running.append(_Running(last.name, last.engine, nxt, _shape(nxt), t0, last.stream, done, overlapped=True))
 
     def _in_flight(self) -> bool:
         return any(self._inflight.values())
@@ -448,9 +446,7 @@ class HostCore:
     def _plan(self, name: str, device: str) -> tuple[StepPlan, StepShape]:
         eng: Engine = self.slots[name].engine
         plan = eng.schedule(self.gpu.prefill_budget(name, device))
-        rows = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.sample)
-        prefill = sum(len(c.token_ids) for c in plan.chunks) - rows
-        return plan, StepShape(rows, prefill)
+        return plan, _shape(plan)
 
     def _launch(self, device: str, ready: list[str], stream: torch.cuda.Stream | None) -> _Running | None:
         while ready:
@@ -509,6 +505,12 @@ class HostCore:
         for seq_id in list(eng.seqs):
             eng.abort(seq_id)
             self.conn.send(RequestFailed(seq_id, "internal", f"model '{name}' failed while generating"))
+
+
+def _shape(plan: StepPlan) -> StepShape:
+    """A planned step's size as the GPU scheduler reads it: its decode rows and its prompt tokens."""
+    rows = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.sample)
+    return StepShape(rows, sum(len(c.token_ids) for c in plan.chunks) - rows)
 
 
 def _next_shape(engine: Engine) -> StepShape:
