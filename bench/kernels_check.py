@@ -2,7 +2,9 @@
 1. each Triton kernel vs its torch reference (relative L2 error);
 2. a DecodeRunner graph replay vs the reference forward, on random weights at a small real shape;
 3. two models, each with its own runner, graphs and pool, replayed solo, interleaved step by step, and on two
-   CUDA streams at once: every logit must equal the solo run's exactly (graphs read only their own buffers).
+   CUDA streams at once: every logit must equal the solo run's exactly (graphs read only their own buffers);
+4. the eager step's one-call attention over flat contexts (kernels/varlen_attention.py) vs the per-chunk
+   reference (attention.paged_attention), both in bf16 against the reference in fp32.
 
 Usage: python bench/kernels_check.py   (writes bench/results/kernels_check-<gpu>.json)
 """
@@ -20,15 +22,18 @@ import torch
 from common import gpu_tag, write_result
 from shapes import SHAPES
 
-from llmhost.engine.attention import AttentionBatch, ChunkMeta, write_kv
+from llmhost.engine.attention import AttentionBatch, ChunkMeta, paged_attention, write_kv
 from llmhost.engine.decode_runner import DecodeRow, DecodeRunner
 from llmhost.engine.kernels.fused import add_rms_norm, rms_norm, rope_write_kv, silu_mul
 from llmhost.engine.kernels.gemv import linear
 from llmhost.engine.kernels.paged_decode import DecodeWorkspace, paged_decode_attention
+from llmhost.engine.kernels.varlen_attention import varlen_attention
 from llmhost.engine.kv_cache import KVCache
 from llmhost.engine.model import LlamaModel
 from llmhost.engine.model import rms_norm as rms_norm_ref
 from llmhost.engine.rope import apply_rope, cos_sin, inv_frequencies
+from llmhost.engine.scheduler import Chunk
+from llmhost.engine.step_inputs import StepInputs
 from llmhost.model_files.shape import ModelShape
 
 DEV = torch.device("cuda")
@@ -214,6 +219,32 @@ def replace_vocab(shape: ModelShape) -> ModelShape:
     return replace(shape, vocab_size=32000, num_layers=12)
 
 
+def flat_attention() -> dict[str, float]:
+    """One eager step of mixed chunks (a prompt chunk after 500 cached tokens, a fresh prompt, decode rows at
+    several context lengths), GQA 32/8, head_dim 128, bf16: the flat one-call attention and the per-chunk
+    reference against the reference in fp32."""
+    g = torch.Generator(device=DEV).manual_seed(1)
+    heads, kvh, d, bs, nb = 32, 8, 128, 16, 800
+    perm = torch.randperm(nb, generator=torch.Generator().manual_seed(1)).tolist()
+    spans = [(500, 300, False), (0, 128, True), (76, 1, True), (999, 1, True), (2048, 1, True)]
+    chunks, used = [], 0
+    for k, (start, n, sample) in enumerate(spans):
+        blocks = math.ceil((start + n) / bs)
+        table = tuple(perm[used : used + blocks])
+        used += blocks
+        chunks.append(Chunk(f"s{k}", start, tuple(range(n)), table, sample))
+    step = StepInputs(chunks, bs, windowed=False, flat=True).to(DEV)
+    t = sum(n for _, n, _ in spans)
+    kc = torch.randn(nb, bs, kvh, d, generator=g, device=DEV).bfloat16()
+    vc = torch.randn(nb, bs, kvh, d, generator=g, device=DEV).bfloat16()
+    q = torch.randn(t, heads, d, generator=g, device=DEV).bfloat16()
+    assert step.batch.flat is not None
+    got = varlen_attention(q, kc, vc, step.batch.flat, d**-0.5)
+    ref = paged_attention(q, kc, vc, step.batch, d**-0.5)
+    ref32 = paged_attention(q.float(), kc.float(), vc.float(), step.batch, d**-0.5)
+    return {"varlen_bf16_vs_fp32": rel(got, ref32), "reference_bf16_vs_fp32": rel(ref, ref32)}
+
+
 def main() -> None:
     torch.set_grad_enabled(False)
     doc: dict[str, Any] = {
@@ -224,18 +255,22 @@ def main() -> None:
         "kernels_rel_err_fp32": kernel_errors(torch.float32),
         "graph_decode_rel_err": graph_vs_reference(),
         "two_models": two_models(),
+        "flat_attention_rel_err": flat_attention(),
         "tolerance": "kernels: bf16 rel err < 1e-2 (rounding 2^-8 per op), fp32 < 1e-5; graph decode: fp32 < 1e-4 "
-        "vs the fp32 reference, bf16 at most 2x the reference's own bf16 error; two-model runs bitwise equal",
+        "vs the fp32 reference, bf16 at most 2x the reference's own bf16 error; two-model runs bitwise equal; "
+        "flat attention in bf16 at most 2x the per-chunk reference's bf16 error",
         "command": "python bench/kernels_check.py",
     }
     ok_bf16 = all(v < 1e-2 for v in doc["kernels_rel_err_bf16"].values())
     ok_fp32 = all(v < 1e-5 for v in doc["kernels_rel_err_fp32"].values())
     tm = doc["two_models"]
     ge = doc["graph_decode_rel_err"]
+    fa = doc["flat_attention_rel_err"]
     doc["all_ok"] = (
         ok_bf16 and ok_fp32 and ge["graph_fp32_vs_reference_fp32"] < 1e-4
         and ge["graph_bf16_vs_fp32"] <= 2 * ge["reference_bf16_vs_fp32"]
         and tm["interleaved_equal_solo"] and tm["two_streams_equal_solo"]
+        and fa["varlen_bf16_vs_fp32"] <= 2 * fa["reference_bf16_vs_fp32"]
     )  # fmt: skip
     write_result("kernels_check", gpu_tag(doc["gpu"]), doc)
 

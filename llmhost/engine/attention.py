@@ -25,10 +25,24 @@ class ChunkMeta:
 
 
 @dataclass(frozen=True)
+class FlatContext:
+    """Every chunk's context in one flat list, for one variable-length attention call over the whole batch
+    (kernels/varlen_attention.py): chunk i's queries are rows cu_q[i]:cu_q[i+1] of the batch and its keys the
+    cache slots ctx_slots[cu_k[i]:cu_k[i+1]] (positions 0 .. ctx_len - 1 of the full pool, itself last)."""
+
+    cu_q: torch.Tensor  # [chunks + 1] int32
+    cu_k: torch.Tensor  # [chunks + 1] int32
+    ctx_slots: torch.Tensor  # [sum of ctx_len] int64
+    max_q: int
+    max_k: int
+
+
+@dataclass(frozen=True)
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V is written
     chunks: tuple[ChunkMeta, ...]
     window: AttentionBatch | None = None  # the same tokens in the window pool (models with sliding layers)
+    flat: FlatContext | None = None  # the full pool's contexts flattened, when the step packed them
 
     def for_pool(self, window_pool: bool) -> AttentionBatch:
         if not window_pool:

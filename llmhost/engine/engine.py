@@ -37,7 +37,7 @@ from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.scheduler import Chunk, Scheduler, StepPlan
 from llmhost.engine.sequence import PENDING_TOKEN, FinishReason
 from llmhost.engine.sequence import Sequence as Seq
-from llmhost.engine.step_inputs import DeviceStep, StepInputs
+from llmhost.engine.step_inputs import DeviceStep, StepInputs, to_device
 from llmhost.engine.weights import iter_weights
 from llmhost.errors import ConfigError, PromptTooLongError, RequestError, UnsupportedModelError
 from llmhost.memory.estimate import (
@@ -328,9 +328,9 @@ class Engine:
         pre = self._forward_chunks(prompts)
         out = torch.empty(len(sampled), dec.shape[1], dtype=dec.dtype, device=dec.device)
         dev = dec.device
-        out[torch.tensor([k for k, d in enumerate(is_decode) if d], device=dev)] = dec
+        out[to_device(torch.tensor([k for k, d in enumerate(is_decode) if d]), dev)] = dec
         if pre.shape[0]:
-            out[torch.tensor([k for k, d in enumerate(is_decode) if not d], device=dev)] = pre.to(dev)
+            out[to_device(torch.tensor([k for k, d in enumerate(is_decode) if not d]), dev)] = pre.to(dev)
         return out
 
     def _launch_sample(self, plan: StepPlan, logits: torch.Tensor) -> _Launched:
@@ -358,7 +358,10 @@ class Engine:
     def _forward_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """The reference forward over `chunks` (any mix of prompt chunks and decode tokens): float32 logits of
         the chunks that sample, in order."""
-        inputs = StepInputs(chunks, self.cache.block_size, self.cache.window is not None)
+        # The fused GPU forward attends over the whole step at once (kernels/varlen_attention.py) from the
+        # contexts packed flat; the reference path loops over the chunks.
+        windowed = self.cache.window is not None
+        inputs = StepInputs(chunks, self.cache.block_size, windowed, flat=self.model.fused and not windowed)
         # The step's metadata reaches each device once (not once per stage or layer); stages on one device
         # share it.
         on: dict[torch.device, DeviceStep] = {dev: inputs.to(dev) for dev in self.placement.devices}

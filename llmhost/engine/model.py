@@ -70,6 +70,7 @@ class DecoderModel(abc.ABC):
     dtype: torch.dtype
     device: torch.device  # the first stage's: where token ids enter (the whole model's when not split)
     placement: LayerPlacement
+    fused = False  # the forward runs the fused GPU kernels (LlamaModel on a GPU), attention over flat contexts
 
     def __init__(
         self,
@@ -372,6 +373,7 @@ class LlamaModel(DecoderModel):
         """run_stage with the fused kernels: the same arithmetic in the same rounding order, fewer launches."""
         from llmhost.engine.kernels.fused import add_rms_norm, rope_write_kv, silu_mul
         from llmhost.engine.kernels.fused import rms_norm as rms_norm_fused
+        from llmhost.engine.kernels.varlen_attention import varlen_attention, varlen_ok
 
         s = self.shape
         eps = s.rms_norm_eps
@@ -394,7 +396,11 @@ class LlamaModel(DecoderModel):
                 s.num_heads, s.num_kv_heads,
             )  # fmt: skip
             q = qkv[:, :q_dim].view(t, s.num_heads, s.head_dim)
-            a = paged_attention(q, kc, vc, inputs.batch, self.scale, None, s.attn_logit_softcap)
+            flat = inputs.batch.flat
+            if flat is not None and s.attn_logit_softcap is None and varlen_ok(q, kc):
+                a = varlen_attention(q, kc, vc, flat, self.scale)
+            else:
+                a = paged_attention(q, kc, vc, inputs.batch, self.scale, None, s.attn_logit_softcap)
             x = add_rms_norm(F.linear(a.reshape(t, q_dim), lw.o), h, lw.post_attn_norm, eps)
             down = F.linear(silu_mul(F.linear(x, lw.gate_up)), lw.down)
             if i + 1 < layers.stop:

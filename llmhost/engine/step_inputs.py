@@ -3,7 +3,8 @@ built on the host from a StepPlan and packed into one int64 tensor, so each devi
 receives all of it with one host-to-device copy per step, not one per tensor or per layer.
 
 Packed layout: [ids: T | positions: T | slots: T | window slots: T (windowed models) | rows: R | each chunk's
-full-pool blocks | each chunk's window-pool blocks]. `to(device)` copies it once and returns views.
+full-pool blocks | each chunk's window-pool blocks | (flat steps) cu_q, cu_k: chunks + 1 each | every chunk's
+context slots]. `to(device)` copies it once and returns views.
 """
 
 from __future__ import annotations
@@ -11,11 +12,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from llmhost.engine.attention import AttentionBatch, ChunkMeta
+from llmhost.engine.attention import AttentionBatch, ChunkMeta, FlatContext
 from llmhost.engine.block_manager import blocks_for
 from llmhost.engine.scheduler import Chunk
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` copied onto `device` without making the host wait: to a GPU, non-blocking from pinned memory, so
+    the copy is queued on the current stream like a kernel. torch's default blocking copy synchronizes the
+    current stream (and a non-blocking one from pageable memory may wait too): the host then waits for every
+    kernel queued before it, while the GPU is shared with other models' steps (bench/probes/host_trace.py: the
+    launch of a step with a 55-token prompt chunk held the host core for 77 ms). The caching host allocator keeps
+    the pinned block until the copy has run."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -40,10 +54,12 @@ class _ChunkLayout:
 
 
 class StepInputs:
-    def __init__(self, chunks: Sequence[Chunk], block_size: int, windowed: bool) -> None:
-        """windowed: the model has a window pool; its slots and tables are packed too."""
+    def __init__(self, chunks: Sequence[Chunk], block_size: int, windowed: bool, flat: bool = False) -> None:
+        """windowed: the model has a window pool; its slots and tables are packed too. flat: pack every chunk's
+        context slots in one list too (attention.FlatContext), for one attention call over the whole batch."""
         bs = block_size
         self.windowed = windowed
+        self.flat = flat
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -84,11 +100,35 @@ class StepInputs:
                 packed += w_blocks[k]
             layouts.append(_ChunkLayout(q_start, q_len, ctx_len, b, w_len, wb, ctx_start))
         self._layouts = tuple(layouts)
-        self.host = torch.tensor(packed, dtype=torch.int64)  # [packed] on the CPU
+        self._flat: tuple[int, int, int, int] | None = None  # offsets of cu_q, cu_k, ctx slots; their total
+        self._flat_max = (0, 0)  # longest chunk, longest context
+        host = torch.tensor(packed, dtype=torch.int64)  # [packed] on the CPU
+        if flat:
+            host = torch.cat([host, self._flat_part(chunks, bs, len(packed))])
+        self.host = host
+
+    def _flat_part(self, chunks: Sequence[Chunk], bs: int, offset: int) -> torch.Tensor:
+        """cu_q, cu_k and the context slots of every chunk (numpy: a step's contexts run to tens of thousands of
+        slots, too many for a Python loop per token)."""
+        q_lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
+        k_lens = np.array([c.end for c in chunks], dtype=np.int64)
+        cu_q = np.concatenate([[0], np.cumsum(q_lens)])
+        cu_k = np.concatenate([[0], np.cumsum(k_lens)])
+        within = np.arange(bs, dtype=np.int64)
+        slots = [
+            (np.asarray(c.block_table[: blocks_for(c.end, bs)], dtype=np.int64)[:, None] * bs + within).reshape(-1)[
+                : c.end
+            ]
+            for c in chunks
+        ]
+        n = len(chunks) + 1
+        self._flat = (offset, offset + n, offset + 2 * n, int(cu_k[-1]))
+        self._flat_max = (int(q_lens.max(initial=0)), int(k_lens.max(initial=0)))
+        return torch.from_numpy(np.concatenate([cu_q, cu_k, *slots]))
 
     def to(self, device: torch.device) -> DeviceStep:
         """One copy of the packed metadata onto `device` (none on the CPU), and views of it."""
-        d = self.host.to(device)
+        d = to_device(self.host, device)
         t = self._num_tokens
 
         def part(span: tuple[int, int]) -> torch.Tensor:
@@ -101,5 +141,11 @@ class StepInputs:
                 ChunkMeta(c.q_start, c.q_len, c.w_ctx_len, part(c.w_blocks), c.w_ctx_start) for c in self._layouts
             )
             window = AttentionBatch(d[3 * t : 4 * t], w_metas)
-        batch = AttentionBatch(d[2 * t : 3 * t], full, window)
+        flat = None
+        if self._flat is not None:
+            q_at, k_at, s_at, total = self._flat
+            cu = d[q_at:s_at].to(torch.int32)  # cu_q and cu_k, next to each other: one conversion
+            n = k_at - q_at
+            flat = FlatContext(cu[:n], cu[n:], d[s_at : s_at + total], *self._flat_max)
+        batch = AttentionBatch(d[2 * t : 3 * t], full, window, flat)
         return DeviceStep(d[:t], d[t : 2 * t], batch, part(self._rows))

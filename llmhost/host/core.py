@@ -54,6 +54,11 @@ from llmhost.model_files import open_checkpoint
 log = logging.getLogger("llmhost.host")
 
 IDLE_WAIT_S = 0.05  # how long the loop blocks on the pipe when no engine has work
+# How long the loop blocks on the pipe when steps are in flight and its last pass neither collected nor launched
+# one: waiting in poll() releases the GIL, which a spinning loop holds but for the interpreter's switch interval
+# (5 ms), starving the threads of an in-process host's client (bench/probes/host_trace.py). Short against a step
+# (>= 2 ms on the H100), so a finished step is noticed a little late at most.
+SPIN_WAIT_S = 0.0001
 EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
 # Decode steps of different models that may run at once on one GPU (the first on the current stream, the others
 # on side streams): small models do not saturate the GPU alone, and overlapping them is what threads and MPS gain
@@ -124,6 +129,7 @@ class HostCore:
         self._streams: dict[str, list[torch.cuda.Stream]] = {}  # per device, the streams steps run on
         self._inflight: dict[str, list[_Running]] = {}  # per device, steps launched and not yet collected
         self._next_expiry = 0.0
+        self._spinning = False  # the last pass had steps in flight and neither collected nor launched one
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -166,9 +172,10 @@ class HostCore:
     def iterate(self) -> None:
         self._admit_pending()
         busy = self._in_flight() or any(self._ready(s) for s in self.slots.values())
-        self._drain(0.0 if busy else IDLE_WAIT_S)
+        self._drain((SPIN_WAIT_S if self._spinning else 0.0) if busy else IDLE_WAIT_S)
+        self._spinning = False
         if busy:
-            self._step()
+            self._spinning = not self._step()
         now = time.monotonic()
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRE_EVERY_S
@@ -327,16 +334,18 @@ class HostCore:
 
     # -- the loop's work ----------------------------------------------------------------------------------------
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
         """Collect every step whose GPU work is done, then launch new ones: per device the scheduler's pick, and
         beside it (each on its own stream) further small decode steps of other models, up to
         MAX_CONCURRENT_STEPS in flight. Steps run free: a model whose step finished steps again at once, while
         the others' are still in flight, as separate threads or processes would (no lockstep per iteration). On
-        the CPU one step runs at a time, to completion."""
+        the CPU one step runs at a time, to completion. Returns whether any step was collected or launched."""
         events: list[TokenEvent] = []
+        moved = False
         for runs in self._inflight.values():
             for run in [r for r in runs if r.finished()]:
                 runs.remove(run)
+                moved = True
                 events.extend(self._collect(run))
         in_flight = {r.name for runs in self._inflight.values() for r in runs}
         lanes: dict[str, list[str]] = {}
@@ -347,6 +356,7 @@ class HostCore:
             if not device.startswith("cuda"):
                 alone = self._launch(device, ready, None)
                 if alone is not None:
+                    moved = True
                     events.extend(self._collect(alone))
                 continue
             running = self._inflight.setdefault(device, [])
@@ -354,12 +364,14 @@ class HostCore:
                 launched = self._launch_beside(device, ready, running)
                 if launched is None:
                     break
+                moved = True
                 ready.remove(launched.name)
                 running.append(launched)
         for device, running in self._inflight.items():
             self._run_ahead(device, running)
         if events:
             self.conn.send(TokenBatch(tuple(events)))
+        return moved
 
     def _run_ahead(self, device: str, running: list[_Running]) -> None:
         """A model alone on its GPU launches its next step behind the one in flight, before collecting it, as
