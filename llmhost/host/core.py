@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -54,11 +57,17 @@ from llmhost.model_files import open_checkpoint
 log = logging.getLogger("llmhost.host")
 
 IDLE_WAIT_S = 0.05  # how long the loop blocks on the pipe when no engine has work
-# How long the loop blocks on the pipe when steps are in flight and its last pass neither collected nor launched
-# one: waiting in poll() releases the GIL, which a spinning loop holds but for the interpreter's switch interval
-# (5 ms), starving the threads of an in-process host's client (bench/probes/host_trace.py). Short against a step
-# (>= 2 ms on the H100), so a finished step is noticed a little late at most.
-SPIN_WAIT_S = 0.0001
+# A loop pass with steps in flight that neither collected nor launched one ends with time.sleep(0): it releases
+# the GIL, which a spinning loop holds but for the interpreter's switch interval, so the client threads of an
+# in-process host and the launcher thread run (bench/probes/host_trace.py), and costs nothing when none waits.
+# (A poll() with a 0.1 ms timeout instead noticed finished steps late: the batch-1 pair lost 3-5% bandwidth.)
+# The interpreter's switch interval while the host runs (Python's default: 5 ms). A launcher thread launching an
+# eager step holds the GIL for milliseconds of Python; the loop asks for it back to collect and relaunch the other
+# models' decode steps, and waits up to this long each time.
+GIL_SWITCH_S = 0.0005
+# The longest the loop waits for a launch in progress before it checks the other steps in flight again: about a
+# tenth of the shortest decode step (a 1B model at batch 8, 2.3 ms on the H100).
+LAUNCH_WAIT_S = 0.0002
 EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
 # Decode steps of different models that may run at once on one GPU (the first on the current stream, the others
 # on side streams): small models do not saturate the GPU alone, and overlapping them is what threads and MPS gain
@@ -69,7 +78,9 @@ PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this man
 
 @dataclass
 class _Running:
-    """One launched step, in flight until its stream reaches `done`; then collected (on the same stream)."""
+    """One launched step, in flight until its stream reaches `done`; then collected (on the same stream). An eager
+    step is launched by the device's launcher thread: `launching` until its kernels are queued, which returns the
+    `done` event (or raises what the launch raised, re-raised at collection)."""
 
     name: str
     engine: Engine
@@ -80,9 +91,33 @@ class _Running:
     done: torch.cuda.Event | None = None  # recorded after the step's kernels; None on the CPU (ran synchronously)
     overlapped: bool = False  # another model's step ran beside it on another stream
     followed: bool = False  # the model's next step was launched behind it before it was collected (run ahead)
+    launching: Future[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None  # -> (start, done)
+    start: torch.cuda.Event | None = None  # recorded before the step's kernels (timing events)
 
     def finished(self) -> bool:
+        if self.launching is not None:
+            if not self.launching.done():
+                return False
+            if self.launching.exception() is not None:
+                return True  # collected at once: the collection re-raises and fails the engine's requests
+            self.start, self.done = self.launching.result()
         return self.done is None or bool(self.done.query())  # type: ignore[no-untyped-call]
+
+    def wait(self) -> None:
+        """Block until the step's kernels ran (a failed launch: until it failed)."""
+        if self.launching is not None:
+            futures.wait([self.launching])
+            if self.launching.exception() is None:
+                self.start, self.done = self.launching.result()
+        if self.done is not None:
+            self.done.synchronize()
+
+    def gpu_seconds(self) -> float | None:
+        """GPU time from the step's first kernel's turn on its stream to its last's end (None on the CPU). It
+        leaves out the host's delays in noticing the step done, which the latency t0 -> collection includes."""
+        if self.start is None or self.done is None:
+            return None
+        return float(self.start.elapsed_time(self.done)) / 1e3
 
 
 class HostCore:
@@ -130,6 +165,7 @@ class HostCore:
         self._inflight: dict[str, list[_Running]] = {}  # per device, steps launched and not yet collected
         self._next_expiry = 0.0
         self._spinning = False  # the last pass had steps in flight and neither collected nor launched one
+        self._launchers: dict[str, ThreadPoolExecutor] = {}  # per GPU: the thread that launches eager steps
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -157,6 +193,15 @@ class HostCore:
     # -- life cycle ---------------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        # Process-wide: in an in-process host (Host, the benches) the caller's threads switch as often.
+        sys.setswitchinterval(GIL_SWITCH_S)
+        try:
+            self._run()
+        finally:
+            for pool in self._launchers.values():
+                pool.shutdown(wait=True)
+
+    def _run(self) -> None:
         for name in self.resident_at_start:
             self.slots[name].state = "loading"
         self._send_status(0)
@@ -172,7 +217,9 @@ class HostCore:
     def iterate(self) -> None:
         self._admit_pending()
         busy = self._in_flight() or any(self._ready(s) for s in self.slots.values())
-        self._drain((SPIN_WAIT_S if self._spinning else 0.0) if busy else IDLE_WAIT_S)
+        if busy and self._spinning:
+            self._yield()
+        self._drain(0.0 if busy else IDLE_WAIT_S)
         self._spinning = False
         if busy:
             self._spinning = not self._step()
@@ -181,6 +228,18 @@ class HostCore:
             self._next_expiry = now + EXPIRE_EVERY_S
             for name in self.coordinator.expire():
                 self._left(name)
+
+    def _yield(self) -> None:
+        """Nothing to collect or launch: let other threads have the GIL. While the launcher thread launches a step,
+        wait on its launch (a lock wait hands it the GIL at once) for up to LAUNCH_WAIT_S; otherwise
+        time.sleep(0), which releases the GIL to a thread waiting for it and costs nothing when none waits."""
+        launching = [
+            r.launching for runs in self._inflight.values() for r in runs if r.launching and not r.launching.done()
+        ]
+        if launching:
+            futures.wait(launching, timeout=LAUNCH_WAIT_S, return_when=futures.FIRST_COMPLETED)
+        else:
+            time.sleep(0)
 
     @staticmethod
     def _ready(slot: Slot) -> bool:
@@ -385,27 +444,35 @@ class HostCore:
         # Any other model with work on this GPU (ready now or not) takes its turns through the scheduler; and a
         # step run ahead takes decodes only (prefill_limit 0 below), so the model's waiting prompts must wait for
         # a step the scheduler picks: none may be waiting.
-        others = any(
-            n != last.name and slot.device_names[0] == device and slot.engine is not None and slot.engine.has_work
-            for n, slot in self.slots.items()
-        )
+        others = self._others_have_work(last.name, device)
         eng = last.engine
         prompts = _next_shape(eng).prefill_tokens > 0
-        if last.followed or others or prompts or not eng.can_run_ahead(last.plan):
+        stream = last.stream
+        if stream is None or last.launching is not None or last.followed or others or prompts:
+            return
+        if not eng.can_run_ahead(last.plan):
             return
         t0 = time.perf_counter()
         last.followed = True
+        start = _event(stream)
         try:
-            nxt = eng.run_ahead(last.plan, last.stream, prefill_limit=0)
+            nxt = eng.run_ahead(last.plan, stream, prefill_limit=0)
         except Exception:
             self._fail_engine(last.name, last.engine)
             return
         if nxt is None:
             return
-        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        done.record(last.stream)
         # Its latency includes the step ahead of it: charged and observed like an overlapped step.
-        running.append(_Running(last.name, last.engine, nxt, _shape(nxt), t0, last.stream, done, overlapped=True))
+        run = _Running(last.name, last.engine, nxt, _shape(nxt), t0, stream, _event(stream), overlapped=True)
+        run.start = start
+        running.append(run)
+
+    def _others_have_work(self, name: str, device: str) -> bool:
+        """Whether a model other than `name` on `device` has work (ready now or with a step in flight)."""
+        return any(
+            n != name and slot.device_names[0] == device and slot.engine is not None and slot.engine.has_work
+            for n, slot in self.slots.items()
+        )
 
     def _in_flight(self) -> bool:
         return any(self._inflight.values())
@@ -415,8 +482,7 @@ class HostCore:
         for runs in self._inflight.values():
             for run in [r for r in runs if r.name == name]:
                 runs.remove(run)
-                if run.done is not None:
-                    run.done.synchronize()
+                run.wait()
                 events = self._collect(run)
                 if events:
                     self.conn.send(TokenBatch(tuple(events)))
@@ -482,26 +548,43 @@ class HostCore:
     ) -> _Running | None:
         eng: Engine = self.slots[name].engine
         t0 = time.perf_counter()
+        eager = shape.prefill_tokens > 0 or eng.runner is None
+        if stream is not None and eager and self._others_have_work(name, str(stream.device)):
+            # An eager step's launch is milliseconds of Python per layer (tens of ms for a prompt chunk on an 8B
+            # model, bench/probes/launch_syncs.py): launched from the loop, it held every other model's next
+            # step back that long. The device's launcher thread launches it while the loop goes on collecting and
+            # relaunching the others' graph-replayed decode steps. A model alone launches from the loop: nothing
+            # would run meanwhile, and the handover cost the lone model of bench/serve.py a fifth of its speed.
+            launcher = self._launchers.get(str(stream.device))
+            if launcher is None:
+                launcher = ThreadPoolExecutor(1, thread_name_prefix=f"llmhost-launch-{stream.device}")
+                self._launchers[str(stream.device)] = launcher
+            future = launcher.submit(_launch_eager, eng, plan, stream)
+            return _Running(name, eng, plan, shape, t0, stream, launching=future)
+        start = _event(stream) if stream is not None else None
         try:
             eng.execute(plan, stream)
         except Exception:
             self._fail_engine(name, eng)
             return None
-        done = None
-        if stream is not None:
-            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            done.record(stream)
-        return _Running(name, eng, plan, shape, t0, stream, done)
+        run = _Running(name, eng, plan, shape, t0, stream, _event(stream) if stream is not None else None)
+        run.start = start
+        return run
 
     def _collect(self, run: _Running) -> list[TokenEvent]:
         ctx = torch.cuda.stream(run.stream) if run.stream is not None else contextlib.nullcontext()
         try:
+            if run.launching is not None:
+                run.launching.result()  # a failed launch raises here
             with ctx:  # sampling on the step's own stream: its sync waits for this step only
                 outs = run.engine.collect(run.plan)  # returns after the step's tokens reached the host
         except Exception:
             self._fail_engine(run.name, run.engine)
             return []
-        seconds = time.perf_counter() - run.t0
+        # Measured: the step's GPU time on a GPU (host delays in noticing it done left out; they made the solo
+        # estimate, and so every overlapped step's charge, swing between runs), its latency on the CPU.
+        gpu_s = run.gpu_seconds()
+        seconds = gpu_s if gpu_s is not None else time.perf_counter() - run.t0
         # A prompt step is charged its measured time: its solo decode cost would undercharge it.
         solo = self.gpu.solo_step_s(run.name) if run.overlapped and not run.shape.prefill_tokens else None
         # An overlapped step is charged its solo cost (the pair's wall time would give both models the same
@@ -517,6 +600,24 @@ class HostCore:
         for seq_id in list(eng.seqs):
             eng.abort(seq_id)
             self.conn.send(RequestFailed(seq_id, "internal", f"model '{name}' failed while generating"))
+
+
+def _launch_eager(
+    engine: Engine, plan: StepPlan, stream: torch.cuda.Stream
+) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    """On a launcher thread: queue the step's kernels on `stream`; the events before and after them. Grad mode is
+    per thread (host_main switched it off for the loop's thread only)."""
+    start = _event(stream)
+    with torch.no_grad():
+        engine.execute(plan, stream)
+    return start, _event(stream)
+
+
+def _event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """A timing event recorded on `stream` now."""
+    ev = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    ev.record(stream)
+    return ev
 
 
 def _shape(plan: StepPlan) -> StepShape:
