@@ -57,10 +57,6 @@ from llmhost.model_files import open_checkpoint
 log = logging.getLogger("llmhost.host")
 
 IDLE_WAIT_S = 0.05  # how long the loop blocks on the pipe when no engine has work
-# A loop pass with steps in flight that neither collected nor launched one ends with time.sleep(0): it releases
-# the GIL, which a spinning loop holds but for the interpreter's switch interval, so the client threads of an
-# in-process host and the launcher thread run (bench/probes/host_trace.py), and costs nothing when none waits.
-# (A poll() with a 0.1 ms timeout instead noticed finished steps late: the batch-1 pair lost 3-5% bandwidth.)
 # The interpreter's switch interval while the host runs (Python's default: 5 ms). A launcher thread launching an
 # eager step holds the GIL for milliseconds of Python; the loop asks for it back to collect and relaunch the other
 # models' decode steps, and waits up to this long each time.
@@ -230,9 +226,12 @@ class HostCore:
                 self._left(name)
 
     def _yield(self) -> None:
-        """Nothing to collect or launch: let other threads have the GIL. While the launcher thread launches a step,
-        wait on its launch (a lock wait hands it the GIL at once) for up to LAUNCH_WAIT_S; otherwise
-        time.sleep(0), which releases the GIL to a thread waiting for it and costs nothing when none waits."""
+        """Nothing to collect or launch: let other threads have the GIL, which a spinning loop holds but for the
+        switch interval (the client threads of an in-process host, the launcher thread; bench/probes/host_trace.py).
+        While the launcher thread launches a step, wait on its launch (a lock wait hands it the GIL at once) for up
+        to LAUNCH_WAIT_S; otherwise time.sleep(0), which releases the GIL to a thread waiting for it and costs
+        nothing when none waits. (Tried first: poll() on the pipe with a 0.1 ms timeout, which notices a finished
+        step late; the batch-1 pair's bandwidth was 2-5% lower in those runs.)"""
         launching = [
             r.launching for runs in self._inflight.values() for r in runs if r.launching and not r.launching.done()
         ]
