@@ -111,13 +111,13 @@ def main() -> None:
 
     out: dict[str, Any] = {"switch_ms": args.switch_ms, "window_s": mode.window_s}
     out["client"] = mm._per_model(mode, mode.four, streams, t0, t1, False)
-    # host-side gaps per model, in the window
-    by_model: dict[str, list[float]] = {}
+    # host-side gaps between the tokens of each request, in the window
+    gaps_all: list[float] = []
     collects = [e for e in trace if e["ev"] == "collect"]
     for ts in tokens.values():
         gaps = [b - a for a, b in itertools.pairwise(ts) if t0 <= b < t1]
-        by_model.setdefault("all", []).extend(gaps)
-    out["host_gaps_all_ms"] = summary_ms(by_model.get("all", []))
+        gaps_all.extend(gaps)
+    out["host_gaps_all_ms"] = summary_ms(gaps_all)
     # per model step cadence: time between consecutive collects of the same model
     cadence: dict[str, list[float]] = {}
     last: dict[str, float] = {}

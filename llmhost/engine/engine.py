@@ -326,12 +326,11 @@ class Engine:
         is_decode = [len(c.token_ids) == 1 for c in sampled]
         dec = self.runner.run(rows)  # a view of the runner's static buffer: copied out below
         pre = self._forward_chunks(prompts)
-        out = torch.empty(len(sampled), dec.shape[1], dtype=dec.dtype, device=dec.device)
         dev = dec.device
-        out[to_device(torch.tensor([k for k, d in enumerate(is_decode) if d]), dev)] = dec
-        if pre.shape[0]:
-            out[to_device(torch.tensor([k for k, d in enumerate(is_decode) if not d]), dev)] = pre.to(dev)
-        return out
+        # The plan's sampled rows in the order of cat([dec, pre]): decode rows first, then prompts, each in order.
+        order = sorted(range(len(sampled)), key=lambda k: not is_decode[k])
+        out = torch.empty(len(sampled), dec.shape[1], dtype=dec.dtype, device=dev)
+        return out.index_copy_(0, to_device(torch.tensor(order), dev), torch.cat([dec, pre.to(dev, dec.dtype)]))
 
     def _launch_sample(self, plan: StepPlan, logits: torch.Tensor) -> _Launched:
         """Queue the sampling of the step's tokens right behind its forward pass (the logits may be the runner's

@@ -59,7 +59,6 @@ class StepInputs:
         context slots in one list too (attention.FlatContext), for one attention call over the whole batch."""
         bs = block_size
         self.windowed = windowed
-        self.flat = flat
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
