@@ -201,11 +201,11 @@ def _host_window(run: Any, mode: Mode, loads: list[Any], models: tuple[str, ...]
     t_start = time.monotonic()
     t0, t1 = t_start + mode.warm_s, t_start + mode.warm_s + mode.window_s
     charged: dict[str, dict[str, float]] = {}
-    gpu = run.core.gpu
     driven = [ld.model for ld in loads]
 
-    def snap(key: str) -> None:
-        charged[key] = {n: gpu.gpu_seconds(n) for n in driven}
+    async def snap(key: str) -> None:
+        reply = await run.client.query()
+        charged[key] = {m.name: m.gpu_seconds for m in reply.models if m.name in driven}
 
     streams = d_host(run, loads, t1, at=[(t0, lambda: snap("t0")), (t1 - 1e-3, lambda: snap("t1"))])
     stats = _per_model(mode, models, [s for s in streams if s.model in driven], t0, t1, bw)
@@ -232,8 +232,9 @@ def _host_models(mode: Mode, models: tuple[str, ...], tokens: int, batch: int, w
 
 
 def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
-    """The in-process host: (pair) each model alone, then together at weights 1:1; (pair-3:1, pair-1:3) together
-    at those weights (Mistral:Qwen), each host in a fresh process; (four) each model alone, then all together."""
+    """The host in its own process, as the server runs it (this process's client threads take no GIL time from its
+    loop): (pair) each model alone, then together at weights 1:1; (pair-3:1, pair-1:3) together at those weights
+    (Mistral:Qwen), each host in a fresh process; (four) each model alone, then all together."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -243,7 +244,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         w = PAIR_WEIGHTS[scenario]
         loads = _loads(mode, mode.pair, 1, mode.pair_tokens)
         models = _host_models(mode, mode.pair, mode.pair_tokens, 1, w)
-        run = d.start_host(inventory, HostConfig(), models, f"pair host {w[0]:g}:{w[1]:g}")
+        run = d.start_host(inventory, HostConfig(), models, f"pair host {w[0]:g}:{w[1]:g}", in_process=False)
         if scenario == "pair":
             out["alone"] = {}
             for ld in loads:
@@ -255,7 +256,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     else:
         loads = _loads(mode, mode.four, FOUR_CLIENTS, mode.four_tokens)
         models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
-        run = d.start_host(inventory, HostConfig(), models, "four host")
+        run = d.start_host(inventory, HostConfig(), models, "four host", in_process=False)
         out["alone"] = {}
         for ld in loads:
             window = _host_window(run, mode, [ld], mode.four, False)

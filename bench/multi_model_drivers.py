@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import inspect
 import math
 import multiprocessing as mp
 import random
@@ -32,7 +33,7 @@ from llmhost.engine.placement import LayerPlacement
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.host import parking
 from llmhost.host.client import HostClient, HostRequestError
-from llmhost.host.coordinator import ByDevice, Slot
+from llmhost.host.coordinator import Slot
 from llmhost.host.core import HostCore
 from llmhost.host.model_runtime import EngineRuntime
 from llmhost.memory.estimate import ModelSpec, sliding_kv_blocks, uses_decode_graphs
@@ -292,12 +293,30 @@ def drive_processes(
 
 @dataclass
 class HostRun:
-    """A started in-process host and what the bench observed of its coordinator."""
+    """A started host and what the bench observed of its coordinator: every load and swap-in's reconciliation of
+    the ledger with the driver (the coordinator reconciles right after each one)."""
 
     client: HostClient
     runtime: RandomRuntime
-    reconciliations: list[dict[str, Any]]
-    core: HostCore | None = None
+    label: str
+    core: HostCore | None = None  # in-process only
+
+    @property
+    def reconciliations(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "phase": self.label,
+                "model": load.model,
+                "action": load.action,
+                "device": rec.device,
+                "seconds": round(load.seconds, 3),
+                "predicted_bytes": rec.predicted,
+                "driver_used_bytes": rec.driver_used,
+                "relative_error": round(rec.relative_error, 5),
+            }
+            for load in self.client.loads
+            for rec in load.reconciliations
+        ]
 
 
 def start_host(
@@ -305,46 +324,33 @@ def start_host(
     host: HostConfig,
     models: Sequence[tuple[ModelConfig, ModelShape]],
     label: str,
+    in_process: bool = True,
 ) -> HostRun:
-    """The host in a thread of this process, random weights, every model planned from its shape. Every load and
-    swap-in's reconciliation of the ledger with the driver is recorded (the coordinator reconciles right after
-    each one)."""
+    """The host with random weights, every model planned from its shape: in a thread of this process (the core
+    observable, run.core), or in_process=False in its own process, as the server runs it (the bench's threads
+    then take no GIL time from the host loop)."""
     config = Config(host, tuple(c for c, _ in models))
     specs = [ModelSpec.from_shape(c, s) for c, s in models]
     runtime = RandomRuntime(inventory, host.block_size, {c.name: s for c, s in models})
-    recs: list[dict[str, Any]] = []
-    run = HostRun(HostClient(config, inventory), runtime, recs)
+    run = HostRun(HostClient(config, inventory), runtime, label)
 
     def observe(core: HostCore) -> None:
         run.core = core
-        coord = core.coordinator
-        previous = coord.on_loaded
 
-        def on_loaded(slot: Slot, measured: ByDevice) -> None:
-            previous(slot, measured)
-            event = coord.events[-1]
-            for d in sorted(set(slot.plan.devices)):
-                rec = coord.ledger.devices[d].last
-                if rec is None:
-                    continue
-                recs.append({
-                    "phase": label, "model": slot.name, "action": event.action, "device": d,
-                    "seconds": round(event.seconds, 3), "predicted_bytes": rec.predicted,
-                    "driver_used_bytes": rec.driver_used, "relative_error": round(rec.relative_error, 5),
-                })  # fmt: skip
-
-        coord.on_loaded = on_loaded
-
-    run.client.start(in_process=True, runtime=runtime, specs=specs, on_start=observe)
+    if in_process:
+        run.client.start(in_process=True, runtime=runtime, specs=specs, on_start=observe)
+    else:
+        run.client.start(in_process=False, runtime=runtime, specs=specs)
     deadline = time.monotonic() + START_TIMEOUT_S
+    names = [c.name for c, _ in models]  # those resident at start load first; the others stay "unloaded"
     while time.monotonic() < deadline:
         run.client.status_changed.wait(1.0)
         run.client.status_changed.clear()
         if run.client.stopped is not None:
             raise RuntimeError(f"the host stopped: {run.client.stopped.reason}")
-        core = run.core
         status = run.client.status
-        if core is not None and all(status.get(n) and status[n].state == "loaded" for n in core.resident_at_start):
+        settled = all(n in status and status[n].state not in ("loading", "failed") for n in names)
+        if settled and any(status[n].state == "loaded" for n in names) and (run.core or not in_process):
             return run
         failed = [m for m in status.values() if m.state == "failed"]
         if failed:
@@ -392,7 +398,7 @@ def drive_host(
     t_end: float,
     seed: int = 0,
     stop_after: int | None = None,
-    at: Sequence[tuple[float, Callable[[], None]]] = (),
+    at: Sequence[tuple[float, Callable[[], Any]]] = (),
 ) -> list[Stream]:
     """load.seqs concurrent clients per model (asyncio, in this thread), each sending requests one after the
     other. `at`: (time, callback) pairs run from the event loop at those times (snapshots of the scheduler)."""
@@ -400,9 +406,11 @@ def drive_host(
     async def main() -> list[Stream]:
         streams: list[Stream] = []
 
-        async def call_at(t: float, fn: Callable[[], None]) -> None:
+        async def call_at(t: float, fn: Callable[[], Any]) -> None:
             await asyncio.sleep(max(0.0, t - time.monotonic()))
-            fn()
+            result = fn()
+            if inspect.isawaitable(result):
+                await result
 
         tasks = [
             _client(run.client, load, seed * 1000 + 100 * i + k, t_end, streams, stop_after)

@@ -392,3 +392,98 @@ def test_launch_bound_prefill_takes_the_whole_chunk() -> None:
     t.observe("big", 8, 16, 0.011)
     budget = t.prefill_budget("big", "cuda:0")
     assert budget is not None and 16 <= budget < 512
+
+
+def test_expected_step_cost_from_the_measured_estimates() -> None:
+    sched = make({"a": 1.0})
+    assert sched.expected_step_s("a", StepShape(4, 0)) == 0.0, "nothing measured yet"
+    sched.observe("a", 0, 64, 8 * MS)  # a prompt first: only its size and time are known
+    assert sched.expected_step_s("a", StepShape(0, 128)) == pytest.approx(16 * MS)
+    sched.observe("a", 4, 0, 2 * MS)
+    sched.observe("a", 4, 100, 12 * MS)  # 100 tokens add 10 ms to the 2 ms decode step
+    assert sched.expected_step_s("a", StepShape(4, 0)) == pytest.approx(2 * MS)
+    assert sched.expected_step_s("a", StepShape(4, 50)) == pytest.approx(7 * MS)
+
+
+def test_overlap_beside_a_prompt_step_counts_its_whole_length() -> None:
+    """A 1B model's 20 ms prompt step: a model 5 ms ahead of it may start beside it (judged by the 1B's 2 ms
+    decode step it could not, and the GPU ran the prompt alone)."""
+    sched = make({"small": 1.0, "big": 1.0})
+    sched.observe("small", 8, 0, 2 * MS)
+    sched.observe("small", 8, 384, 20 * MS)
+    sched.observe("big", 8, 0, STEP_7B)
+    sched.pick(DEV, {"small", "big"})
+    sched.charge("big", 5 * MS)
+    prompt = StepShape(4, 384)
+    assert not sched.overlap_ok("small", "big"), "beyond the end of small's decode step"
+    assert sched.overlap_ok("small", "big", prompt)
+    assert sched.overlap_ok("small", "big", StepShape(8, 0)) == sched.overlap_ok("small", "big")
+    sched.charge("big", 30 * MS)
+    assert not sched.overlap_ok("small", "big", prompt), "beyond the end of the prompt step too"
+
+
+def test_follow_ok_keeps_each_model_within_the_others_current_step() -> None:
+    sched = make({"a": 1.0, "b": 1.0})
+    sched.pick(DEV, {"a", "b"})
+    assert not sched.follow_ok("a", {"a": STEP_7B, "b": STEP_14B}), "no solo cost measured yet"
+    sched.observe("a", 1, 0, STEP_7B)
+    sched.observe("b", 1, 0, STEP_14B)
+    in_flight = {"a": STEP_7B, "b": STEP_14B}
+    assert sched.follow_ok("a", in_flight), "a's next step starts before b's step ends"
+    assert not sched.follow_ok("b", in_flight), "b's next step would start after a's step ends"
+    assert not sched.follow_ok("a", {"b": STEP_14B}), "a has no step in flight to follow"
+    sched.charge("a", 2 * STEP_14B)
+    assert not sched.follow_ok("a", in_flight), "a is ahead: it waits for the scheduler's pick"
+    assert sched.follow_ok("b", in_flight)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (3.0, 1.0), (1.0, 3.0)])
+def test_following_steps_keep_the_weights(weights: tuple[float, float]) -> None:
+    """The host's loop (core.py _step, _launch_beside, _run_ahead) over two decode-only models in an event
+    simulation: a step takes its solo cost alone, `slowdown` times it while the other stream runs too. After each
+    collection: launch a ready model by pick (beside a step in flight only if overlap_ok), then let each model
+    with one step in flight queue the next behind it if follow_ok. Charged at solo cost, normalized progress
+    still follows the weights, and most steps follow (their stream never idles)."""
+    cost = {"m7b": STEP_7B, "m14b": STEP_14B}
+    sched = make(dict(zip(cost, weights, strict=True)))
+    for m, c in cost.items():
+        sched.observe(m, 1, 0, c)
+    slowdown = 1.8
+    queue: dict[str, list[float]] = {m: [] for m in cost}  # per stream: end times of its steps in flight
+    steps: Counter[str] = Counter()
+    followed = 0
+    now = 0.0
+
+    def launch(m: str, after: float) -> None:
+        other = next(n for n in cost if n != m)
+        queue[m].append(after + cost[m] * (slowdown if queue[other] else 1.0))
+
+    def host_pass() -> int:
+        ready = [n for n in cost if not queue[n]]
+        busy = [n for n in cost if queue[n]]
+        while ready:
+            pick = sched.pick(DEV, ready, busy=busy)
+            if pick is None or (busy and not any(sched.overlap_ok(b, pick) for b in busy)):
+                break
+            launch(pick, now)
+            ready.remove(pick)
+            busy.append(pick)
+        follows = 0
+        in_flight = {n: cost[n] * len(queue[n]) for n in cost if queue[n]}
+        for n in list(in_flight):
+            if len(queue[n]) == 1 and sched.follow_ok(n, in_flight):
+                launch(n, queue[n][0])
+                in_flight[n] += cost[n]
+                follows += 1
+        return follows
+
+    host_pass()
+    for _ in range(4000):
+        m = min((n for n in cost if queue[n]), key=lambda n: queue[n][0])
+        now = queue[m].pop(0)
+        steps[m] += 1
+        sched.charge(m, cost[m])
+        followed += host_pass()
+    normalized = {m: steps[m] * cost[m] / now for m in cost}
+    assert normalized["m7b"] / normalized["m14b"] == pytest.approx(weights[0] / weights[1], rel=0.1)
+    assert followed > 0.5 * sum(steps.values())

@@ -72,7 +72,34 @@ def test_specs_must_name_the_configured_models() -> None:
         HostCore(Config(HostConfig(), models), cpu_inventory(), None, specs=[ModelSpec.from_shape(other, SHAPE)])  # type: ignore[arg-type]
 
 
-def test_runtime_and_specs_only_for_an_in_process_host() -> None:
+def test_on_start_only_for_an_in_process_host() -> None:
     client = HostClient(Config(HostConfig(), ()), cpu_inventory())
     with pytest.raises(ValueError, match="in-process"):
-        client.start(in_process=False, specs=[])
+        client.start(in_process=False, on_start=print)
+
+
+def test_spawned_host_with_a_runtime_of_its_own_reports_loads_and_gpu_time() -> None:
+    """The benches' throughput phases: the host in its own process (as the server runs it), its runtime pickled
+    into it; every load comes back in a status reply, and each model's charged GPU seconds in its status."""
+    models = tuple(
+        ModelConfig(n, Path("/nonexistent") / n, dtype="float32", max_seq_len=64, max_batch=2) for n in ("a", "b")
+    )
+    config = Config(HostConfig(), models)
+    inventory = cpu_inventory()
+    client = HostClient(config, inventory)
+    specs = [ModelSpec.from_shape(m, SHAPE) for m in models]
+    client.start(in_process=False, runtime=RandomRuntime(inventory, 16), specs=specs)
+    try:
+
+        async def run() -> tuple[list[int], dict[str, float]]:
+            params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+            tokens = [ev.token for ev in [e async for e in client.generate("b", [1, 2, 3], params)]]
+            reply = await client.query()
+            return tokens, {m.name: m.gpu_seconds for m in reply.models}
+
+        tokens, seconds = asyncio.run(run())
+        assert len(tokens) == 5
+        assert seconds["b"] > 0.0 and seconds["a"] == 0.0
+        assert [(r.model, r.action) for r in client.loads] == [("a", "load"), ("b", "load")]
+    finally:
+        client.stop()

@@ -27,6 +27,7 @@ from llmhost.host.messages import (
     AdminCommand,
     FromHost,
     HostStopped,
+    LoadRecord,
     ModelStatus,
     Query,
     RequestFailed,
@@ -98,6 +99,7 @@ class HostClient:
         self.config = config
         self.inventory = inventory
         self.status: dict[str, ModelStatus] = {}  # the latest status of every model, pushed by the host
+        self.loads: list[LoadRecord] = []  # every load and swap-in the host reported, with its reconciliations
         self.stopped: HostStopped | None = None
         self._requests: dict[str, _Waiter] = {}
         self._queries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[StatusReply]]] = {}
@@ -113,23 +115,26 @@ class HostClient:
         specs: Sequence[ModelSpec] | None = None,
         on_start: Callable[[HostCore], None] | None = None,
     ) -> None:
-        """Start the host: in a spawned process (the server), or in a thread of this process (the Python API and
-        the benches). In-process only: `runtime` replaces the engine runtime (e.g. random weights), `specs` the
-        planner's reading of the checkpoints (e.g. ModelSpec.from_shape where no checkpoint exists), and
-        `on_start` is called with the core in the host thread before its first load (e.g. to observe its
-        coordinator)."""
+        """Start the host: in a spawned process (the server, the benches' throughput phases), or in a thread of
+        this process (the Python API, the benches that observe the core). `runtime` replaces the engine runtime
+        (e.g. random weights; pickled into a spawned process), `specs` the planner's reading of the checkpoints
+        (e.g. ModelSpec.from_shape where no checkpoint exists). In-process only: `on_start` is called with the
+        core in the host thread before its first load (e.g. to observe its coordinator)."""
         self._proc: _HostThread | mp.process.BaseProcess
         if in_process:
             self._conn, child = mp.Pipe()
             self._proc = _HostThread(self.config, self.inventory, child, runtime, specs, on_start)
             self._proc.start()
         else:
-            if runtime is not None or specs is not None or on_start is not None:
-                raise ValueError("runtime, specs and on_start apply to an in-process host only")
+            if on_start is not None:
+                raise ValueError("on_start applies to an in-process host only")
             ctx = mp.get_context("spawn")
             self._conn, child = ctx.Pipe()
             self._proc = ctx.Process(
-                target=host_main, args=(self.config, self.inventory, child), name="llmhost-host", daemon=False
+                target=host_main,
+                args=(self.config, self.inventory, child, runtime, specs),
+                name="llmhost-host",
+                daemon=False,
             )
             self._proc.start()
             child.close()
@@ -257,6 +262,7 @@ class HostClient:
             elif isinstance(msg, StatusReply):
                 for st in msg.models:
                     self.status[st.name] = st
+                self.loads.extend(msg.loads)
                 self.status_changed.set()
                 with self._lock:
                     pending = self._queries.pop(msg.query_id, None)

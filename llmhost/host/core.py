@@ -24,7 +24,7 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +39,7 @@ from llmhost.host.messages import (
     Abort,
     AdminCommand,
     HostStopped,
+    LoadRecord,
     ModelStatus,
     Query,
     RequestFailed,
@@ -61,9 +62,11 @@ IDLE_WAIT_S = 0.05  # how long the loop blocks on the pipe when no engine has wo
 # eager step holds the GIL for milliseconds of Python; the loop asks for it back to collect and relaunch the other
 # models' decode steps, and waits up to this long each time.
 GIL_SWITCH_S = 0.0005
-# The longest the loop waits for a launch in progress before it checks the other steps in flight again: about a
+# The shortest the loop waits for a launch in progress before it checks the other steps in flight again: about a
 # tenth of the shortest decode step (a 1B model at batch 8, 2.3 ms on the H100).
 LAUNCH_WAIT_S = 0.0002
+# The longest the loop leaves the GIL to a launch while other steps are in flight whose end it cannot estimate.
+MAX_LAUNCH_WAIT_S = 0.005
 EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
 # Decode steps of different models that may run at once on one GPU (the first on the current stream, the others
 # on side streams): small models do not saturate the GPU alone, and overlapping them is what threads and MPS gain
@@ -162,6 +165,7 @@ class HostCore:
         self._next_expiry = 0.0
         self._spinning = False  # the last pass had steps in flight and neither collected nor launched one
         self._launchers: dict[str, ThreadPoolExecutor] = {}  # per GPU: the thread that launches eager steps
+        self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -173,8 +177,14 @@ class HostCore:
         return in_engine or bool(self.pending[name])
 
     def _record(self, slot: Slot, measured: ByDevice) -> None:
-        """Store what this load measured per stage, so later plans of the same model, config, GPU kind and torch
-        use it (memory/history.py). GPUs only: the CPU's figures are exact arithmetic already."""
+        """After a load or swap-in: keep its reconciliation with the driver for the next status reply (the client
+        sees every one, e.g. the benches' memory check), and store what the load measured per stage, so later
+        plans of the same model, config, GPU kind and torch use it (memory/history.py). History: GPUs only, the
+        CPU's figures are exact arithmetic already."""
+        event = self.coordinator.events[-1]
+        recs = [self.coordinator.ledger.devices[d].last for d in sorted(set(slot.plan.devices))]
+        action: Literal["load", "unpark"] = "unpark" if event.action == "unpark" else "load"
+        self._loads.append(LoadRecord(slot.name, action, event.seconds, tuple(r for r in recs if r is not None)))
         spec = self.specs[slot.name]
         if spec.fingerprint is None or not self.history.enabled:
             return
@@ -227,18 +237,23 @@ class HostCore:
 
     def _yield(self) -> None:
         """Nothing to collect or launch: let other threads have the GIL, which a spinning loop holds but for the
-        switch interval (the client threads of an in-process host, the launcher thread; bench/probes/host_trace.py).
-        While the launcher thread launches a step, wait on its launch (a lock wait hands it the GIL at once) for up
-        to LAUNCH_WAIT_S; otherwise time.sleep(0), which releases the GIL to a thread waiting for it and costs
-        nothing when none waits. (Tried first: poll() on the pipe with a 0.1 ms timeout, which notices a finished
-        step late; the batch-1 pair's bandwidth was 2-5% lower in those runs.)"""
-        launching = [
-            r.launching for runs in self._inflight.values() for r in runs if r.launching and not r.launching.done()
-        ]
-        if launching:
-            futures.wait(launching, timeout=LAUNCH_WAIT_S, return_when=futures.FIRST_COMPLETED)
-        else:
+        switch interval (the launcher thread; the client threads of an in-process host).
+
+        While the launcher thread launches a step, wait on its launch (a lock wait hands it the GIL at once) until
+        the first of the other steps in flight is expected to end (its solo cost after its launch: overlapped steps
+        take longer, so the loop wakes early rather than late), at least LAUNCH_WAIT_S. Waking every LAUNCH_WAIT_S
+        instead took the GIL back ~5000 times a second: a prompt step that launches in 10 ms alone took 20-40 ms
+        beside three decoding models (bench/probes/host_trace.py). Otherwise time.sleep(0), which releases the GIL
+        to a thread waiting for it and costs nothing when none waits. (Tried first: poll() on the pipe with a 0.1
+        ms timeout, which notices a finished step late; the batch-1 pair's bandwidth was 2-5% lower then.)"""
+        runs = [r for rs in self._inflight.values() for r in rs]
+        launching = [r.launching for r in runs if r.launching is not None and not r.launching.done()]
+        if not launching:
             time.sleep(0)
+            return
+        ends = [r.t0 + self.gpu.expected_step_s(r.name, r.shape) for r in runs if r.launching is None]
+        wait_s = min(ends, default=float("inf")) - time.perf_counter()
+        futures.wait(launching, timeout=min(MAX_LAUNCH_WAIT_S, max(LAUNCH_WAIT_S, wait_s)))
 
     @staticmethod
     def _ready(slot: Slot) -> bool:
@@ -360,7 +375,8 @@ class HostCore:
             self.conn.send(RequestFailed(msg.request_id, "invalid", str(e), e.param))
 
     def _send_status(self, query_id: int) -> None:
-        self.conn.send(StatusReply(query_id, tuple(self.status(s) for s in self.slots.values())))
+        loads, self._loads = tuple(self._loads), []
+        self.conn.send(StatusReply(query_id, tuple(self.status(s) for s in self.slots.values()), loads=loads))
 
     def status(self, slot: Slot) -> ModelStatus:
         eng: Engine | None = slot.engine if slot.state == "loaded" else None
@@ -368,9 +384,10 @@ class HostCore:
         for kinds in self.coordinator.ledger.devices:
             for kind, b in kinds.entries.get(slot.name, {}).items():
                 memory[kind] = memory.get(kind, 0) + b
-        share = 0.0
+        share = seconds = 0.0
         with contextlib.suppress(KeyError):
             share = self.gpu.shares(slot.device_names[0]).get(slot.name, 0.0)
+            seconds = self.gpu.gpu_seconds(slot.name)
         return ModelStatus(
             name=slot.name,
             state=slot.state,
@@ -386,6 +403,7 @@ class HostCore:
             error=slot.error,
             host_copy_bytes=self.coordinator.ledger.parked.get(slot.name, 0),
             gpu_share=share,
+            gpu_seconds=seconds,
             swaps_in=slot.swaps_in,
             last_swap_s=slot.last_swap_s,
         )
@@ -418,7 +436,7 @@ class HostCore:
                     events.extend(self._collect(alone))
                 continue
             running = self._inflight.setdefault(device, [])
-            while ready and len(running) < MAX_CONCURRENT_STEPS:
+            while ready and len({r.name for r in running}) < MAX_CONCURRENT_STEPS:
                 launched = self._launch_beside(device, ready, running)
                 if launched is None:
                     break
@@ -432,39 +450,51 @@ class HostCore:
         return moved
 
     def _run_ahead(self, device: str, running: list[_Running]) -> None:
-        """A model alone on its GPU launches its next step behind the one in flight, before collecting it, as
-        Engine.step() does (engine.py, "running ahead"): the host's collect and schedule then overlap the GPU
-        instead of leaving it idle between steps. Only alone: beside other models the scheduler picks each step,
-        and their steps fill the gaps."""
-        names = {r.name for r in running}
-        if len(names) != 1:
-            return
-        last = running[-1]
-        # Any other model with work on this GPU (ready now or not) takes its turns through the scheduler; and a
-        # step run ahead takes decodes only (prefill_limit 0 below), so the model's waiting prompts must wait for
-        # a step the scheduler picks: none may be waiting.
-        others = self._others_have_work(last.name, device)
-        eng = last.engine
-        prompts = _next_shape(eng).prefill_tokens > 0
-        stream = last.stream
-        if stream is None or last.launching is not None or last.followed or others or prompts:
-            return
-        if not eng.can_run_ahead(last.plan):
-            return
+        """A model whose graph-replayed decode step is in flight launches its next decode step behind it, before
+        collecting it, as Engine.step() does (engine.py, "running ahead"): collecting, scheduling and relaunching
+        then overlap the GPU instead of leaving its stream idle between steps. Alone on its GPU always; beside
+        other models when the GPU scheduler's `follow_ok` says the next step would not run ahead of its share
+        (separate threads, each running ahead on its own stream, kept the GPU busier: bench/multi_model.py)."""
+        in_flight: dict[str, float] = {}
+        for r in running:
+            in_flight[r.name] = in_flight.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
+        alone = len(in_flight) == 1
+        for name in list(in_flight):
+            last = [r for r in running if r.name == name][-1]
+            eng = last.engine
+            if last.stream is None or last.launching is not None or last.followed or last.shape.prefill_tokens:
+                continue
+            # A step run ahead takes decodes only (prefill_limit 0 below): the model's waiting prompts wait for a
+            # step the scheduler picks, so none may be waiting. Alone, any other model with work (ready now or
+            # not) takes its turns through the scheduler.
+            if _next_shape(eng).prefill_tokens > 0 or not eng.can_run_ahead(last.plan):
+                continue
+            if alone and self._others_have_work(name, device):
+                continue
+            if not alone and not self.gpu.follow_ok(name, in_flight):
+                continue
+            nxt = self._follow(last)
+            if nxt is not None:
+                running.append(nxt)
+                in_flight[name] += self.gpu.expected_step_s(name, nxt.shape)
+
+    def _follow(self, last: _Running) -> _Running | None:
         t0 = time.perf_counter()
+        stream = last.stream
+        assert stream is not None
         last.followed = True
         start = _event(stream)
         try:
-            nxt = eng.run_ahead(last.plan, stream, prefill_limit=0)
+            nxt = last.engine.run_ahead(last.plan, stream, prefill_limit=0)
         except Exception:
             self._fail_engine(last.name, last.engine)
-            return
+            return None
         if nxt is None:
-            return
+            return None
         # Its latency includes the step ahead of it: charged and observed like an overlapped step.
         run = _Running(last.name, last.engine, nxt, _shape(nxt), t0, stream, _event(stream), overlapped=True)
         run.start = start
-        running.append(run)
+        return run
 
     def _others_have_work(self, name: str, device: str) -> bool:
         """Whether a model other than `name` on `device` has work (ready now or with a step in flight)."""
@@ -501,14 +531,16 @@ class HostCore:
         if not running:
             return self._launch(device, ready, self._stream(device, running))
         # Beside steps in flight only small decode steps and at most one prompt step (gpu_scheduler's
-        # concurrent_ok), of a model not ahead of its share: its virtual time within the earliest running step's
-        # (overlap_ok). The step's shape is read from its engine before scheduling it (a schedule cannot be
-        # undone).
+        # concurrent_ok), of a model not ahead of its share: its virtual time within the end of a step in flight
+        # (overlap_ok, with that step's expected cost: a prompt step's is its whole length). The step's shape is
+        # read from its engine before scheduling it (a schedule cannot be undone).
         name = self.gpu.pick(device, ready, busy=[r.name for r in running])
         if name is None:
             return None
         shape = _next_shape(self.slots[name].engine)
-        if not all(concurrent_ok(r.shape, shape) for r in running) or not self.gpu.overlap_ok(running[0].name, name):
+        if not all(concurrent_ok(r.shape, shape) for r in running):
+            return None
+        if not any(self.gpu.overlap_ok(r.name, name, r.shape) for r in running):
             return None
         plan, shape = self._plan(name, device)
         if plan.empty:

@@ -22,7 +22,7 @@ Invariants: virtual times only grow; a lone ready model is always picked; device
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 # One KV block at the default block size: a prefill always advances by at least this many tokens per step, so a
@@ -182,15 +182,57 @@ class GpuScheduler:
         """The model's decode step time when it runs alone (EMA); None before one was measured."""
         return self._account(model).decode_step_s
 
-    def overlap_ok(self, first: str, second: str) -> bool:
+    def overlap_ok(self, first: str, second: str, first_shape: StepShape | None = None) -> bool:
         """Whether `second` may step now on another stream beside `first`'s step (just picked, not yet charged)
         without running ahead of its share: its virtual time must not pass the one `first` reaches at the end of
-        its step, vtime(first) + solo cost / weight. Both need a measured solo decode step, the cost an
-        overlapped step is charged; until then they step one after the other (which measures it)."""
+        its step, vtime(first) + expected cost / weight (`expected_step_s` of first_shape; None: a decode step).
+        Both need a measured solo decode step, the cost an overlapped step is charged; until then they step one
+        after the other (which measures it). A prompt step's expected cost counts in full: judged by a decode
+        step's, every other model waited beside a 20-50 ms prompt step of a 1B model while the GPU ran it alone
+        (bench/probes/host_trace.py, four models)."""
         a, b = self._account(first), self._account(second)
         if a.device != b.device or a.decode_step_s is None or b.decode_step_s is None:
             return False
-        return b.vtime <= a.vtime + a.decode_step_s / a.weight
+        cost = self.expected_step_s(first, first_shape) if first_shape is not None else a.decode_step_s
+        return b.vtime <= a.vtime + cost / a.weight
+
+    def follow_ok(self, model: str, in_flight_s: Mapping[str, float]) -> bool:
+        """Whether `model`, whose step is in flight and not yet charged, may queue its next decode step behind it
+        on its stream now (running ahead, as a model alone does), although other models share the GPU.
+        `in_flight_s`: every model of the device with a step in flight -> the seconds it will be charged for it
+        (its solo cost). The next step's start (model's virtual time once its step in flight is charged) must
+        not pass the end of any other active model's current step (vtime + its step in flight, or the decode
+        step it would take next): start-time fair queuing's eligibility, as in overlap_ok. Without it the host
+        relaunched each model only after collecting its step, and the GPU idled on that stream meanwhile (the
+        batch-1 pair reached 0.95 of two threads that each run ahead)."""
+        acct = self._account(model)
+        if acct.decode_step_s is None or model not in in_flight_s:
+            return False
+        lane = self._lanes[acct.device]
+        start = acct.vtime + in_flight_s[model] / acct.weight
+        for other in lane.active - {model}:
+            o = lane.models[other]
+            step_s = in_flight_s.get(other, o.decode_step_s)
+            if step_s is None:
+                return False
+            if start > o.vtime + step_s / o.weight:
+                return False
+        return True
+
+    def expected_step_s(self, model: str, shape: StepShape) -> float:
+        """What a step of `shape` is expected to cost the GPU alone: its decode step (decode_step_s) plus its
+        prompt tokens at prefill_token_s, or proportionally from the largest prefill step measured; a model not
+        measured yet: 0.0 (its first steps run one after the other, which measures them)."""
+        acct = self._account(model)
+        base = acct.decode_step_s or 0.0
+        if not shape.prefill_tokens:
+            return base
+        if acct.prefill_token_s is not None:
+            return base + shape.prefill_tokens * acct.prefill_token_s
+        if acct.largest_prefill is not None:
+            n_max, t_max = acct.largest_prefill
+            return t_max * shape.prefill_tokens / n_max
+        return base
 
     # -- step costs and prefill chunking ------------------------------------------------------------------------
 

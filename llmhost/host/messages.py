@@ -7,6 +7,7 @@ from typing import Literal
 
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.sequence import FinishReason
+from llmhost.host.ledger import Reconciliation
 
 ModelState = Literal["loading", "loaded", "parked", "unloaded", "failed"]
 
@@ -90,8 +91,19 @@ class ModelStatus:
     error: str = ""  # why a load failed
     host_copy_bytes: int = 0  # pinned host RAM holding its weights (parked, or kept to park again without a copy)
     gpu_share: float = 0.0  # fraction of its device's measured GPU time it used since it became resident
+    gpu_seconds: float = 0.0  # the GPU seconds it was charged since it became resident (the scheduler's figure)
     swaps_in: int = 0  # times it came back from pinned RAM
     last_swap_s: float | None = None  # seconds the last swap-in took
+
+
+@dataclass(frozen=True)
+class LoadRecord:
+    """One load or swap-in and the ledger's reconciliation with the driver right after it, per device."""
+
+    model: str
+    action: Literal["load", "unpark"]
+    seconds: float
+    reconciliations: tuple[Reconciliation, ...]
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class StatusReply:
     models: tuple[ModelStatus, ...]
     ok: bool = True
     message: str = ""
+    loads: tuple[LoadRecord, ...] = ()  # loads and swap-ins since the previous reply, oldest first
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,16 @@ class EngineRuntime:
         self._kv_bytes: dict[str, list[int]] = {}
         self._workspace: dict[str, dict[str, int]] = {}  # model -> device -> bytes its largest step took
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled into a spawned host process: the driver probe (an NVML session) is opened anew there."""
+        state = self.__dict__.copy()
+        del state["probe"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.probe = DriverProbe(self.inventory)
+
     def load(self, slot: Slot) -> None:
         gpus = [torch.device(n) for n in slot.device_names if n.startswith("cuda")]
         before = {}
