@@ -5,6 +5,7 @@ on_start, and a request served end to end."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -78,9 +79,14 @@ def test_on_start_only_for_an_in_process_host() -> None:
         client.start(in_process=False, on_start=print)
 
 
-def test_spawned_host_with_a_runtime_of_its_own_reports_loads_and_gpu_time() -> None:
+def test_spawned_host_with_a_runtime_of_its_own_reports_loads_and_gpu_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The benches' throughput phases: the host in its own process (as the server runs it), its runtime pickled
-    into it; every load comes back in a status reply, and each model's charged GPU seconds in its status."""
+    into it; every load comes back in a status reply, and each model's charged GPU seconds in its status. With
+    LLMHOST_STEP_TRACE set, the host writes every step's launch and collection when it stops."""
+    trace = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("LLMHOST_STEP_TRACE", str(trace))
     models = tuple(
         ModelConfig(n, Path("/nonexistent") / n, dtype="float32", max_seq_len=64, max_batch=2) for n in ("a", "b")
     )
@@ -103,3 +109,7 @@ def test_spawned_host_with_a_runtime_of_its_own_reports_loads_and_gpu_time() -> 
         assert [(r.model, r.action) for r in client.loads] == [("a", "load"), ("b", "load")]
     finally:
         client.stop()
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    steps = [(r["ev"], r["model"]) for r in records]
+    assert steps.count(("launch", "b")) == steps.count(("collect", "b")) >= 5  # prompt + one per token after it
+    assert {r["model"] for r in records} == {"b"}

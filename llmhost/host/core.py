@@ -50,6 +50,7 @@ from llmhost.host.messages import (
     TokenBatch,
     TokenEvent,
 )
+from llmhost.host.step_trace import StepTrace
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.history import History, Measured, history_key
 from llmhost.memory.inventory import Inventory, host_memory
@@ -72,6 +73,8 @@ EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
 # on side streams): small models do not saturate the GPU alone, and overlapping them is what threads and MPS gain
 # over time slicing (bench/results/multi_model-h100.json baselines).
 MAX_CONCURRENT_STEPS = 4
+# CUDA stream priority of decode-only steps (lower is higher; steps with prompt tokens run at the default, 0).
+DECODE_STREAM_PRIORITY = -1
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
 
@@ -160,12 +163,13 @@ class HostCore:
         self.pending: dict[str, deque[Submit]] = {name: deque() for name in slots}
         self.resident_at_start = [m.name for m in plan.models]
         self.stopping = False
-        self._streams: dict[str, list[torch.cuda.Stream]] = {}  # per device, the streams steps run on
+        self._streams: dict[str, list[torch.cuda.Stream]] = {}  # per "device priority": the streams steps run on
         self._inflight: dict[str, list[_Running]] = {}  # per device, steps launched and not yet collected
         self._next_expiry = 0.0
         self._spinning = False  # the last pass had steps in flight and neither collected nor launched one
         self._launchers: dict[str, ThreadPoolExecutor] = {}  # per GPU: the thread that launches eager steps
         self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
+        self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -206,6 +210,8 @@ class HostCore:
         finally:
             for pool in self._launchers.values():
                 pool.shutdown(wait=True)
+            if self.trace is not None:
+                self.trace.write()
 
     def _run(self) -> None:
         for name in self.resident_at_start:
@@ -430,8 +436,9 @@ class HostCore:
                 lanes.setdefault(slot.device_names[0], []).append(name)
         for device, ready in lanes.items():
             if not device.startswith("cuda"):
-                alone = self._launch(device, ready, None)
+                alone = self._launch(device, ready, None)  # the CPU: no streams
                 if alone is not None:
+                    self._traced(alone, 0)
                     moved = True
                     events.extend(self._collect(alone))
                 continue
@@ -443,6 +450,7 @@ class HostCore:
                 moved = True
                 ready.remove(launched.name)
                 running.append(launched)
+                self._traced(launched, len(running) - 1)
         for device, running in self._inflight.items():
             self._run_ahead(device, running)
         if events:
@@ -476,6 +484,7 @@ class HostCore:
             nxt = self._follow(last)
             if nxt is not None:
                 running.append(nxt)
+                self._traced(nxt, len(running) - 1, follows=True)
                 in_flight[name] += self.gpu.expected_step_s(name, nxt.shape)
 
     def _follow(self, last: _Running) -> _Running | None:
@@ -495,6 +504,16 @@ class HostCore:
         run = _Running(last.name, last.engine, nxt, _shape(nxt), t0, stream, _event(stream), overlapped=True)
         run.start = start
         return run
+
+    def _traced(self, run: _Running, beside: int, follows: bool = False) -> None:
+        """Trace a launch: `beside` steps were in flight on its GPU; `follows`: queued behind its model's own."""
+        if self.trace is not None:
+            priority = None if run.stream is None else run.stream.priority
+            launcher = run.launching is not None
+            self.trace.add(
+                "launch", run.name, run.shape.decode_rows, run.shape.prefill_tokens, beside=beside,
+                follows=follows, launcher=launcher, priority=priority,
+            )  # fmt: skip
 
     def _others_have_work(self, name: str, device: str) -> bool:
         """Whether a model other than `name` on `device` has work (ready now or with a step in flight)."""
@@ -516,20 +535,24 @@ class HostCore:
                 if events:
                     self.conn.send(TokenBatch(tuple(events)))
 
-    def _stream(self, device: str, running: list[_Running]) -> torch.cuda.Stream:
-        """A stream of the device's pool that no step in flight uses."""
-        pool = self._streams.setdefault(device, [])
+    def _stream(self, device: str, running: list[_Running], shape: StepShape) -> torch.cuda.Stream:
+        """A stream of the device's pool that no step in flight uses: of high priority for a decode-only step, of
+        the default priority for a step with prompt tokens. Where both have blocks waiting, the GPU starts the
+        decode step's first (CUDA stream priorities), so a prompt's large GEMMs beside them take the SMs the decode
+        steps leave, rather than holding every other model's next token back (p99 inter-token latency)."""
+        priority = 0 if shape.prefill_tokens else DECODE_STREAM_PRIORITY
+        pool = self._streams.setdefault(f"{device} {priority}", [])
         used = {id(r.stream) for r in running}
         for st in pool:
             if id(st) not in used:
                 return st
-        st = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        st = torch.cuda.Stream(device, priority=priority)  # type: ignore[no-untyped-call]
         pool.append(st)
         return st
 
     def _launch_beside(self, device: str, ready: list[str], running: list[_Running]) -> _Running | None:
         if not running:
-            return self._launch(device, ready, self._stream(device, running))
+            return self._launch(device, ready, running)
         # Beside steps in flight only small decode steps and at most one prompt step (gpu_scheduler's
         # concurrent_ok), of a model not ahead of its share: its virtual time within the end of a step in flight
         # (overlap_ok, with that step's expected cost: a prompt step's is its whole length). The step's shape is
@@ -545,7 +568,7 @@ class HostCore:
         plan, shape = self._plan(name, device)
         if plan.empty:
             return None
-        run = self._execute(name, plan, shape, self._stream(device, running))
+        run = self._execute(name, plan, shape, self._stream(device, running, shape))
         if run is not None:
             run.overlapped = True
             for r in running:
@@ -557,7 +580,9 @@ class HostCore:
         plan = eng.schedule(self.gpu.prefill_budget(name, device))
         return plan, _shape(plan)
 
-    def _launch(self, device: str, ready: list[str], stream: torch.cuda.Stream | None) -> _Running | None:
+    def _launch(self, device: str, ready: list[str], running: list[_Running] | None) -> _Running | None:
+        """The scheduler's pick among `ready`, launched on a free stream of `running`'s device (None: the CPU, where
+        it runs to completion)."""
         while ready:
             name = self.gpu.pick(device, ready)
             if name is None:
@@ -567,6 +592,7 @@ class HostCore:
                 # work queued but nothing schedulable now (KV pool full): leave it out of this pick
                 ready = [n for n in ready if n != name]
                 continue
+            stream = self._stream(device, running, shape) if running is not None else None
             run = self._execute(name, plan, shape, stream)
             if run is None:
                 ready = [n for n in ready if n != name]
@@ -622,6 +648,12 @@ class HostCore:
         # number of steps whatever their weights: gpu_scheduler.py).
         self.gpu.charge(run.name, solo if solo is not None else seconds)
         self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds, run.overlapped)
+        if self.trace is not None:
+            self.trace.add(
+                "collect", run.name, run.shape.decode_rows, run.shape.prefill_tokens,
+                gpu_ms=None if gpu_s is None else round(1e3 * gpu_s, 3),
+                latency_ms=round(1e3 * (time.perf_counter() - run.t0), 3), overlapped=run.overlapped,
+            )  # fmt: skip
         self.coordinator.touch(run.name)
         return [TokenEvent(o.seq_id, o.token, o.logprob, o.top_logprobs, o.finish_reason) for o in outs]
 
