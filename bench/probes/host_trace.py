@@ -29,6 +29,8 @@ from llmhost.memory.inventory import detect_inventory
 
 
 def describe(e: dict[str, Any], since: float) -> str:
+    if e["ev"] in ("gc", "send"):  # a garbage collection (its generation) or a slow send of a token batch
+        return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['ms']} ms generation {e.get('generation', '-')}"
     where = f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['model']:14} rows {e['rows']:2} prefill {e['prefill']:4}"
     if e["ev"] == "launch":
         return where + f" beside {e['beside']} follows {e['follows']:d} launcher {e['launcher']:d} prio {e['priority']}"
@@ -60,7 +62,7 @@ def main() -> None:
 
     out: dict[str, Any] = {"window_s": mode.window_s, "client": mm._per_model(mode, mode.four, streams, t0, t1, False)}
     steps: dict[str, dict[str, Any]] = {}
-    for m in sorted({e["model"] for e in win}):
+    for m in sorted({e["model"] for e in win if e["model"]}):
         launches = [e for e in win if e["ev"] == "launch" and e["model"] == m]
         collects = [e for e in win if e["ev"] == "collect" and e["model"] == m]
         prompt = [e for e in collects if e["prefill"]]
@@ -78,6 +80,9 @@ def main() -> None:
             ),
         }
     out["steps"] = steps
+    for kind in ("gc", "send"):
+        ms = sorted(e["ms"] for e in win if e["ev"] == kind)
+        out[kind] = {"n": len(ms), "total_ms": round(sum(ms), 3), "largest_ms": ms[-5:]}
     # each model's largest client-side token gaps in the window, and the host's steps inside them
     gaps: dict[str, list[tuple[float, float, float]]] = {}
     for s in streams:

@@ -14,6 +14,7 @@ requests, a step that raises fails that engine's requests, and the loop goes on.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import sys
 import time
@@ -68,6 +69,7 @@ GIL_SWITCH_S = 0.0005
 LAUNCH_WAIT_S = 0.0002
 # The longest the loop leaves the GIL to a launch while other steps are in flight whose end it cannot estimate.
 MAX_LAUNCH_WAIT_S = 0.005
+SLOW_SEND_S = 0.001  # a token batch's send taking longer is traced (the client is not reading: a full pipe)
 EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
 # Decode steps of different models that may run at once on one GPU (the first on the current stream, the others
 # on side streams): small models do not saturate the GPU alone, and overlapping them is what threads and MPS gain
@@ -170,6 +172,7 @@ class HostCore:
         self._launchers: dict[str, ThreadPoolExecutor] = {}  # per GPU: the thread that launches eager steps
         self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
+        self._gc_start = 0.0
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -222,9 +225,22 @@ class HostCore:
             self._drain(0.0)  # answer status queries between loads
             if self.stopping:
                 break
+        # Everything loaded so far (modules, weights' Python objects, graphs) lives as long as the host: out of the
+        # collector's sight, a full collection walks only what the loop allocates since, instead of pausing every
+        # model's steps for tens of milliseconds now and then.
+        gc.freeze()
+        if self.trace is not None:
+            gc.callbacks.append(self._trace_gc)
         while not self.stopping:
             self.iterate()
         self.conn.send(HostStopped("shutdown"))
+
+    def _trace_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self.trace is not None:
+            ms = round(1e3 * (time.perf_counter() - self._gc_start), 3)
+            self.trace.add("gc", "", 0, 0, generation=info["generation"], ms=ms)
 
     def iterate(self) -> None:
         self._admit_pending()
@@ -454,7 +470,10 @@ class HostCore:
         for device, running in self._inflight.items():
             self._run_ahead(device, running)
         if events:
+            t0 = time.perf_counter()
             self.conn.send(TokenBatch(tuple(events)))
+            if self.trace is not None and time.perf_counter() - t0 > SLOW_SEND_S:
+                self.trace.add("send", "", 0, 0, ms=round(1e3 * (time.perf_counter() - t0), 3))
         return moved
 
     def _run_ahead(self, device: str, running: list[_Running]) -> None:
