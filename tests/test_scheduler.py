@@ -344,3 +344,39 @@ def test_random_workload_always_completes(
         assert steps < 20_000, "the scheduler does not finish its work"
     assert all(s.finished and len(s.output_ids) == s.max_new_tokens for s in seqs)
     assert sched.blocks.free_count == sched.blocks.num_blocks
+
+
+def test_decode_and_prompt_steps_split_between_two_plans_in_flight() -> None:
+    """The host on a GPU: a decode-only step (prefill_limit 0) and a prompt-only step (decodes=False) of one
+    engine in flight at once. Neither takes the other's sequences, the prompt step never preempts a decoding
+    sequence, and after both ran every sequence moved on by what its plan gave it."""
+    sched = make_scheduler(num_blocks=12, budget=16)
+    a, b = make_seq(3, max_new=8), make_seq(3, max_new=8)
+    for s in (a, b):
+        sched.add(s)
+    run_model(sched, sched.schedule(), [a, b])  # both prompts done: a and b decode from now on
+    c = make_seq(10, max_new=2)
+    sched.add(c)
+    decode = sched.schedule(prefill_limit=0)
+    assert {ch.seq_id for ch in decode.chunks} == {a.id, b.id} and not decode.prompt_only
+    prompt = sched.schedule(prefill_limit=6, decodes=False)
+    assert prompt.prompt_only and [(ch.seq_id, len(ch.token_ids)) for ch in prompt.chunks] == [(c.id, 6)]
+    run_model(sched, prompt, [a, b, c])  # the prompt step ends first: its sequence stays in prefill
+    run_model(sched, decode, [a, b, c])
+    assert [len(s.output_ids) for s in (a, b, c)] == [2, 2, 0]
+    assert c.num_computed == 6
+
+
+def test_a_prompt_only_step_never_preempts_a_decoding_sequence() -> None:
+    """A prompt needing more blocks than are free preempts the newest other sequence, in a step that schedules
+    decodes too; in a prompt-only step the decoding ones may be in flight beside it, so it gives way itself."""
+    sched = make_scheduler(num_blocks=4, block_size=4, budget=16)
+    a = make_seq(4, max_new=8)
+    sched.add(a)
+    run_model(sched, sched.schedule(), [a])  # a decodes from now on, holding 1 block
+    b = make_seq(16, max_new=2)
+    sched.add(b)
+    run_model(sched, sched.schedule(prefill_limit=4, decodes=False), [a, b])  # b: 4 of 16 prompt tokens, 1 block
+    prompt = sched.schedule(decodes=False)  # b's other 12 tokens need 3 blocks; 2 are free
+    assert a.status is SeqStatus.RUNNING and a.id not in prompt.preempted
+    assert prompt.preempted == (b.id,) and not prompt.chunks

@@ -292,8 +292,11 @@ class Engine:
 
     # -- the step contract --------------------------------------------------------------------------------------
 
-    def schedule(self, prefill_limit: int | None = None) -> StepPlan:
-        return self.scheduler.schedule(prefill_limit)
+    def schedule(self, prefill_limit: int | None = None, decodes: bool = True) -> StepPlan:
+        """The next step (scheduler.py). decodes=False: its prompt chunks only, which may run beside a decode-only
+        step still in flight (prefill_limit 0): the host keeps a model's decode rows on their graph while its
+        prompts run eager on another stream."""
+        return self.scheduler.schedule(prefill_limit, decodes)
 
     def execute(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> None:
         if plan.empty:
@@ -306,7 +309,9 @@ class Engine:
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Launch the plan's forward pass: float32 logits of its sampled chunks, in order."""
         decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
-        if self.runner is None or not decode:
+        # A prompt-only step may run beside a decode step on another stream: it never touches the runner's static
+        # buffers (a prompt's one-token last chunk would look like a decode row).
+        if self.runner is None or not decode or plan.prompt_only:
             return self._forward_chunks(plan.chunks)
         from llmhost.engine.decode_runner import DecodeRow
 
@@ -349,7 +354,10 @@ class Engine:
             [s.prompt_ids for s in alive],
             [s.output_ids for s in alive],
         )
-        if self.runner is not None:
+        # A step with decode rows may be followed by one that runs ahead, which reads these tokens on the device. A
+        # prompt-only step (beside a decode step in flight, on another stream) must leave them: its first tokens
+        # are read on the host, like any step's that is not run ahead of.
+        if self.runner is not None and not plan.prompt_only:
             self.runner.sampled[: len(alive)].copy_(pending.tokens)
             self._feed_rows = {s.id: k for k, s in enumerate(alive)}
         return _Launched(alive, pending)
@@ -401,7 +409,7 @@ class Engine:
     def can_run_ahead(self, plan: StepPlan) -> bool:
         """Whether the step after `plan` may launch before plan's tokens are read: the decode runner feeds them on
         the device, and no sampled row needs plan's logits (logprobs) or its token on the host (penalties)."""
-        if self.runner is None or plan.empty:
+        if self.runner is None or plan.empty or plan.prompt_only:
             return False
         launched = self._inflight[id(plan)]
         return launched.sample is not None and all(

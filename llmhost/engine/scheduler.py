@@ -42,6 +42,7 @@ class Chunk:
 class StepPlan:
     chunks: tuple[Chunk, ...]
     preempted: tuple[str, ...] = ()
+    prompt_only: bool = False  # scheduled with decodes=False: may run beside a decode step of the same engine
 
     @property
     def num_tokens(self) -> int:
@@ -73,14 +74,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, prefill_limit: int | None = None) -> StepPlan:
+    def schedule(self, prefill_limit: int | None = None, decodes: bool = True) -> StepPlan:
         """prefill_limit: at most this many prompt tokens beside the decode tokens (the host's cap, so that this
-        model's prefill does not stall another model's decode for long); None: the token budget alone."""
+        model's prefill does not stall another model's decode for long); None: the token budget alone.
+        decodes=False: a prompt-only step, beside a decode-only step (prefill_limit 0) of the same sequences'
+        batch that may still be in flight: the decoding sequences are neither scheduled nor preempted."""
         chunks: list[Chunk] = []
-        scheduled: set[str] = set()
         preempted: list[str] = []
         # A sequence whose pending token is its last gets no more steps (it finishes when that token is read).
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1 and not s.awaits_last_token]
+        scheduled: set[str] = set() if decodes else {s.id for s in self.running if s.num_tokens - s.num_computed < 2}
+        if not decodes:
+            decoding = []
         budget = self.token_budget if prefill_limit is None else min(self.token_budget, len(decoding) + prefill_limit)
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
         order = decoding + prefilling
@@ -107,7 +112,7 @@ class Scheduler:
             chunks.append(self._chunk(seq, n))
             scheduled.add(seq.id)
             budget -= n
-        return StepPlan(tuple(chunks), tuple(preempted))
+        return StepPlan(tuple(chunks), tuple(preempted), prompt_only=not decodes)
 
     def _fit(self, seq: Sequence, n: int, pending: int) -> int:
         """Shorten a chunk to what the window pool holds now, leaving one block for each of the `pending` running

@@ -448,25 +448,17 @@ class HostCore:
         in_flight = {r.name for runs in self._inflight.values() for r in runs}
         lanes: dict[str, list[str]] = {}
         for name, slot in self.slots.items():
-            if name not in in_flight and self._ready(slot):
+            if self._ready(slot):
                 lanes.setdefault(slot.device_names[0], []).append(name)
         for device, ready in lanes.items():
-            if not device.startswith("cuda"):
-                alone = self._launch(device, ready, None)  # the CPU: no streams
-                if alone is not None:
-                    self._traced(alone, 0)
-                    moved = True
-                    events.extend(self._collect(alone))
+            if device.startswith("cuda"):
+                moved |= self._launch_gpu(device, ready, self._inflight.setdefault(device, []))
                 continue
-            running = self._inflight.setdefault(device, [])
-            while ready and len({r.name for r in running}) < MAX_CONCURRENT_STEPS:
-                launched = self._launch_beside(device, ready, running)
-                if launched is None:
-                    break
+            alone = self._launch(device, [n for n in ready if n not in in_flight])
+            if alone is not None:
+                self._traced(alone, 0)
                 moved = True
-                ready.remove(launched.name)
-                running.append(launched)
-                self._traced(launched, len(running) - 1)
+                events.extend(self._collect(alone))
         for device, running in self._inflight.items():
             self._run_ahead(device, running)
         if events:
@@ -487,14 +479,17 @@ class HostCore:
             in_flight[r.name] = in_flight.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
         alone = len(in_flight) == 1
         for name in list(in_flight):
-            last = [r for r in running if r.name == name][-1]
-            eng = last.engine
-            if last.stream is None or last.launching is not None or last.followed or last.shape.prefill_tokens:
+            decodes = [r for r in running if r.name == name and not r.shape.prefill_tokens]
+            if not decodes:
                 continue
-            # A step run ahead takes decodes only (prefill_limit 0 below): the model's waiting prompts wait for a
-            # step the scheduler picks, so none may be waiting. Alone, any other model with work (ready now or
-            # not) takes its turns through the scheduler.
-            if _next_shape(eng).prefill_tokens > 0 or not eng.can_run_ahead(last.plan):
+            last = decodes[-1]
+            eng = last.engine
+            if last.stream is None or last.launching is not None or last.followed:
+                continue
+            # A step run ahead takes decodes only (prefill_limit 0 below); the model's prompts take prompt-only
+            # steps of their own (_launch_gpu). Alone, any other model with work (ready now or not) takes its
+            # turns through the scheduler.
+            if not eng.can_run_ahead(last.plan):
                 continue
             if alone and self._others_have_work(name, device):
                 continue
@@ -569,29 +564,64 @@ class HostCore:
         pool.append(st)
         return st
 
-    def _launch_beside(self, device: str, ready: list[str], running: list[_Running]) -> _Running | None:
+    def _launch_gpu(self, device: str, ready: list[str], running: list[_Running]) -> bool:
+        """Launch on a GPU beside the steps in flight: decode-only steps of models whose decode step is not in
+        flight (graph replays, high-priority streams), in the scheduler's order, while each is concurrent_ok with
+        those in flight and not ahead of its share (overlap_ok); then at most one prompt-only step on the GPU
+        (eager, the launcher thread, default priority). A model's prompts never hold its decode rows back: in a
+        mixed step they waited for the prompt chunk's eager launch and for any other model's prompt step (two never
+        overlap), 60-120 ms gaps beside three models (bench/probes/host_trace.py). Returns whether any launched."""
+        decoding = {r.name for r in running if not r.shape.prefill_tokens}
+        prompting = {r.name for r in running if r.shape.prefill_tokens}
+        engines: dict[str, Engine] = {n: self.slots[n].engine for n in ready}
+        moved = False
+        waiting = [n for n in ready if n not in decoding and _next_shape(engines[n]).decode_rows > 0]
+        while waiting and len(decoding | prompting) < MAX_CONCURRENT_STEPS:
+            name = self.gpu.pick(device, waiting, busy=decoding | prompting)
+            if name is None:
+                break
+            shape = StepShape(_next_shape(engines[name]).decode_rows, 0)
+            if not self._fits_beside(running, name, shape):
+                break
+            waiting.remove(name)
+            run = self._launch_plan(name, device, engines[name].schedule(0), running)
+            if run is not None:
+                decoding.add(name)
+                moved = True
+        if prompting:
+            return moved
+        prompts = [n for n in ready if _next_shape(engines[n]).prefill_tokens > 0]
+        name = self.gpu.pick(device, prompts, busy=decoding) if prompts else None
+        if name is not None and self._fits_beside(running, name, StepShape(0, 1)):
+            plan = engines[name].schedule(self.gpu.prefill_budget(name, device), decodes=False)
+            moved |= self._launch_plan(name, device, plan, running) is not None
+        return moved
+
+    def _fits_beside(self, running: list[_Running], name: str, shape: StepShape) -> bool:
+        """Whether `name`'s step of `shape` may start beside the steps in flight: a small decode step
+        (concurrent_ok) or the GPU's one prompt step (beside decode steps of any size: its own model's batch may
+        be large, and its decode steps run ahead meanwhile), of a model not ahead of its share: its virtual time
+        within the end of a step in flight (overlap_ok, with that step's expected cost: a prompt step's is its
+        whole length)."""
         if not running:
-            return self._launch(device, ready, running)
-        # Beside steps in flight only small decode steps and at most one prompt step (gpu_scheduler's
-        # concurrent_ok), of a model not ahead of its share: its virtual time within the end of a step in flight
-        # (overlap_ok, with that step's expected cost: a prompt step's is its whole length). The step's shape is
-        # read from its engine before scheduling it (a schedule cannot be undone).
-        name = self.gpu.pick(device, ready, busy=[r.name for r in running])
-        if name is None:
-            return None
-        shape = _next_shape(self.slots[name].engine)
-        if not all(concurrent_ok(r.shape, shape) for r in running):
-            return None
-        if not any(self.gpu.overlap_ok(r.name, name, r.shape) for r in running):
-            return None
-        plan, shape = self._plan(name, device)
+            return True
+        if shape.decode_rows and not all(concurrent_ok(r.shape, shape) for r in running):
+            return False
+        return any(self.gpu.overlap_ok(r.name, name, r.shape) for r in running)
+
+    def _launch_plan(self, name: str, device: str, plan: StepPlan, running: list[_Running]) -> _Running | None:
         if plan.empty:
             return None
+        shape = _shape(plan)
         run = self._execute(name, plan, shape, self._stream(device, running, shape))
-        if run is not None:
+        if run is None:
+            return None
+        if running:
             run.overlapped = True
             for r in running:
                 r.overlapped = True
+        running.append(run)
+        self._traced(run, len(running) - 1)
         return run
 
     def _plan(self, name: str, device: str) -> tuple[StepPlan, StepShape]:
@@ -599,9 +629,8 @@ class HostCore:
         plan = eng.schedule(self.gpu.prefill_budget(name, device))
         return plan, _shape(plan)
 
-    def _launch(self, device: str, ready: list[str], running: list[_Running] | None) -> _Running | None:
-        """The scheduler's pick among `ready`, launched on a free stream of `running`'s device (None: the CPU, where
-        it runs to completion)."""
+    def _launch(self, device: str, ready: list[str]) -> _Running | None:
+        """The CPU: the scheduler's pick among `ready`, one step of any shape, run to completion."""
         while ready:
             name = self.gpu.pick(device, ready)
             if name is None:
@@ -611,8 +640,7 @@ class HostCore:
                 # work queued but nothing schedulable now (KV pool full): leave it out of this pick
                 ready = [n for n in ready if n != name]
                 continue
-            stream = self._stream(device, running, shape) if running is not None else None
-            run = self._execute(name, plan, shape, stream)
+            run = self._execute(name, plan, shape, None)
             if run is None:
                 ready = [n for n in ready if n != name]
                 continue
