@@ -264,10 +264,11 @@ class HostCore:
         While the launcher thread launches a step, wait on its launch (a lock wait hands it the GIL at once) until
         the first of the other steps in flight is expected to end (its solo cost after its launch: overlapped steps
         take longer, so the loop wakes early rather than late), at least LAUNCH_WAIT_S. Waking every LAUNCH_WAIT_S
-        instead took the GIL back ~5000 times a second: a prompt step that launches in 10 ms alone took 20-40 ms
-        beside three decoding models (bench/probes/host_trace.py). Otherwise time.sleep(0), which releases the GIL
-        to a thread waiting for it and costs nothing when none waits. (Tried first: poll() on the pipe with a 0.1
-        ms timeout, which notices a finished step late; the batch-1 pair's bandwidth was 2-5% lower then.)"""
+        instead took the GIL back ~5000 times a second, while prompt steps that launch in ~10 ms alone took 20-40
+        ms beside three decoding models (bench/probes/host_trace.py, in-process host). Otherwise time.sleep(0),
+        which releases the GIL to a thread waiting for it and costs nothing when none waits. (Tried first: poll()
+        on the pipe with a 0.1 ms timeout, which notices a finished step late; the batch-1 pair's bandwidth was
+        2-5% lower then.)"""
         runs = [r for rs in self._inflight.values() for r in rs]
         launching = [r.launching for r in runs if r.launching is not None and not r.launching.done()]
         if not launching:
