@@ -214,6 +214,8 @@ class HostCore:
             for pool in self._launchers.values():
                 pool.shutdown(wait=True)
             if self.trace is not None:
+                with contextlib.suppress(ValueError):  # not registered when the host stopped while loading
+                    gc.callbacks.remove(self._trace_gc)
                 self.trace.write()
 
     def _run(self) -> None:
@@ -575,13 +577,15 @@ class HostCore:
         decoding = {r.name for r in running if not r.shape.prefill_tokens}
         prompting = {r.name for r in running if r.shape.prefill_tokens}
         engines: dict[str, Engine] = {n: self.slots[n].engine for n in ready}
+        # Read once: a decode-only step leaves the prompt tokens waiting as they were (counted until collection).
+        nexts = {n: _next_shape(eng) for n, eng in engines.items()}
         moved = False
-        waiting = [n for n in ready if n not in decoding and _next_shape(engines[n]).decode_rows > 0]
+        waiting = [n for n in ready if n not in decoding and nexts[n].decode_rows > 0]
         while waiting and len(decoding | prompting) < MAX_CONCURRENT_STEPS:
             name = self.gpu.pick(device, waiting, busy=decoding | prompting)
             if name is None:
                 break
-            shape = StepShape(_next_shape(engines[name]).decode_rows, 0)
+            shape = StepShape(nexts[name].decode_rows, 0)
             if not self._fits_beside(running, name, shape):
                 break
             waiting.remove(name)
@@ -591,7 +595,7 @@ class HostCore:
                 moved = True
         if prompting:
             return moved
-        prompts = [n for n in ready if _next_shape(engines[n]).prefill_tokens > 0]
+        prompts = [n for n in ready if nexts[n].prefill_tokens > 0]
         name = self.gpu.pick(device, prompts, busy=decoding) if prompts else None
         if name is not None and self._fits_beside(running, name, StepShape(0, 1)):
             plan = engines[name].schedule(self.gpu.prefill_budget(name, device), decodes=False)
