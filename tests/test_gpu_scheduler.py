@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from llmhost.host.gpu_scheduler import GpuScheduler, StepShape, concurrent_ok
+from llmhost.host.gpu_scheduler import MAX_DEBT_STEPS, GpuScheduler, StepShape, concurrent_ok
 
 DEV = "cuda:0"
 MS = 1e-3
@@ -487,3 +487,64 @@ def test_following_steps_keep_the_weights(weights: tuple[float, float]) -> None:
     normalized = {m: steps[m] * cost[m] / now for m in cost}
     assert normalized["m7b"] / normalized["m14b"] == pytest.approx(weights[0] / weights[1], rel=0.1)
     assert followed > 0.5 * sum(steps.values())
+
+
+def test_prompt_steps_beside_other_models_are_charged_their_solo_cost() -> None:
+    """A 1B model's 128-token prompt step takes ~3 ms alone (beside its own decode steps) and 33 ms beside three
+    decoding models: the 33 ms is no sample of its cost, and the host charges it the solo 3 ms, so the model is
+    not held back ~30 ms afterwards while the others catch up (its decoding requests' token gaps)."""
+    sched = make({"small": 1.0, "big": 1.0})
+    assert sched.solo_step_s("small", StepShape(0, 128)) is None, "nothing measured"
+    sched.observe("small", 8, 0, 1.5 * MS)
+    sched.observe("big", 8, 0, 6 * MS)
+    assert sched.solo_step_s("small", StepShape(0, 128)) is None, "no prompt step measured alone yet"
+    sched.observe("small", 0, 128, 33 * MS, overlapped=True)
+    assert sched.solo_step_s("small", StepShape(0, 128)) is None, "an overlapped prompt step is no solo sample"
+    sched.observe("small", 0, 128, 3 * MS)  # alone: 1.5 ms of decode cost + 128 tokens x 11.7 us
+    assert sched.solo_step_s("small", StepShape(0, 128)) == pytest.approx(3 * MS)
+    assert sched.solo_step_s("small", StepShape(0, 256)) == pytest.approx(4.5 * MS)
+    sched.observe("small", 0, 128, 33 * MS, overlapped=True)
+    assert sched.solo_step_s("small", StepShape(0, 128)) == pytest.approx(3 * MS), "overlapped: unchanged"
+    assert sched.solo_step_s("small") == pytest.approx(1.5 * MS)
+    # Charged its solo cost, the model stays within the big model's next decode step: it may step beside it.
+    sched.pick(DEV, {"small", "big"})
+    sched.charge("small", sched.solo_step_s("small", StepShape(0, 128)) or 0.0)
+    assert sched.overlap_ok("big", "small")
+    sched.charge("small", 30 * MS)  # charged the 33 ms instead, it would wait five of the big model's steps
+    assert not sched.overlap_ok("big", "small")
+
+
+def test_a_prompt_step_may_start_beside_others_before_its_model_was_measured() -> None:
+    """A model loaded beside a busy one starts with its prompt: it must not wait for the busy one to run out of
+    work. Its decode steps (charged their solo cost when overlapped) still wait for a measurement."""
+    sched = make({"busy": 1.0, "new": 1.0})
+    sched.observe("busy", 8, 0, STEP_7B)
+    sched.pick(DEV, {"busy", "new"})
+    assert sched.overlap_ok("busy", "new", second_prompt=True)
+    assert not sched.overlap_ok("busy", "new")
+    assert not sched.overlap_ok("new", "busy"), "nothing starts beside a step of unknown cost"
+    sched.observe("new", 0, 128, 20 * MS, overlapped=True)  # its first prompt step, beside the busy model
+    budget = sched.prefill_budget("new", DEV)
+    assert budget is not None and budget >= 16
+
+
+def test_a_prompt_steps_charge_is_spread_over_the_models_next_steps() -> None:
+    """An 8B model's 14 ms prompt step beside a 1B's decode steps: charged at once, it put the 8B 14 ms ahead and
+    its decoding requests stopped until the 1B caught up; spread, the 8B stays eligible and repays it at half of
+    each later step's cost, and its GPU seconds count in full at once."""
+    sched = make({"big": 1.0, "small": 1.0})
+    sched.observe("big", 8, 0, 6 * MS)
+    sched.observe("small", 8, 0, 1.5 * MS)
+    sched.pick(DEV, {"big", "small"})
+    sched.charge("big", 14 * MS, spread=True)
+    assert sched.gpu_seconds("big") == pytest.approx(14 * MS)
+    assert sched.overlap_ok("small", "big"), "still within the small model's step"
+    vtimes = []
+    for _ in range(10):
+        sched.charge("big", 6 * MS)
+        vtimes.append(sched._accounts["big"].vtime)
+    assert vtimes[0] == pytest.approx(9 * MS), "the first step after it repays half its own cost"
+    assert vtimes[-1] == pytest.approx(74 * MS), "all of it repaid: 10 steps + the prompt"
+    # At most MAX_DEBT_STEPS decode steps stay outstanding: a larger prompt counts its excess at once.
+    sched.charge("big", 100 * MS, spread=True)
+    assert sched._accounts["big"].vtime == pytest.approx(174 * MS - MAX_DEBT_STEPS * 6 * MS)

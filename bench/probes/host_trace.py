@@ -4,7 +4,7 @@
 priority and the steps beside it. Printed: each model's client-side ITL, its steps by kind, and for each model
 the largest token gaps with the host's steps inside them.
 
-Usage: python bench/probes/host_trace.py [--quick | --cpu-smoke] [--out FILE]"""
+Usage: python bench/probes/host_trace.py [--quick | --cpu-smoke] [--out FILE] [--raw DIR]"""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--raw", type=Path, default=None, help="also write the step trace and token times here")
     args = ap.parse_args()
     mode = mm.MODES["cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"]
     trace_file = Path(tempfile.mkdtemp()) / "steps.jsonl"
@@ -58,6 +59,11 @@ def main() -> None:
     streams = d.drive_host(run, loads, t1)
     d.stop_host(run)
     trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    if args.raw:  # for analysis off the GPU: every step, every token's arrival, the window
+        args.raw.mkdir(parents=True, exist_ok=True)
+        (args.raw / "steps.jsonl").write_text(trace_file.read_text())
+        tokens = [{"model": s.model, "submitted": s.submitted, "times": s.times} for s in streams]
+        (args.raw / "tokens.json").write_text(json.dumps({"t0": t0, "t1": t1, "streams": tokens}))
     win = [e for e in trace if t0 <= e["t"] < t1]
 
     out: dict[str, Any] = {"window_s": mode.window_s, "client": mm._per_model(mode, mode.four, streams, t0, t1, False)}

@@ -93,7 +93,8 @@ class _Running:
     t0: float
     stream: torch.cuda.Stream | None = None
     done: torch.cuda.Event | None = None  # recorded after the step's kernels; None on the CPU (ran synchronously)
-    overlapped: bool = False  # another model's step ran beside it on another stream
+    overlapped: bool = False  # another step (of any model, its own prompt step too) ran beside it on another stream
+    beside_others: bool = False  # a step of another model ran beside it
     followed: bool = False  # the model's next step was launched behind it before it was collected (run ahead)
     launching: Future[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None  # -> (start, done)
     start: torch.cuda.Event | None = None  # recorded before the step's kernels (timing events)
@@ -477,10 +478,11 @@ class HostCore:
         then overlap the GPU instead of leaving its stream idle between steps. Alone on its GPU always; beside
         other models when the GPU scheduler's `follow_ok` says the next step would not run ahead of its share
         (separate threads, each running ahead on its own stream, kept the GPU busier: bench/multi_model.py)."""
-        in_flight: dict[str, float] = {}
-        for r in running:
-            in_flight[r.name] = in_flight.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
-        alone = len(in_flight) == 1
+        in_flight: dict[str, float] = {}  # model -> expected cost of its decode steps in flight
+        for r in running:  # a prompt step's charge is spread over later steps (GpuScheduler.charge): not counted
+            if not r.shape.prefill_tokens:
+                in_flight[r.name] = in_flight.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
+        alone = len({r.name for r in running}) == 1
         for name in list(in_flight):
             decodes = [r for r in running if r.name == name and not r.shape.prefill_tokens]
             if not decodes:
@@ -581,6 +583,16 @@ class HostCore:
         nexts = {n: _next_shape(eng) for n, eng in engines.items()}
         moved = False
         waiting = [n for n in ready if n not in decoding and nexts[n].decode_rows > 0]
+        fresh = [n for n in waiting if self.gpu.solo_step_s(n) is None]
+        if fresh:
+            # A decode step whose solo cost was never measured has no cost to be charged beside others
+            # (overlap_ok), so it runs alone, which measures it. Launching the others' steps meanwhile kept it
+            # waiting as long as they had work (a model loaded beside a busy one): let the GPU drain for it.
+            if running:
+                return False
+            name = self.gpu.pick(device, fresh, busy=[n for n in ready if n not in fresh])
+            if name is not None and self._launch_plan(name, device, engines[name].schedule(0), running):
+                return True
         while waiting and len(decoding | prompting) < MAX_CONCURRENT_STEPS:
             name = self.gpu.pick(device, waiting, busy=decoding | prompting)
             if name is None:
@@ -612,7 +624,8 @@ class HostCore:
             return True
         if shape.decode_rows and not all(concurrent_ok(r.shape, shape) for r in running):
             return False
-        return any(self.gpu.overlap_ok(r.name, name, r.shape) for r in running)
+        prompt = not shape.decode_rows
+        return any(self.gpu.overlap_ok(r.name, name, r.shape, second_prompt=prompt) for r in running)
 
     def _launch_plan(self, name: str, device: str, plan: StepPlan, running: list[_Running]) -> _Running | None:
         if plan.empty:
@@ -621,10 +634,7 @@ class HostCore:
         run = self._execute(name, plan, shape, self._stream(device, running, shape))
         if run is None:
             return None
-        if running:
-            run.overlapped = True
-            for r in running:
-                r.overlapped = True
+        _mark_beside(running, run)
         running.append(run)
         self._traced(run, len(running) - 1)
         return run
@@ -694,12 +704,19 @@ class HostCore:
         # estimate, and so every overlapped step's charge, swing between runs), its latency on the CPU.
         gpu_s = run.gpu_seconds()
         seconds = gpu_s if gpu_s is not None else time.perf_counter() - run.t0
-        # A prompt step is charged its measured time: its solo decode cost would undercharge it.
-        solo = self.gpu.solo_step_s(run.name) if run.overlapped and not run.shape.prefill_tokens else None
-        # An overlapped step is charged its solo cost (the pair's wall time would give both models the same
-        # number of steps whatever their weights: gpu_scheduler.py).
-        self.gpu.charge(run.name, solo if solo is not None else seconds)
-        self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds, run.overlapped)
+        # A step that shared the GPU is charged its solo cost (the pair's wall time would give both models the same
+        # number of steps whatever their weights: gpu_scheduler.py), and its time is no sample of that cost. For a
+        # decode step any step beside it counts; a prompt step beside only its own model's decode steps is how the
+        # model prefills when alone, its solo cost. Charged their measured time beside three decoding models, the
+        # prompt steps of the four-model bench (12-68 ms for what takes a few alone) put their model that far
+        # ahead of its share, and its decoding requests waited it out: 30-130 ms token gaps, most of each model's
+        # p99 inter-token latency (bench/probes/host_trace.py).
+        shared = run.beside_others if run.shape.prefill_tokens else run.overlapped
+        solo = self.gpu.solo_step_s(run.name, run.shape) if shared else None
+        if solo is not None and run.shape.prefill_tokens:
+            solo = min(solo, seconds)  # a linear estimate from small launch-bound steps overshoots large ones
+        self.gpu.charge(run.name, solo if solo is not None else seconds, spread=run.shape.prefill_tokens > 0)
+        self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds, shared)
         if self.trace is not None:
             self.trace.add(
                 "collect", run.name, run.shape.decode_rows, run.shape.prefill_tokens,
@@ -715,6 +732,14 @@ class HostCore:
         for seq_id in list(eng.seqs):
             eng.abort(seq_id)
             self.conn.send(RequestFailed(seq_id, "internal", f"model '{name}' failed while generating"))
+
+
+def _mark_beside(running: list[_Running], run: _Running) -> None:
+    """`run` launches beside the steps in `running` (one GPU's): each overlaps the other."""
+    for r in running:
+        run.overlapped = r.overlapped = True
+        if r.name != run.name:
+            run.beside_others = r.beside_others = True
 
 
 def _launch_eager(

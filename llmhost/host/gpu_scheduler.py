@@ -39,6 +39,12 @@ EMA_ALPHA = 0.2
 # batches were not measured overlapped; a prefill (compute-bound, 61-67% of GEMM peak) would only lengthen the
 # other model's decode step.
 CONCURRENT_MAX_ROWS = 8
+# A prompt step's charge is spread over the model's next steps (charge's `spread`): each adds this fraction of its
+# own cost from the debt, so its decoding requests run at 1 / (1 + DEBT_RATE) of the model's share meanwhile...
+DEBT_RATE = 0.5
+# ...and at most this many of its decode steps' cost stays outstanding (a model of long prompts and short answers
+# takes at most that much GPU time ahead of its share); beyond it the charge counts at once.
+MAX_DEBT_STEPS = 4.0
 
 
 @dataclass(frozen=True)
@@ -68,10 +74,11 @@ class _Account:
     weight: float
     vtime: float = 0.0  # virtual seconds: GPU seconds / weight, plus lifts when it becomes ready
     gpu_s: float = 0.0  # measured GPU seconds charged since it was added
+    debt: float = 0.0  # virtual seconds of prompt steps charged but not yet added to vtime (charge's `spread`)
     last_pick: int = -1  # the lane's pick count when it was last picked: ties go to the least recently picked
     decode_step_s: float | None = None  # EMA, seconds per decode-only step
     prefill_token_s: float | None = None  # EMA, seconds per prefill token beyond the step's decode cost
-    smallest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its smallest prefill step
+    smallest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its smallest solo prefill step
     largest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its largest prefill step
     cheapest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its smallest prefill step, ever
 
@@ -156,14 +163,31 @@ class GpuScheduler:
         lane.picks += 1
         return chosen
 
-    def charge(self, model: str, seconds: float) -> None:
+    def charge(self, model: str, seconds: float, spread: bool = False) -> None:
         """Account `seconds` of GPU time to `model` (its step's CUDA-event or wall time). When two steps overlapped
-        on separate streams, charge each what it costs alone (`solo_step_s`; see the module's docstring)."""
+        on separate streams, charge each what it costs alone (`solo_step_s`; see the module's docstring).
+
+        `spread` (a prompt step): the virtual time is deferred, up to MAX_DEBT_STEPS of the model's decode steps
+        outstanding, and added by its next steps at DEBT_RATE of their own cost each. Added at once, a prompt of a
+        few decode steps' cost put the model that far ahead of the others, and all its decoding requests stopped
+        until they caught up: in the four-model bench an 8B's 512-token prompt (14 ms alone) stopped its other
+        requests for 40-60 ms, its p99 inter-token latency. Spread, they slow to 1 / (1 + DEBT_RATE) of their
+        share for a few steps. Its GPU seconds (`shares`) count in full at once."""
         if not seconds >= 0.0 or math.isinf(seconds):
             raise ValueError(f"model '{model}': GPU time must be a finite number of seconds >= 0, got {seconds}")
         acct = self._account(model)
         acct.gpu_s += seconds
-        acct.vtime += seconds / acct.weight
+        virtual = seconds / acct.weight
+        if spread:
+            room = max(0.0, MAX_DEBT_STEPS * (acct.decode_step_s or 0.0) / acct.weight - acct.debt)
+            deferred = min(virtual, room)
+            acct.debt += deferred
+            virtual -= deferred
+        else:
+            repaid = min(acct.debt, DEBT_RATE * virtual)
+            acct.debt -= repaid
+            virtual += repaid
+        acct.vtime += virtual
 
     def shares(self, device: str) -> dict[str, float]:
         """Each model's fraction of the GPU seconds charged on `device` since it was added (all 0.0 before any
@@ -178,20 +202,30 @@ class GpuScheduler:
         """GPU seconds charged to `model` since it was added."""
         return self._account(model).gpu_s
 
-    def solo_step_s(self, model: str) -> float | None:
-        """The model's decode step time when it runs alone (EMA); None before one was measured."""
-        return self._account(model).decode_step_s
+    def solo_step_s(self, model: str, shape: StepShape | None = None) -> float | None:
+        """What the model's step costs when it runs alone: its decode step (EMA; `shape` None or decode-only), plus
+        its prompt tokens at prefill_token_s for a step with prompt tokens. Both are sampled on steps that ran
+        without another model's beside them (`observe`); None before they were measured."""
+        acct = self._account(model)
+        if acct.decode_step_s is None or shape is None or not shape.prefill_tokens:
+            return acct.decode_step_s
+        if acct.prefill_token_s is None:
+            return None
+        return acct.decode_step_s + shape.prefill_tokens * acct.prefill_token_s
 
-    def overlap_ok(self, first: str, second: str, first_shape: StepShape | None = None) -> bool:
+    def overlap_ok(
+        self, first: str, second: str, first_shape: StepShape | None = None, second_prompt: bool = False
+    ) -> bool:
         """Whether `second` may step now on another stream beside `first`'s step (just picked, not yet charged)
         without running ahead of its share: its virtual time must not pass the one `first` reaches at the end of
         its step, vtime(first) + expected cost / weight (`expected_step_s` of first_shape; None: a decode step).
-        Both need a measured solo decode step, the cost an overlapped step is charged; until then they step one
-        after the other (which measures it). A prompt step's expected cost counts in full: judged by a decode
-        step's, every other model waited beside a 20-50 ms prompt step of a 1B model while the GPU ran it alone
-        (bench/probes/host_trace.py, four models)."""
+        Both need a measured solo decode step, the cost an overlapped decode step is charged; until then they
+        step one after the other (which measures it). A `second_prompt` (a prompt-only step) needs none of its
+        own: it is charged its measured time where its solo cost is unknown, and a model's first step is its
+        prompt. A prompt step's expected cost counts in full: judged by a decode step's, every other model waited
+        beside a 20-50 ms prompt step of a 1B model while the GPU ran it alone (bench/probes/host_trace.py)."""
         a, b = self._account(first), self._account(second)
-        if a.device != b.device or a.decode_step_s is None or b.decode_step_s is None:
+        if a.device != b.device or a.decode_step_s is None or (b.decode_step_s is None and not second_prompt):
             return False
         cost = self.expected_step_s(first, first_shape) if first_shape is not None else a.decode_step_s
         return b.vtime <= a.vtime + cost / a.weight
@@ -243,14 +277,17 @@ class GpuScheduler:
         prompt tokens, `seconds` from launch to completion on the GPU (its latency, even if it overlapped).
 
         - A decode-only step that ran alone samples decode_step_s, the model's base step time (nearly flat in
-          the row count at small batches; the average follows the batch). An `overlapped` one (another model's
-          step ran beside it on another stream) does not: its latency is the pair's, not its own cost.
+          the row count at small batches; the average follows the batch). An `overlapped` one (another step ran
+          beside it on another stream, its own model's prompt step too) does not: its latency is the pair's.
         - A step with prefill samples prefill_token_s, the seconds each prefill token adds, as the slope of a
           secant from a reference step: (seconds - ref_s) / (prefill_tokens - ref_tokens). The reference is the
           decode step (0 tokens, decode_step_s) once one was measured; before that (a model whose first steps are
-          a prompt), its smallest prefill step so far, whose size gives no slope by itself.
-        - The largest prefill step is kept too (tokens, seconds): prefill_budget extrapolates only proportionally
-          from it."""
+          a prompt), its smallest prefill step so far, whose size gives no slope by itself. An `overlapped` one
+          (another model's step beside it; its own model's decode steps may run beside it, as they do when it is
+          alone) does not: beside three decoding models a prompt step took 5-10x its time alone.
+        - The largest and the cheapest prefill steps are kept too (tokens, seconds), overlapped or not:
+          prefill_budget extrapolates only proportionally from them, and where the slope was never measured alone
+          an overlapped step's time is the only bound there is."""
         if decode_rows < 0 or prefill_tokens < 0 or not seconds >= 0.0 or math.isinf(seconds):
             raise ValueError(f"model '{model}': step sizes must be >= 0 and seconds finite >= 0")
         acct = self._account(model)
@@ -260,6 +297,8 @@ class GpuScheduler:
             return
         acct.largest_prefill = self._extreme(acct.largest_prefill, prefill_tokens, seconds, larger=True)
         acct.cheapest_prefill = self._extreme(acct.cheapest_prefill, prefill_tokens, seconds, larger=False)
+        if overlapped:
+            return
         if acct.decode_step_s is not None:
             ref_tokens, ref_s = 0, acct.decode_step_s
         else:
@@ -310,8 +349,8 @@ class GpuScheduler:
         n_max, t_max = acct.largest_prefill
         base_s = acct.decode_step_s
         if base_s is None:
-            assert acct.smallest_prefill is not None  # observed together with largest_prefill
-            base_s = acct.smallest_prefill[1]
+            assert acct.cheapest_prefill is not None  # observed together with largest_prefill
+            base_s = acct.cheapest_prefill[1]
         if acct.decode_step_s is not None and acct.cheapest_prefill is not None:
             n_min, t_min = acct.cheapest_prefill
             if n_min <= 2 * floor and t_min - acct.decode_step_s > stall_s:
