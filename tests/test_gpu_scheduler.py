@@ -548,3 +548,22 @@ def test_a_prompt_steps_charge_is_spread_over_the_models_next_steps() -> None:
     # At most MAX_DEBT_STEPS decode steps stay outstanding: a larger prompt counts its excess at once.
     sched.charge("big", 100 * MS, spread=True)
     assert sched._accounts["big"].vtime == pytest.approx(174 * MS - MAX_DEBT_STEPS * 6 * MS)
+
+
+def test_weights_hold_with_spread_prompt_charges() -> None:
+    """Every fifth step of `a` is a prompt step costing four decode steps, its charge spread: weights 3:1 still give
+    75/25 +- 5% of the GPU seconds (the debt is bounded and repaid; dropped, `a` would take 86%)."""
+    sched = make({"a": 3.0, "b": 1.0})
+    cost = {"a": 2 * MS, "b": 6 * MS}
+    steps = {"a": 0, "b": 0}
+    for m in cost:
+        sched.observe(m, 8, 0, cost[m])
+    for _ in range(4000):
+        m = sched.pick(DEV, {"a", "b"})
+        assert m is not None
+        steps[m] += 1
+        prompt = m == "a" and steps[m] % 5 == 0
+        sched.charge(m, 4 * cost[m] if prompt else cost[m], spread=prompt)
+    shares = sched.shares(DEV)
+    assert shares["a"] == pytest.approx(0.75, abs=0.05)
+    assert shares["b"] == pytest.approx(0.25, abs=0.05)

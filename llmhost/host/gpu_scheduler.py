@@ -16,6 +16,10 @@ solo costs, virtual time counts each model's normalized progress (its speed toge
 is what fair sharing promises. `overlap_ok` lets the second model start beside the first only when its virtual
 time is within the first's step (start-time fair queuing's eligibility), so overlap never lets it run ahead.
 
+A prompt step's charge is spread over its model's next steps (`charge`'s `spread`), at most MAX_DEBT_STEPS of its
+decode steps outstanding: the bound on a model's lead grows by that much, and its decoding requests keep going while
+it is repaid instead of stopping until the others catch up.
+
 Invariants: virtual times only grow; a lone ready model is always picked; devices are independent of each other.
 """
 
