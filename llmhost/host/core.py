@@ -449,7 +449,6 @@ class HostCore:
                 runs.remove(run)
                 moved = True
                 events.extend(self._collect(run))
-        in_flight = {r.name for runs in self._inflight.values() for r in runs}
         lanes: dict[str, list[str]] = {}
         for name, slot in self.slots.items():
             if self._ready(slot):
@@ -458,7 +457,7 @@ class HostCore:
             if device.startswith("cuda"):
                 moved |= self._launch_gpu(device, ready, self._inflight.setdefault(device, []))
                 continue
-            alone = self._launch(device, [n for n in ready if n not in in_flight])
+            alone = self._launch(device, ready)  # on the CPU a step is collected as it is launched: none in flight
             if alone is not None:
                 self._traced(alone, 0)
                 moved = True
@@ -484,10 +483,7 @@ class HostCore:
                 in_flight[r.name] = in_flight.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
         alone = len({r.name for r in running}) == 1
         for name in list(in_flight):
-            decodes = [r for r in running if r.name == name and not r.shape.prefill_tokens]
-            if not decodes:
-                continue
-            last = decodes[-1]
+            last = [r for r in running if r.name == name and not r.shape.prefill_tokens][-1]
             eng = last.engine
             if last.stream is None or last.launching is not None or last.followed:
                 continue
