@@ -313,11 +313,19 @@ def test_concurrent_for_small_decode_steps_and_one_prompt_step() -> None:
     assert not concurrent_ok(StepShape(0, 0), StepShape(1, 0))
 
 
+def beside(
+    sched: GpuScheduler, first: str, second: str, first_shape: StepShape | None = None, prompt: bool = False
+) -> bool:
+    """Whether `second` may start beside `first`'s step (of `first_shape`, a decode step by default) in flight."""
+    cost = sched.expected_step_s(first, first_shape or StepShape(1, 0))
+    return sched.launch_ok(second, {first: cost}, prompt=prompt)
+
+
 def run_overlapped(
     sched: GpuScheduler, cost: dict[str, float], pair_s: float, iterations: int
 ) -> tuple[Counter[str], float, int]:
     """The host loop with two streams (core.py _step/_peek_second): pick the first model, let the second step
-    beside it when `overlap_ok`, charge overlapped steps their solo cost and feed the estimates as the host does.
+    beside it when `launch_ok`, charge overlapped steps their solo cost and feed the estimates as the host does.
     Wall time: a pair takes `pair_s`, a lone step its cost. Returns the steps per model, the wall seconds and the
     number of overlapped pairs."""
     steps: Counter[str] = Counter()
@@ -328,7 +336,7 @@ def run_overlapped(
         assert first is not None
         rest = set(cost) - {first}
         second = sched.pick(DEV, rest, busy=[first]) if rest else None
-        if second is not None and not sched.overlap_ok(first, second):
+        if second is not None and not beside(sched, first, second):
             second = None
         ran = [first] if second is None else [first, second]
         wall += cost[first] if second is None else pair_s
@@ -360,14 +368,31 @@ def test_overlapped_steps_share_normalized_speed_by_weight(weights: tuple[float,
 def test_overlap_waits_for_solo_costs_and_overlapped_steps_leave_them() -> None:
     sched = make({"a": 1.0, "b": 1.0})
     sched.pick(DEV, {"a", "b"})
-    assert not sched.overlap_ok("a", "b"), "no solo cost measured yet: step one after the other"
+    assert not beside(sched, "a", "b"), "no solo cost measured yet: step one after the other"
     sched.observe("a", 1, 0, STEP_7B)
     sched.observe("b", 1, 0, STEP_14B)
-    assert sched.overlap_ok("a", "b")
+    assert beside(sched, "a", "b")
     sched.observe("a", 1, 0, 30 * MS, overlapped=True)
     assert sched.solo_step_s("a") == pytest.approx(STEP_7B)
     sched.charge("b", 10 * STEP_14B)
-    assert not sched.overlap_ok("a", "b"), "b is ahead by more than a's step"
+    assert not beside(sched, "a", "b"), "b is ahead by more than a's step"
+
+
+def test_launch_waits_for_every_lagging_model_not_just_one_step_in_flight() -> None:
+    """Two 8Bs level with each other and a 3B 20 ms behind: an 8B may not start beside the other 8B's step while
+    the 3B's step ends far below its virtual time. Judged against any one step in flight, the two 8Bs let each
+    other start again and again and drifted 75 ms ahead of the 3B, then both stopped ~100 ms while it caught up."""
+    sched = make({"8b-1": 1.0, "8b-2": 1.0, "3b": 1.0})
+    for m, c in {"8b-1": 6.4 * MS, "8b-2": 6.4 * MS, "3b": 3.3 * MS}.items():
+        sched.observe(m, 8, 0, c)
+    sched.pick(DEV, {"8b-1", "8b-2", "3b"})
+    sched.charge("8b-1", 20 * MS)
+    sched.charge("8b-2", 20 * MS)
+    in_flight = {"8b-1": 6.4 * MS, "3b": 3.3 * MS}
+    assert not sched.launch_ok("8b-2", in_flight), "the 3B's step ends 16.7 ms below the 8B's virtual time"
+    assert not sched.launch_ok("8b-2", {"8b-1": 6.4 * MS}), "the 3B, ready with no step in flight: its next step"
+    sched.charge("3b", 17 * MS)
+    assert sched.launch_ok("8b-2", in_flight), "caught up: within the end of the 3B's step"
 
 
 def test_launch_bound_prefill_takes_the_whole_chunk() -> None:
@@ -415,11 +440,11 @@ def test_overlap_beside_a_prompt_step_counts_its_whole_length() -> None:
     sched.pick(DEV, {"small", "big"})
     sched.charge("big", 5 * MS)
     prompt = StepShape(4, 384)
-    assert not sched.overlap_ok("small", "big"), "beyond the end of small's decode step"
-    assert sched.overlap_ok("small", "big", prompt)
-    assert sched.overlap_ok("small", "big", StepShape(8, 0)) == sched.overlap_ok("small", "big")
+    assert not beside(sched, "small", "big"), "beyond the end of small's decode step"
+    assert beside(sched, "small", "big", prompt)
+    assert beside(sched, "small", "big", StepShape(8, 0)) == beside(sched, "small", "big")
     sched.charge("big", 30 * MS)
-    assert not sched.overlap_ok("small", "big", prompt), "beyond the end of the prompt step too"
+    assert not beside(sched, "small", "big", prompt), "beyond the end of the prompt step too"
 
 
 def test_follow_ok_keeps_each_model_within_the_others_current_step() -> None:
@@ -441,7 +466,7 @@ def test_follow_ok_keeps_each_model_within_the_others_current_step() -> None:
 def test_following_steps_keep_the_weights(weights: tuple[float, float]) -> None:
     """The host's loop (core.py _step, _launch_beside, _run_ahead) over two decode-only models in an event
     simulation: a step takes its solo cost alone, `slowdown` times it while the other stream runs too. After each
-    collection: launch a ready model by pick (beside a step in flight only if overlap_ok), then let each model
+    collection: launch a ready model by pick (beside a step in flight only if launch_ok), then let each model
     with one step in flight queue the next behind it if follow_ok. Charged at solo cost, normalized progress
     still follows the weights, and most steps follow (their stream never idles)."""
     cost = {"m7b": STEP_7B, "m14b": STEP_14B}
@@ -463,7 +488,7 @@ def test_following_steps_keep_the_weights(weights: tuple[float, float]) -> None:
         busy = [n for n in cost if queue[n]]
         while ready:
             pick = sched.pick(DEV, ready, busy=busy)
-            if pick is None or (busy and not any(sched.overlap_ok(b, pick) for b in busy)):
+            if pick is None or (busy and not sched.launch_ok(pick, {b: cost[b] * len(queue[b]) for b in busy})):
                 break
             launch(pick, now)
             ready.remove(pick)
@@ -509,9 +534,9 @@ def test_prompt_steps_beside_other_models_are_charged_their_solo_cost() -> None:
     # Charged its solo cost, the model stays within the big model's next decode step: it may step beside it.
     sched.pick(DEV, {"small", "big"})
     sched.charge("small", sched.solo_step_s("small", StepShape(0, 128)) or 0.0)
-    assert sched.overlap_ok("big", "small")
+    assert beside(sched, "big", "small")
     sched.charge("small", 30 * MS)  # charged the 33 ms instead, it would wait five of the big model's steps
-    assert not sched.overlap_ok("big", "small")
+    assert not beside(sched, "big", "small")
 
 
 def test_a_prompt_step_may_start_beside_others_before_its_model_was_measured() -> None:
@@ -520,9 +545,9 @@ def test_a_prompt_step_may_start_beside_others_before_its_model_was_measured() -
     sched = make({"busy": 1.0, "new": 1.0})
     sched.observe("busy", 8, 0, STEP_7B)
     sched.pick(DEV, {"busy", "new"})
-    assert sched.overlap_ok("busy", "new", second_prompt=True)
-    assert not sched.overlap_ok("busy", "new")
-    assert not sched.overlap_ok("new", "busy"), "nothing starts beside a step of unknown cost"
+    assert beside(sched, "busy", "new", prompt=True)
+    assert not beside(sched, "busy", "new")
+    assert not beside(sched, "new", "busy"), "nothing starts beside a step of unknown cost"
     sched.observe("new", 0, 128, 20 * MS, overlapped=True)  # its first prompt step, beside the busy model
     budget = sched.prefill_budget("new", DEV)
     assert budget is not None and budget >= 16
@@ -538,7 +563,7 @@ def test_a_prompt_steps_charge_is_spread_over_the_models_next_steps() -> None:
     sched.pick(DEV, {"big", "small"})
     sched.charge("big", 14 * MS, spread=True)
     assert sched.gpu_seconds("big") == pytest.approx(14 * MS)
-    assert sched.overlap_ok("small", "big"), "still within the small model's step"
+    assert beside(sched, "small", "big"), "still within the small model's step"
     vtimes = []
     for _ in range(10):
         sched.charge("big", 6 * MS)

@@ -29,12 +29,20 @@ from llmhost.memory.inventory import detect_inventory
 
 
 def describe(e: dict[str, Any], since: float) -> str:
+    if e["ev"] == "pass":  # a slow pass of the host loop, where its time went
+        parts = " ".join(f"{k[:-3]} {e[k]}" for k in ("admit_ms", "yield_ms", "drain_ms", "step_ms"))
+        return f"{1e3 * (e['t'] - since):8.2f} pass    {parts} ms"
     if e["ev"] in ("gc", "send"):  # a garbage collection (its generation) or a slow send of a token batch
         return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['ms']} ms generation {e.get('generation', '-')}"
     where = f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['model']:14} rows {e['rows']:2} prefill {e['prefill']:4}"
     if e["ev"] == "launch":
-        return where + f" beside {e['beside']} follows {e['follows']:d} launcher {e['launcher']:d} prio {e['priority']}"
-    return where + f" gpu {e['gpu_ms']} ms latency {e['latency_ms']} ms overlapped {e['overlapped']:d}"
+        return where + (
+            f" beside {e['beside']} follows {e['follows']:d} launcher {e['launcher']:d} prio {e['priority']}"
+            f" took {e.get('ms')} ms"
+        )
+    return where + (
+        f" gpu {e['gpu_ms']} ms latency {e['latency_ms']} ms overlapped {e['overlapped']:d} took {e.get('ms')} ms"
+    )
 
 
 def main() -> None:
@@ -86,6 +94,17 @@ def main() -> None:
             ),
         }
     out["steps"] = steps
+    for m in steps:  # how long the loop (or the launcher thread) took to launch each step, and to collect it
+        for ev in ("launch", "collect"):
+            took = sorted(e["ms"] for e in win if e["ev"] == ev and e["model"] == m and e.get("ms") is not None)
+            if took:
+                steps[m][f"{ev}_took_ms"] = {"mean": round(sum(took) / len(took), 3), "largest": took[-5:]}
+    slow = [e for e in win if e["ev"] == "pass"]
+    parts = ("admit_ms", "yield_ms", "drain_ms", "step_ms")
+    out["slow_passes"] = {"n": len(slow), **{k: round(sum(e[k] for e in slow), 3) for k in parts}}
+    # the caching allocator's [cudaMalloc retries, cudaMallocs, cudaFrees] at the window's first and last slow pass
+    if slow:
+        out["slow_passes"]["allocator"] = [slow[0].get("allocator"), slow[-1].get("allocator")]
     for kind in ("gc", "send"):
         ms = sorted(e["ms"] for e in win if e["ev"] == kind)
         out[kind] = {"n": len(ms), "total_ms": round(sum(ms), 3), "largest_ms": ms[-5:]}

@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,6 +70,7 @@ LAUNCH_WAIT_S = 0.0002
 # The longest the loop leaves the GIL to a launch while other steps are in flight whose end it cannot estimate.
 MAX_LAUNCH_WAIT_S = 0.005
 SLOW_SEND_S = 0.001  # a token batch's send taking longer is traced (the client is not reading: a full pipe)
+SLOW_PASS_S = 0.003  # a busy loop pass taking longer is traced, with where its time went
 EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
 # Decode steps of different models that may run at once on one GPU (the first on the current stream, the others
 # on side streams): small models do not saturate the GPU alone, and overlapping them is what threads and MPS gain
@@ -246,14 +247,25 @@ class HostCore:
             self.trace.add("gc", "", 0, 0, generation=info["generation"], ms=ms)
 
     def iterate(self) -> None:
+        t0 = time.perf_counter()
         self._admit_pending()
         busy = self._in_flight() or any(self._ready(s) for s in self.slots.values())
+        t1 = time.perf_counter()
         if busy and self._spinning:
             self._yield()
+        t2 = time.perf_counter()
         self._drain(0.0 if busy else IDLE_WAIT_S)
+        t3 = time.perf_counter()
         self._spinning = False
         if busy:
             self._spinning = not self._step()
+        if self.trace is not None and busy and time.perf_counter() - t0 > SLOW_PASS_S:
+            t = (t0, t1, t2, t3, time.perf_counter())
+            ms = [round(1e3 * (t[k + 1] - t[k]), 3) for k in range(4)]
+            self.trace.add(
+                "pass", "", 0, 0, admit_ms=ms[0], yield_ms=ms[1], drain_ms=ms[2], step_ms=ms[3],
+                allocator=_allocator_counts(self._inflight),
+            )  # fmt: skip
         now = time.monotonic()
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRE_EVERY_S
@@ -483,9 +495,14 @@ class HostCore:
                 in_flight[r.name] = in_flight.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
         alone = len({r.name for r in running}) == 1
         for name in list(in_flight):
-            last = [r for r in running if r.name == name and not r.shape.prefill_tokens][-1]
+            steps = [r for r in running if r.name == name and not r.shape.prefill_tokens]
+            last = steps[-1]
             eng = last.engine
-            if last.stream is None or last.launching is not None or last.followed:
+            # One step queued behind one running, as Engine.step() keeps it. A third would stage its inputs while
+            # the first still runs: the decode runner waits for the copy of the second's (queued behind the
+            # first), and the loop stood still for the rest of the first step, every other model's launches and
+            # collections with it (5-6 ms per launch for the 3B and 8Bs beside others: bench/probes/host_trace.py).
+            if len(steps) > 1 or last.stream is None or last.launching is not None or last.followed:
                 continue
             # A step run ahead takes decodes only (prefill_limit 0 below); the model's prompts take prompt-only
             # steps of their own (_launch_gpu). Alone, any other model with work (ready now or not) takes its
@@ -528,6 +545,7 @@ class HostCore:
             self.trace.add(
                 "launch", run.name, run.shape.decode_rows, run.shape.prefill_tokens, beside=beside,
                 follows=follows, launcher=launcher, priority=priority,
+                ms=round(1e3 * (time.perf_counter() - run.t0), 3),
             )  # fmt: skip
 
     def _others_have_work(self, name: str, device: str) -> bool:
@@ -568,7 +586,7 @@ class HostCore:
     def _launch_gpu(self, device: str, ready: list[str], running: list[_Running]) -> bool:
         """Launch on a GPU beside the steps in flight: decode-only steps of models whose decode step is not in
         flight (graph replays, high-priority streams), in the scheduler's order, while each is concurrent_ok with
-        those in flight and not ahead of its share (overlap_ok); then at most one prompt-only step on the GPU
+        those in flight and not ahead of its share (launch_ok); then at most one prompt-only step on the GPU
         (eager, the launcher thread, default priority). A model's prompts never hold its decode rows back: in a
         mixed step they waited for the prompt chunk's eager launch and for any other model's prompt step (two never
         overlap), 60-120 ms gaps beside three models (bench/probes/host_trace.py). Returns whether any launched."""
@@ -582,7 +600,7 @@ class HostCore:
         fresh = [n for n in waiting if self.gpu.solo_step_s(n) is None]
         if fresh:
             # A decode step whose solo cost was never measured has no cost to be charged beside others
-            # (overlap_ok), so it runs alone, which measures it. Launching the others' steps meanwhile kept it
+            # (launch_ok), so it runs alone, which measures it. Launching the others' steps meanwhile kept it
             # waiting as long as they had work (a model loaded beside a busy one): let the GPU drain for it.
             if running:
                 return False
@@ -614,14 +632,16 @@ class HostCore:
         """Whether `name`'s step of `shape` may start beside the steps in flight: a small decode step
         (concurrent_ok) or the GPU's one prompt step (beside decode steps of any size: its own model's batch may
         be large, and its decode steps run ahead meanwhile), of a model not ahead of its share: its virtual time
-        within the end of a step in flight (overlap_ok, with that step's expected cost: a prompt step's is its
-        whole length)."""
+        within the end of every other active model's current step (GpuScheduler.launch_ok, with the expected
+        cost of each model's steps in flight: a prompt step's is its whole length)."""
         if not running:
             return True
         if shape.decode_rows and not all(concurrent_ok(r.shape, shape) for r in running):
             return False
-        prompt = not shape.decode_rows
-        return any(self.gpu.overlap_ok(r.name, name, r.shape, second_prompt=prompt) for r in running)
+        in_flight: dict[str, float] = {}
+        for r in running:
+            in_flight[r.name] = in_flight.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
+        return self.gpu.launch_ok(name, in_flight, prompt=not shape.decode_rows)
 
     def _launch_plan(self, name: str, device: str, plan: StepPlan, running: list[_Running]) -> _Running | None:
         if plan.empty:
@@ -687,6 +707,7 @@ class HostCore:
         return run
 
     def _collect(self, run: _Running) -> list[TokenEvent]:
+        t_collect = time.perf_counter()
         ctx = torch.cuda.stream(run.stream) if run.stream is not None else contextlib.nullcontext()
         try:
             if run.launching is not None:
@@ -714,10 +735,13 @@ class HostCore:
         self.gpu.charge(run.name, solo if solo is not None else seconds, spread=run.shape.prefill_tokens > 0)
         self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds, shared)
         if self.trace is not None:
+            vtime, debt = self.gpu.standing(run.name)
             self.trace.add(
                 "collect", run.name, run.shape.decode_rows, run.shape.prefill_tokens,
                 gpu_ms=None if gpu_s is None else round(1e3 * gpu_s, 3),
                 latency_ms=round(1e3 * (time.perf_counter() - run.t0), 3), overlapped=run.overlapped,
+                ms=round(1e3 * (time.perf_counter() - t_collect), 3), vtime_ms=round(1e3 * vtime, 3),
+                debt_ms=round(1e3 * debt, 3),
             )  # fmt: skip
         self.coordinator.touch(run.name)
         return [TokenEvent(o.seq_id, o.token, o.logprob, o.top_logprobs, o.finish_reason) for o in outs]
@@ -728,6 +752,18 @@ class HostCore:
         for seq_id in list(eng.seqs):
             eng.abort(seq_id)
             self.conn.send(RequestFailed(seq_id, "internal", f"model '{name}' failed while generating"))
+
+
+def _allocator_counts(devices: Collection[str]) -> dict[str, list[int]]:
+    """Per GPU, the caching allocator's counts of cudaMalloc retries (after freeing its cache: cudaFree waits for
+    the whole device), cudaMallocs and cudaFrees so far: for the step trace's slow passes."""
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+    out: dict[str, list[int]] = {}
+    for d in devices:
+        if d.startswith("cuda"):
+            stats = torch.cuda.memory_stats(d)
+            out[d] = [int(stats.get(k, 0)) for k in keys]
+    return out
 
 
 def _mark_beside(running: list[_Running], run: _Running) -> None:

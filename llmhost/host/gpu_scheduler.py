@@ -13,8 +13,9 @@ what it costs alone (its model's decode_step_s, measured on steps that ran alone
 take about as long as the pair, so charging wall time would give each model one step per pair whatever its weight,
 and the smaller model's speed would fall to its step time over the pair's (the report's starved small model). With
 solo costs, virtual time counts each model's normalized progress (its speed together over its speed alone), which
-is what fair sharing promises. `overlap_ok` lets the second model start beside the first only when its virtual
-time is within the first's step (start-time fair queuing's eligibility), so overlap never lets it run ahead.
+is what fair sharing promises. `launch_ok` lets a model start beside the steps in flight only when its virtual
+time is within every other active model's current step (start-time fair queuing's eligibility), so overlap never
+lets it run ahead.
 
 A prompt step's charge is spread over its model's next steps (`charge`'s `spread`), at most MAX_DEBT_STEPS of its
 decode steps outstanding: the bound on a model's lead grows by that much, and its decoding requests keep going while
@@ -206,6 +207,11 @@ class GpuScheduler:
         """GPU seconds charged to `model` since it was added."""
         return self._account(model).gpu_s
 
+    def standing(self, model: str) -> tuple[float, float]:
+        """(virtual time, debt not yet added to it) of `model`, in virtual seconds: for the host's step trace."""
+        acct = self._account(model)
+        return acct.vtime, acct.debt
+
     def solo_step_s(self, model: str, shape: StepShape | None = None) -> float | None:
         """What the model's step costs when it runs alone: its decode step (EMA; `shape` None or decode-only), plus
         its prompt tokens at prefill_token_s for a step with prompt tokens. Both are sampled on steps that ran
@@ -217,42 +223,58 @@ class GpuScheduler:
             return None
         return acct.decode_step_s + shape.prefill_tokens * acct.prefill_token_s
 
-    def overlap_ok(
-        self, first: str, second: str, first_shape: StepShape | None = None, second_prompt: bool = False
-    ) -> bool:
-        """Whether `second` may step now on another stream beside `first`'s step (just picked, not yet charged)
-        without running ahead of its share: its virtual time must not pass the one `first` reaches at the end of
-        its step, vtime(first) + expected cost / weight (`expected_step_s` of first_shape; None: a decode step).
-        Both need a measured solo decode step, the cost an overlapped decode step is charged; until then they
-        step one after the other (which measures it). A `second_prompt` (a prompt-only step) needs none of its
-        own: it is charged its measured time where its solo cost is unknown, and a model's first step is its
-        prompt. A prompt step's expected cost counts in full: judged by a decode step's, every other model waited
-        beside a 20-50 ms prompt step of a 1B model while the GPU ran it alone (bench/probes/host_trace.py)."""
-        a, b = self._account(first), self._account(second)
-        if a.device != b.device or a.decode_step_s is None or (b.decode_step_s is None and not second_prompt):
+    def launch_ok(self, model: str, in_flight_s: Mapping[str, float], prompt: bool = False) -> bool:
+        """Whether `model` (just picked, with no step in flight) may start a step now on another stream beside the
+        steps in flight without running ahead of its share: its virtual time must not pass the end of any other
+        active model's current step, vtime + (its steps in flight, or the decode step it would take next) /
+        weight: start-time fair queuing's eligibility, judged against every active model. `in_flight_s`: every
+        model of the device with steps in flight -> their expected solo cost (a prompt step's counts in full:
+        judged by a decode step's, every other model waited beside a 20-50 ms prompt step of a 1B model while the
+        GPU ran it alone, bench/probes/host_trace.py). Judged against any one step in flight instead, two models
+        of about the same virtual time let each other start again and again, drifting ahead of a third that
+        lagged, until both were collected at once and stopped for 100 ms while it caught up (the four-model bench:
+        the 8Bs' p99 inter-token latency 75-100 ms).
+
+        The model needs a measured solo decode step, the cost an overlapped decode step is charged; until then it
+        steps alone (which measures it). A `prompt` step (prompt-only) needs none: it is charged its measured time
+        where its solo cost is unknown, and a model's first step is its prompt. Nothing starts beside a step of a
+        model without a measured decode step (its step is that measurement); such a model with no step in flight
+        bounds nothing."""
+        acct = self._account(model)
+        if acct.decode_step_s is None and not prompt:
             return False
-        cost = self.expected_step_s(first, first_shape) if first_shape is not None else a.decode_step_s
-        return b.vtime <= a.vtime + cost / a.weight
+        if any(self._account(m).decode_step_s is None for m in in_flight_s if m != model):
+            return False
+        return self._within_steps(acct, acct.vtime, in_flight_s, unmeasured_blocks=False)
 
     def follow_ok(self, model: str, in_flight_s: Mapping[str, float]) -> bool:
         """Whether `model`, whose step is in flight and not yet charged, may queue its next decode step behind it
         on its stream now (running ahead, as a model alone does), although other models share the GPU.
         `in_flight_s`: every model of the device with a step in flight -> the seconds it will be charged for it
         (its solo cost). The next step's start (model's virtual time once its step in flight is charged) must
-        not pass the end of any other active model's current step (vtime + its step in flight, or the decode
-        step it would take next): start-time fair queuing's eligibility, as in overlap_ok. Without it the host
-        relaunched each model only after collecting its step, and the GPU idled on that stream meanwhile (the
-        batch-1 pair reached 0.95 of two threads that each run ahead)."""
+        not pass the end of any other active model's current step, as in launch_ok; an active model without a
+        measured decode step blocks it (it waits for the GPU to drain, to be measured alone). Without running
+        ahead the host relaunched each model only after collecting its step, and the GPU idled on that stream
+        meanwhile (the batch-1 pair reached 0.95 of two threads that each run ahead)."""
         acct = self._account(model)
         if acct.decode_step_s is None or model not in in_flight_s:
             return False
-        lane = self._lanes[acct.device]
         start = acct.vtime + in_flight_s[model] / acct.weight
-        for other in lane.active - {model}:
-            o = lane.models[other]
+        return self._within_steps(acct, start, in_flight_s, unmeasured_blocks=True)
+
+    def _within_steps(
+        self, acct: _Account, start: float, in_flight_s: Mapping[str, float], unmeasured_blocks: bool
+    ) -> bool:
+        """Whether virtual time `start` is within the end of every other active model's current step."""
+        lane = self._lanes[acct.device]
+        for other, o in lane.models.items():
+            if o is acct or other not in lane.active:
+                continue
             step_s = in_flight_s.get(other, o.decode_step_s)
             if step_s is None:
-                return False
+                if unmeasured_blocks:
+                    return False
+                continue
             if start > o.vtime + step_s / o.weight:
                 return False
         return True
