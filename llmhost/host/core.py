@@ -732,16 +732,18 @@ class HostCore:
         solo = self.gpu.solo_step_s(run.name, run.shape) if shared else None
         if solo is not None and run.shape.prefill_tokens:
             solo = min(solo, seconds)  # a linear estimate from small launch-bound steps overshoots large ones
-        self.gpu.charge(run.name, solo if solo is not None else seconds, spread=run.shape.prefill_tokens > 0)
+        charged = solo if solo is not None else seconds
+        self.gpu.charge(run.name, charged, spread=run.shape.prefill_tokens > 0)
         self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds, shared)
         if self.trace is not None:
             vtime, debt = self.gpu.standing(run.name)
             self.trace.add(
                 "collect", run.name, run.shape.decode_rows, run.shape.prefill_tokens,
-                gpu_ms=None if gpu_s is None else round(1e3 * gpu_s, 3),
+                gpu_ms=_ms(gpu_s),
                 latency_ms=round(1e3 * (time.perf_counter() - run.t0), 3), overlapped=run.overlapped,
                 ms=round(1e3 * (time.perf_counter() - t_collect), 3), vtime_ms=round(1e3 * vtime, 3),
-                debt_ms=round(1e3 * debt, 3),
+                debt_ms=round(1e3 * debt, 3), charged_ms=round(1e3 * charged, 3),
+                solo_ms=_ms(self.gpu.solo_step_s(run.name)),
             )  # fmt: skip
         self.coordinator.touch(run.name)
         return [TokenEvent(o.seq_id, o.token, o.logprob, o.top_logprobs, o.finish_reason) for o in outs]
@@ -752,6 +754,10 @@ class HostCore:
         for seq_id in list(eng.seqs):
             eng.abort(seq_id)
             self.conn.send(RequestFailed(seq_id, "internal", f"model '{name}' failed while generating"))
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1e3 * seconds, 3)
 
 
 def _allocator_counts(devices: Collection[str]) -> dict[str, list[int]]:
