@@ -337,10 +337,7 @@ def start_host(
     def observe(core: HostCore) -> None:
         run.core = core
 
-    if in_process:
-        run.client.start(in_process=True, runtime=runtime, specs=specs, on_start=observe)
-    else:
-        run.client.start(in_process=False, runtime=runtime, specs=specs)
+    run.client.start(in_process=in_process, runtime=runtime, specs=specs, on_start=observe if in_process else None)
     deadline = time.monotonic() + START_TIMEOUT_S
     names = [c.name for c, _ in models]  # those resident at start load first; the others stay "unloaded"
     while time.monotonic() < deadline:

@@ -27,10 +27,12 @@ from llmhost.config import HostConfig
 from llmhost.host.step_trace import ENV
 from llmhost.memory.inventory import detect_inventory
 
+PASS_PARTS = ("admit_ms", "yield_ms", "drain_ms", "step_ms")  # where a slow pass of the host loop spent its time
+
 
 def describe(e: dict[str, Any], since: float) -> str:
-    if e["ev"] == "pass":  # a slow pass of the host loop, where its time went
-        parts = " ".join(f"{k[:-3]} {e[k]}" for k in ("admit_ms", "yield_ms", "drain_ms", "step_ms"))
+    if e["ev"] == "pass":
+        parts = " ".join(f"{k[:-3]} {e[k]}" for k in PASS_PARTS)
         return f"{1e3 * (e['t'] - since):8.2f} pass    {parts} ms"
     if e["ev"] in ("gc", "send"):  # a garbage collection (its generation) or a slow send of a token batch
         return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['ms']} ms generation {e.get('generation', '-')}"
@@ -93,15 +95,14 @@ def main() -> None:
                 3,
             ),
         }
-    out["steps"] = steps
-    for m in steps:  # how long the loop (or the launcher thread) took to launch each step, and to collect it
-        for ev in ("launch", "collect"):
-            took = sorted(e["ms"] for e in win if e["ev"] == ev and e["model"] == m and e.get("ms") is not None)
+        # how long the loop (or the launcher thread) took to launch each step, and to collect it
+        for ev, events in (("launch", launches), ("collect", collects)):
+            took = sorted(e["ms"] for e in events if e.get("ms") is not None)
             if took:
                 steps[m][f"{ev}_took_ms"] = {"mean": round(sum(took) / len(took), 3), "largest": took[-5:]}
+    out["steps"] = steps
     slow = [e for e in win if e["ev"] == "pass"]
-    parts = ("admit_ms", "yield_ms", "drain_ms", "step_ms")
-    out["slow_passes"] = {"n": len(slow), **{k: round(sum(e[k] for e in slow), 3) for k in parts}}
+    out["slow_passes"] = {"n": len(slow), **{k: round(sum(e[k] for e in slow), 3) for k in PASS_PARTS}}
     # the caching allocator's [cudaMalloc retries, cudaMallocs, cudaFrees] at the window's first and last slow pass
     if slow:
         out["slow_passes"]["allocator"] = [slow[0].get("allocator"), slow[-1].get("allocator")]

@@ -489,10 +489,8 @@ class HostCore:
         then overlap the GPU instead of leaving its stream idle between steps. Alone on its GPU always; beside
         other models when the GPU scheduler's `follow_ok` says the next step would not run ahead of its share
         (separate threads, each running ahead on its own stream, kept the GPU busier: bench/multi_model.py)."""
-        in_flight: dict[str, float] = {}  # model -> expected cost of its decode steps in flight
-        for r in running:  # a prompt step's charge is spread over later steps (GpuScheduler.charge): not counted
-            if not r.shape.prefill_tokens:
-                in_flight[r.name] = in_flight.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
+        # A prompt step's charge is spread over later steps (GpuScheduler.charge): not counted.
+        in_flight = self._costs_in_flight(running, prompts=False)
         alone = len({r.name for r in running}) == 1
         for name in list(in_flight):
             steps = [r for r in running if r.name == name and not r.shape.prefill_tokens]
@@ -638,10 +636,16 @@ class HostCore:
             return True
         if shape.decode_rows and not all(concurrent_ok(r.shape, shape) for r in running):
             return False
-        in_flight: dict[str, float] = {}
+        return self.gpu.launch_ok(name, self._costs_in_flight(running, prompts=True), prompt=not shape.decode_rows)
+
+    def _costs_in_flight(self, running: list[_Running], prompts: bool) -> dict[str, float]:
+        """Each model with steps in `running` -> their expected solo cost (GpuScheduler.expected_step_s), its
+        prompt steps' included or (`prompts` False) left out."""
+        costs: dict[str, float] = {}
         for r in running:
-            in_flight[r.name] = in_flight.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
-        return self.gpu.launch_ok(name, in_flight, prompt=not shape.decode_rows)
+            if prompts or not r.shape.prefill_tokens:
+                costs[r.name] = costs.get(r.name, 0.0) + self.gpu.expected_step_s(r.name, r.shape)
+        return costs
 
     def _launch_plan(self, name: str, device: str, plan: StepPlan, running: list[_Running]) -> _Running | None:
         if plan.empty:

@@ -1,7 +1,7 @@
 """StepTrace: an optional record of the host loop's steps, for finding where inter-token latency goes (which step
 of which model was in flight, how long it took on the GPU, how many ran beside it). On when the environment
-variable LLMHOST_STEP_TRACE names a file; the host writes it (JSON lines) when it stops. Off, it costs one
-attribute test per step."""
+variable LLMHOST_STEP_TRACE names a file; the host writes it (JSON lines) when it stops. Off, it costs an
+attribute test per step and four clock reads per loop pass (the pass's timing, traced when it is slow)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ class StepTrace:
         return cls(Path(path)) if path else None
 
     def add(self, event: str, model: str, rows: int, prefill: int, **fields: Any) -> None:
-        """One launch or collection, stamped with time.monotonic() (one clock for every process of the machine,
-        so a client's token times line up with it)."""
+        """One event (a launch, a collection, a slow loop pass or send, a garbage collection), stamped with
+        time.monotonic() (one clock for every process of the machine, so a client's token times line up with
+        it)."""
         self.records.append(
             {"t": time.monotonic(), "ev": event, "model": model, "rows": rows, "prefill": prefill, **fields}
         )
