@@ -4,7 +4,12 @@
 3. two models, each with its own runner, graphs and pool, replayed solo, interleaved step by step, and on two
    CUDA streams at once: every logit must equal the solo run's exactly (graphs read only their own buffers);
 4. the eager step's one-call attention over flat contexts (kernels/varlen_attention.py) vs the per-chunk
-   reference (attention.paged_attention), both in bf16 against the reference in fp32.
+   reference (attention.paged_attention), both in bf16 against the reference in fp32;
+5. a prompt step launched a layer at a time on a side stream (Engine.launch_slices, as the host core launches
+   one beside other models), another model's decode steps launched between its slices on a third stream: the
+   prompt's greedy tokens must equal those of the same prompt launched whole (Engine.generate);
+6. step_inputs.PinnedStaging: 2,000 copies of 1-40,000 int64/int32/float32 values, queued behind a busy stream,
+   each landing exactly, from reused pinned buffers (how many: reported).
 
 Usage: python bench/kernels_check.py   (writes bench/results/kernels_check-<gpu>.json)
 """
@@ -245,6 +250,64 @@ def flat_attention() -> dict[str, float]:
     return {"varlen_bf16_vs_fp32": rel(got, ref32), "reference_bf16_vs_fp32": rel(ref, ref32)}
 
 
+def sliced_prompt() -> dict[str, Any]:
+    from multi_model_drivers import greedy, random_engine
+
+    from llmhost.config import ModelConfig
+
+    def engine(seed: int) -> Any:
+        torch.manual_seed(seed)
+        cfg = ModelConfig(f"m{seed}", Path("random"), dtype="bfloat16", max_seq_len=512, max_batch=4)
+        return random_engine(cfg, SHAPES["llama-3.2-1b"], "cuda", 4 * 512, 16)
+
+    a, b = engine(1), engine(2)
+    prompt = [(37 * k) % 5000 + 1 for k in range(200)]
+    whole = a.generate([prompt], greedy(16))[0].output_ids
+    for k in range(4):
+        b.add_request([(11 * k + j) % 3000 + 1 for j in range(64)], greedy(400))
+    b.step()  # b's prompts; its decode steps below replay its graphs
+    sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
+    a.add_request(prompt, greedy(16))
+    plan = a.schedule(decodes=False)
+    slices, between = a.launch_slices(plan, sa), 0
+    while True:
+        try:
+            next(slices)
+        except StopIteration:
+            break
+        with torch.cuda.stream(sb):
+            b.step()  # b's decode step, launched between two of a's slices
+        between += 1
+    tokens = [o.token for o in a.collect(plan)]
+    while a.has_work:
+        tokens += [o.token for o in a.step()]
+    torch.cuda.synchronize()
+    return {"sliced_equal_whole": tokens == whole, "decode_steps_between_slices": between, "tokens": len(whole)}
+
+
+def staging() -> dict[str, Any]:
+    from llmhost.engine.step_inputs import PinnedStaging
+
+    pool, gen = PinnedStaging(), torch.Generator().manual_seed(3)
+    side, a = torch.cuda.Stream(), torch.randn(4096, 4096, device=DEV)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    exact = True
+    with torch.cuda.stream(side):
+        for k in range(2000):
+            if k % 50 == 0:
+                a @ a  # keeps the stream busy: the copies queue behind it and their buffers stay in use a while
+            n = int(torch.randint(1, 40_000, (1,), generator=gen))
+            dtype = (torch.int64, torch.int32, torch.float32)[k % 3]
+            host = (torch.rand(n, generator=gen) * 1e6).to(dtype)
+            pending.append((host, pool.to_device(host, DEV)))
+            if len(pending) > 64:
+                h, d = pending.pop(0)
+                exact &= torch.equal(h, d.cpu())
+    torch.cuda.synchronize()
+    exact &= all(torch.equal(h, d.cpu()) for h, d in pending)
+    return {"copies_exact": exact, "buffers": len(pool.buffers)}
+
+
 def main() -> None:
     torch.set_grad_enabled(False)
     doc: dict[str, Any] = {
@@ -256,9 +319,12 @@ def main() -> None:
         "graph_decode_rel_err": graph_vs_reference(),
         "two_models": two_models(),
         "flat_attention_rel_err": flat_attention(),
+        "sliced_prompt": sliced_prompt(),
+        "pinned_staging": staging(),
         "tolerance": "kernels: bf16 rel err < 1e-2 (rounding 2^-8 per op), fp32 < 1e-5; graph decode: fp32 < 1e-4 "
         "vs the fp32 reference, bf16 at most 2x the reference's own bf16 error; two-model runs bitwise equal; "
-        "flat attention in bf16 at most 2x the per-chunk reference's bf16 error",
+        "flat attention in bf16 at most 2x the per-chunk reference's bf16 error; a prompt launched in slices gives "
+        "the tokens of the whole launch",
         "command": "python bench/kernels_check.py",
     }
     ok_bf16 = all(v < 1e-2 for v in doc["kernels_rel_err_bf16"].values())
@@ -271,6 +337,8 @@ def main() -> None:
         and ge["graph_bf16_vs_fp32"] <= 2 * ge["reference_bf16_vs_fp32"]
         and tm["interleaved_equal_solo"] and tm["two_streams_equal_solo"]
         and fa["varlen_bf16_vs_fp32"] <= 2 * fa["reference_bf16_vs_fp32"]
+        and doc["sliced_prompt"]["sliced_equal_whole"]
+        and doc["pinned_staging"]["copies_exact"]
     )  # fmt: skip
     write_result("kernels_check", gpu_tag(doc["gpu"]), doc)
 

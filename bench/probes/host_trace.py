@@ -37,9 +37,11 @@ def describe(e: dict[str, Any], since: float) -> str:
     if e["ev"] in ("gc", "send"):  # a garbage collection (its generation) or a slow send of a token batch
         return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['ms']} ms generation {e.get('generation', '-')}"
     where = f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['model']:14} rows {e['rows']:2} prefill {e['prefill']:4}"
+    if e["ev"] == "launched":  # the last slice of a step launched in slices queued, ms after its first
+        return where + f" took {e['ms']} ms"
     if e["ev"] == "launch":
         return where + (
-            f" beside {e['beside']} follows {e['follows']:d} launcher {e['launcher']:d} prio {e['priority']}"
+            f" beside {e['beside']} follows {e['follows']:d} sliced {e['sliced']:d} prio {e['priority']}"
             f" took {e.get('ms')} ms"
         )
     return where + (
@@ -85,7 +87,7 @@ def main() -> None:
         steps[m] = {
             "launches": len(launches),
             "follows": sum(e["follows"] for e in launches),
-            "by_launcher": sum(e["launcher"] for e in launches),
+            "sliced": sum(e["sliced"] for e in launches),
             "with_prefill": len(prompt),
             "prefill_tokens": sum(e["prefill"] for e in prompt),
             "prompt_step_gpu_ms": [e["gpu_ms"] for e in prompt],
@@ -95,7 +97,7 @@ def main() -> None:
                 3,
             ),
         }
-        # how long the loop (or the launcher thread) took to launch each step, and to collect it
+        # how long the loop took to launch each step (a step launched in slices: to queue its first), and to collect it
         for ev, events in (("launch", launches), ("collect", collects)):
             took = sorted(e["ms"] for e in events if e.get("ms") is not None)
             if took:

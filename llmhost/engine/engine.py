@@ -37,6 +37,7 @@ from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.scheduler import Chunk, Scheduler, StepPlan
 from llmhost.engine.sequence import PENDING_TOKEN, FinishReason
 from llmhost.engine.sequence import Sequence as Seq
+from llmhost.engine.slices import Slices, drain, each_in
 from llmhost.engine.step_inputs import DeviceStep, StepInputs, to_device
 from llmhost.engine.weights import iter_weights
 from llmhost.errors import ConfigError, PromptTooLongError, RequestError, UnsupportedModelError
@@ -299,20 +300,38 @@ class Engine:
         return self.scheduler.schedule(prefill_limit, decodes)
 
     def execute(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> None:
+        drain(self.launch_slices(plan, stream))
+
+    def launch_slices(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> Slices[None]:
+        """execute(plan, stream) a layer at a time (slices.py): each slice queues more of the step's kernels on
+        `stream`, the last its sampling; collect the step after the last. Between slices the caller may launch
+        other models' steps, and this model's decode-only steps beside a prompt-only plan (a mixed plan's decode
+        rows are the runner's static buffers: run its slices to the end before the model's next step)."""
         if plan.empty:
             return
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with self._on_device(), ctx:
-            logits = self._forward(plan)
+
+        def on_stream() -> contextlib.AbstractContextManager[object]:
+            stack = contextlib.ExitStack()
+            stack.enter_context(self._on_device())
+            if stream is not None:
+                stack.enter_context(torch.cuda.stream(stream))
+            return stack
+
+        logits = yield from each_in(self._forward_slices(plan), on_stream)
+        with on_stream():
             self._inflight[id(plan)] = self._launch_sample(plan, logits)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Launch the plan's forward pass: float32 logits of its sampled chunks, in order."""
+        return drain(self._forward_slices(plan))
+
+    def _forward_slices(self, plan: StepPlan) -> Slices[torch.Tensor]:
+        """_forward a layer at a time (the runner's graph replay is one slice)."""
         decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
         # A prompt-only step may run beside a decode step on another stream: it never touches the runner's static
         # buffers (a prompt's one-token last chunk would look like a decode row).
         if self.runner is None or not decode or plan.prompt_only:
-            return self._forward_chunks(plan.chunks)
+            return (yield from self._chunk_slices(plan.chunks))
         from llmhost.engine.decode_runner import DecodeRow
 
         rows = [
@@ -330,7 +349,7 @@ class Engine:
         sampled = [c for c in plan.chunks if c.sample]
         is_decode = [len(c.token_ids) == 1 for c in sampled]
         dec = self.runner.run(rows)  # a view of the runner's static buffer: copied out below
-        pre = self._forward_chunks(prompts)
+        pre = yield from self._chunk_slices(prompts)
         dev = dec.device
         # The plan's sampled rows in the order of cat([dec, pre]): decode rows first, then prompts, each in order.
         order = sorted(range(len(sampled)), key=lambda k: not is_decode[k])
@@ -365,6 +384,10 @@ class Engine:
     def _forward_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """The reference forward over `chunks` (any mix of prompt chunks and decode tokens): float32 logits of
         the chunks that sample, in order."""
+        return drain(self._chunk_slices(chunks))
+
+    def _chunk_slices(self, chunks: Sequence[Chunk]) -> Slices[torch.Tensor]:
+        """_forward_chunks a layer at a time."""
         # The fused GPU forward attends over the whole step at once (kernels/varlen_attention.py) from the
         # contexts packed flat; the reference path loops over the chunks.
         windowed = self.cache.window is not None
@@ -376,8 +399,10 @@ class Engine:
             StageInputs(on[st.device].positions, on[st.device].batch, cache)
             for st, cache in zip(self.placement.stages, self.caches, strict=True)
         ]
-        return self.model.forward_stages(
-            on[self.placement.first].input_ids, stages, on[self.placement.last].logits_rows
+        return (
+            yield from self.model.forward_slices(
+                on[self.placement.first].input_ids, stages, on[self.placement.last].logits_rows
+            )
         )
 
     def collect(self, plan: StepPlan) -> list[TokenOutput]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from llmhost.engine.model import DecoderModel, LayerWeights, StageInputs
 from llmhost.engine.placement import LayerPlacement
 from llmhost.engine.rope import apply_rope, cos_sin, inv_frequencies
+from llmhost.engine.slices import Slices
 from llmhost.errors import UnsupportedModelError
 from llmhost.model_files.shape import ModelShape
 
@@ -97,7 +98,7 @@ class Gemma3Model(DecoderModel):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed) * self.embed_scale
 
-    def run_stage(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+    def stage_slices(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> Slices[torch.Tensor]:
         s = self.shape
         eps = s.rms_norm_eps
         batch, cache = inputs.batch, inputs.cache
@@ -105,7 +106,9 @@ class Gemma3Model(DecoderModel):
             "full": cos_sin(inputs.positions, self.stage_inv_freq[stage], self.dtype),
             "sliding": cos_sin(inputs.positions, self.stage_local_inv_freq[stage], self.dtype),
         }
-        for i in self.placement.stages[stage].layers:
+        for n, i in enumerate(self.placement.stages[stage].layers):
+            if n:
+                yield
             lw = self.layers[i]
             cos, sin = rope[s.layer_kind(i)]
             x = gemma_rms_norm(h, lw.input_norm, eps)

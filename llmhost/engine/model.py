@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -24,6 +25,7 @@ from llmhost.engine.attention import AttentionBatch, paged_attention, write_kv
 from llmhost.engine.kv_cache import KVCache
 from llmhost.engine.placement import LayerPlacement
 from llmhost.engine.rope import apply_rope, cos_sin, inv_frequencies
+from llmhost.engine.slices import Slices, drain, each_in
 from llmhost.errors import ModelFileError, UnsupportedModelError
 from llmhost.model_files.shape import ModelShape
 
@@ -64,7 +66,8 @@ L = TypeVar("L", bound="LayerWeights")
 class DecoderModel(abc.ABC):
     """Weights allocated once at their final size and filled by `load`; `forward` runs a flat token batch over
     the paged cache and returns float32 logits of the rows that sample. Subclasses allocate their layers in
-    __init__ (each on `device_of(i)`), name them in `destinations`, and run one stage's layers in `run_stage`."""
+    __init__ (each on `device_of(i)`), name them in `destinations`, and run one stage's layers in
+    `stage_slices` (a layer per slice)."""
 
     shape: ModelShape
     dtype: torch.dtype
@@ -144,9 +147,13 @@ class DecoderModel(abc.ABC):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] on the first stage's device -> hidden states [T, hidden]."""
 
-    @abc.abstractmethod
     def run_stage(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
         """The layers of stage `stage` over h: [T, hidden] on that stage's device -> [T, hidden]."""
+        return drain(self.stage_slices(stage, h, inputs))
+
+    @abc.abstractmethod
+    def stage_slices(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> Slices[torch.Tensor]:
+        """run_stage a layer at a time (slices.py): each slice queues one layer's kernels."""
 
     @abc.abstractmethod
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -178,12 +185,19 @@ class DecoderModel(abc.ABC):
         [R, vocab]."""
         return self.forward_stages(input_ids, [StageInputs(positions, batch, cache)], logits_rows)
 
-    @torch.inference_mode()
     def forward_stages(
         self, input_ids: torch.Tensor, stages: Sequence[StageInputs], logits_rows: torch.Tensor
     ) -> torch.Tensor:
         """input_ids: [T] on the first stage's device; stages: one StageInputs per stage, each on its device;
         logits_rows: [R] indices into T, on the last stage's device -> float32 logits [R, vocab] there."""
+        return drain(self.forward_slices(input_ids, stages, logits_rows))
+
+    @torch.inference_mode()  # around each slice (torch enters it on every resumption of a generator)
+    def forward_slices(
+        self, input_ids: torch.Tensor, stages: Sequence[StageInputs], logits_rows: torch.Tensor
+    ) -> Slices[torch.Tensor]:
+        """forward_stages a layer at a time (slices.py): the embedding goes with the first layer, the head with
+        the last."""
         if len(stages) != len(self.placement.stages):
             raise ValueError(f"{len(stages)} stage inputs for a model of {len(self.placement.stages)} stages")
         h = self.embed_tokens(input_ids)  # [T, hidden]
@@ -193,8 +207,7 @@ class DecoderModel(abc.ABC):
             h = h.to(st.device, non_blocking=True)
             # Each stage runs with its GPU current: Triton launches on the current device, not the tensors'
             # (with the first stage's current, a split model's later stages gave other tokens on 2x H200).
-            with torch.cuda.device(st.device) if st.device.type == "cuda" else contextlib.nullcontext():
-                h = self.run_stage(k, h, stages[k])
+            h = yield from each_in(self.stage_slices(k, h, stages[k]), functools.partial(_current, st.device))
         # Only rows that sample reach the head: logits for a whole prompt would cost vocab x T floats.
         return self.head(h[logits_rows])
 
@@ -348,13 +361,15 @@ class LlamaModel(DecoderModel):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed)
 
-    def run_stage(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+    def stage_slices(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> Slices[torch.Tensor]:
         if self.fused and not any(inputs.cache.in_window_pool(i) for i in self.placement.stages[stage].layers):
-            return self._run_stage_fused(stage, h, inputs)
+            return (yield from self._fused_slices(stage, h, inputs))
         eps = self.shape.rms_norm_eps
         batch, cache = inputs.batch, inputs.cache
         cos, sin = cos_sin(inputs.positions, self.stage_inv_freq[stage], self.dtype)
-        for i in self.placement.stages[stage].layers:
+        for n, i in enumerate(self.placement.stages[stage].layers):
+            if n:
+                yield
             lw = self.layers[i]
             x = rms_norm(h, lw.input_norm, eps)
             q, k, v = self.qkv_heads(x, lw)
@@ -369,8 +384,8 @@ class LlamaModel(DecoderModel):
             h = h + F.linear(F.silu(gate) * up, lw.down)
         return h
 
-    def _run_stage_fused(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
-        """run_stage with the fused kernels: the same arithmetic in the same rounding order, fewer launches."""
+    def _fused_slices(self, stage: int, h: torch.Tensor, inputs: StageInputs) -> Slices[torch.Tensor]:
+        """stage_slices with the fused kernels: the same arithmetic in the same rounding order, fewer launches."""
         from llmhost.engine.kernels.fused import add_rms_norm, rope_write_kv, silu_mul
         from llmhost.engine.kernels.fused import rms_norm as rms_norm_fused
         from llmhost.engine.kernels.varlen_attention import varlen_attention, varlen_ok
@@ -383,6 +398,8 @@ class LlamaModel(DecoderModel):
         layers = self.placement.stages[stage].layers
         x = rms_norm_fused(h, self.layers[layers[0]].input_norm, eps)
         for i in layers:
+            if i != layers[0]:
+                yield
             lw = self.layers[i]
             qkv = F.linear(x, lw.qkv, lw.qkv_bias)
             if lw.q_norm is not None and lw.k_norm is not None:
@@ -411,3 +428,8 @@ class LlamaModel(DecoderModel):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(h, self.norm, self.shape.rms_norm_eps), self.lm_head).float()
+
+
+def _current(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """`device` as the current GPU (Triton launches on the current device, not the tensors'); nothing on a CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from llmhost.engine.sampling_params import SamplingParams
+from llmhost.engine.step_inputs import to_device
 
 _SEED_SPACE = 2**64  # torch.Generator.manual_seed accepts seeds in [0, 2**64) only
 _MASS_SCALE = 2.0**40  # fixed-point unit for top_p mass; a whole row sums to about 2**40, far below int64's 2**63
@@ -127,9 +128,7 @@ def _row_settings(params: Sequence[SamplingParams], device: torch.device) -> _Ro
     )
     # From pinned memory the copy is queued like any kernel; from pageable memory the driver may wait for the
     # stream first, which would stall an engine launching its next step before this one finished.
-    if device.type == "cuda":
-        table = table.pin_memory()
-    table = table.to(device, non_blocking=True)
+    table = to_device(table, device)
     columns = table.unbind(dim=1)
     return _RowSettings(
         temperature=columns[0][:, None],

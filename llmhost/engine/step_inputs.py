@@ -9,6 +9,7 @@ context slots]. `to(device)` copies it once and returns views.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,11 +26,48 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     the copy is queued on the current stream like a kernel. torch's default blocking copy synchronizes the
     current stream (and a non-blocking one from pageable memory may wait too): the host then waits for every
     kernel queued before it, while the GPU is shared with other models' steps (bench/probes/host_trace.py: the
-    launch of a step with a 55-token prompt chunk held the host core for 77 ms). The caching host allocator keeps
-    the pinned block until the copy has run."""
+    launch of a step with a 55-token prompt chunk held the host core for 77 ms)."""
     if device.type != "cuda":
         return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    staging = getattr(_STAGING, "pool", None)
+    if staging is None:
+        staging = _STAGING.pool = PinnedStaging()
+    return staging.to_device(host, device)
+
+
+class PinnedStaging:
+    """Pinned host buffers reused for small host-to-device copies (a step's metadata, its sampling settings),
+    each free again once the copy queued from it has run. Not `tensor.pin_memory()` per copy: torch's caching
+    host allocator keeps a block per power-of-two size and allocates another when every block of the size is
+    still being copied from, and a page-locked allocation is one of the calls CUDA orders against every stream of
+    the GPU (the programming guide's "implicit synchronization"): the first slice of a prompt step, which stages
+    its metadata, took 13-18 ms now and then beside three decoding models where it takes 1-3 ms
+    (bench/probes/host_trace.py). Here buffers hold any size up to theirs, so allocations stop after warm-up.
+    One per thread (`to_device`): an engine's steps are launched from one thread."""
+
+    MIN_BYTES = 64 * 1024
+
+    def __init__(self) -> None:
+        self.buffers: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # uint8 buffers, each with its last copy
+
+    def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        flat = host.contiguous().view(-1).view(torch.uint8)
+        n = flat.numel()
+        free = (k for k, (b, ev) in enumerate(self.buffers) if b.numel() >= n and ev.query())  # type: ignore[no-untyped-call]
+        k = next(free, None)
+        if k is None:
+            size = max(self.MIN_BYTES, 1 << max(0, n - 1).bit_length())
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self.buffers.append((torch.empty(size, dtype=torch.uint8, pin_memory=True), event))
+            k = len(self.buffers) - 1
+        buf, copied = self.buffers[k]
+        buf[:n].copy_(flat)
+        out = buf[:n].to(device, non_blocking=True)
+        copied.record()  # on the current stream, behind the copy
+        return out.view(host.dtype).view(host.shape)
+
+
+_STAGING = threading.local()
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,8 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
-from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
@@ -60,15 +58,12 @@ from llmhost.model_files import open_checkpoint
 log = logging.getLogger("llmhost.host")
 
 IDLE_WAIT_S = 0.05  # how long the loop blocks on the pipe when no engine has work
-# The interpreter's switch interval while the host runs (Python's default: 5 ms). A launcher thread launching an
-# eager step holds the GIL for milliseconds of Python; the loop asks for it back to collect and relaunch the other
-# models' decode steps, and waits up to this long each time.
+# The interpreter's switch interval while the host runs (Python's default: 5 ms): in an in-process host (Host, the
+# benches) the client threads share the GIL with the loop, which asks for it back to collect and relaunch steps.
 GIL_SWITCH_S = 0.0005
-# The shortest the loop waits for a launch in progress before it checks the other steps in flight again: about a
-# tenth of the shortest decode step (a 1B model at batch 8, 2.3 ms on the H100).
-LAUNCH_WAIT_S = 0.0002
-# The longest the loop leaves the GIL to a launch while other steps are in flight whose end it cannot estimate.
-MAX_LAUNCH_WAIT_S = 0.005
+# How long one loop pass queues an eager prompt step's layers (at least one) before it looks at the other steps in
+# flight again: about a tenth of the shortest decode step (a 1B model at batch 8, 2.3 ms on the H100).
+SLICE_S = 0.0003
 SLOW_SEND_S = 0.001  # a token batch's send taking longer is traced (the client is not reading: a full pipe)
 SLOW_PASS_S = 0.003  # a busy loop pass taking longer is traced, with where its time went
 EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
@@ -84,8 +79,8 @@ PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this man
 @dataclass
 class _Running:
     """One launched step, in flight until its stream reaches `done`; then collected (on the same stream). An eager
-    step is launched by the device's launcher thread: `launching` until its kernels are queued, which returns the
-    `done` event (or raises what the launch raised, re-raised at collection)."""
+    prompt step beside other models' steps is launched a layer at a time from the loop (Engine.launch_slices):
+    `slices` holds the rest of its launch until its last slice queued its sampling and `done` is recorded."""
 
     name: str
     engine: Engine
@@ -97,24 +92,39 @@ class _Running:
     overlapped: bool = False  # another step (of any model, its own prompt step too) ran beside it on another stream
     beside_others: bool = False  # a step of another model ran beside it
     followed: bool = False  # the model's next step was launched behind it before it was collected (run ahead)
-    launching: Future[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None  # -> (start, done)
+    slices: Iterator[None] | None = None  # the rest of a launch in slices; None once every kernel is queued
+    slice_ms: list[float] = field(default_factory=list)  # how long each slice took to queue (the step trace's)
     start: torch.cuda.Event | None = None  # recorded before the step's kernels (timing events)
 
     def finished(self) -> bool:
-        if self.launching is not None:
-            if not self.launching.done():
-                return False
-            if self.launching.exception() is not None:
-                return True  # collected at once: the collection re-raises and fails the engine's requests
-            self.start, self.done = self.launching.result()
+        if self.slices is not None:
+            return False
         return self.done is None or bool(self.done.query())  # type: ignore[no-untyped-call]
 
+    def launch(self, until: float) -> bool:
+        """Queue the next slices of a launch in slices: at least one, more while time.perf_counter() < until.
+        Returns whether the launch is complete (then `done` is recorded). Raises what a slice raised."""
+        assert self.slices is not None and self.stream is not None
+        t = time.perf_counter()
+        try:
+            while True:
+                try:
+                    next(self.slices)
+                finally:
+                    t, took = time.perf_counter(), t
+                    self.slice_ms.append(1e3 * (t - took))
+                if t >= until:
+                    break
+        except StopIteration:
+            self.slices = None
+            self.done = _event(self.stream)
+            return True
+        return False
+
     def wait(self) -> None:
-        """Block until the step's kernels ran (a failed launch: until it failed)."""
-        if self.launching is not None:
-            futures.wait([self.launching])
-            if self.launching.exception() is None:
-                self.start, self.done = self.launching.result()
+        """Block until the step's kernels ran (the rest of a launch in slices queued first)."""
+        while self.slices is not None:
+            self.launch(float("inf"))
         if self.done is not None:
             self.done.synchronize()
 
@@ -171,7 +181,6 @@ class HostCore:
         self._inflight: dict[str, list[_Running]] = {}  # per device, steps launched and not yet collected
         self._next_expiry = 0.0
         self._spinning = False  # the last pass had steps in flight and neither collected nor launched one
-        self._launchers: dict[str, ThreadPoolExecutor] = {}  # per GPU: the thread that launches eager steps
         self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
         self._gc_start = 0.0
@@ -213,8 +222,6 @@ class HostCore:
         try:
             self._run()
         finally:
-            for pool in self._launchers.values():
-                pool.shutdown(wait=True)
             if self.trace is not None:
                 with contextlib.suppress(ValueError):  # not registered when the host stopped while loading
                     gc.callbacks.remove(self._trace_gc)
@@ -272,26 +279,13 @@ class HostCore:
             for name in self.coordinator.expire():
                 self._left(name)
 
-    def _yield(self) -> None:
+    @staticmethod
+    def _yield() -> None:
         """Nothing to collect or launch: let other threads have the GIL, which a spinning loop holds but for the
-        switch interval (the launcher thread; the client threads of an in-process host).
-
-        While the launcher thread launches a step, wait on its launch (a lock wait hands it the GIL at once) until
-        the first of the other steps in flight is expected to end (its solo cost after its launch: overlapped steps
-        take longer, so the loop wakes early rather than late), at least LAUNCH_WAIT_S. Waking every LAUNCH_WAIT_S
-        instead took the GIL back ~5000 times a second, while prompt steps that launch in ~10 ms alone took 20-40
-        ms beside three decoding models (bench/probes/host_trace.py, in-process host). Otherwise time.sleep(0),
-        which releases the GIL to a thread waiting for it and costs nothing when none waits. (Tried first: poll()
-        on the pipe with a 0.1 ms timeout, which notices a finished step late; the batch-1 pair's bandwidth was
-        2-5% lower then.)"""
-        runs = [r for rs in self._inflight.values() for r in rs]
-        launching = [r.launching for r in runs if r.launching is not None and not r.launching.done()]
-        if not launching:
-            time.sleep(0)
-            return
-        ends = [r.t0 + self.gpu.expected_step_s(r.name, r.shape) for r in runs if r.launching is None]
-        wait_s = min(ends, default=float("inf")) - time.perf_counter()
-        futures.wait(launching, timeout=min(MAX_LAUNCH_WAIT_S, max(LAUNCH_WAIT_S, wait_s)))
+        switch interval (the client threads of an in-process host). time.sleep(0) releases it to a thread waiting
+        for it and costs nothing when none waits. (Tried first: poll() on the pipe with a 0.1 ms timeout, which
+        notices a finished step late; the batch-1 pair's bandwidth was 2-5% lower then.)"""
+        time.sleep(0)
 
     @staticmethod
     def _ready(slot: Slot) -> bool:
@@ -476,6 +470,7 @@ class HostCore:
                 events.extend(self._collect(alone))
         for device, running in self._inflight.items():
             self._run_ahead(device, running)
+            moved |= self._launch_slices(running)
         if events:
             t0 = time.perf_counter()
             self.conn.send(TokenBatch(tuple(events)))
@@ -500,7 +495,7 @@ class HostCore:
             # the first still runs: the decode runner waits for the copy of the second's (queued behind the
             # first), and the loop stood still for the rest of the first step, every other model's launches and
             # collections with it (5-6 ms per launch for the 3B and 8Bs beside others: bench/probes/host_trace.py).
-            if len(steps) > 1 or last.stream is None or last.launching is not None or last.followed:
+            if len(steps) > 1 or last.stream is None or last.slices is not None or last.followed:
                 continue
             # A step run ahead takes decodes only (prefill_limit 0 below); the model's prompts take prompt-only
             # steps of their own (_launch_gpu). Alone, any other model with work (ready now or not) takes its
@@ -516,6 +511,26 @@ class HostCore:
                 running.append(nxt)
                 self._traced(nxt, len(running) - 1, follows=True)
                 in_flight[name] += self.gpu.expected_step_s(name, nxt.shape)
+
+    def _launch_slices(self, running: list[_Running]) -> bool:
+        """Queue the next slices of the steps in `running` launched in slices, for about SLICE_S each (at least one
+        slice: a decoder layer): then the loop looks at the other steps again. Returns whether any were queued."""
+        moved = False
+        for run in [r for r in running if r.slices is not None]:
+            moved = True
+            try:
+                launched = run.launch(time.perf_counter() + SLICE_S)
+            except Exception:
+                running.remove(run)
+                self._fail_engine(run.name, run.engine)
+                continue
+            if launched and self.trace is not None:
+                self.trace.add(
+                    "launched", run.name, run.shape.decode_rows, run.shape.prefill_tokens,
+                    ms=round(1e3 * (time.perf_counter() - run.t0), 3),
+                    slice_ms=[round(x, 3) for x in run.slice_ms],
+                )  # fmt: skip
+        return moved
 
     def _follow(self, last: _Running) -> _Running | None:
         t0 = time.perf_counter()
@@ -539,10 +554,9 @@ class HostCore:
         """Trace a launch: `beside` steps were in flight on its GPU; `follows`: queued behind its model's own."""
         if self.trace is not None:
             priority = None if run.stream is None else run.stream.priority
-            launcher = run.launching is not None
             self.trace.add(
                 "launch", run.name, run.shape.decode_rows, run.shape.prefill_tokens, beside=beside,
-                follows=follows, launcher=launcher, priority=priority,
+                follows=follows, sliced=run.slices is not None, priority=priority,
                 ms=round(1e3 * (time.perf_counter() - run.t0), 3),
             )  # fmt: skip
 
@@ -585,7 +599,7 @@ class HostCore:
         """Launch on a GPU beside the steps in flight: decode-only steps of models whose decode step is not in
         flight (graph replays, high-priority streams), in the scheduler's order, while each is concurrent_ok with
         those in flight and not ahead of its share (launch_ok); then at most one prompt-only step on the GPU
-        (eager, the launcher thread, default priority). A model's prompts never hold its decode rows back: in a
+        (eager, launched a layer at a time, default priority). A model's prompts never hold its decode rows back: in a
         mixed step they waited for the prompt chunk's eager launch and for any other model's prompt step (two never
         overlap), 60-120 ms gaps beside three models (bench/probes/host_trace.py). Returns whether any launched."""
         decoding = {r.name for r in running if not r.shape.prefill_tokens}
@@ -688,19 +702,18 @@ class HostCore:
         eng: Engine = self.slots[name].engine
         t0 = time.perf_counter()
         eager = shape.prefill_tokens > 0 or eng.runner is None
-        if stream is not None and eager and self._others_have_work(name, str(stream.device)):
-            # An eager step's launch is milliseconds of Python per layer (tens of ms for a prompt chunk on an 8B
-            # model, bench/probes/launch_syncs.py): launched from the loop, it held every other model's next
-            # step back that long. The device's launcher thread launches it while the loop goes on collecting and
-            # relaunching the others' graph-replayed decode steps. A model alone launches from the loop: nothing
-            # would run meanwhile, and the handover cost the lone model of bench/serve.py a fifth of its speed.
-            launcher = self._launchers.get(str(stream.device))
-            if launcher is None:
-                launcher = ThreadPoolExecutor(1, thread_name_prefix=f"llmhost-launch-{stream.device}")
-                self._launchers[str(stream.device)] = launcher
-            future = launcher.submit(_launch_eager, eng, plan, stream)
-            return _Running(name, eng, plan, shape, t0, stream, launching=future)
         start = _event(stream) if stream is not None else None
+        if stream is not None and eager and self._others_have_work(name, str(stream.device)):
+            # An eager step's launch is milliseconds of Python (tens of ms for a prompt chunk on an 8B model,
+            # bench/probes/launch_syncs.py): launched whole from the loop, it held every other model's next step
+            # back that long. Launched by a thread of its own, it held the GIL instead: every loop pass over 6 ms
+            # (collections and graph launches of 7-12 ms) fell while one was launching, and a 1B model's 128-token
+            # prompt took 18-87 ms from its launch to its last kernel (bench/probes/host_trace.py). So the loop
+            # queues it a layer at a time (_launch_slices), between its other launches and collections. A model
+            # alone launches at once: nothing would run meanwhile.
+            run = _Running(name, eng, plan, shape, t0, stream, slices=eng.launch_slices(plan, stream))
+            run.start = start
+            return run
         try:
             eng.execute(plan, stream)
         except Exception:
@@ -714,8 +727,6 @@ class HostCore:
         t_collect = time.perf_counter()
         ctx = torch.cuda.stream(run.stream) if run.stream is not None else contextlib.nullcontext()
         try:
-            if run.launching is not None:
-                run.launching.result()  # a failed launch raises here
             with ctx:  # sampling on the step's own stream: its sync waits for this step only
                 outs = run.engine.collect(run.plan)  # returns after the step's tokens reached the host
         except Exception:
@@ -782,17 +793,6 @@ def _mark_beside(running: list[_Running], run: _Running) -> None:
         run.overlapped = r.overlapped = True
         if r.name != run.name:
             run.beside_others = r.beside_others = True
-
-
-def _launch_eager(
-    engine: Engine, plan: StepPlan, stream: torch.cuda.Stream
-) -> tuple[torch.cuda.Event, torch.cuda.Event]:
-    """On a launcher thread: queue the step's kernels on `stream`; the events before and after them. Grad mode is
-    per thread (host_main switched it off for the loop's thread only)."""
-    start = _event(stream)
-    with torch.no_grad():
-        engine.execute(plan, stream)
-    return start, _event(stream)
 
 
 def _event(stream: torch.cuda.Stream) -> torch.cuda.Event:
