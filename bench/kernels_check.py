@@ -9,7 +9,11 @@
    one beside other models), another model's decode steps launched between its slices on a third stream: the
    prompt's greedy tokens must equal those of the same prompt launched whole (Engine.generate);
 6. step_inputs.PinnedStaging: 2,000 copies of 1-40,000 int64/int32/float32 values, queued behind a busy stream,
-   each landing exactly, from reused pinned buffers (how many: reported).
+   each landing exactly, from reused pinned buffers (how many: reported);
+7. engine/matmul_warmup.py: after an engine is built, a prompt-step matmul of a token count not seen before,
+   launched behind ~40 ms of queued work, returns at once (< 2 ms); a shape no engine warmed is reported beside
+   it (it waits only if its kernel was never loaded in the process: bench/probes/lazy_loading.py shows the wait in
+   a fresh one).
 
 Usage: python bench/kernels_check.py   (writes bench/results/kernels_check-<gpu>.json)
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +290,34 @@ def sliced_prompt() -> dict[str, Any]:
     return {"sliced_equal_whole": tokens == whole, "decode_steps_between_slices": between, "tokens": len(whole)}
 
 
+def warmed_matmuls() -> dict[str, Any]:
+    from multi_model_drivers import random_engine
+
+    from llmhost.config import ModelConfig
+
+    cfg = ModelConfig("w", Path("random"), dtype="bfloat16", max_seq_len=1024, max_batch=4)
+    eng = random_engine(cfg, SHAPES["llama-3.2-1b"], "cuda", 4 * 1024, 16)  # warms its matmuls as it is built
+    w = eng.model.layers[0].gate_up
+    cold = torch.randn(1000, w.shape[1], device=DEV, dtype=w.dtype)  # an out width no engine has
+    x = torch.randn(600, w.shape[1], device=DEV, dtype=w.dtype)
+    busy, side, a = torch.cuda.Stream(), torch.cuda.Stream(), torch.randn(8192, 8192, device=DEV).bfloat16()
+
+    def launch_ms(weight: torch.Tensor, m: int) -> float:
+        torch.cuda.synchronize()
+        with torch.cuda.stream(busy):
+            for _ in range(30):
+                a @ a
+        t = time.perf_counter()
+        with torch.cuda.stream(side):
+            torch.nn.functional.linear(x[:m], weight)
+        took = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return round(1e3 * took, 3)
+
+    warmed = {m: launch_ms(w, m) for m in (37, 211, 333, 509)}
+    return {"warmed_launch_ms": warmed, "unwarmed_launch_ms": {m: launch_ms(cold, m) for m in (37, 211)}}
+
+
 def staging() -> dict[str, Any]:
     from llmhost.engine.step_inputs import PinnedStaging
 
@@ -321,6 +354,7 @@ def main() -> None:
         "flat_attention_rel_err": flat_attention(),
         "sliced_prompt": sliced_prompt(),
         "pinned_staging": staging(),
+        "matmul_warmup": warmed_matmuls(),
         "tolerance": "kernels: bf16 rel err < 1e-2 (rounding 2^-8 per op), fp32 < 1e-5; graph decode: fp32 < 1e-4 "
         "vs the fp32 reference, bf16 at most 2x the reference's own bf16 error; two-model runs bitwise equal; "
         "flat attention in bf16 at most 2x the per-chunk reference's bf16 error; a prompt launched in slices gives "
@@ -339,6 +373,7 @@ def main() -> None:
         and fa["varlen_bf16_vs_fp32"] <= 2 * fa["reference_bf16_vs_fp32"]
         and doc["sliced_prompt"]["sliced_equal_whole"]
         and doc["pinned_staging"]["copies_exact"]
+        and max(doc["matmul_warmup"]["warmed_launch_ms"].values()) < 2.0
     )  # fmt: skip
     write_result("kernels_check", gpu_tag(doc["gpu"]), doc)
 

@@ -176,6 +176,11 @@ class Engine:
                 self.runner = DecodeRunner(model, cache, config.max_batch, config.max_seq_len)
                 if self.device.type == "cuda":  # on a CPU (tests) the runner steps without graphs
                     self.runner.capture()
+        if self.device.type == "cuda":
+            from llmhost.engine.matmul_warmup import warm_matmuls
+
+            with torch.inference_mode():
+                warm_matmuls(model, step_tokens(config), config.max_batch)
 
     def _on_device(self) -> contextlib.AbstractContextManager[object]:
         """The model's GPU as the current device, for the decode runner: CUDA graph capture and replay and Triton

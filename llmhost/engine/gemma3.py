@@ -46,6 +46,8 @@ def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 class Gemma3Model(DecoderModel):
+    layers: list[Gemma3Layer]
+
     def __init__(
         self,
         shape: ModelShape,

@@ -73,6 +73,7 @@ class DecoderModel(abc.ABC):
     dtype: torch.dtype
     device: torch.device  # the first stage's: where token ids enter (the whole model's when not split)
     placement: LayerPlacement
+    layers: Sequence[LayerWeights]  # set by the subclass: one per decoder layer, each on its stage's device
     fused = False  # the forward runs the fused GPU kernels (LlamaModel on a GPU), attention over flat contexts
 
     def __init__(

@@ -72,13 +72,16 @@ def launch_sample(
             f"{rows} logit rows but {len(params)} params, {len(generators)} generators, "
             f"{len(prompt_ids)} prompts, {len(output_ids)} outputs"
         )
-    device = logits.device
     raw = logits.float()  # [R, V]
-    settings = _row_settings(params, device)
+    sampled_rows = [r for r, p in enumerate(params) if not p.greedy]
+    if not sampled_rows and not any(p.uses_penalties for p in params):
+        # Greedy rows without penalties read no per-row settings: building and copying them was a third of a
+        # graph-replayed decode step's launch on the host (bench/probes/host_profile.py).
+        return _pack(raw, raw.argmax(dim=-1), params)
+    settings = _row_settings(params, logits.device)
 
     scores = _penalize(raw, params, settings, prompt_ids, output_ids)
     tokens = scores.argmax(dim=-1)  # [R]; greedy rows keep this, ties go to the lowest id
-    sampled_rows = [r for r, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         probs = _filtered_probs(scores, params, settings)
         # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p (unnormalized is fine), and unlike

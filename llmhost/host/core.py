@@ -67,10 +67,10 @@ SLICE_S = 0.0003
 SLOW_SEND_S = 0.001  # a token batch's send taking longer is traced (the client is not reading: a full pipe)
 SLOW_PASS_S = 0.003  # a busy loop pass taking longer is traced, with where its time went
 EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
-# Decode steps of different models that may run at once on one GPU (the first on the current stream, the others
-# on side streams): small models do not saturate the GPU alone, and overlapping them is what threads and MPS gain
-# over time slicing (bench/results/multi_model-h100.json baselines).
-MAX_CONCURRENT_STEPS = 4
+# Models whose steps may run at once on one GPU, each on its own streams: small models do not saturate the GPU
+# alone, and overlapping them is what threads and MPS gain over time slicing (bench/results/multi_model-h100.json
+# baselines). A model counts once whether its decode step, its prompt step or both are in flight.
+MAX_CONCURRENT_MODELS = 4
 # CUDA stream priority of decode-only steps (lower is higher; steps with prompt tokens run at the default, 0).
 DECODE_STREAM_PRIORITY = -1
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
@@ -445,9 +445,10 @@ class HostCore:
     def _step(self) -> bool:
         """Collect every step whose GPU work is done, then launch new ones: per device the scheduler's pick, and
         beside it (each on its own stream) further small decode steps of other models, up to
-        MAX_CONCURRENT_STEPS in flight. Steps run free: a model whose step finished steps again at once, while
-        the others' are still in flight, as separate threads or processes would (no lockstep per iteration). On
-        the CPU one step runs at a time, to completion. Returns whether any step was collected or launched."""
+        MAX_CONCURRENT_MODELS with steps in flight. Steps run free: a model whose step finished steps again at
+        once, while the others' are still in flight, as separate threads or processes would (no lockstep per
+        iteration). On the CPU one step runs at a time, to completion. Returns whether any step was collected or
+        launched."""
         events: list[TokenEvent] = []
         moved = False
         for runs in self._inflight.values():
@@ -619,8 +620,14 @@ class HostCore:
             name = self.gpu.pick(device, fresh, busy=[n for n in ready if n not in fresh])
             if name is not None and self._launch_plan(name, device, engines[name].schedule(0), running):
                 return True
-        while waiting and len(decoding | prompting) < MAX_CONCURRENT_STEPS:
-            name = self.gpu.pick(device, waiting, busy=decoding | prompting)
+        while waiting:
+            # A model whose prompt step is in flight is one of the models already running: its decode step may
+            # join it. Counted as a step instead, the three other models' decode steps held a 1B model's decode
+            # back for the whole of its prompt step's launch in slices (15-21 ms token gaps, its p99;
+            # bench/probes/host_trace.py).
+            full = len(decoding | prompting) >= MAX_CONCURRENT_MODELS
+            candidates = [n for n in waiting if n in prompting] if full else waiting
+            name = self.gpu.pick(device, candidates, busy=decoding | prompting) if candidates else None
             if name is None:
                 break
             shape = StepShape(nexts[name].decode_rows, 0)
