@@ -163,3 +163,16 @@ def test_an_engine_launched_in_slices_gives_the_tokens_of_execute(tiny_models: T
         out += [o.token for o in eng.collect(plan)]
     assert out == whole
     assert slices_seen > 0
+
+
+def test_unloading_a_model_mid_launch_fails_its_requests_not_the_host(events: list[FakeEvent]) -> None:
+    def broken() -> Iterator[None]:
+        yield
+        raise RuntimeError("launch failed")
+
+    failed: list[str] = []
+    run = running(broken())
+    attrs = {"_inflight": {"cuda:0": [run]}, "_fail_engine": lambda self, n, e: failed.append(n)}
+    fake_core = cast(Any, type("Core", (), attrs)())
+    core.HostCore._finish_in_flight(fake_core, "m")  # waits: queues the rest of the launch, which raises
+    assert failed == ["m"] and fake_core._inflight == {"cuda:0": []}

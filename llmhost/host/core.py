@@ -576,7 +576,11 @@ class HostCore:
         for runs in self._inflight.values():
             for run in [r for r in runs if r.name == name]:
                 runs.remove(run)
-                run.wait()
+                try:
+                    run.wait()
+                except Exception:  # a slice of its launch raised: nothing of it to collect
+                    self._fail_engine(run.name, run.engine)
+                    continue
                 events = self._collect(run)
                 if events:
                     self.conn.send(TokenBatch(tuple(events)))
@@ -600,9 +604,10 @@ class HostCore:
         """Launch on a GPU beside the steps in flight: decode-only steps of models whose decode step is not in
         flight (graph replays, high-priority streams), in the scheduler's order, while each is concurrent_ok with
         those in flight and not ahead of its share (launch_ok); then at most one prompt-only step on the GPU
-        (eager, launched a layer at a time, default priority). A model's prompts never hold its decode rows back: in a
-        mixed step they waited for the prompt chunk's eager launch and for any other model's prompt step (two never
-        overlap), 60-120 ms gaps beside three models (bench/probes/host_trace.py). Returns whether any launched."""
+        (eager, launched a layer at a time, default priority). A model's prompts never hold its decode rows back:
+        in a mixed step they waited for the prompt chunk's eager launch and for any other model's prompt step (two
+        never overlap), 60-120 ms gaps beside three models (bench/probes/host_trace.py). Returns whether any
+        launched."""
         decoding = {r.name for r in running if not r.shape.prefill_tokens}
         prompting = {r.name for r in running if r.shape.prefill_tokens}
         engines: dict[str, Engine] = {n: self.slots[n].engine for n in ready}
