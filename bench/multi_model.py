@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,28 @@ def _host_models(mode: Mode, models: tuple[str, ...], tokens: int, batch: int, w
         (model_config(mode, n, tokens, batch, weight=w, keep_alive_s=-1), mode.shape(m))
         for n, m, w in zip(names(models), models, weights, strict=True)
     ]
+
+
+def drive_four(
+    mode: Mode, label: str, in_process: bool, warm_s: float | None = None, on_window: Callable[[], Any] | None = None
+) -> tuple[list[Any], float, float]:
+    """For the probes (bench/probes/): the "four" scenario through the host alone, each model first warmed alone
+    for 1 s (graphs, kernels for prefill shapes), then all together for `warm_s` (default the mode's) and the
+    window; `on_window` runs when the window starts. Returns every client stream and the window (t0, t1)."""
+    from llmhost.memory.inventory import detect_inventory
+
+    d = drivers()
+    inventory = detect_inventory()
+    loads = _loads(mode, mode.four, FOUR_CLIENTS, mode.four_tokens)
+    models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
+    run = d.start_host(inventory, HostConfig(), models, label, in_process=in_process)
+    for ld in loads:
+        d.drive_host(run, [ld], time.monotonic() + 1.0)
+    t0 = time.monotonic() + (mode.warm_s if warm_s is None else warm_s)
+    t1 = t0 + mode.window_s
+    streams = d.drive_host(run, loads, t1, at=[(t0, on_window)] if on_window is not None else ())
+    d.stop_host(run)
+    return streams, t0, t1
 
 
 def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:

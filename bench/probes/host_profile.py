@@ -11,7 +11,6 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import multi_model as mm
 
-from llmhost.config import HostConfig
 from llmhost.host.core import HostCore
-from llmhost.memory.inventory import detect_inventory
 
 
 def main() -> None:
@@ -46,21 +43,12 @@ def main() -> None:
 
     profiling = [False]
     HostCore.iterate = iterate  # type: ignore[method-assign]
-    d = mm.drivers()
-    inventory = detect_inventory()
-    loads = mm._loads(mode, mode.four, mm.FOUR_CLIENTS, mode.four_tokens)
-    models = mm._host_models(mode, mode.four, mode.four_tokens, mm.FOUR_CLIENTS, (1.0,) * len(mode.four))
-    run = d.start_host(inventory, HostConfig(), models, "profile", in_process=True)
-    for ld in loads:
-        d.drive_host(run, [ld], time.monotonic() + 1.0)
 
     def on() -> Any:
         profiling[0] = True
 
-    t0 = time.monotonic()
-    d.drive_host(run, loads, t0 + 1.0 + mode.window_s, at=[(t0 + 1.0, on)])
+    mm.drive_four(mode, "profile", in_process=True, warm_s=1.0, on_window=on)
     profiling[0] = False
-    d.stop_host(run)
     text = io.StringIO()
     stats = pstats.Stats(profile, stream=text)
     stats.sort_stats("tottime").print_stats(35)

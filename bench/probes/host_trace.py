@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import multi_model as mm
 
-from llmhost.config import HostConfig
 from llmhost.host.step_trace import ENV
-from llmhost.memory.inventory import detect_inventory
 
 PASS_PARTS = ("admit_ms", "yield_ms", "drain_ms", "step_ms")  # where a slow pass of the host loop spent its time
 
@@ -59,17 +56,7 @@ def main() -> None:
     mode = mm.MODES["cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"]
     trace_file = Path(tempfile.mkdtemp()) / "steps.jsonl"
     os.environ[ENV] = str(trace_file)  # inherited by the spawned host process
-    d = mm.drivers()
-    inventory = detect_inventory()
-    loads = mm._loads(mode, mode.four, mm.FOUR_CLIENTS, mode.four_tokens)
-    models = mm._host_models(mode, mode.four, mode.four_tokens, mm.FOUR_CLIENTS, (1.0,) * len(mode.four))
-    run = d.start_host(inventory, HostConfig(), models, "trace", in_process=False)
-    for ld in loads:  # warm each model alone briefly (graphs, Triton kernels for prefill shapes)
-        d.drive_host(run, [ld], time.monotonic() + 1.0)
-    t_start = time.monotonic()
-    t0, t1 = t_start + mode.warm_s, t_start + mode.warm_s + mode.window_s
-    streams = d.drive_host(run, loads, t1)
-    d.stop_host(run)
+    streams, t0, t1 = mm.drive_four(mode, "trace", in_process=False)
     trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
     if args.raw:  # for analysis off the GPU: every step, every token's arrival, the window
         args.raw.mkdir(parents=True, exist_ok=True)

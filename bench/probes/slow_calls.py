@@ -24,10 +24,8 @@ import multi_model as mm
 import torch
 import torch.nn.functional as F
 
-from llmhost.config import HostConfig
 from llmhost.engine import engine, sampler, step_inputs
 from llmhost.engine.kernels import fused, varlen_attention
-from llmhost.memory.inventory import detect_inventory
 
 SLOW_S = 0.002
 slow: dict[str, list[float]] = {}
@@ -74,21 +72,12 @@ def main() -> None:
     wrap(engine.Engine, "collect", "Engine.collect")
     wrap(engine.Engine, "_launch_sample", "Engine._launch_sample")
     wrap(sampler, "_pack", "sampler._pack")
-    d = mm.drivers()
-    inventory = detect_inventory()
-    loads = mm._loads(mode, mode.four, mm.FOUR_CLIENTS, mode.four_tokens)
-    models = mm._host_models(mode, mode.four, mode.four_tokens, mm.FOUR_CLIENTS, (1.0,) * len(mode.four))
-    run = d.start_host(inventory, HostConfig(), models, "slow-calls", in_process=True)
-    for ld in loads:
-        d.drive_host(run, [ld], time.monotonic() + 1.0)
 
     def on() -> Any:
         active[0] = True
 
-    t0 = time.monotonic()
-    d.drive_host(run, loads, t0 + 1.0 + mode.window_s, at=[(t0 + 1.0, on)])
+    mm.drive_four(mode, "slow-calls", in_process=True, warm_s=1.0, on_window=on)
     active[0] = False
-    d.stop_host(run)
     doc = {
         "slow_ms": {k: {"n": len(v), "of": calls.get(k, 0), "largest": sorted(v)[-8:]} for k, v in slow.items()},
         "calls": calls,
