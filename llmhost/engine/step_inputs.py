@@ -63,7 +63,9 @@ class PinnedStaging:
         buf, copied = self.buffers[k]
         buf[:n].copy_(flat)
         out = buf[:n].to(device, non_blocking=True)
-        copied.record()  # on the current stream, behind the copy
+        # Behind the copy, on the stream it was queued on: the destination GPU's current stream (for a split
+        # model's later stage that is not the current device's).
+        copied.record(torch.cuda.current_stream(device))
         return out.view(host.dtype).view(host.shape)
 
 
