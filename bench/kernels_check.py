@@ -255,10 +255,13 @@ def flat_attention() -> dict[str, float]:
     return {"varlen_bf16_vs_fp32": rel(got, ref32), "reference_bf16_vs_fp32": rel(ref, ref32)}
 
 
-def sliced_prompt() -> dict[str, Any]:
+def sliced_prompt(gated: bool = False) -> dict[str, Any]:
+    """A prompt launched a layer at a time, another model's decode steps between its slices, gives the tokens of
+    the whole launch; `gated`: its kernels held until its last slice (host/core.py, engine/stream_gate.py)."""
     from multi_model_drivers import greedy, random_engine
 
     from llmhost.config import ModelConfig
+    from llmhost.engine.stream_gate import StreamGate
 
     def engine(seed: int) -> Any:
         torch.manual_seed(seed)
@@ -274,6 +277,8 @@ def sliced_prompt() -> dict[str, Any]:
     sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
     a.add_request(prompt, greedy(16))
     plan = a.schedule(decodes=False)
+    gate = StreamGate(DEV)
+    ticket = gate.hold(sa) if gated else 0
     slices, between = a.launch_slices(plan, sa), 0
     while True:
         try:
@@ -283,11 +288,48 @@ def sliced_prompt() -> dict[str, Any]:
         with torch.cuda.stream(sb):
             b.step()  # b's decode step, launched between two of a's slices
         between += 1
+    if gated:
+        gate.release(ticket)
     tokens = [o.token for o in a.collect(plan)]
     while a.has_work:
         tokens += [o.token for o in a.step()]
     torch.cuda.synchronize()
     return {"sliced_equal_whole": tokens == whole, "decode_steps_between_slices": between, "tokens": len(whole)}
+
+
+def stream_gate() -> dict[str, Any]:
+    """A hold keeps what is queued behind it from running until its release (host/core.py gates a prompt step's
+    launch in slices); an unreleased one gives up after MAX_POLLS reads of its flag: how long that takes."""
+    from llmhost.engine.stream_gate import MAX_POLLS, StreamGate
+
+    side, t = torch.cuda.Stream(), torch.zeros(1, device=DEV)
+    gate = StreamGate(DEV)
+    before = torch.cuda.Event(enable_timing=True)
+    opened = torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(side):
+        before.record()
+        ticket = gate.hold(side)
+        opened.record()
+        t.fill_(1.0)
+    time.sleep(0.02)
+    held = not opened.query()  # (no read of t here: a synchronous copy could wait on the held stream)
+    gate.release(ticket)
+    torch.cuda.synchronize()
+    out: dict[str, Any] = {
+        "held_until_release": held and float(t.item()) == 1.0,
+        "held_ms": round(float(before.elapsed_time(opened)), 3),
+        "polls": int(gate.polls.item()),
+    }
+    lone = StreamGate(DEV)
+    with torch.cuda.stream(side):
+        before.record()
+        lone.hold(side)
+        opened.record()
+    torch.cuda.synchronize()
+    out["unreleased_gives_up_ms"] = round(float(before.elapsed_time(opened)), 3)
+    out["unreleased_polls"] = int(lone.polls.item())
+    out["max_polls"] = MAX_POLLS
+    return out
 
 
 def warmed_matmuls() -> dict[str, Any]:
@@ -353,12 +395,14 @@ def main() -> None:
         "two_models": two_models(),
         "flat_attention_rel_err": flat_attention(),
         "sliced_prompt": sliced_prompt(),
+        "sliced_prompt_gated": sliced_prompt(gated=True),
+        "stream_gate": stream_gate(),
         "pinned_staging": staging(),
         "matmul_warmup": warmed_matmuls(),
         "tolerance": "kernels: bf16 rel err < 1e-2 (rounding 2^-8 per op), fp32 < 1e-5; graph decode: fp32 < 1e-4 "
         "vs the fp32 reference, bf16 at most 2x the reference's own bf16 error; two-model runs bitwise equal; "
         "flat attention in bf16 at most 2x the per-chunk reference's bf16 error; a prompt launched in slices gives "
-        "the tokens of the whole launch",
+        "the tokens of the whole launch, gated or not; a stream gate holds until released, gives up unreleased",
         "command": "python bench/kernels_check.py",
     }
     ok_bf16 = all(v < 1e-2 for v in doc["kernels_rel_err_bf16"].values())
@@ -372,6 +416,9 @@ def main() -> None:
         and tm["interleaved_equal_solo"] and tm["two_streams_equal_solo"]
         and fa["varlen_bf16_vs_fp32"] <= 2 * fa["reference_bf16_vs_fp32"]
         and doc["sliced_prompt"]["sliced_equal_whole"]
+        and doc["sliced_prompt_gated"]["sliced_equal_whole"]
+        and doc["stream_gate"]["held_until_release"]
+        and doc["stream_gate"]["unreleased_polls"] == doc["stream_gate"]["max_polls"]
         and doc["pinned_staging"]["copies_exact"]
         and max(doc["matmul_warmup"]["warmed_launch_ms"].values()) < 2.0
     )  # fmt: skip

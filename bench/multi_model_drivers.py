@@ -193,9 +193,16 @@ def warm_engine(engine: Engine, load: Load) -> None:
         torch.cuda.synchronize()
 
 
-def drive_threads(engines: Sequence[Engine], loads: Sequence[Load], t_start: float, t_end: float) -> list[Stream]:
+def drive_threads(
+    engines: Sequence[Engine],
+    loads: Sequence[Load],
+    t_start: float,
+    t_end: float,
+    priorities: Sequence[int] | None = None,
+) -> list[Stream]:
     """One thread per engine, each on its own CUDA stream (the strongest form of the report's pattern: on the
-    default stream two threads' kernels could not even overlap), all starting at t_start."""
+    default stream two threads' kernels could not even overlap), all starting at t_start. `priorities`: each
+    engine's stream priority (default 0 each; lower is higher)."""
     results: list[list[Stream]] = [[] for _ in engines]
     errors: list[BaseException] = []
 
@@ -203,7 +210,8 @@ def drive_threads(engines: Sequence[Engine], loads: Sequence[Load], t_start: flo
         try:
             with torch.inference_mode():
                 cuda = engines[k].device.type == "cuda"
-                stream = torch.cuda.Stream(engines[k].device) if cuda else None  # type: ignore[no-untyped-call]
+                prio = priorities[k] if priorities is not None else 0
+                stream = torch.cuda.Stream(engines[k].device, priority=prio) if cuda else None  # type: ignore[no-untyped-call]
                 ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
                 with ctx:
                     time.sleep(max(0.0, t_start - time.monotonic()))

@@ -105,3 +105,15 @@ def test_linear_float32_output_rounds_like_the_reference() -> None:
     ref = (x.float() @ w.float().t()).bfloat16().float()
     assert torch.equal(out.bfloat16().float(), out)  # every value is a bf16 value
     torch.testing.assert_close(out, ref, atol=0.0, rtol=1e-2)
+
+
+def test_hold_kernel_passes_at_its_ticket_and_gives_up_after_max_polls() -> None:
+    """The stream gate's hold (engine/stream_gate.py): open at once when the flag has reached its ticket; closed,
+    it reads the flag MAX_POLLS times and lets the stream go on (a missed release must not hang a stream)."""
+    from llmhost.engine.kernels.hold import hold_kernel
+
+    flag, polls = torch.tensor([5], dtype=torch.int32), torch.full((1,), -1, dtype=torch.int32)
+    hold_kernel[(1,)](flag, polls, 5, MAX_POLLS=16)
+    assert int(polls) == 0
+    hold_kernel[(1,)](flag, polls, 6, MAX_POLLS=16)
+    assert int(polls) == 16

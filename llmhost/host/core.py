@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import sys
 import time
 import traceback
@@ -23,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -55,6 +56,9 @@ from llmhost.memory.history import History, Measured, history_key
 from llmhost.memory.inventory import Inventory, host_memory
 from llmhost.model_files import open_checkpoint
 
+if TYPE_CHECKING:
+    from llmhost.engine.stream_gate import StreamGate  # imports Triton: a GPU-only dependency
+
 log = logging.getLogger("llmhost.host")
 
 IDLE_WAIT_S = 0.05  # how long the loop blocks on the pipe when no engine has work
@@ -73,6 +77,7 @@ EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
 MAX_CONCURRENT_MODELS = 4
 # CUDA stream priority of decode-only steps (lower is higher; steps with prompt tokens run at the default, 0).
 DECODE_STREAM_PRIORITY = -1
+GATE_PROMPTS = os.environ.get("LLMHOST_UNGATED_PROMPTS") is None  # TEMP: A/B of the stream gate
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
 
@@ -95,6 +100,8 @@ class _Running:
     slices: Iterator[None] | None = None  # the rest of a launch in slices; None once every kernel is queued
     slice_ms: list[float] = field(default_factory=list)  # how long each slice took to queue (the step trace's)
     start: torch.cuda.Event | None = None  # recorded before the step's kernels (timing events)
+    gate: StreamGate | None = None  # holds a launch in slices' kernels until its last slice is queued
+    ticket: int = 0  # its hold's
 
     def finished(self) -> bool:
         if self.slices is not None:
@@ -118,8 +125,17 @@ class _Running:
         except StopIteration:
             self.slices = None
             self.done = _event(self.stream)
+            self._open()
             return True
+        except BaseException:
+            self._open()  # what was queued runs (and is waited for) as it would have ungated
+            raise
         return False
+
+    def _open(self) -> None:
+        if self.gate is not None:
+            self.gate.release(self.ticket)
+            self.gate = None
 
     def wait(self) -> None:
         """Block until the step's kernels ran (the rest of a launch in slices queued first)."""
@@ -177,6 +193,7 @@ class HostCore:
         self.pending: dict[str, deque[Submit]] = {name: deque() for name in slots}
         self.resident_at_start = [m.name for m in plan.models]
         self.stopping = False
+        self._gates: dict[str, StreamGate] = {}  # per GPU: holds a prompt step's kernels until its launch is queued
         self._streams: dict[str, list[torch.cuda.Stream]] = {}  # per "device priority": the streams steps run on
         self._inflight: dict[str, list[_Running]] = {}  # per device, steps launched and not yet collected
         self._next_expiry = 0.0
@@ -316,6 +333,13 @@ class HostCore:
                 self._left(n)
             elif was[n] != "loaded" and s.state == "loaded":
                 self.gpu.add(n, s.device_names[0], s.config.weight)
+                device = s.device_names[0]
+                if device.startswith("cuda") and device not in self._gates:
+                    # Built (its kernel compiled: 50 ms) with the GPU's first model, not at its first prompt step
+                    # beside others, where it held every model's next step back that long.
+                    from llmhost.engine.stream_gate import StreamGate
+
+                    self._gates[device] = StreamGate(device)
 
     def _left(self, name: str) -> None:
         with contextlib.suppress(KeyError):
@@ -723,8 +747,14 @@ class HostCore:
             # prompt took 18-87 ms from its launch to its last kernel (bench/probes/host_trace.py). So the loop
             # queues it a layer at a time (_launch_slices), between its other launches and collections. A model
             # alone launches at once: nothing would run meanwhile.
+            # Its kernels wait behind a hold until the last slice is queued (stream_gate.py): trickling out over
+            # the launch, they slowed every other model's steps for all of it, and its GPU time (charged to its
+            # model) was its launch time. The timing starts when the hold opens.
+            gate = self._gates[str(stream.device)] if GATE_PROMPTS else None
+            ticket = gate.hold(stream) if gate is not None else 0
             run = _Running(name, eng, plan, shape, t0, stream, slices=eng.launch_slices(plan, stream))
-            run.start = start
+            run.start = _event(stream)
+            run.gate, run.ticket = gate, ticket
             return run
         try:
             eng.execute(plan, stream)
