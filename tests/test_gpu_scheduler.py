@@ -395,6 +395,26 @@ def test_launch_waits_for_every_lagging_model_not_just_one_step_in_flight() -> N
     assert sched.launch_ok("8b-2", in_flight), "caught up: within the end of the 3B's step"
 
 
+def test_a_lagging_models_bound_moves_on_while_its_step_runs() -> None:
+    """An 8B 5 ms ahead of a 3B whose step is in flight may not start while that step has just begun (its bound
+    is the step's end); once the host reckons the 3B's step mostly run (`done_s`), its bound is one decode step
+    past that, and the 8B may start without waiting for the 3B's collection. The lead stays bounded: never more
+    than one step past what has run."""
+    sched = make({"8b": 1.0, "3b": 1.0})
+    sched.observe("8b", 8, 0, 6.4 * MS)
+    sched.observe("3b", 8, 0, 3.3 * MS)
+    sched.pick(DEV, {"8b", "3b"})
+    sched.charge("8b", 25 * MS)
+    sched.charge("3b", 20 * MS)
+    in_flight = {"3b": 3.3 * MS}
+    assert not sched.launch_ok("8b", in_flight), "5 ms ahead, the 3B's step ends 3.3 ms past its virtual time"
+    assert not sched.launch_ok("8b", in_flight, done_s={"3b": 0.5 * MS}), "0.5 + 3.3 ms: still short"
+    assert sched.launch_ok("8b", in_flight, done_s={"3b": 2.0 * MS}), "2.0 + 3.3 ms reaches 5 ms"
+    assert sched.follow_ok("8b", {"8b": 6.4 * MS, "3b": 3.3 * MS}, done_s={"3b": 3.3 * MS}) is False, (
+        "following would start 11.4 ms ahead: more than one 3B step past all of its step"
+    )
+
+
 def test_launch_bound_prefill_takes_the_whole_chunk() -> None:
     """When even a floor-sized prefill step costs far more than a decode step (the eager path's per-kernel launch
     cost), no chunk size keeps another model's stall to one decode step: the budget is lifted, so the prompt is

@@ -42,9 +42,12 @@ class StreamGate:
         _, highest = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]
         # Releases must not queue behind the work they release, nor wait long for an SM beside busy streams.
         self.releases = torch.cuda.Stream(self.device, priority=highest)  # type: ignore[no-untyped-call]
-        # One hold and release now: the kernel's first launch compiles it (tens of milliseconds).
+        # Holds and releases now: the kernel's first launch compiles it (tens of milliseconds). Tickets 1 and 16
+        # compiled variants of their own before the ticket was kept from specialization (kernels/hold.py); 16
+        # rounds cover that too.
         warm = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-        self.release(self.hold(warm))
+        for _ in range(16):
+            self.release(self.hold(warm))
         warm.synchronize()
 
     def hold(self, stream: torch.cuda.Stream) -> int:

@@ -78,6 +78,8 @@ MAX_CONCURRENT_MODELS = 4
 # CUDA stream priority of decode-only steps (lower is higher; steps with prompt tokens run at the default, 0).
 DECODE_STREAM_PRIORITY = -1
 GATE_PROMPTS = os.environ.get("LLMHOST_UNGATED_PROMPTS") is None  # TEMP: A/B of the stream gate
+PACE = os.environ.get("LLMHOST_NO_PACE") is None  # TEMP: A/B of done_s
+STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
 
@@ -101,7 +103,11 @@ class _Running:
     slice_ms: list[float] = field(default_factory=list)  # how long each slice took to queue (the step trace's)
     start: torch.cuda.Event | None = None  # recorded before the step's kernels (timing events)
     gate: StreamGate | None = None  # holds a launch in slices' kernels until its last slice is queued
+    began: float = 0.0  # when it could start: launched, or (queued behind its model's step) that step collected
     ticket: int = 0  # its hold's
+
+    def __post_init__(self) -> None:
+        self.began = max(self.began, self.t0)
 
     def finished(self) -> bool:
         if self.slices is not None:
@@ -193,6 +199,7 @@ class HostCore:
         self.pending: dict[str, deque[Submit]] = {name: deque() for name in slots}
         self.resident_at_start = [m.name for m in plan.models]
         self.stopping = False
+        self._step_wall: dict[str, float] = {}  # per model: EMA of its decode steps' wall time, began -> collected
         self._gates: dict[str, StreamGate] = {}  # per GPU: holds a prompt step's kernels until its launch is queued
         self._streams: dict[str, list[torch.cuda.Stream]] = {}  # per "device priority": the streams steps run on
         self._inflight: dict[str, list[_Running]] = {}  # per device, steps launched and not yet collected
@@ -334,7 +341,7 @@ class HostCore:
             elif was[n] != "loaded" and s.state == "loaded":
                 self.gpu.add(n, s.device_names[0], s.config.weight)
                 device = s.device_names[0]
-                if device.startswith("cuda") and device not in self._gates:
+                if device.startswith("cuda") and device not in self._gates and torch.cuda.is_available():
                     # Built (its kernel compiled: 50 ms) with the GPU's first model, not at its first prompt step
                     # beside others, where it held every model's next step back that long.
                     from llmhost.engine.stream_gate import StreamGate
@@ -480,6 +487,9 @@ class HostCore:
                 runs.remove(run)
                 moved = True
                 events.extend(self._collect(run))
+                behind = next((r for r in runs if r.name == run.name and r.shape == run.shape), None)
+                if behind is not None:  # its model's next step, queued behind it on its stream, starts now
+                    behind.began = max(behind.began, time.perf_counter())
         lanes: dict[str, list[str]] = {}
         for name, slot in self.slots.items():
             if self._ready(slot):
@@ -511,6 +521,7 @@ class HostCore:
         (separate threads, each running ahead on its own stream, kept the GPU busier: bench/multi_model.py)."""
         # A prompt step's charge is spread over later steps (GpuScheduler.charge): not counted.
         in_flight = self._costs_in_flight(running, prompts=False)
+        done = self._done_in_flight(running)
         alone = len({r.name for r in running}) == 1
         for name in list(in_flight):
             steps = [r for r in running if r.name == name and not r.shape.prefill_tokens]
@@ -529,7 +540,7 @@ class HostCore:
                 continue
             if alone and self._others_have_work(name, device):
                 continue
-            if not alone and not self.gpu.follow_ok(name, in_flight):
+            if not alone and not self.gpu.follow_ok(name, in_flight, done):
                 continue
             nxt = self._follow(last)
             if nxt is not None:
@@ -686,7 +697,28 @@ class HostCore:
             return True
         if shape.decode_rows and not all(concurrent_ok(r.shape, shape) for r in running):
             return False
-        return self.gpu.launch_ok(name, self._costs_in_flight(running, prompts=True), prompt=not shape.decode_rows)
+        costs = self._costs_in_flight(running, prompts=True)
+        return self.gpu.launch_ok(name, costs, prompt=not shape.decode_rows, done_s=self._done_in_flight(running))
+
+    def _done_in_flight(self, running: list[_Running]) -> dict[str, float]:
+        """Each model whose oldest step in `running` is a decode step -> how much of that step's solo cost has run
+        by now: the fraction of its usual wall time (_step_wall, beside the others) since it began, at most all of
+        it (GpuScheduler.launch_ok's `done_s`). Its bound then moves on while it runs."""
+        now = time.perf_counter()
+        done: dict[str, float] = {}
+        if not PACE:
+            return done
+        seen: set[str] = set()
+        for r in running:
+            if r.name in seen or r.shape.prefill_tokens:
+                continue
+            seen.add(r.name)
+            wall = self._step_wall.get(r.name)
+            if wall is None:
+                continue
+            progress = min(1.0, max(0.0, now - r.began) / wall) if wall > 0.0 else 1.0
+            done[r.name] = progress * self.gpu.expected_step_s(r.name, r.shape)
+        return done
 
     def _costs_in_flight(self, running: list[_Running], prompts: bool) -> dict[str, float]:
         """Each model with steps in `running` -> their expected solo cost (GpuScheduler.expected_step_s), its
@@ -750,7 +782,7 @@ class HostCore:
             # Its kernels wait behind a hold until the last slice is queued (stream_gate.py): trickling out over
             # the launch, they slowed every other model's steps for all of it, and its GPU time (charged to its
             # model) was its launch time. The timing starts when the hold opens.
-            gate = self._gates[str(stream.device)] if GATE_PROMPTS else None
+            gate = self._gates.get(str(stream.device)) if GATE_PROMPTS else None
             ticket = gate.hold(stream) if gate is not None else 0
             run = _Running(name, eng, plan, shape, t0, stream, slices=eng.launch_slices(plan, stream))
             run.start = _event(stream)
@@ -785,6 +817,10 @@ class HostCore:
         # prompt steps of the four-model bench (12-68 ms for what takes a few alone) put their model that far
         # ahead of its share, and its decoding requests waited it out: 30-130 ms token gaps, most of each model's
         # p99 inter-token latency (bench/probes/host_trace.py).
+        if not run.shape.prefill_tokens:
+            wall = t_collect - run.began
+            old = self._step_wall.get(run.name)
+            self._step_wall[run.name] = wall if old is None else old + STEP_WALL_ALPHA * (wall - old)
         shared = run.beside_others if run.shape.prefill_tokens else run.overlapped
         solo = self.gpu.solo_step_s(run.name, run.shape) if shared else None
         if solo is not None and run.shape.prefill_tokens:

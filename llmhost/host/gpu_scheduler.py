@@ -223,7 +223,9 @@ class GpuScheduler:
             return None
         return acct.decode_step_s + shape.prefill_tokens * acct.prefill_token_s
 
-    def launch_ok(self, model: str, in_flight_s: Mapping[str, float], prompt: bool = False) -> bool:
+    def launch_ok(
+        self, model: str, in_flight_s: Mapping[str, float], prompt: bool = False, done_s: Mapping[str, float] = {}
+    ) -> bool:
         """Whether `model` (just picked, with no step in flight) may start a step now on another stream beside the
         steps in flight without running ahead of its share: its virtual time must not pass the end of any other
         active model's current step, vtime + (its steps in flight, or the decode step it would take next) /
@@ -239,15 +241,22 @@ class GpuScheduler:
         steps alone (which measures it). A `prompt` step (prompt-only) needs none: it is charged its measured time
         where its solo cost is unknown, and a model's first step is its prompt. Nothing starts beside a step of a
         model without a measured decode step (its step is that measurement); such a model with no step in flight
-        bounds nothing."""
+        bounds nothing.
+
+        `done_s`: models with a decode step in flight -> how much of its solo cost has run by now, as the host
+        estimates from the wall time it has been running (the host's `_done_in_flight`). Such a model's bound
+        moves on with its step: it is the later of the end of its steps in flight and one decode step past where
+        it is now, so a model held back waits until the others have got far enough, not until one of them is
+        collected (waits as long as an 8B's whole step, 15 ms, beside four models: bench/probes/host_trace.py).
+        The lead it allows stays within two of each other model's steps."""
         acct = self._account(model)
         if acct.decode_step_s is None and not prompt:
             return False
         if any(self._account(m).decode_step_s is None for m in in_flight_s if m != model):
             return False
-        return self._within_steps(acct, acct.vtime, in_flight_s, unmeasured_blocks=False)
+        return self._within_steps(acct, acct.vtime, in_flight_s, done_s, unmeasured_blocks=False)
 
-    def follow_ok(self, model: str, in_flight_s: Mapping[str, float]) -> bool:
+    def follow_ok(self, model: str, in_flight_s: Mapping[str, float], done_s: Mapping[str, float] = {}) -> bool:
         """Whether `model`, whose step is in flight and not yet charged, may queue its next decode step behind it
         on its stream now (running ahead, as a model alone does), although other models share the GPU.
         `in_flight_s`: every model of the device with a step in flight -> the seconds it will be charged for it
@@ -255,17 +264,23 @@ class GpuScheduler:
         not pass the end of any other active model's current step, as in launch_ok; an active model without a
         measured decode step blocks it (it waits for the GPU to drain, to be measured alone). Without running
         ahead the host relaunched each model only after collecting its step, and the GPU idled on that stream
-        meanwhile (the batch-1 pair reached 0.95 of two threads that each run ahead)."""
+        meanwhile (the batch-1 pair reached 0.95 of two threads that each run ahead). `done_s` as in launch_ok."""
         acct = self._account(model)
         if acct.decode_step_s is None or model not in in_flight_s:
             return False
         start = acct.vtime + in_flight_s[model] / acct.weight
-        return self._within_steps(acct, start, in_flight_s, unmeasured_blocks=True)
+        return self._within_steps(acct, start, in_flight_s, done_s, unmeasured_blocks=True)
 
     def _within_steps(
-        self, acct: _Account, start: float, in_flight_s: Mapping[str, float], unmeasured_blocks: bool
+        self,
+        acct: _Account,
+        start: float,
+        in_flight_s: Mapping[str, float],
+        done_s: Mapping[str, float],
+        unmeasured_blocks: bool,
     ) -> bool:
-        """Whether virtual time `start` is within the end of every other active model's current step."""
+        """Whether virtual time `start` is within every other active model's bound: the end of its steps in
+        flight (or of the decode step it would take next), or one decode step past where it is now (`done_s`)."""
         lane = self._lanes[acct.device]
         for other, o in lane.models.items():
             if o is acct or other not in lane.active:
@@ -275,6 +290,8 @@ class GpuScheduler:
                 if unmeasured_blocks:
                     return False
                 continue
+            if other in done_s and o.decode_step_s is not None:
+                step_s = max(step_s, done_s[other] + o.decode_step_s)
             if start > o.vtime + step_s / o.weight:
                 return False
         return True

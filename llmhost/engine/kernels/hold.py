@@ -5,7 +5,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Not specialized on the ticket: Triton compiles a variant per integer "kind" (1, a multiple of 16, other), so
+# tickets 2 and 16 each compiled one on first use, a 50-60 ms stall of the host loop (bench/probes/host_trace.py).
+@triton.jit(do_not_specialize=["ticket"])
 def hold_kernel(flag_ptr, polls_ptr, ticket, MAX_POLLS: tl.constexpr):
     seen = tl.load(flag_ptr, volatile=True)
     polls = 0
