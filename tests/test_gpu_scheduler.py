@@ -4,12 +4,13 @@ ledger of GPU time, so the shares it checks do not come from the scheduler's own
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
-from llmhost.host.gpu_scheduler import MAX_DEBT_STEPS, GpuScheduler, StepShape, concurrent_ok
+from llmhost.host.gpu_scheduler import DEBT_RATE, MAX_DEBT_STEPS, GpuScheduler, StepShape, concurrent_ok
 
 DEV = "cuda:0"
 MS = 1e-3
@@ -575,8 +576,8 @@ def test_a_prompt_step_may_start_beside_others_before_its_model_was_measured() -
 
 def test_a_prompt_steps_charge_is_spread_over_the_models_next_steps() -> None:
     """An 8B model's 14 ms prompt step beside a 1B's decode steps: charged at once, it put the 8B 14 ms ahead and
-    its decoding requests stopped until the 1B caught up; spread, the 8B stays eligible and repays it at half of
-    each later step's cost, and its GPU seconds count in full at once."""
+    its decoding requests stopped until the 1B caught up; spread, the 8B stays eligible and repays it at DEBT_RATE
+    of each later step's cost, and its GPU seconds count in full at once."""
     sched = make({"big": 1.0, "small": 1.0})
     sched.observe("big", 8, 0, 6 * MS)
     sched.observe("small", 8, 0, 1.5 * MS)
@@ -585,14 +586,16 @@ def test_a_prompt_steps_charge_is_spread_over_the_models_next_steps() -> None:
     assert sched.gpu_seconds("big") == pytest.approx(14 * MS)
     assert beside(sched, "small", "big"), "still within the small model's step"
     vtimes = []
-    for _ in range(10):
+    steps = math.ceil(14 / (DEBT_RATE * 6))  # until all of it is repaid
+    for _ in range(steps):
         sched.charge("big", 6 * MS)
         vtimes.append(sched._accounts["big"].vtime)
-    assert vtimes[0] == pytest.approx(9 * MS), "the first step after it repays half its own cost"
-    assert vtimes[-1] == pytest.approx(74 * MS), "all of it repaid: 10 steps + the prompt"
+    assert vtimes[0] == pytest.approx((6 + DEBT_RATE * 6) * MS), "the first step after it repays DEBT_RATE of its cost"
+    assert vtimes[-1] == pytest.approx((steps * 6 + 14) * MS), "all of it repaid: the steps + the prompt"
     # At most MAX_DEBT_STEPS decode steps stay outstanding: a larger prompt counts its excess at once.
-    sched.charge("big", 100 * MS, spread=True)
-    assert sched._accounts["big"].vtime == pytest.approx(174 * MS - MAX_DEBT_STEPS * 6 * MS)
+    before = sched._accounts["big"].vtime
+    sched.charge("big", 200 * MS, spread=True)
+    assert sched._accounts["big"].vtime == pytest.approx(before + 200 * MS - MAX_DEBT_STEPS * 6 * MS)
 
 
 def test_weights_hold_with_spread_prompt_charges() -> None:

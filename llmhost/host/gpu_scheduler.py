@@ -46,10 +46,14 @@ EMA_ALPHA = 0.2
 CONCURRENT_MAX_ROWS = 8
 # A prompt step's charge is spread over the model's next steps (charge's `spread`): each adds this fraction of its
 # own cost from the debt, so its decoding requests run at 1 / (1 + DEBT_RATE) of the model's share meanwhile...
-DEBT_RATE = 0.5
+# At 0.5 with 4 steps outstanding at most, two 512-token prompts of an 8B beside three models (20-25 ms each)
+# overflowed the debt and its decoding requests waited 40-47 ms for the others to catch up, its p99 inter-token
+# latency (bench/probes/host_trace.py). Repaid at 15% of each step, they slow by that much for longer instead; the
+# four-model bench's prompts (a 128-token prompt per 32 decode steps of each model) cost well under that per step.
+DEBT_RATE = 0.15
 # ...and at most this many of its decode steps' cost stays outstanding (a model of long prompts and short answers
 # takes at most that much GPU time ahead of its share); beyond it the charge counts at once.
-MAX_DEBT_STEPS = 4.0
+MAX_DEBT_STEPS = 16.0
 
 
 @dataclass(frozen=True)
