@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import sys
 import time
 import traceback
@@ -77,8 +76,6 @@ EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
 MAX_CONCURRENT_MODELS = 4
 # CUDA stream priority of decode-only steps (lower is higher; steps with prompt tokens run at the default, 0).
 DECODE_STREAM_PRIORITY = -1
-GATE_PROMPTS = os.environ.get("LLMHOST_UNGATED_PROMPTS") is None  # TEMP: A/B of the stream gate
-PACE = os.environ.get("LLMHOST_NO_PACE") is None  # TEMP: A/B of done_s
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
@@ -243,6 +240,13 @@ class HostCore:
     def run(self) -> None:
         # Process-wide: in an in-process host (Host, the benches) the caller's threads switch as often.
         sys.setswitchinterval(GIL_SWITCH_S)
+        on_gpus = all(d.startswith("cuda") for s in self.slots.values() for d in s.device_names)
+        if self.slots and on_gpus and torch.cuda.is_available():
+            # The loop's CPU tensors are a step's metadata; a pool of intra-op threads spinning after each small
+            # parallel copy took cores from the loop and the clients: with one thread, slow loop passes in the
+            # four-model probe 15-21 instead of 43-45, launches 10-20% quicker (bench/probes/host_trace.py, run
+            # with OMP_NUM_THREADS=1). Models on the CPU compute with the pool, so it is kept for them.
+            torch.set_num_threads(1)
         try:
             self._run()
         finally:
@@ -706,8 +710,6 @@ class HostCore:
         it (GpuScheduler.launch_ok's `done_s`). Its bound then moves on while it runs."""
         now = time.perf_counter()
         done: dict[str, float] = {}
-        if not PACE:
-            return done
         seen: set[str] = set()
         for r in running:
             if r.name in seen or r.shape.prefill_tokens:
@@ -782,7 +784,7 @@ class HostCore:
             # Its kernels wait behind a hold until the last slice is queued (stream_gate.py): trickling out over
             # the launch, they slowed every other model's steps for all of it, and its GPU time (charged to its
             # model) was its launch time. The timing starts when the hold opens.
-            gate = self._gates.get(str(stream.device)) if GATE_PROMPTS else None
+            gate = self._gates.get(str(stream.device))
             ticket = gate.hold(stream) if gate is not None else 0
             run = _Running(name, eng, plan, shape, t0, stream, slices=eng.launch_slices(plan, stream))
             run.start = _event(stream)
