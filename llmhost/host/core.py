@@ -491,8 +491,9 @@ class HostCore:
                 runs.remove(run)
                 moved = True
                 events.extend(self._collect(run))
-                behind = next((r for r in runs if r.name == run.name and r.shape == run.shape), None)
-                if behind is not None:  # its model's next step, queued behind it on its stream, starts now
+                decode = not run.shape.prefill_tokens
+                behind = next((r for r in runs if r.name == run.name and not r.shape.prefill_tokens), None)
+                if decode and behind is not None:  # its model's next decode step, queued behind it, starts now
                     behind.began = max(behind.began, time.perf_counter())
         lanes: dict[str, list[str]] = {}
         for name, slot in self.slots.items():
@@ -705,8 +706,8 @@ class HostCore:
         return self.gpu.launch_ok(name, costs, prompt=not shape.decode_rows, done_s=self._done_in_flight(running))
 
     def _done_in_flight(self, running: list[_Running]) -> dict[str, float]:
-        """Each model whose oldest step in `running` is a decode step -> how much of that step's solo cost has run
-        by now: the fraction of its usual wall time (_step_wall, beside the others) since it began, at most all of
+        """Each model with a decode step in `running` -> how much of its oldest decode step's solo cost has run by
+        now: the fraction of its usual wall time (_step_wall, beside the others) since it began, at most all of
         it (GpuScheduler.launch_ok's `done_s`). Its bound then moves on while it runs."""
         now = time.perf_counter()
         done: dict[str, float] = {}
