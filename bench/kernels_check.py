@@ -277,8 +277,8 @@ def sliced_prompt(gated: bool = False) -> dict[str, Any]:
     sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
     a.add_request(prompt, greedy(16))
     plan = a.schedule(decodes=False)
-    gate = StreamGate(DEV)
-    ticket = gate.hold(sa) if gated else 0
+    gate = StreamGate(DEV) if gated else None
+    ticket = gate.hold(sa) if gate is not None else 0
     slices, between = a.launch_slices(plan, sa), 0
     while True:
         try:
@@ -288,7 +288,7 @@ def sliced_prompt(gated: bool = False) -> dict[str, Any]:
         with torch.cuda.stream(sb):
             b.step()  # b's decode step, launched between two of a's slices
         between += 1
-    if gated:
+    if gate is not None:
         gate.release(ticket)
     tokens = [o.token for o in a.collect(plan)]
     while a.has_work:

@@ -100,11 +100,11 @@ class _Running:
     slice_ms: list[float] = field(default_factory=list)  # how long each slice took to queue (the step trace's)
     start: torch.cuda.Event | None = None  # recorded before the step's kernels (timing events)
     gate: StreamGate | None = None  # holds a launch in slices' kernels until its last slice is queued
-    began: float = 0.0  # when it could start: launched, or (queued behind its model's step) that step collected
+    began: float = field(init=False)  # when it could start: launched, or (queued behind its model's step) collected
     ticket: int = 0  # its hold's
 
     def __post_init__(self) -> None:
-        self.began = max(self.began, self.t0)
+        self.began = self.t0
 
     def finished(self) -> bool:
         if self.slices is not None:
@@ -773,7 +773,6 @@ class HostCore:
         eng: Engine = self.slots[name].engine
         t0 = time.perf_counter()
         eager = shape.prefill_tokens > 0 or eng.runner is None
-        start = _event(stream) if stream is not None else None
         if stream is not None and eager and self._others_have_work(name, str(stream.device)):
             # An eager step's launch is milliseconds of Python (tens of ms for a prompt chunk on an 8B model,
             # bench/probes/launch_syncs.py): launched whole from the loop, it held every other model's next step
@@ -791,6 +790,7 @@ class HostCore:
             run.start = _event(stream)
             run.gate, run.ticket = gate, ticket
             return run
+        start = _event(stream) if stream is not None else None
         try:
             eng.execute(plan, stream)
         except Exception:
