@@ -14,7 +14,8 @@ or GGUF with its tokenizer). Prompts are token ids, sent to /v1/completions as `
 identical prompts whatever the tokenizer.
 
 Usage (GPU machine): python bench/serve.py [--clients 64] [--prompt-tokens 128] [--max-tokens 256]
-Needs fastapi, uvicorn, pydantic, httpx in the environment. Writes bench/results/serve-<gpu>.json.
+Needs fastapi, uvicorn, pydantic in the environment (the clients are sse_client.py's, plain asyncio).
+Writes bench/results/serve-<gpu>.json.
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx
 import torch
 from common import gpu_tag, write_result
 from random_checkpoint import random_checkpoint
+from sse_client import post_events
 
 from llmhost.config import ModelConfig
 from llmhost.engine.engine import Engine
@@ -137,9 +139,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _client(client: httpx.AsyncClient, url: str, prompt: list[int], seed: int, max_tokens: int) -> list[float]:
-    """When each token of one streaming request arrived (one completions chunk per token: the word-level
-    tokenizer never holds text back; a real tokenizer may, which delays a time but never drops one)."""
+async def _client(port: int, prompt: list[int], seed: int, max_tokens: int) -> tuple[float, list[float]]:
+    """When one streaming request was sent, and when each of its tokens arrived (one completions chunk per token:
+    the word-level tokenizer never holds text back; a real tokenizer may, which delays a time but never drops
+    one)."""
     body = {
         "model": MODEL,
         "prompt": prompt,
@@ -152,32 +155,37 @@ async def _client(client: httpx.AsyncClient, url: str, prompt: list[int], seed: 
     }
     times: list[float] = []
     usage = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            now = time.perf_counter()
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            if chunk["choices"]:
-                times.append(now)
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
+    sent = time.perf_counter()
+    async for event in post_events("127.0.0.1", port, "/v1/completions", body):
+        if event.data == "[DONE]":
+            continue
+        chunk = json.loads(event.data)
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"]["message"])
+        if chunk["choices"]:
+            times.append(event.at)
+        if chunk.get("usage"):
+            usage = chunk["usage"]["completion_tokens"]
     if usage > len(times):  # a chunk that carried several tokens: count them all at its time
         times += [times[-1]] * (usage - len(times))
-    return times
+    return sent, times
 
 
-async def _drive(url: str, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=len(prompts) + 8, max_keepalive_connections=len(prompts) + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await asyncio.gather(*(_client(client, url, p, 0, WARMUP_TOKENS) for p in prompts))
-        start = time.perf_counter()
-        results = await asyncio.gather(*(_client(client, url, p, i, max_tokens) for i, p in enumerate(prompts)))
-    return summary(results, start)
+async def _drive(port: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """Every client at once, each on its own connection (sse_client.py: httpx's one client spread the requests'
+    arrival over half a second of its own work)."""
+    await asyncio.gather(*(_client(port, p, 0, WARMUP_TOKENS) for p in prompts))
+    start = time.perf_counter()
+    results = await asyncio.gather(*(_client(port, p, i, max_tokens) for i, p in enumerate(prompts)))
+    doc = summary([times for _, times in results], start)
+    doc["send_spread_s"] = round(max(sent for sent, _ in results) - start, 4)
+    return doc
+
+
+def _health(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+        doc: dict[str, Any] = json.load(r)
+    return doc
 
 
 def run_http(path: Path, prompts: list[list[int]], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -199,17 +207,16 @@ def run_http(path: Path, prompts: list[list[int]], args: argparse.Namespace, wor
             if proc.poll() is not None or time.perf_counter() - t0 > LOAD_TIMEOUT_S:
                 raise RuntimeError(f"the server did not start:\n{log.read_text()[-4000:]}")
             try:
-                r = httpx.get(f"{url}/health", timeout=2)
-                state = r.json()["models"].get(MODEL)
-                if state == "loaded":
-                    break
-                if state == "failed":
-                    raise RuntimeError(f"the model failed to load:\n{log.read_text()[-4000:]}")
-            except httpx.HTTPError:
-                pass
+                state = _health(url)["models"].get(MODEL)
+            except OSError:  # not listening yet (URLError is an OSError)
+                state = None
+            if state == "loaded":
+                break
+            if state == "failed":
+                raise RuntimeError(f"the model failed to load:\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
         load_s = time.perf_counter() - t0
-        result = asyncio.run(_drive(url, prompts, args.max_tokens))
+        result = asyncio.run(_drive(port, prompts, args.max_tokens))
         result["load_s"] = round(load_s, 2)
         return result
     finally:
