@@ -199,10 +199,12 @@ def drive_threads(
     t_start: float,
     t_end: float,
     priorities: Sequence[int] | None = None,
+    streams: Sequence[torch.cuda.Stream] | None = None,
 ) -> list[Stream]:
     """One thread per engine, each on its own CUDA stream (the strongest form of the report's pattern: on the
     default stream two threads' kernels could not even overlap), all starting at t_start. `priorities`: each
-    engine's stream priority (default 0 each; lower is higher)."""
+    engine's stream priority (default 0 each; lower is higher); `streams`: each engine's stream, made by the
+    caller (a green context's, say) instead."""
     results: list[list[Stream]] = [[] for _ in engines]
     errors: list[BaseException] = []
 
@@ -212,6 +214,8 @@ def drive_threads(
                 cuda = engines[k].device.type == "cuda"
                 prio = priorities[k] if priorities is not None else 0
                 stream = torch.cuda.Stream(engines[k].device, priority=prio) if cuda else None  # type: ignore[no-untyped-call]
+                if streams is not None:
+                    stream = streams[k]
                 ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
                 with ctx:
                     time.sleep(max(0.0, t_start - time.monotonic()))
