@@ -223,6 +223,42 @@ def two_models() -> dict[str, Any]:
     }
 
 
+def confined_graphs() -> dict[str, Any]:
+    """A runner's graphs captured once more on a stream confined to part of the SMs (sm_partition.py), as the host's
+    SM steering does, then the whole GPU's selected again: the same logits at each batch size. Bitwise where the
+    kernels split their work the same way; cuBLAS may pick another algorithm for fewer SMs, which changes the
+    rounding only (bf16: relative error well under 1e-2)."""
+    from llmhost.engine.sm_partition import confined_stream, sm_count
+
+    _, cache, runner = runner_for(SHAPES["smollm2-135m"], 30)
+    k0, v0 = cache.k.clone(), cache.v.clone()
+
+    def logits() -> list[torch.Tensor]:
+        cache.k.copy_(k0)
+        cache.v.copy_(v0)
+        return [runner.run(rows_at(s, b)).clone() for s, b in enumerate((1, 3, 8))]
+
+    plain = logits()
+    sms = sm_count(DEV) // 16 * 8  # about half the GPU, a multiple of 8
+    stream = confined_stream(DEV, sms)
+    if stream is None:
+        return {"green_contexts": False}
+    runner.capture_confined({sms: stream}, 8)
+    runner.select(sms)
+    confined = logits()
+    captured = sorted(runner.confined[sms])
+    runner.select(None)
+    back = logits()
+    return {
+        "green_contexts": True,
+        "sms": sms,
+        "confined_bitwise_equal": all(torch.equal(a, b) for a, b in zip(confined, plain, strict=True)),
+        "confined_rel_err": max(rel(a, b) for a, b in zip(confined, plain, strict=True)),
+        "unconfined_again_bitwise_equal": all(torch.equal(a, b) for a, b in zip(back, plain, strict=True)),
+        "recaptured_sizes": captured,
+    }
+
+
 def replace_vocab(shape: ModelShape) -> ModelShape:
     from dataclasses import replace
 
@@ -400,6 +436,7 @@ def main() -> None:
         "kernels_rel_err_fp32": kernel_errors(torch.float32),
         "graph_decode_rel_err": graph_vs_reference(),
         "two_models": two_models(),
+        "confined_graphs": confined_graphs(),
         "flat_attention_rel_err": flat_attention(),
         "sliced_prompt": sliced_prompt(),
         "sliced_prompt_gated": sliced_prompt(gated=True),
@@ -409,7 +446,8 @@ def main() -> None:
         "tolerance": "kernels: bf16 rel err < 1e-2 (rounding 2^-8 per op), fp32 < 1e-5; graph decode: fp32 < 1e-4 "
         "vs the fp32 reference, bf16 at most 2x the reference's own bf16 error; two-model runs bitwise equal; "
         "flat attention in bf16 at most 2x the per-chunk reference's bf16 error; a prompt launched in slices gives "
-        "the tokens of the whole launch, gated or not; a stream gate holds until released, gives up unreleased",
+        "the tokens of the whole launch, gated or not; a stream gate holds until released, gives up unreleased; graphs "
+        "captured on a confined stream give the plain graphs' logits (rel err < 1e-2), back on a plain one bitwise",
         "command": "python bench/kernels_check.py",
     }
     ok_bf16 = all(v < 1e-2 for v in doc["kernels_rel_err_bf16"].values())
@@ -421,6 +459,8 @@ def main() -> None:
         ok_bf16 and ok_fp32 and ge["graph_fp32_vs_reference_fp32"] < 1e-4
         and ge["graph_bf16_vs_fp32"] <= 2 * ge["reference_bf16_vs_fp32"]
         and tm["interleaved_equal_solo"] and tm["two_streams_equal_solo"]
+        and doc["confined_graphs"].get("confined_rel_err", 1.0) < 1e-2
+        and doc["confined_graphs"].get("unconfined_again_bitwise_equal", False)
         and fa["varlen_bf16_vs_fp32"] <= 2 * fa["reference_bf16_vs_fp32"]
         and doc["sliced_prompt"]["sliced_equal_whole"]
         and doc["sliced_prompt_gated"]["sliced_equal_whole"]

@@ -1,8 +1,9 @@
 """Several models on one GPU through the host, against baselines with the same engine, measured in one run (issue 6).
 
 Random weights at real shapes, bf16 (speed and memory do not depend on the values):
-1. pair: Mistral-7B + Qwen2.5-14B, one batch-1 stream each. Through the in-process host: each alone (the other
-   loaded, idle), then together with weights 1:1, 3:1 and 1:3 (Mistral:Qwen). Baselines driving the same Engine
+1. pair: Mistral-7B + Qwen2.5-14B (on a GPU of 120 GiB or more, the H200: Mistral-7B + Yi-34B), one batch-1 stream
+   each. Through the in-process host: each alone (the other loaded, idle), then together with weights 1:1, 3:1 and
+   1:3 (the small model : the large), and 1:1 with [host] sm_steering on. Baselines driving the same Engine
    with engine.step() loops: two threads in one process (the report's pattern; each on its own CUDA stream), two
    processes (time-sliced), two processes under CUDA MPS. Per model: tok/s, normalized speed (together / alone),
    GPU-time shares (the host scheduler's charged seconds); both models: effective bandwidth (per token, the
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,22 @@ MODES = {
 }  # fmt: skip
 PROMPT = 128
 FOUR_CLIENTS = 8
-PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0)}  # Mistral : Qwen
+PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-steered": (1.0, 1.0)}
+LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
+LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
 PARK_RAM = 90 * GiB
 REQUEST_TIMEOUT_S = 60.0  # one swap-phase request, swaps included
 PHASE_TIMEOUT_S = {"full": 240.0, "quick": 150.0, "cpu-smoke": 150.0}
+
+
+def for_gpu(mode: Mode) -> Mode:
+    """The full run's pair on a GPU of LARGE_GPU or more is the report's Mistral-7B + Yi-34B (issue 6: "on H200
+    when lent"); the 80 GB H100 runs Mistral-7B + Qwen2.5-14B. Parent and phase processes decide alike (NVML)."""
+    total = gpu_total()
+    if mode.name == "full" and total is not None and total >= LARGE_GPU:
+        return replace(mode, pair=LARGE_PAIR)
+    return mode
 
 
 def names(models: tuple[str, ...]) -> list[str]:
@@ -257,7 +269,8 @@ def drive_four(
 def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     """The host in its own process, as the server runs it (this process's client threads take no GIL time from its
     loop): (pair) each model alone, then together at weights 1:1; (pair-3:1, pair-1:3) together at those weights
-    (Mistral:Qwen), each host in a fresh process; (four) each model alone, then all together."""
+    (small:large), each host in a fresh process; (pair-steered) 1:1 with SM steering; (four) each model alone,
+    then all together."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -267,7 +280,9 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         w = PAIR_WEIGHTS[scenario]
         loads = _loads(mode, mode.pair, 1, mode.pair_tokens)
         models = _host_models(mode, mode.pair, mode.pair_tokens, 1, w)
-        run = d.start_host(inventory, HostConfig(), models, f"pair host {w[0]:g}:{w[1]:g}", in_process=False)
+        # pair-steered: weights 1:1 with the models' decode graphs confined to SMs steered to their shares.
+        host = HostConfig(sm_steering=scenario == "pair-steered")
+        run = d.start_host(inventory, host, models, f"{scenario} host {w[0]:g}:{w[1]:g}", in_process=False)
         if scenario == "pair":
             out["alone"] = {}
             for ld in loads:
@@ -403,15 +418,23 @@ PHASES = {"baseline": phase_baseline, "processes": phase_processes, "host": phas
 # -- the run: phases in child processes, MPS, targets -------------------------------------------------------------
 
 
-def gpu_used() -> int | None:
-    """Device 0's used bytes (NVML, no CUDA context here); None without a GPU."""
+def _gpu_memory(field: str) -> int | None:
+    """Device 0's memory `field` (used, total) in bytes from NVML (no CUDA context here); None without a GPU."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+        return int(getattr(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)), field))
     except Exception:
         return None
+
+
+def gpu_used() -> int | None:
+    return _gpu_memory("used")
+
+
+def gpu_total() -> int | None:
+    return _gpu_memory("total")
 
 
 def wait_idle(idle: int | None, limit_s: float = 90.0) -> tuple[float, int | None]:
@@ -493,6 +516,7 @@ class Mps:
 PLAN = (
     ("pair/baseline", "baseline", "pair", False),
     ("pair/host", "host", "pair", False),
+    ("pair/host-steered", "host", "pair-steered", False),
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/processes", "processes", "pair", False),
@@ -530,10 +554,10 @@ def main() -> None:
         torch.set_grad_enabled(False)
         if args.mode == "cpu-smoke":
             torch.set_num_threads(1)  # tiny models: a thread pool only adds contention between the engines
-        doc = PHASES[args.phase](MODES[args.mode], args.scenario)
+        doc = PHASES[args.phase](for_gpu(MODES[args.mode]), args.scenario)
         Path(args.out).write_text(json.dumps(doc))
         return
-    mode = MODES["cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"]
+    mode = for_gpu(MODES["cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"])
     t_begin = time.monotonic()
     results: dict[str, Any] = {}
     mps_note: dict[str, Any] = {"started": False, "why_not": "CPU run"}

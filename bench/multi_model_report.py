@@ -60,6 +60,10 @@ def build(
     for key in PAIR_KEYS:
         if key in host:
             pair["host"][key] = _pair_summary(host[key], host_alone, pair_names, copy_gbps)
+    steered = results.get("pair/host-steered", {})
+    if "together_1_1" in steered:  # [host] sm_steering on, against the same alone speeds as the default host's
+        pair["host_sm_steering"] = {"together_1_1": _pair_summary(steered["together_1_1"], host_alone, pair_names,
+                                                                  copy_gbps)}  # fmt: skip
     engine_alone = base.get("alone", {})
     pair["baselines"]["engine_alone"] = engine_alone
     sources = {
@@ -102,7 +106,7 @@ def build(
             }
 
     swap = results.get("swap/swap", {})
-    hosts = ("pair/host", "pair/host-3:1", "pair/host-1:3", "four/host", "swap/swap")
+    hosts = ("pair/host", "pair/host-steered", "pair/host-3:1", "pair/host-1:3", "four/host", "swap/swap")
     recs = [r for k in hosts for r in results.get(k, {}).get("reconciliations", [])]
     doc: dict[str, Any] = {
         "copy_bandwidth_GBps": copy_gbps,
@@ -121,27 +125,35 @@ def build(
     return doc
 
 
+def _pair_equal(eq: dict[str, Any], best: dict[str, Any], label: str) -> list[dict[str, Any]]:
+    """The equal-weights pair's two targets: bandwidth above every baseline, normalized speeds within 15%."""
+    mine = eq.get("combined_bandwidth_GBps")
+    out = [_target(f"pair{label}: combined bandwidth above every baseline", mine, f"> {best}",
+                   None if mine is None or not best else all(mine > b for b in best.values()))]  # fmt: skip
+    norms = [m.get("normalized") for m in eq.get("models", {}).values()]
+    name = f"pair{label}: normalized speeds within 15% (weights 1:1)"
+    if len(norms) == 2 and None not in norms:
+        a, b = norms
+        spread = abs(a - b) / max(a, b)
+        out.append(_target(name, round(spread, 4), "<= 0.15", spread <= 0.15, normalized=norms))
+    else:
+        out.append(_target(name, None, "<= 0.15", None))
+    return out
+
+
 def targets(
     pair: dict[str, Any], four: dict[str, Any], swap: dict[str, Any], recs: list[dict[str, Any]], copy: float | None
 ) -> list[dict[str, Any]]:
     out = []
     eq = pair["host"].get("together_1_1", {})
+    best = {k: v.get("combined_bandwidth_GBps") for k, v in pair["baselines"].items() if "combined_bandwidth_GBps" in v}
     frac = eq.get("fraction_of_copy_bandwidth")
     out.append(_target("pair: combined effective bandwidth / copy bandwidth (weights 1:1)", frac, ">= 0.88",
                        None if frac is None else frac >= 0.88, combined_GBps=eq.get("combined_bandwidth_GBps"),
                        copy_GBps=copy))  # fmt: skip
-    mine = eq.get("combined_bandwidth_GBps")
-    best = {k: v.get("combined_bandwidth_GBps") for k, v in pair["baselines"].items() if "combined_bandwidth_GBps" in v}
-    out.append(_target("pair: combined bandwidth above every baseline", mine, f"> {best}",
-                       None if mine is None or not best else all(mine > b for b in best.values())))  # fmt: skip
-    norms = [m.get("normalized") for m in eq.get("models", {}).values()]
-    if len(norms) == 2 and None not in norms:
-        a, b = norms
-        spread = abs(a - b) / max(a, b)
-        out.append(_target("pair: normalized speeds within 15% (weights 1:1)", round(spread, 4), "<= 0.15",
-                           spread <= 0.15, normalized=norms))  # fmt: skip
-    else:
-        out.append(_target("pair: normalized speeds within 15% (weights 1:1)", None, "<= 0.15", None))
+    out += _pair_equal(eq, best, "")
+    if "host_sm_steering" in pair:
+        out += _pair_equal(pair["host_sm_steering"]["together_1_1"], best, " with [host] sm_steering")
     for key, heavy in (("together_3_1", 0), ("together_1_3", 1)):
         run = pair["host"].get(key, {})
         ns = [m.get("normalized") for m in run.get("models", {}).values()]

@@ -64,6 +64,10 @@ class HostConfig:
     reserve: tuple[int, ...] = (0,)  # bytes kept free per GPU; one value applies to all GPUs
     block_size: int = DEFAULT_BLOCK_SIZE
     park_ram: int | None = None  # pinned host RAM parked models' weights may hold; None: half of the host's RAM
+    # Models decoding beside others on a GPU replay decode graphs confined to part of its SMs, steered towards
+    # their fair shares (host/sm_steering.py). Off by default: each model then also captures its small batch
+    # sizes' graphs once per SM level at load and swap-in, in time and memory the plan does not count.
+    sm_steering: bool = False
 
     def reserve_for(self, gpu_index: int) -> int:
         if len(self.reserve) == 1:
@@ -113,7 +117,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     return Config(host=host, models=models, source=source)
 
 
-_HOST_KEYS = {"reserve", "block_size", "park_ram"}
+_HOST_KEYS = {"reserve", "block_size", "park_ram", "sm_steering"}
 _MODEL_KEYS = {
     "path",
     "dtype",
@@ -141,7 +145,8 @@ def _parse_host(t: Mapping[str, Any], where: str) -> HostConfig:
     )
     block_size = _get(_positive_int, t, "block_size", where, "[host]", DEFAULT_BLOCK_SIZE)
     park_ram = _get(lambda v: _size(v, allow_zero=True), t, "park_ram", where, "[host]") if "park_ram" in t else None
-    return HostConfig(reserve=reserve, block_size=block_size, park_ram=park_ram)
+    sm_steering = _get(_bool, t, "sm_steering", where, "[host]", False)
+    return HostConfig(reserve=reserve, block_size=block_size, park_ram=park_ram, sm_steering=sm_steering)
 
 
 def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> ModelConfig:

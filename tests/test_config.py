@@ -155,6 +155,7 @@ def test_defaults(tmp_path: Path) -> None:
     cfg = load(tmp_path, '[models.smol]\npath = "smol.gguf"\n')
     assert cfg.source == tmp_path / "models.toml"
     assert cfg.host == HostConfig(reserve=(0,), block_size=DEFAULT_BLOCK_SIZE)
+    assert cfg.host.sm_steering is False
     (m,) = cfg.models
     assert m == ModelConfig(name="smol", path=tmp_path / "smol.gguf")
     assert m.dtype == "bfloat16"
@@ -181,6 +182,7 @@ def test_all_keys(tmp_path: Path) -> None:
 [host]
 reserve = "1.5GiB"
 block_size = 32
+sm_steering = true
 
 [models.big]
 path = "/abs/llama"
@@ -203,7 +205,7 @@ keep_alive = -1
 gpus = 2
 """,
     )
-    assert cfg.host == HostConfig(reserve=(3 * GiB // 2,), block_size=32)
+    assert cfg.host == HostConfig(reserve=(3 * GiB // 2,), block_size=32, sm_steering=True)
     big, small = cfg.models  # in file order
     assert big == ModelConfig(
         name="big",
@@ -413,6 +415,7 @@ def test_zero_or_negative_model_values(tmp_path: Path, body: str, key: str) -> N
         ("block_size = 0", "block_size"),
         ("block_size = -16", "block_size"),
         ('reserve = "lots"', "expected a size like"),
+        ('sm_steering = "yes"', "sm_steering"),
     ],
 )
 def test_bad_host_values(tmp_path: Path, body: str, fragment: str) -> None:

@@ -86,6 +86,28 @@ class DecodeRunner:
         self.ws = DecodeWorkspace(mb, s.num_heads, s.head_dim, max_seq_len, dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: Any = None  # the shared graph memory pool handle, set by the first capture
+        # Graph sets confined to part of the GPU's SMs (sm_partition.py), captured ahead on a stream of each
+        # count, for batch sizes up to their max_rows (the steps that run beside other models'); `sms` picks the
+        # set replayed, None the whole GPU. Selecting costs nothing: capturing in the loop when the host changed
+        # its mind stalled every model 100-200 ms (bench/results/multi_model_sm_steering-h100.json).
+        self.confined: dict[int, dict[int, torch.cuda.CUDAGraph]] = {}
+        self.sms: int | None = None
+
+    def capture_confined(self, streams: dict[int, torch.cuda.Stream], max_rows: int) -> None:
+        """Capture the batch sizes up to `max_rows` once more for each SM count, on its confined stream (a graph
+        captured on one runs on its SMs wherever it is replayed), into the shared pool."""
+        for sms, stream in streams.items():
+            graphs = self.confined.setdefault(sms, {})
+            for b in sorted((b for b in self.sizes if b <= max_rows), reverse=True):
+                if b not in graphs:
+                    graphs[b] = self._capture_graph(b, stream)
+
+    def select(self, sms: int | None) -> None:
+        """Replay the graphs confined to `sms` SMs from now on (a set captured by capture_confined), or None: the
+        whole GPU's. Batch sizes without a confined graph replay the whole GPU's."""
+        if sms is not None and sms not in self.confined:
+            raise ValueError(f"no graphs confined to {sms} SMs were captured")
+        self.sms = sms
 
     @property
     def static_bytes(self) -> int:
@@ -143,7 +165,8 @@ class DecodeRunner:
         if self.capture_on_demand and padded not in self.graphs:
             self._capture(padded)
         self._stage(rows, padded)
-        graph = self.graphs.get(padded)
+        graph = self.confined[self.sms].get(padded) if self.sms is not None else None
+        graph = graph or self.graphs.get(padded)
         if graph is not None:
             graph.replay()
         else:
@@ -181,15 +204,18 @@ class DecodeRunner:
             self._capture(b)
 
     def _capture(self, b: int) -> None:
+        stream = _CAPTURE_STREAMS.get(self.model)
+        if stream is None:
+            stream = _CAPTURE_STREAMS[self.model] = torch.cuda.Stream(self.model.device)  # type: ignore[no-untyped-call]
+        self.graphs[b] = self._capture_graph(b, stream)
+
+    def _capture_graph(self, b: int, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
         self._stage([], b)  # padding inputs: capture must not touch real cache blocks
         self._forward(b)  # warm-up: compiles the kernels and lets cuBLAS pick its algorithms
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        stream = _CAPTURE_STREAMS.get(self.model)
-        if stream is None:
-            stream = _CAPTURE_STREAMS[self.model] = torch.cuda.Stream(self.model.device)  # type: ignore[no-untyped-call]
         with torch.cuda.graph(g, pool=self.pool, stream=stream):
             self._forward(b)
         self.pool = g.pool()
-        self.graphs[b] = g
         torch.cuda.synchronize()
+        return g

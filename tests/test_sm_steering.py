@@ -1,0 +1,192 @@
+"""SmSteering: which model's decode graphs lose or regain SMs, from the time fair sharing held each back; the host
+core's wiring of it (fake runners and green contexts on a simulated GPU)."""
+
+from __future__ import annotations
+
+from multiprocessing import Pipe
+from pathlib import Path
+
+import pytest
+import torch
+from engine_fixtures import TinyModels, tiny_models  # noqa: F401
+from test_coordinator import FakeRuntime
+
+from llmhost.config import load_config
+from llmhost.engine import sm_partition
+from llmhost.host.coordinator import Slot
+from llmhost.host.core import HostCore
+from llmhost.host.sm_steering import ALONE_WINDOWS, SmSteering, confined_levels
+from llmhost.memory.inventory import parse_gpu_spec
+
+
+def window(st: SmSteering, t: float, held: dict[str, float], ready: tuple[str, ...] = ()) -> dict[str, int]:
+    """One 0.5 s window in which each model had work all along and was held back `held[name]` of it."""
+    for name in ready or tuple(held):
+        st.observe(name, 0.5 * (1.0 - held.get(name, 0.0)), False)
+        st.observe(name, 0.5 * held.get(name, 0.0), True)
+    return st.decide(t)
+
+
+def steering(*models: str) -> SmSteering:
+    """Steering of a 132-SM GPU whose models have been ready together for one window already."""
+    st = SmSteering(132)
+    for m in models:
+        st.add(m)
+    assert st.decide(0.0) == {}  # the first call starts the first window
+    assert window(st, 0.5, {m: 0.5 for m in models}) == {}  # the set of ready models changed: no decision
+    return st
+
+
+def test_levels_are_multiples_of_eight_below_the_whole_gpu() -> None:
+    assert confined_levels(132) == (112, 104, 96, 88)
+    assert SmSteering(132).levels == (132, 112, 104, 96, 88)
+
+
+def test_the_most_held_model_moves_down_a_level_per_five_percent_held() -> None:
+    st = steering("7b", "14b")
+    assert window(st, 1.0, {"7b": 0.0, "14b": 0.10}) == {"14b": 104}  # two levels
+    assert window(st, 1.5, {"7b": 0.0, "14b": 0.06}) == {"14b": 96}  # the next window decides again
+    assert st.sms("14b") == 96 and st.sms("7b") == 132
+
+
+def test_near_its_share_nothing_moves() -> None:
+    st = steering("a", "b")
+    for k in range(3, 8):
+        assert window(st, 0.5 * k, {"a": 0.04, "b": 0.01}) == {}
+    assert st.sms("a") == st.sms("b") == 132
+
+
+def test_a_newcomers_start_decides_nothing() -> None:
+    st = steering("a", "b")
+    st.add("c")
+    # c's first window: a was held as c started; the set of ready models changed, so nothing moves.
+    assert window(st, 1.0, {"a": 0.3, "b": 0.0, "c": 0.0}) == {}
+    assert window(st, 1.5, {"a": 0.3, "b": 0.0, "c": 0.0}) == {"a": 104}
+
+
+def test_an_overshoot_gives_sms_back_and_sets_a_floor() -> None:
+    st = steering("7b", "14b")
+    assert window(st, 1.0, {"14b": 0.20, "7b": 0.0}) == {"14b": 104}  # two levels at most
+    assert window(st, 1.5, {"14b": 0.05, "7b": 0.0}) == {"14b": 96}
+    # Now the 7B is ahead and held: the confined 14B gets SMs back rather than the 7B losing any...
+    assert window(st, 2.0, {"7b": 0.06, "14b": 0.0}) == {"14b": 104}
+    # ...and the 14B, held again, is not confined below where it was given SMs back.
+    assert window(st, 2.5, {"14b": 0.10, "7b": 0.0}) == {}
+    assert st.sms("14b") == 104
+
+
+def test_never_below_the_deepest_level() -> None:
+    st = steering("a", "b")
+    for k in range(2, 30):
+        window(st, 0.5 * k, {"a": 0.5, "b": 0.0})
+    assert st.sms("a") == 88 and st.sms("b") == 132
+
+
+def test_a_model_decoding_alone_gets_the_whole_gpu_back() -> None:
+    st = steering("a", "b")
+    assert window(st, 1.0, {"a": 0.10, "b": 0.0}) == {"a": 104}
+    t = 1.0
+    changes: dict[str, int] = {}
+    for _ in range(ALONE_WINDOWS + 1):
+        t += 0.5
+        changes |= window(st, t, {"a": 0.0}, ready=("a",))
+    assert changes == {"a": 132}
+
+
+def test_a_model_that_left_is_forgotten_and_floors_reset() -> None:
+    st = steering("a", "b", "c")
+    assert window(st, 1.0, {"a": 0.10, "b": 0.0, "c": 0.0}) == {"a": 104}
+    assert window(st, 1.5, {"a": 0.0, "b": 0.05, "c": 0.0}) == {"a": 112}  # a gets SMs back: floor 112
+    st.remove("c")
+    window(st, 2.5, {"a": 0.0, "b": 0.0})  # the ready set changed
+    assert window(st, 3.0, {"a": 0.05, "b": 0.0}) == {"a": 104}  # floor reset: a may go below 112 again
+    st.observe("c", 1.0, True)  # ignored: not resident
+    with pytest.raises(KeyError):
+        st.sms("c")
+
+
+# -- the host core's wiring: which runner set is selected, and a failed capture turns steering off ------------------
+
+
+class _Runner:
+    """A decode runner's steering surface: the confined graph sets captured and the one selected."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.captured: list[int] = []
+        self.sms: int | None = None
+
+    def capture_confined(self, streams: dict[int, object], max_rows: int) -> None:
+        if self.fail:
+            raise RuntimeError("CUDA out of memory (injected)")
+        self.captured += sorted(streams)
+
+    def select(self, sms: int | None) -> None:
+        assert sms is None or sms in self.captured
+        self.sms = sms
+
+
+def _steered_core(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+    fail: str = "",
+) -> HostCore:
+    """A host core on a simulated 80 GiB GPU with [host] sm_steering on, two loaded fake models whose runners
+    record the steering; green contexts faked (132 SMs), the GPU's stream gate stubbed."""
+    monkeypatch.setenv("LLMHOST_HISTORY", "off")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sm_partition, "sm_count", lambda device: 132)
+    monkeypatch.setattr(sm_partition, "confined_stream", lambda device, sms: object())
+    path = tiny_models("llama")[1]
+    cfg = tmp_path / "models.toml"
+    body = "".join(f'[models.{n}]\npath = "{path}"\ndtype = "float32"\nmax_seq_len = 128\n' for n in ("a", "b"))
+    cfg.write_text("[host]\nsm_steering = true\n" + body)
+
+    class Engine:
+        has_work = False
+
+        def __init__(self, name: str) -> None:
+            self.runner = _Runner(fail=name == fail)
+
+    class Runtime(FakeRuntime):
+        def load(self, slot: Slot) -> None:
+            super().load(slot)
+            slot.engine = Engine(slot.name)
+
+    _, theirs = Pipe()
+    core = HostCore(load_config(cfg), parse_gpu_spec("1x80GiB"), theirs, Runtime())
+    core._send_status = lambda query_id: None  # type: ignore[method-assign]
+    core._gates["cuda:0"] = object()  # type: ignore[assignment]  # a real stream gate compiles a Triton kernel
+    for n in ("a", "b"):
+        assert core._bring_in(n) is not None and core.slots[n].state == "loaded"
+    return core
+
+
+def test_the_host_confines_the_model_fair_sharing_holds_back(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    core = _steered_core(tmp_path, monkeypatch, tiny_models)
+    runners = {n: core.slots[n].engine.runner for n in ("a", "b")}
+    assert runners["a"].captured == runners["b"].captured == [88, 96, 104, 112]
+    steering = core._steering["cuda:0"]
+    steering.window_s = 0.0  # decide on every pass
+    core._steer("cuda:0", ["a", "b"], [])  # starts the first window
+    core._steer("cuda:0", ["a", "b"], ["b"])  # the set of ready models changed: no decision
+    core._steer("cuda:0", ["a", "b"], ["b"])  # b held all of the window: two levels down
+    assert (runners["a"].sms, runners["b"].sms) == (None, 104)
+    core._steer("cuda:0", ["a", "b"], ["a"])  # now a is held all of the window: b gets the whole GPU back
+    assert (runners["a"].sms, runners["b"].sms) == (None, None)
+
+
+def test_a_failed_confined_capture_leaves_the_gpu_unsteered_and_the_model_loaded(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    core = _steered_core(tmp_path, monkeypatch, tiny_models, fail="b")
+    assert "cuda:0" not in core._steering and "cuda:0" in core._unsteered
+    assert [core.slots[n].engine.runner.sms for n in ("a", "b")] == [None, None]
+    assert core.slots["b"].state == "loaded"
