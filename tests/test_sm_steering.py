@@ -15,6 +15,7 @@ from llmhost.config import load_config
 from llmhost.engine import sm_partition
 from llmhost.host.coordinator import Slot
 from llmhost.host.core import HostCore
+from llmhost.host.sm_confinement import SmConfinement
 from llmhost.host.sm_steering import ALONE_WINDOWS, SmSteering, confined_levels
 from llmhost.memory.inventory import parse_gpu_spec
 
@@ -132,15 +133,16 @@ def _steered_core(
     tiny_models: TinyModels,  # noqa: F811
     fail: str = "",
 ) -> HostCore:
-    """A host core on a simulated 80 GiB GPU with [host] sm_steering on, two loaded fake models whose runners
-    record the steering; green contexts faked (132 SMs), the GPU's stream gate stubbed."""
+    """A host core on a simulated 80 GiB GPU with [host] sm_steering on and three fake models configured, whose
+    runners record the steering (the one named `fail` fails its capture); a and b loaded, c not yet; green
+    contexts faked (132 SMs), the GPU's stream gate stubbed."""
     monkeypatch.setenv("LLMHOST_HISTORY", "off")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(sm_partition, "sm_count", lambda device: 132)
     monkeypatch.setattr(sm_partition, "confined_stream", lambda device, sms: object())
     path = tiny_models("llama")[1]
     cfg = tmp_path / "models.toml"
-    body = "".join(f'[models.{n}]\npath = "{path}"\ndtype = "float32"\nmax_seq_len = 128\n' for n in ("a", "b"))
+    body = "".join(f'[models.{n}]\npath = "{path}"\ndtype = "float32"\nmax_seq_len = 128\n' for n in ("a", "b", "c"))
     cfg.write_text("[host]\nsm_steering = true\n" + body)
 
     class Engine:
@@ -171,14 +173,19 @@ def test_the_host_confines_the_model_fair_sharing_holds_back(
     core = _steered_core(tmp_path, monkeypatch, tiny_models)
     runners = {n: core.slots[n].engine.runner for n in ("a", "b")}
     assert runners["a"].captured == runners["b"].captured == [88, 96, 104, 112]
-    steering = core._steering["cuda:0"]
-    steering.window_s = 0.0  # decide on every pass
-    core._steer("cuda:0", ["a", "b"], [])  # starts the first window
-    core._steer("cuda:0", ["a", "b"], ["b"])  # the set of ready models changed: no decision
-    core._steer("cuda:0", ["a", "b"], ["b"])  # b held all of the window: two levels down
+    confinement = core.confinement
+    assert confinement is not None and confinement.steers("cuda:0")
+    _b_held_back(confinement)
     assert (runners["a"].sms, runners["b"].sms) == (None, 104)
-    core._steer("cuda:0", ["a", "b"], ["a"])  # now a is held all of the window: b gets the whole GPU back
+    confinement.observe("cuda:0", ["a", "b"], ["a"])  # now a is held all of the window: b gets the whole GPU back
     assert (runners["a"].sms, runners["b"].sms) == (None, None)
+
+
+def _b_held_back(confinement: SmConfinement) -> None:
+    confinement._steering["cuda:0"].window_s = 0.0  # decide on every pass
+    confinement.observe("cuda:0", ["a", "b"], [])  # starts the first window
+    confinement.observe("cuda:0", ["a", "b"], ["b"])  # the set of ready models changed: no decision
+    confinement.observe("cuda:0", ["a", "b"], ["b"])  # b held all of the window: two levels down
 
 
 def test_a_failed_confined_capture_leaves_the_gpu_unsteered_and_the_model_loaded(
@@ -186,7 +193,13 @@ def test_a_failed_confined_capture_leaves_the_gpu_unsteered_and_the_model_loaded
     monkeypatch: pytest.MonkeyPatch,
     tiny_models: TinyModels,  # noqa: F811
 ) -> None:
-    core = _steered_core(tmp_path, monkeypatch, tiny_models, fail="b")
-    assert "cuda:0" not in core._steering and "cuda:0" in core._unsteered
-    assert [core.slots[n].engine.runner.sms for n in ("a", "b")] == [None, None]
-    assert core.slots["b"].state == "loaded"
+    core = _steered_core(tmp_path, monkeypatch, tiny_models, fail="c")
+    confinement = core.confinement
+    assert confinement is not None
+    _b_held_back(confinement)
+    assert core.slots["b"].engine.runner.sms == 104
+    assert core._bring_in("c") is not None and core.slots["c"].state == "loaded"
+    assert not confinement.steers("cuda:0")
+    assert [core.slots[n].engine.runner.sms for n in ("a", "b", "c")] == [None, None, None], "whole GPU again"
+    confinement.observe("cuda:0", ["a", "b", "c"], ["b"])  # nothing steers it any more
+    assert core.slots["b"].engine.runner.sms is None

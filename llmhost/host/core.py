@@ -32,7 +32,7 @@ from llmhost.engine.engine import Engine
 from llmhost.engine.scheduler import StepPlan
 from llmhost.errors import LlmhostError, RequestError
 from llmhost.host.coordinator import ByDevice, Coordinator, LoadFailed, ModelRuntime, Residency, Slot, plan_residencies
-from llmhost.host.gpu_scheduler import CONCURRENT_MAX_ROWS, GpuScheduler, StepShape, concurrent_ok
+from llmhost.host.gpu_scheduler import GpuScheduler, StepShape, concurrent_ok
 from llmhost.host.ledger import Ledger
 from llmhost.host.messages import (
     Abort,
@@ -49,7 +49,7 @@ from llmhost.host.messages import (
     TokenBatch,
     TokenEvent,
 )
-from llmhost.host.sm_steering import SmSteering
+from llmhost.host.sm_confinement import SmConfinement
 from llmhost.host.step_trace import StepTrace
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.history import History, Measured, history_key
@@ -200,16 +200,14 @@ class HostCore:
         self.stopping = False
         self._step_wall: dict[str, float] = {}  # per model: EMA of its decode steps' wall time, began -> collected
         self._gates: dict[str, StreamGate] = {}  # per GPU: holds a prompt step's kernels until its launch is queued
-        self._steering: dict[str, SmSteering] = {}  # per GPU: how many SMs each model's decode graphs may use
-        self._steered_at: dict[str, float] = {}  # per GPU: when its steering last observed the ready models
-        self._confined: dict[tuple[str, int], torch.cuda.Stream] = {}  # (model, SMs) -> its confined stream
-        self._unsteered: set[str] = set()  # GPUs without green contexts
         self._streams: dict[str, list[torch.cuda.Stream]] = {}  # per "device priority": the streams steps run on
         self._inflight: dict[str, list[_Running]] = {}  # per device, steps launched and not yet collected
         self._next_expiry = 0.0
         self._spinning = False  # the last pass had steps in flight and neither collected nor launched one
         self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
+        # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
+        self.confinement = SmConfinement(self._runner, self.trace) if config.host.sm_steering else None
         self._gc_start = 0.0
 
     @property
@@ -357,15 +355,14 @@ class HostCore:
                     from llmhost.engine.stream_gate import StreamGate
 
                     self._gates[device] = StreamGate(device)
-                # Models that decode from graphs (fake engines in tests have none) may be confined to some SMs.
-                if self.config.host.sm_steering and device.startswith("cuda") and _runner(s.engine) is not None:
-                    self._capture_confined(n, device)
+                if self.confinement is not None and device.startswith("cuda"):
+                    self.confinement.add(n, device)
 
     def _left(self, name: str) -> None:
         with contextlib.suppress(KeyError):
             self.gpu.remove(name)
-        for steering in self._steering.values():
-            steering.remove(name)
+        if self.confinement is not None:
+            self.confinement.remove(name)
         self._send_status(0)
 
     def _admit_pending(self) -> None:
@@ -689,14 +686,15 @@ class HostCore:
                 break
             shape = StepShape(nexts[name].decode_rows, 0)
             if not self._fits_beside(running, name, shape):
-                held = device in self._steering and all(concurrent_ok(r.shape, shape) for r in running)
+                held = self.confinement is not None and all(concurrent_ok(r.shape, shape) for r in running)
                 break
             waiting.remove(name)
             run = self._launch_plan(name, device, engines[name].schedule(0), running)
             if run is not None:
                 decoding.add(name)
                 moved = True
-        self._steer(device, ready, waiting if held else [])
+        if self.confinement is not None:
+            self.confinement.observe(device, ready, waiting if held else ())
         if prompting:
             return moved
         prompts = [n for n in ready if nexts[n].prefill_tokens > 0]
@@ -719,72 +717,11 @@ class HostCore:
         costs = self._costs_in_flight(running, prompts=True)
         return self.gpu.launch_ok(name, costs, prompt=not shape.decode_rows, done_s=self._done_in_flight(running))
 
-    def _steer(self, device: str, ready: list[str], held: list[str]) -> None:
-        """Tell the GPU's SM steering which models had work since the last pass and which of them had a decode
-        step that fair sharing kept from starting; apply what it decides (sm_steering.py): a model whose SM count
-        changes replays its graphs captured for that many SMs from its next decode step on."""
-        steering = self._steering.get(device)
-        if steering is None:
-            return
-        now = time.perf_counter()
-        seconds = now - self._steered_at.get(device, now)
-        self._steered_at[device] = now
-        for name in ready:
-            steering.observe(name, seconds, name in held)
-        for name, sms in steering.decide(now).items():
-            self._confine(name, sms, steering.total)
-
-    def _capture_confined(self, name: str, device: str) -> None:
-        """Capture `name`'s graphs of the sizes that run beside other models' (concurrent_ok) on a stream
-        confined to each of its GPU's steering levels, and steer it from now on. Where green contexts are not
-        available, or the capture fails, the GPU's models stay on the whole GPU, unsteered: steering only moves
-        bandwidth between models, and a failure of it must not fail the model."""
-        try:
-            self._try_capture_confined(name, device)
-        except Exception as e:  # a driver refusing a context, memory short for the extra graphs
-            log.warning("SM steering off on %s: capturing %s's confined graphs failed (%s)", device, name, e)
-            for n in self._steering.pop(device).models if device in self._steering else ():
-                runner = _runner(self.slots[n].engine)
-                if runner is not None:
-                    runner.select(None)
-            self._unsteered.add(device)
-
-    def _try_capture_confined(self, name: str, device: str) -> None:
-        if device not in self._steering:
-            if not torch.cuda.is_available() or device in self._unsteered:
-                return
-            from llmhost.engine.sm_partition import sm_count
-
-            self._steering[device] = SmSteering(sm_count(device))
-        from llmhost.engine.sm_partition import confined_stream
-
-        steering = self._steering[device]
-        streams: dict[int, torch.cuda.Stream] = {}
-        for sms in steering.levels[1:]:
-            # One stream (and green context) per model and level, for the host's lifetime: a swap-in reuses it.
-            stream = self._confined.get((name, sms)) or confined_stream(device, sms)
-            if stream is None:  # no green contexts here
-                del self._steering[device]
-                self._unsteered.add(device)
-                return
-            self._confined[(name, sms)] = stream
-            streams[sms] = stream
-        runner = _runner(self.slots[name].engine)
-        if runner is None:
-            return
-        t0 = time.perf_counter()
-        runner.capture_confined(streams, CONCURRENT_MAX_ROWS)
-        took = time.perf_counter() - t0
-        log.info("%s: decode graphs confined to %s SMs captured in %.2f s", name, sorted(streams), took)
-        steering.add(name)
-
-    def _confine(self, name: str, sms: int, total: int) -> None:
-        runner = _runner(self.slots[name].engine)
-        if runner is None:
-            return
-        runner.select(None if sms >= total else sms)
-        if self.trace is not None:
-            self.trace.add("confine", name, 0, 0, sms=sms)
+    def _runner(self, name: str) -> DecodeRunner | None:
+        """A resident model's decode runner: None for an engine without graphs (a CPU, a split model) and for the
+        tests' fake engines, which have no such attribute."""
+        runner: DecodeRunner | None = getattr(self.slots[name].engine, "runner", None)
+        return runner
 
     def _done_in_flight(self, running: list[_Running]) -> dict[str, float]:
         """Each model with a decode step in `running` -> how much of its oldest decode step's solo cost has run by
@@ -968,13 +905,6 @@ def _shape(plan: StepPlan) -> StepShape:
     """A planned step's size as the GPU scheduler reads it: its decode rows and its prompt tokens."""
     rows = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.sample)
     return StepShape(rows, sum(len(c.token_ids) for c in plan.chunks) - rows)
-
-
-def _runner(engine: Any) -> DecodeRunner | None:
-    """A resident engine's decode runner: None for an engine without graphs (a CPU, a split model) and for the
-    tests' fake engines, which have no such attribute."""
-    runner: DecodeRunner | None = getattr(engine, "runner", None)
-    return runner
 
 
 def _next_shape(engine: Engine) -> StepShape:

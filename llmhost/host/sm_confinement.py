@@ -1,0 +1,106 @@
+"""SmConfinement: SM steering applied to real decode runners. SmSteering (sm_steering.py) decides, per GPU, how
+many SMs each model's decode graphs may use; this captures each model's confined graph sets when it becomes
+resident, feeds the steering what the host loop saw, and selects the set it decides on.
+
+Steering only moves bandwidth between models: where green contexts are not available, or a capture fails, the
+GPU goes back to unconfined graphs for good and its models keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmhost.host.gpu_scheduler import CONCURRENT_MAX_ROWS
+from llmhost.host.sm_steering import SmSteering
+from llmhost.host.step_trace import StepTrace
+
+if TYPE_CHECKING:
+    from llmhost.engine.decode_runner import DecodeRunner  # imports Triton: a GPU-only dependency
+
+log = logging.getLogger("llmhost.host")
+
+
+class SmConfinement:
+    def __init__(self, runner_of: Callable[[str], DecodeRunner | None], trace: StepTrace | None = None) -> None:
+        """runner_of: a resident model's decode runner, None when it has none (a CPU, a split model, a fake)."""
+        self._runner_of = runner_of
+        self._trace = trace
+        self._steering: dict[str, SmSteering] = {}  # per GPU: how many SMs each model's decode graphs may use
+        self._observed_at: dict[str, float] = {}  # per GPU: when its steering last observed the ready models
+        # (model, SMs) -> its confined stream, for the host's lifetime: a swap-in reuses it (green contexts are
+        # never destroyed, engine/sm_partition.py).
+        self._streams: dict[tuple[str, int], torch.cuda.Stream] = {}
+        self._off: set[str] = set()  # GPUs left unsteered: no green contexts, or a capture failed
+
+    def steers(self, device: str) -> bool:
+        return device in self._steering
+
+    def add(self, name: str, device: str) -> None:
+        """`name` became resident on `device`: capture its graphs of the sizes that run beside other models'
+        (concurrent_ok) on a stream confined to each of the GPU's steering levels, and steer it from now on."""
+        if device in self._off or not torch.cuda.is_available() or self._runner_of(name) is None:
+            return
+        try:
+            self._add(name, device)
+        except Exception as e:  # a driver refusing a context, memory short for the extra graphs
+            log.warning("SM steering off on %s: capturing %s's confined graphs failed (%s)", device, name, e)
+            self._turn_off(device)
+
+    def remove(self, name: str) -> None:
+        for steering in self._steering.values():
+            steering.remove(name)
+
+    def observe(self, device: str, ready: Iterable[str], held: Iterable[str]) -> None:
+        """Which models on `device` had work since the last call, and which of them had a decode step that fair
+        sharing kept from starting; a model whose SM count the steering changes replays the graphs captured for
+        that many SMs from its next decode step on."""
+        steering = self._steering.get(device)
+        if steering is None:
+            return
+        now = time.perf_counter()
+        seconds = now - self._observed_at.get(device, now)
+        self._observed_at[device] = now
+        held = set(held)
+        for name in ready:
+            steering.observe(name, seconds, name in held)
+        for name, sms in steering.decide(now).items():
+            runner = self._runner_of(name)
+            if runner is not None:
+                runner.select(None if sms >= steering.total else sms)
+            if self._trace is not None:
+                self._trace.add("confine", name, 0, 0, sms=sms)
+
+    def _add(self, name: str, device: str) -> None:
+        from llmhost.engine.sm_partition import confined_stream, sm_count
+
+        steering = self._steering.get(device) or SmSteering(sm_count(device))
+        streams: dict[int, torch.cuda.Stream] = {}
+        for sms in steering.levels[1:]:
+            stream = self._streams.get((name, sms)) or confined_stream(device, sms)
+            if stream is None:  # no green contexts here
+                self._steering[device] = steering
+                self._turn_off(device)
+                return
+            self._streams[(name, sms)] = streams[sms] = stream
+        runner = self._runner_of(name)
+        assert runner is not None  # checked by add()
+        t0 = time.perf_counter()
+        runner.capture_confined(streams, CONCURRENT_MAX_ROWS)
+        took = time.perf_counter() - t0
+        log.info("%s: decode graphs confined to %s SMs captured in %.2f s", name, sorted(streams), took)
+        self._steering[device] = steering
+        steering.add(name)
+
+    def _turn_off(self, device: str) -> None:
+        """Every model of the GPU back on its whole-GPU graphs, for good."""
+        self._off.add(device)
+        steering = self._steering.pop(device, None)
+        for name in steering.models if steering is not None else ():
+            runner = self._runner_of(name)
+            if runner is not None:
+                runner.select(None)
