@@ -13,6 +13,7 @@ import multiprocessing as mp
 import queue
 import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from llmhost.host.messages import (
 )
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.inventory import Inventory
+
+KEPT_LOADS = 1000  # load records kept (the benches read them for their memory reconciliation reports)
 
 
 class HostRequestError(Exception):
@@ -99,7 +102,9 @@ class HostClient:
         self.config = config
         self.inventory = inventory
         self.status: dict[str, ModelStatus] = {}  # the latest status of every model, pushed by the host
-        self.loads: list[LoadRecord] = []  # every load and swap-in the host reported, with its reconciliations
+        # The latest loads and swap-ins the host reported, with their reconciliations (bounded: a server that
+        # swaps models in all day would otherwise keep every record).
+        self.loads: deque[LoadRecord] = deque(maxlen=KEPT_LOADS)
         self.stopped: HostStopped | None = None
         self._requests: dict[str, _Waiter] = {}
         self._queries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[StatusReply]]] = {}
