@@ -561,9 +561,13 @@ def main() -> None:
     t_begin = time.monotonic()
     results: dict[str, Any] = {}
     mps_note: dict[str, Any] = {"started": False, "why_not": "CPU run"}
+    calls: list[dict[str, Any]] = []  # every call whose phases this result holds, oldest first
     if args.merge:
         earlier = json.loads(args.merge.read_text())
         results, mps_note = earlier["raw"], earlier["mps"]
+        merged = earlier.get("merged") or {}
+        first = {"command": earlier["command"], "ran": merged.get("run_now") or sorted(results)}
+        calls = merged.get("calls") or [first]
     only = set(args.only.split(",")) if args.only else {key for key, *_ in PLAN}
     kept = sorted(set(results) - only)
     idle = gpu_used()
@@ -596,7 +600,9 @@ def main() -> None:
             mps_note["logs"] = mps.log_tail()
     provenance = None
     if args.merge:
-        provenance = {"earlier_run": str(args.merge), "run_now": sorted(only), "kept_from_earlier": kept}
+        command = "python bench/multi_model.py " + " ".join(sys.argv[1:])
+        provenance = {"earlier_run": str(args.merge), "run_now": sorted(only), "kept_from_earlier": kept,
+                      "calls": [*calls, {"command": command, "ran": sorted(only)}]}  # fmt: skip
     report(mode, results, mps_note, time.monotonic() - t_begin, provenance)
 
 
