@@ -10,7 +10,7 @@ Random weights at real shapes, bf16 (speed and memory do not depend on the value
    weights plus the KV of every earlier position, read once) against the copy bandwidth measured in the run.
 2. four: Llama-3.2-1B, Llama-3.2-3B and two Llama-3-8B, eight concurrent clients each: aggregate tok/s through the
    host against the best baseline (threads, processes, MPS; eight sequences per engine), and each model's p99
-   inter-token latency together against its own alone in the host.
+   inter-token latency together against its own alone in the host; the host again with [host] sm_steering on.
 3. swap: three Qwen2.5-14B (two fit on the 80 GB GPU), requests alternating between them one after the other,
    then a burst of concurrent ones: host-to-device copy GB/s (parking.unpark's own timing), the whole swap-in
    (the coordinator's, with allocation and the decode runner), the swapped request's time to first token (with
@@ -270,7 +270,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     """The host in its own process, as the server runs it (this process's client threads take no GIL time from its
     loop): (pair) each model alone, then together at weights 1:1; (pair-3:1, pair-1:3) together at those weights
     (small:large), each host in a fresh process; (pair-steered) 1:1 with SM steering; (four) each model alone,
-    then all together."""
+    then all together; (four-steered) the same with SM steering."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -294,7 +294,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     else:
         loads = _loads(mode, mode.four, FOUR_CLIENTS, mode.four_tokens)
         models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
-        run = d.start_host(inventory, HostConfig(), models, "four host", in_process=False)
+        host = HostConfig(sm_steering=scenario == "four-steered")
+        run = d.start_host(inventory, host, models, f"{scenario} host", in_process=False)
         out["alone"] = {}
         for ld in loads:
             window = _host_window(run, mode, [ld], mode.four, False)
@@ -522,6 +523,7 @@ PLAN = (
     ("pair/processes", "processes", "pair", False),
     ("swap/swap", "swap", "swap", False),
     ("four/host", "host", "four", False),
+    ("four/host-steered", "host", "four-steered", False),
     ("four/baseline", "baseline", "four", False),
     ("four/processes", "processes", "four", False),
     ("pair/mps", "processes", "pair", True),

@@ -42,6 +42,27 @@ def _pair_summary(together: dict[str, Any], alone: dict[str, Any], names: list[s
     return out
 
 
+def _four_summary(fh: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The four-model host phase: aggregate tok/s together, failed requests, per model alone and together."""
+    if "together" not in fh:
+        return {}
+    together, alone = fh["together"], fh.get("alone", {})
+    return {
+        "aggregate_tokens_per_s": round(sum(_tok(together, n) or 0.0 for n in names), 1),
+        "failed_requests": together.get("failed_requests", 0) + fh.get("alone_failed_requests", 0),
+        "models": {
+            n: {
+                "tokens_per_s_alone": _tok(alone, n),
+                "tokens_per_s_together": _tok(together, n),
+                "gpu_share": together.get(n, {}).get("gpu_share"),
+                "itl_ms_alone": alone.get(n, {}).get("itl_ms"),
+                "itl_ms_together": together.get(n, {}).get("itl_ms"),
+            }
+            for n in names
+        },
+    }
+
+
 def _target(name: str, value: Any, goal: str, met: bool | None, **extra: Any) -> dict[str, Any]:
     return {"target": name, "value": value, "goal": goal, "met": met, **extra}
 
@@ -76,21 +97,9 @@ def build(
             pair["baselines"][key] = _pair_summary(stats, engine_alone, pair_names, copy_gbps)
 
     four: dict[str, Any] = {"shapes": list(mode.four), "clients_per_model": 8, "host": {}, "baselines": {}}
-    fh = results.get("four/host", {})
-    if "together" in fh:
-        together = fh["together"]
-        four["host"]["aggregate_tokens_per_s"] = round(sum(_tok(together, n) or 0.0 for n in four_names), 1)
-        four["host"]["failed_requests"] = together.get("failed_requests", 0) + fh.get("alone_failed_requests", 0)
-        four["host"]["models"] = {
-            n: {
-                "tokens_per_s_alone": _tok(fh.get("alone", {}), n),
-                "tokens_per_s_together": _tok(together, n),
-                "gpu_share": together.get(n, {}).get("gpu_share"),
-                "itl_ms_alone": fh.get("alone", {}).get(n, {}).get("itl_ms"),
-                "itl_ms_together": together.get(n, {}).get("itl_ms"),
-            }
-            for n in four_names
-        }
+    four["host"] = _four_summary(results.get("four/host", {}), four_names)
+    if "together" in results.get("four/host-steered", {}):
+        four["host_sm_steering"] = _four_summary(results["four/host-steered"], four_names)
     four_sources = {
         "threads": results.get("four/baseline", {}).get("threads"),
         "processes": results.get("four/processes", {}).get("processes"),
@@ -106,7 +115,8 @@ def build(
             }
 
     swap = results.get("swap/swap", {})
-    hosts = ("pair/host", "pair/host-steered", "pair/host-3:1", "pair/host-1:3", "four/host", "swap/swap")
+    hosts = ("pair/host", "pair/host-steered", "pair/host-3:1", "pair/host-1:3", "four/host", "four/host-steered",
+             "swap/swap")  # fmt: skip
     recs = [r for k in hosts for r in results.get(k, {}).get("reconciliations", [])]
     doc: dict[str, Any] = {
         "copy_bandwidth_GBps": copy_gbps,
@@ -141,6 +151,25 @@ def _pair_equal(eq: dict[str, Any], best: dict[str, Any], label: str) -> list[di
     return out
 
 
+def _four_targets(host: dict[str, Any], bases: dict[str, float], label: str) -> list[dict[str, Any]]:
+    """The four-model targets: aggregate against the best baseline, every model's p99 ITL within 3x its solo."""
+    agg = host.get("aggregate_tokens_per_s")
+    best = max(bases.values()) if bases else None
+    out = [_target(f"four{label}: host aggregate tok/s / best baseline", None if agg is None or not best else
+                   round(agg / best, 4), ">= 0.90", None if agg is None or not best else agg >= 0.9 * best,
+                   host=agg, baselines=bases)]  # fmt: skip
+    ratios = {
+        n: m["itl_ms_together"]["p99"] / m["itl_ms_alone"]["p99"]
+        for n, m in host.get("models", {}).items()
+        if m.get("itl_ms_alone") and m.get("itl_ms_together")
+    }
+    worst = max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
+    out.append(_target(f"four{label}: worst p99 ITL together / alone", None if worst is None else
+                       {"model": worst[0], "ratio": round(worst[1], 3)}, "<= 3", None if worst is None else
+                       worst[1] <= 3.0, ratios={n: round(r, 3) for n, r in ratios.items()}))  # fmt: skip
+    return out
+
+
 def targets(
     pair: dict[str, Any], four: dict[str, Any], swap: dict[str, Any], recs: list[dict[str, Any]], copy: float | None
 ) -> list[dict[str, Any]]:
@@ -164,21 +193,10 @@ def targets(
         else:
             out.append(_target(f"pair: normalized ratio, weights {key[9:].replace('_', ':')}", None, "3 +- 0.45", None))
 
-    agg = four["host"].get("aggregate_tokens_per_s")
     bases = {k: v["aggregate_tokens_per_s"] for k, v in four["baselines"].items()}
-    best4 = max(bases.values()) if bases else None
-    out.append(_target("four: host aggregate tok/s / best baseline", None if agg is None or not best4 else
-                       round(agg / best4, 4), ">= 0.90", None if agg is None or not best4 else agg >= 0.9 * best4,
-                       host=agg, baselines=bases))  # fmt: skip
-    ratios = {
-        n: m["itl_ms_together"]["p99"] / m["itl_ms_alone"]["p99"]
-        for n, m in four["host"].get("models", {}).items()
-        if m.get("itl_ms_alone") and m.get("itl_ms_together")
-    }
-    worst = max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
-    out.append(_target("four: worst p99 ITL together / alone", None if worst is None else
-                       {"model": worst[0], "ratio": round(worst[1], 3)}, "<= 3", None if worst is None else
-                       worst[1] <= 3.0, ratios={n: round(r, 3) for n, r in ratios.items()}))  # fmt: skip
+    out += _four_targets(four["host"], bases, "")
+    if "host_sm_steering" in four:
+        out += _four_targets(four["host_sm_steering"], bases, " with [host] sm_steering")
 
     copies = swap.get("copies", [])
     gbps = [c["GBps"] for c in copies]
