@@ -225,7 +225,7 @@ def two_models() -> dict[str, Any]:
 
 def confined_graphs() -> dict[str, Any]:
     """A runner's graphs captured once more on a stream confined to part of the SMs (sm_partition.py), as the host's
-    SM steering does, then the whole GPU's selected again: the same logits at each batch size. Bitwise where the
+    SM steering does, then dropped (the whole GPU's replayed again): the same logits at each batch size. Bitwise where the
     kernels split their work the same way; cuBLAS may pick another algorithm for fewer SMs, which changes the
     rounding only (bf16: relative error well under 1e-2)."""
     from llmhost.engine.sm_partition import confined_stream, sm_count
@@ -247,7 +247,8 @@ def confined_graphs() -> dict[str, Any]:
     runner.select(sms)
     confined = logits()
     captured = sorted(runner.confined[sms])
-    runner.select(None)
+    runner.select(sms)
+    runner.drop_confined()  # as the host does when steering turns off on a GPU
     back = logits()
     return {
         "green_contexts": True,

@@ -118,13 +118,18 @@ class _Runner:
         self.sms: int | None = None
 
     def capture_confined(self, streams: dict[int, object], max_rows: int) -> None:
+        self.captured += sorted(streams)[:1]  # the first level's graphs, then (fail) the failure
         if self.fail:
             raise RuntimeError("CUDA out of memory (injected)")
-        self.captured += sorted(streams)
+        self.captured += sorted(streams)[1:]
 
     def select(self, sms: int | None) -> None:
         assert sms is None or sms in self.captured
         self.sms = sms
+
+    def drop_confined(self) -> None:
+        self.sms = None
+        self.captured = []
 
 
 def _steered_core(
@@ -201,5 +206,6 @@ def test_a_failed_confined_capture_leaves_the_gpu_unsteered_and_the_model_loaded
     assert core._bring_in("c") is not None and core.slots["c"].state == "loaded"
     assert not confinement.steers("cuda:0")
     assert [core.slots[n].engine.runner.sms for n in ("a", "b", "c")] == [None, None, None], "whole GPU again"
+    assert [core.slots[n].engine.runner.captured for n in ("a", "b", "c")] == [[], [], []], "confined sets released"
     confinement.observe("cuda:0", ["a", "b", "c"], ["b"])  # nothing steers it any more
     assert core.slots["b"].engine.runner.sms is None

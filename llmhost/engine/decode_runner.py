@@ -109,6 +109,12 @@ class DecodeRunner:
             raise ValueError(f"no graphs confined to {sms} SMs were captured")
         self.sms = sms
 
+    def drop_confined(self) -> None:
+        """Back to the whole GPU's graphs for good: the confined sets are released (their executables; what they
+        took of the shared pool stays in it)."""
+        self.sms = None
+        self.confined.clear()
+
     @property
     def static_bytes(self) -> int:
         tensors = [self._ids, self.tables, self.h, self.x, self.qkv]

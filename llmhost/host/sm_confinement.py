@@ -49,7 +49,7 @@ class SmConfinement:
             self._add(name, device)
         except Exception as e:  # a driver refusing a context, memory short for the extra graphs
             log.warning("SM steering off on %s: capturing %s's confined graphs failed (%s)", device, name, e)
-            self._turn_off(device)
+            self._turn_off(device, failed=(name,))
 
     def remove(self, name: str) -> None:
         for steering in self._steering.values():
@@ -96,11 +96,12 @@ class SmConfinement:
         self._steering[device] = steering
         steering.add(name)
 
-    def _turn_off(self, device: str) -> None:
-        """Every model of the GPU back on its whole-GPU graphs, for good."""
+    def _turn_off(self, device: str, failed: tuple[str, ...] = ()) -> None:
+        """Every model of the GPU back on its whole-GPU graphs, for good (`failed`: a model whose capture failed
+        part way, not yet steered, whose confined sets are released too)."""
         self._off.add(device)
         steering = self._steering.pop(device, None)
-        for name in steering.models if steering is not None else ():
+        for name in {*(steering.models if steering is not None else ()), *failed}:
             runner = self._runner_of(name)
             if runner is not None:
-                runner.select(None)
+                runner.drop_confined()
