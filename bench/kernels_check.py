@@ -225,9 +225,9 @@ def two_models() -> dict[str, Any]:
 
 def confined_graphs() -> dict[str, Any]:
     """A runner's graphs captured once more on a stream confined to part of the SMs (sm_partition.py), as the host's
-    SM steering does, then dropped (the whole GPU's replayed again): the same logits at each batch size. Bitwise where the
-    kernels split their work the same way; cuBLAS may pick another algorithm for fewer SMs, which changes the
-    rounding only (bf16: relative error well under 1e-2)."""
+    SM steering does, then dropped (the whole GPU's replayed again): the same logits at each batch size. Bitwise
+    where the kernels split their work the same way; cuBLAS may pick another algorithm for fewer SMs, which changes
+    the rounding only (bf16: relative error well under 1e-2)."""
     from llmhost.engine.sm_partition import confined_stream, sm_count
 
     _, cache, runner = runner_for(SHAPES["smollm2-135m"], 30)
