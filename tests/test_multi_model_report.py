@@ -1,0 +1,75 @@
+"""bench/multi_model_report.py judges issue 6's targets from the phases' raw numbers: made-up phases here, whose
+verdicts are known by hand (the bench's own GPU runs cannot check its arithmetic)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from multi_model_report import build
+
+PAIR = ["small", "large"]
+FOUR = ["a", "b", "c", "d"]
+MODE = SimpleNamespace(pair=tuple(PAIR), four=tuple(FOUR))
+
+
+def _stream(tok_s: float, gbps: float = 0.0, p99: float = 1.0) -> dict[str, Any]:
+    return {"tokens_per_s": tok_s, "bytes_per_s": gbps * 1e9, "itl_ms": {"mean": p99 / 2, "p99": p99}}
+
+
+def _pair(small: float, large: float, small_gbps: float, large_gbps: float) -> dict[str, Any]:
+    return {"small": _stream(small, small_gbps), "large": _stream(large, large_gbps), "failed_requests": 0}
+
+
+def _results(steered_gbps: tuple[float, float]) -> dict[str, Any]:
+    alone = {"small": _stream(200.0), "large": _stream(50.0)}
+    return {
+        "pair/baseline": {
+            "copy_bandwidth_GBps": 4000.0,
+            "alone": alone,
+            "threads": _pair(80.0, 35.0, 1500.0, 2500.0),  # 4,000 GB/s, normalized 0.40 / 0.70
+        },
+        "pair/mps": {"processes": _pair(80.0, 34.0, 1500.0, 2450.0)},  # 3,950 GB/s
+        "pair/host": {"alone": alone, "together_1_1": _pair(110.0, 28.0, 2000.0, 1800.0)},  # 3,800, 0.55 / 0.56
+        "pair/host-steered": {"together_1_1": _pair(110.0, 30.0, *steered_gbps)},  # 0.55 / 0.60
+        "four/host": {
+            "alone": {n: _stream(1000.0, p99=2.0) for n in FOUR},
+            "together": {**{n: _stream(250.0, p99=5.0) for n in "abc"}, "d": _stream(250.0, p99=7.0)},
+        },
+        "four/baseline": {"threads": {n: _stream(260.0) for n in FOUR}},
+    }
+
+
+def _verdicts(doc: dict[str, Any]) -> dict[str, Any]:
+    return {t["target"]: t["met"] for t in doc["targets"]}
+
+
+def test_the_pair_is_judged_against_every_baseline_and_for_fairness() -> None:
+    doc = build(MODE, PAIR, FOUR, _results((2000.0, 2100.0)), {})
+    met = _verdicts(doc)
+    assert doc["pair"]["host"]["together_1_1"]["combined_bandwidth_GBps"] == 3800.0
+    assert met["pair: combined effective bandwidth / copy bandwidth (weights 1:1)"] is True  # 0.95 >= 0.88
+    assert met["pair: combined bandwidth above every baseline"] is False  # 3,800 < threads' 4,000
+    assert met["pair: normalized speeds within 15% (weights 1:1)"] is True  # 0.55 / 0.56
+    assert met["pair with [host] sm_steering: combined bandwidth above every baseline"] is True  # 4,100
+    assert met["pair with [host] sm_steering: normalized speeds within 15% (weights 1:1)"] is True  # 0.55 / 0.60
+    assert met["pair: normalized ratio, weights 3:1"] is None  # not run: not measured, neither met nor missed
+
+
+def test_steering_one_gigabyte_per_second_short_of_threads_is_not_above_it() -> None:
+    met = _verdicts(build(MODE, PAIR, FOUR, _results((1999.0, 2000.0)), {}))
+    assert met["pair with [host] sm_steering: combined bandwidth above every baseline"] is False  # 3,999 < 4,000
+
+
+def test_four_models_p99_against_solo_and_aggregate_against_the_best_baseline() -> None:
+    targets = {t["target"]: t for t in build(MODE, PAIR, FOUR, _results((2000.0, 2100.0)), {})["targets"]}
+    agg = targets["four: host aggregate tok/s / best baseline"]
+    assert (agg["value"], agg["met"]) == (round(1000 / 1040, 4), True)
+    p99 = targets["four: worst p99 ITL together / alone"]
+    assert p99["value"] == {"model": "d", "ratio": 3.5} and p99["met"] is False
+    assert p99["ratios"] == {"a": 2.5, "b": 2.5, "c": 2.5, "d": 3.5}
+    assert "four with [host] sm_steering: worst p99 ITL together / alone" not in targets  # that phase did not run
