@@ -247,7 +247,6 @@ def confined_graphs() -> dict[str, Any]:
     runner.select(sms)
     confined = logits()
     captured = sorted(runner.confined[sms])
-    runner.select(sms)
     runner.drop_confined()  # as the host does when steering turns off on a GPU
     back = logits()
     return {

@@ -20,9 +20,6 @@ import torch
 
 log = logging.getLogger("llmhost.engine")
 
-# SM counts a green context may be given: Hopper partitions SMs in groups of 8 (the probe's 40-112 all held).
-SM_GRANULE = 8
-
 _KEEP: list[Any] = []  # every green context made: alive to the end of the process (see above)
 _UNSUPPORTED: set[int] = set()  # devices where making one failed: not tried again
 

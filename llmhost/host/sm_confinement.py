@@ -83,7 +83,6 @@ class SmConfinement:
         for sms in steering.levels[1:]:
             stream = self._streams.get((name, sms)) or confined_stream(device, sms)
             if stream is None:  # no green contexts here
-                self._steering[device] = steering
                 self._turn_off(device)
                 return
             self._streams[(name, sms)] = streams[sms] = stream

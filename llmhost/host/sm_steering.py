@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 WINDOW_S = 0.5  # how long held time is summed before a decision
 MIN_HELD = 0.05  # a model held back less than this fraction of a window is near enough its share
-GRANULE = 8  # SM counts are multiples of this (sm_partition.SM_GRANULE)
+GRANULE = 8  # SM counts a green context may be given: Hopper partitions SMs in groups of 8 (40-112 all held)
 FRACTIONS = (0.85, 0.79, 0.73, 0.67)  # the confined levels' shares of the GPU (132 SMs: 112, 104, 96, 88)
 MAX_MOVE = 2  # the most levels one decision moves
 ALONE_WINDOWS = 10  # windows of decoding alone after which a confined model gets the whole GPU back
