@@ -249,6 +249,12 @@ def confined_graphs() -> dict[str, Any]:
     captured = sorted(runner.confined[sms])
     runner.drop_confined()  # as the host does when steering turns off on a GPU
     back = logits()
+    # A runner swapped back in captures on demand: the confined sizes too, each the first time it runs.
+    runner.capture_on_demand = True
+    runner.capture_confined({sms: stream}, 8)
+    before_use = sorted(runner.confined[sms])
+    runner.select(sms)
+    on_demand = logits()
     return {
         "green_contexts": True,
         "sms": sms,
@@ -256,6 +262,10 @@ def confined_graphs() -> dict[str, Any]:
         "confined_rel_err": max(rel(a, b) for a, b in zip(confined, plain, strict=True)),
         "unconfined_again_bitwise_equal": all(torch.equal(a, b) for a, b in zip(back, plain, strict=True)),
         "recaptured_sizes": captured,
+        "on_demand_captured_before_use": before_use,
+        "on_demand_captured_after_use": sorted(runner.confined[sms]),
+        "on_demand_equal_eager": all(torch.equal(a, b) for a, b in zip(on_demand, confined, strict=True)),
+        "on_demand_rel_err": max(rel(a, b) for a, b in zip(on_demand, plain, strict=True)),
     }
 
 
@@ -447,7 +457,8 @@ def main() -> None:
         "vs the fp32 reference, bf16 at most 2x the reference's own bf16 error; two-model runs bitwise equal; "
         "flat attention in bf16 at most 2x the per-chunk reference's bf16 error; a prompt launched in slices gives "
         "the tokens of the whole launch, gated or not; a stream gate holds until released, gives up unreleased; graphs "
-        "captured on a confined stream give the plain graphs' logits (rel err < 1e-2), back on a plain one bitwise",
+        "captured on a confined stream (at once, or at first use once swapped in) give the plain graphs' logits "
+        "(rel err < 1e-2), back on a plain one bitwise",
         "command": "python bench/kernels_check.py",
     }
     ok_bf16 = all(v < 1e-2 for v in doc["kernels_rel_err_bf16"].values())
@@ -461,6 +472,9 @@ def main() -> None:
         and tm["interleaved_equal_solo"] and tm["two_streams_equal_solo"]
         and doc["confined_graphs"].get("confined_rel_err", 1.0) < 1e-2
         and doc["confined_graphs"].get("unconfined_again_bitwise_equal", False)
+        and doc["confined_graphs"].get("on_demand_captured_before_use") == []
+        and doc["confined_graphs"].get("on_demand_captured_after_use") == [1, 4, 8]
+        and doc["confined_graphs"].get("on_demand_equal_eager", False)
         and fa["varlen_bf16_vs_fp32"] <= 2 * fa["reference_bf16_vs_fp32"]
         and doc["sliced_prompt"]["sliced_equal_whole"]
         and doc["sliced_prompt_gated"]["sliced_equal_whole"]

@@ -3,14 +3,14 @@
 Random weights at real shapes, bf16 (speed and memory do not depend on the values):
 1. pair: Mistral-7B + Qwen2.5-14B (on a GPU of 120 GiB or more, the H200: Mistral-7B + Yi-34B), one batch-1 stream
    each. Through the in-process host: each alone (the other loaded, idle), then together with weights 1:1, 3:1 and
-   1:3 (the small model : the large), and 1:1 with [host] sm_steering on. Baselines driving the same Engine
+   1:3 (the small model : the large), and 1:1 with [host] sm_steering off. Baselines driving the same Engine
    with engine.step() loops: two threads in one process (the report's pattern; each on its own CUDA stream), two
    processes (time-sliced), two processes under CUDA MPS. Per model: tok/s, normalized speed (together / alone),
    GPU-time shares (the host scheduler's charged seconds); both models: effective bandwidth (per token, the
    weights plus the KV of every earlier position, read once) against the copy bandwidth measured in the run.
 2. four: Llama-3.2-1B, Llama-3.2-3B and two Llama-3-8B, eight concurrent clients each: aggregate tok/s through the
    host against the best baseline (threads, processes, MPS; eight sequences per engine), and each model's p99
-   inter-token latency together against its own alone in the host; the host again with [host] sm_steering on.
+   inter-token latency together against its own alone in the host; the host again with [host] sm_steering off.
 3. swap: three Qwen2.5-14B (two fit on the 80 GB GPU), requests alternating between them one after the other,
    then a burst of concurrent ones: host-to-device copy GB/s (parking.unpark's own timing), the whole swap-in
    (the coordinator's, with allocation and the decode runner), the swapped request's time to first token (with
@@ -81,7 +81,7 @@ MODES = {
 }  # fmt: skip
 PROMPT = 128
 FOUR_CLIENTS = 8
-PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-steered": (1.0, 1.0)}
+PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0)}
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -245,18 +245,24 @@ def _host_models(mode: Mode, models: tuple[str, ...], tokens: int, batch: int, w
 
 
 def drive_four(
-    mode: Mode, label: str, in_process: bool, warm_s: float | None = None, on_window: Callable[[], Any] | None = None
+    mode: Mode,
+    label: str,
+    in_process: bool,
+    warm_s: float | None = None,
+    on_window: Callable[[], Any] | None = None,
+    host: HostConfig | None = None,
 ) -> tuple[list[Any], float, float]:
-    """For the probes (bench/probes/): the "four" scenario through the host alone, each model first warmed alone
-    for 1 s (graphs, kernels for prefill shapes), then all together for `warm_s` (default the mode's) and the
-    window; `on_window` runs when the window starts. Returns every client stream and the window (t0, t1)."""
+    """For the probes (bench/probes/): the "four" scenario through the host alone (`host`: its settings, default
+    HostConfig()), each model first warmed alone for 1 s (graphs, kernels for prefill shapes), then all together
+    for `warm_s` (default the mode's) and the window; `on_window` runs when the window starts. Returns every client
+    stream and the window (t0, t1)."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
     inventory = detect_inventory()
     loads = _loads(mode, mode.four, FOUR_CLIENTS, mode.four_tokens)
     models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
-    run = d.start_host(inventory, HostConfig(), models, label, in_process=in_process)
+    run = d.start_host(inventory, host or HostConfig(), models, label, in_process=in_process)
     for ld in loads:
         d.drive_host(run, [ld], time.monotonic() + 1.0)
     t0 = time.monotonic() + (mode.warm_s if warm_s is None else warm_s)
@@ -269,8 +275,8 @@ def drive_four(
 def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     """The host in its own process, as the server runs it (this process's client threads take no GIL time from its
     loop): (pair) each model alone, then together at weights 1:1; (pair-3:1, pair-1:3) together at those weights
-    (small:large), each host in a fresh process; (pair-steered) 1:1 with SM steering; (four) each model alone,
-    then all together; (four-steered) the same with SM steering."""
+    (small:large), each host in a fresh process; (pair-unsteered) 1:1 with [host] sm_steering off; (four) each
+    model alone, then all together; (four-unsteered) the same with sm_steering off."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -280,8 +286,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         w = PAIR_WEIGHTS[scenario]
         loads = _loads(mode, mode.pair, 1, mode.pair_tokens)
         models = _host_models(mode, mode.pair, mode.pair_tokens, 1, w)
-        # pair-steered: weights 1:1 with the models' decode graphs confined to SMs steered to their shares.
-        host = HostConfig(sm_steering=scenario == "pair-steered")
+        # pair-unsteered: weights 1:1 with every decode graph on the whole GPU (the default steers SMs).
+        host = HostConfig(sm_steering=scenario != "pair-unsteered")
         run = d.start_host(inventory, host, models, f"{scenario} host {w[0]:g}:{w[1]:g}", in_process=False)
         if scenario == "pair":
             out["alone"] = {}
@@ -294,7 +300,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     else:
         loads = _loads(mode, mode.four, FOUR_CLIENTS, mode.four_tokens)
         models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
-        host = HostConfig(sm_steering=scenario == "four-steered")
+        host = HostConfig(sm_steering=scenario != "four-unsteered")
         run = d.start_host(inventory, host, models, f"{scenario} host", in_process=False)
         out["alone"] = {}
         for ld in loads:
@@ -517,13 +523,13 @@ class Mps:
 PLAN = (
     ("pair/baseline", "baseline", "pair", False),
     ("pair/host", "host", "pair", False),
-    ("pair/host-steered", "host", "pair-steered", False),
+    ("pair/host-unsteered", "host", "pair-unsteered", False),
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/processes", "processes", "pair", False),
     ("swap/swap", "swap", "swap", False),
     ("four/host", "host", "four", False),
-    ("four/host-steered", "host", "four-steered", False),
+    ("four/host-unsteered", "host", "four-unsteered", False),
     ("four/baseline", "baseline", "four", False),
     ("four/processes", "processes", "four", False),
     ("pair/mps", "processes", "pair", True),

@@ -81,10 +81,10 @@ def build(
     for key in PAIR_KEYS:
         if key in host:
             pair["host"][key] = _pair_summary(host[key], host_alone, pair_names, copy_gbps)
-    steered = results.get("pair/host-steered", {})
-    if "together_1_1" in steered:  # [host] sm_steering on, against the same alone speeds as the default host's
-        pair["host_sm_steering"] = {"together_1_1": _pair_summary(steered["together_1_1"], host_alone, pair_names,
-                                                                  copy_gbps)}  # fmt: skip
+    unsteered = results.get("pair/host-unsteered", {})
+    if "together_1_1" in unsteered:  # [host] sm_steering off, against the same alone speeds as the default host's
+        pair["host_unsteered"] = {"together_1_1": _pair_summary(unsteered["together_1_1"], host_alone, pair_names,
+                                                                copy_gbps)}  # fmt: skip
     engine_alone = base.get("alone", {})
     pair["baselines"]["engine_alone"] = engine_alone
     sources = {
@@ -98,8 +98,8 @@ def build(
 
     four: dict[str, Any] = {"shapes": list(mode.four), "clients_per_model": 8, "host": {}, "baselines": {}}
     four["host"] = _four_summary(results.get("four/host", {}), four_names)
-    if "together" in results.get("four/host-steered", {}):
-        four["host_sm_steering"] = _four_summary(results["four/host-steered"], four_names)
+    if "together" in results.get("four/host-unsteered", {}):
+        four["host_unsteered"] = _four_summary(results["four/host-unsteered"], four_names)
     four_sources = {
         "threads": results.get("four/baseline", {}).get("threads"),
         "processes": results.get("four/processes", {}).get("processes"),
@@ -115,8 +115,8 @@ def build(
             }
 
     swap = results.get("swap/swap", {})
-    hosts = ("pair/host", "pair/host-steered", "pair/host-3:1", "pair/host-1:3", "four/host", "four/host-steered",
-             "swap/swap")  # fmt: skip
+    hosts = ("pair/host", "pair/host-unsteered", "pair/host-3:1", "pair/host-1:3", "four/host",
+             "four/host-unsteered", "swap/swap")  # fmt: skip
     recs = [r for k in hosts for r in results.get(k, {}).get("reconciliations", [])]
     doc: dict[str, Any] = {
         "copy_bandwidth_GBps": copy_gbps,
@@ -181,8 +181,8 @@ def targets(
                        None if frac is None else frac >= 0.88, combined_GBps=eq.get("combined_bandwidth_GBps"),
                        copy_GBps=copy))  # fmt: skip
     out += _pair_equal(eq, best, "")
-    if "host_sm_steering" in pair:
-        out += _pair_equal(pair["host_sm_steering"]["together_1_1"], best, " with [host] sm_steering")
+    if "host_unsteered" in pair:
+        out += _pair_equal(pair["host_unsteered"]["together_1_1"], best, " with sm_steering = false")
     for key, heavy in (("together_3_1", 0), ("together_1_3", 1)):
         run = pair["host"].get(key, {})
         ns = [m.get("normalized") for m in run.get("models", {}).values()]
@@ -195,8 +195,8 @@ def targets(
 
     bases = {k: v["aggregate_tokens_per_s"] for k, v in four["baselines"].items()}
     out += _four_targets(four["host"], bases, "")
-    if "host_sm_steering" in four:
-        out += _four_targets(four["host_sm_steering"], bases, " with [host] sm_steering")
+    if "host_unsteered" in four:
+        out += _four_targets(four["host_unsteered"], bases, " with sm_steering = false")
 
     copies = swap.get("copies", [])
     gbps = [c["GBps"] for c in copies]

@@ -110,7 +110,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         used = history.path if history is not None and history.enabled else None
         print(json.dumps(plan_json(plan, inventory, used), indent=2))
     else:
-        render_plan(plan, inventory, Console(), config.host.sm_steering)
+        render_plan(plan, inventory, Console())
     return 0
 
 

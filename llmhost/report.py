@@ -161,8 +161,8 @@ def infeasible_json(sf: Shortfall, inventory: Inventory) -> dict[str, Any]:
     }
 
 
-def render_plan(plan: Plan, inventory: Inventory, console: Console, sm_steering: bool = False) -> None:
-    """The plan as tables; `sm_steering` ([host]) adds a note on what the plan leaves out for it."""
+def render_plan(plan: Plan, inventory: Inventory, console: Console) -> None:
+    """The plan as tables."""
     if inventory.note:
         console.print(f"[yellow]{inventory.note}[/]")
     for b in plan.budgets:
@@ -208,8 +208,3 @@ def render_plan(plan: Plan, inventory: Inventory, console: Console, sm_steering:
             fit,
         )
     console.print(models)
-    if sm_steering and inventory.has_gpus:
-        console.print(
-            "[yellow]sm_steering: each model's decode graphs confined to fewer SMs (captured at load and swap-in; "
-            "58 MiB measured for Yi-34B) are not counted above[/]"
-        )

@@ -87,7 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
     specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
     # The figures earlier loads measured replace the estimate where they exist (LLMHOST_HISTORY=off: never).
     residencies = plan_residencies(specs, inventory, config.host, History())
-    render_plan(residencies.resident, inventory, console, config.host.sm_steering)
+    render_plan(residencies.resident, inventory, console)
     if residencies.on_demand:
         console.print(f"loaded on demand, evicting idle models (each fits alone): {', '.join(residencies.on_demand)}")
     sock = _bind(args.host, args.port)

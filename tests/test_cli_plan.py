@@ -193,16 +193,6 @@ def test_plan_table(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[st
     assert "models (in load order)" in out
     assert "8,192 (model limit)" in out
     assert "32,768" in out  # KV tokens
-    assert "sm_steering" not in out
-
-
-def test_plan_table_says_what_sm_steering_leaves_out(
-    tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    cfg = smol_config(tmp_path, smol, host="[host]\nsm_steering = true")
-    code, out, err = run(capsys, "plan", str(cfg), "--gpus", "1x24GiB")
-    assert code == 0, err
-    assert "sm_steering: each model's decode graphs confined to fewer SMs" in " ".join(out.split())
 
 
 def test_plan_auto_on_a_machine_without_gpus(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]) -> None:

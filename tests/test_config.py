@@ -155,7 +155,7 @@ def test_defaults(tmp_path: Path) -> None:
     cfg = load(tmp_path, '[models.smol]\npath = "smol.gguf"\n')
     assert cfg.source == tmp_path / "models.toml"
     assert cfg.host == HostConfig(reserve=(0,), block_size=DEFAULT_BLOCK_SIZE)
-    assert cfg.host.sm_steering is False
+    assert cfg.host.sm_steering is True
     (m,) = cfg.models
     assert m == ModelConfig(name="smol", path=tmp_path / "smol.gguf")
     assert m.dtype == "bfloat16"
@@ -182,7 +182,7 @@ def test_all_keys(tmp_path: Path) -> None:
 [host]
 reserve = "1.5GiB"
 block_size = 32
-sm_steering = true
+sm_steering = false
 
 [models.big]
 path = "/abs/llama"
@@ -205,7 +205,7 @@ keep_alive = -1
 gpus = 2
 """,
     )
-    assert cfg.host == HostConfig(reserve=(3 * GiB // 2,), block_size=32, sm_steering=True)
+    assert cfg.host == HostConfig(reserve=(3 * GiB // 2,), block_size=32, sm_steering=False)
     big, small = cfg.models  # in file order
     assert big == ModelConfig(
         name="big",

@@ -23,7 +23,7 @@ from checkpoint_files import tiny_config, write_hf_checkpoint
 from llmhost.cli import main
 from llmhost.config import HostConfig, ModelConfig, load_config
 from llmhost.memory import history as history_module
-from llmhost.memory.estimate import ModelSpec, stage_need
+from llmhost.memory.estimate import ModelSpec, stage_need, steered_graphs
 from llmhost.memory.history import (
     History,
     HistoryKey,
@@ -333,10 +333,13 @@ def test_plan_uses_measured_workspace_and_graphs(hist: History) -> None:
     assert stage.need.measured_at is None
 
     hist.record(key(s, inv.devices[0]), measured(workspace=333 * MiB, graphs=44 * MiB, at=T0))
-    p = plan_models([s], inv, HostConfig(), History(hist.path))
+    p = plan_models([s], inv, HostConfig(sm_steering=False), History(hist.path))
     (got,) = p.models[0].stages
     assert got.need.workspace == 333 * MiB
     assert got.need.graphs == 44 * MiB
+    # The measured figure is the runner's tensors: [host] sm_steering's confined graphs' executables come on top.
+    steered = plan_models([s], inv, HostConfig(), History(hist.path)).models[0].stages[0].need
+    assert steered.graphs == 44 * MiB + steered_graphs(s, on_gpu=True) > 44 * MiB
     assert got.need.measured == ("workspace", "graphs")
     assert got.need.measured_at == T0
     # Weights and KV are exact arithmetic: always the estimate's, whatever was measured.
@@ -353,7 +356,7 @@ def test_plan_ignores_other_configs_bare_shapes_and_the_cpu(hist: History) -> No
     for variant in (other, bare):
         (st,) = plan_models([variant], inv, HostConfig(), History(hist.path)).models[0].stages
         assert st.need.measured == ()
-        assert st.need == stage_need(variant, 4096 * variant.config.max_batch, 16, 0, 4)
+        assert st.need == stage_need(variant, 4096 * variant.config.max_batch, 16, 0, 4, steered=True)
     cpu = Inventory((Device(0, "kind 24", 24 * GiB, kind="cpu"),), "cpu")  # same name, but a CPU
     (st,) = plan_models([s], cpu, HostConfig(), History(hist.path)).models[0].stages
     assert st.need.measured == ()
@@ -387,13 +390,14 @@ def test_fill_keeps_the_measured_figures(hist: History) -> None:
 def test_largest_context_counts_the_measured_saving(hist: History) -> None:
     """A measurement below the estimate frees room; the largest max_seq_len grows by what that room holds."""
     s = spec(max_seq_len=2048)
-    base = stage_need(s, 2048 * 8, 16, 0, 4)
+    base = stage_need(s, 2048 * 8, 16, 0, 4, steered=True)
     runtime = 1024 * MiB  # an unmeasured GPU kind's runtime overhead
     dev = Device(0, "tight", runtime + base.total + 4 * MiB)
     inv = Inventory((dev,), "simulated")
     without = plan_models([s], inv, HostConfig()).models[0]
     assert without.max_seq_len_fit >= 2048
-    hist.record(key(s, dev), measured(workspace=base.workspace - 64 * MiB, graphs=base.graphs))
+    tensors = stage_need(s, 2048 * 8, 16, 0, 4).graphs  # what a load measures: no executables
+    hist.record(key(s, dev), measured(workspace=base.workspace - 64 * MiB, graphs=tensors))
     with_history = plan_models([s], inv, HostConfig(), History(hist.path)).models[0]
     assert with_history.max_seq_len_fit > without.max_seq_len_fit
 

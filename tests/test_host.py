@@ -16,6 +16,7 @@ from llmhost.engine.engine import Engine
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.errors import RequestError
 from llmhost.host.api import Host
+from llmhost.memory.estimate import steered_graphs
 from llmhost.memory.inventory import cpu_inventory
 
 PROMPTS = [[1, 5, 9, 2, 7, 11], [3, 3, 8], [200, 100, 50, 25, 12, 6, 3, 1, 9]]
@@ -125,5 +126,7 @@ def test_host_records_measured_bytes_in_the_history_and_plans_use_them(
     assert got.weights == stage.need.weights
     again = HostCore(config, inventory, theirs, Measuring())
     need = again.slots["a"].plan.stages[0].need
-    assert (need.workspace, need.graphs) == (12345, 678), "the next plan uses the measured figures"
+    # (with [host] sm_steering, the default, the confined graphs' executables on top of the measured tensors)
+    expected = (12345, 678 + steered_graphs(spec, on_gpu=True))
+    assert (need.workspace, need.graphs) == expected, "the next plan uses the measured figures"
     ours.close()

@@ -3,10 +3,13 @@ verdicts are known by hand (the bench's own GPU runs cannot check its arithmetic
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -25,7 +28,7 @@ def _pair(small: float, large: float, small_gbps: float, large_gbps: float) -> d
     return {"small": _stream(small, small_gbps), "large": _stream(large, large_gbps), "failed_requests": 0}
 
 
-def _results(steered_gbps: tuple[float, float]) -> dict[str, Any]:
+def _results(other_gbps: tuple[float, float]) -> dict[str, Any]:
     alone = {"small": _stream(200.0), "large": _stream(50.0)}
     return {
         "pair/baseline": {
@@ -35,7 +38,7 @@ def _results(steered_gbps: tuple[float, float]) -> dict[str, Any]:
         },
         "pair/mps": {"processes": _pair(80.0, 34.0, 1500.0, 2450.0)},  # 3,950 GB/s
         "pair/host": {"alone": alone, "together_1_1": _pair(110.0, 28.0, 2000.0, 1800.0)},  # 3,800, 0.55 / 0.56
-        "pair/host-steered": {"together_1_1": _pair(110.0, 30.0, *steered_gbps)},  # 0.55 / 0.60
+        "pair/host-unsteered": {"together_1_1": _pair(110.0, 30.0, *other_gbps)},  # 0.55 / 0.60
         "four/host": {
             "alone": {n: _stream(1000.0, p99=2.0) for n in FOUR},
             "together": {**{n: _stream(250.0, p99=5.0) for n in "abc"}, "d": _stream(250.0, p99=7.0)},
@@ -55,14 +58,14 @@ def test_the_pair_is_judged_against_every_baseline_and_for_fairness() -> None:
     assert met["pair: combined effective bandwidth / copy bandwidth (weights 1:1)"] is True  # 0.95 >= 0.88
     assert met["pair: combined bandwidth above every baseline"] is False  # 3,800 < threads' 4,000
     assert met["pair: normalized speeds within 15% (weights 1:1)"] is True  # 0.55 / 0.56
-    assert met["pair with [host] sm_steering: combined bandwidth above every baseline"] is True  # 4,100
-    assert met["pair with [host] sm_steering: normalized speeds within 15% (weights 1:1)"] is True  # 0.55 / 0.60
+    assert met["pair with sm_steering = false: combined bandwidth above every baseline"] is True  # 4,100
+    assert met["pair with sm_steering = false: normalized speeds within 15% (weights 1:1)"] is True  # 0.55 / 0.60
     assert met["pair: normalized ratio, weights 3:1"] is None  # not run: not measured, neither met nor missed
 
 
-def test_steering_one_gigabyte_per_second_short_of_threads_is_not_above_it() -> None:
+def test_one_gigabyte_per_second_short_of_threads_is_not_above_it() -> None:
     met = _verdicts(build(MODE, PAIR, FOUR, _results((1999.0, 2000.0)), {}))
-    assert met["pair with [host] sm_steering: combined bandwidth above every baseline"] is False  # 3,999 < 4,000
+    assert met["pair with sm_steering = false: combined bandwidth above every baseline"] is False  # 3,999 < 4,000
 
 
 def test_four_models_p99_against_solo_and_aggregate_against_the_best_baseline() -> None:
@@ -72,4 +75,45 @@ def test_four_models_p99_against_solo_and_aggregate_against_the_best_baseline() 
     p99 = targets["four: worst p99 ITL together / alone"]
     assert p99["value"] == {"model": "d", "ratio": 3.5} and p99["met"] is False
     assert p99["ratios"] == {"a": 2.5, "b": 2.5, "c": 2.5, "d": 3.5}
-    assert "four with [host] sm_steering: worst p99 ITL together / alone" not in targets  # that phase did not run
+    assert "four with sm_steering = false: worst p99 ITL together / alone" not in targets  # that phase did not run
+
+
+def _source(tmp_path: Path, name: str, raw: dict[str, Any], **settings: Any) -> Path:
+    doc = {
+        "bench": "multi_model", "what": "w", "gpu": "GPU X", "mode": "full", "dtype": "bfloat16",
+        "prompt_tokens": 128, "window_s": 4.0, "warmup_s": 1.0, "pair_max_tokens": 512, "four_max_tokens": 256,
+        "torch": "2.13", "mps": {"started": name == "a"}, "pair": {"shapes": PAIR}, "four": {"shapes": FOUR},
+        "raw": raw, "command": f"python bench/multi_model.py --call {name}", **settings,
+    }  # fmt: skip
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_merge_takes_each_phase_from_the_file_named_for_it_and_judges_again(tmp_path: Path) -> None:
+    import multi_model_merge
+
+    raw = _results((2000.0, 2100.0))
+    a = _source(tmp_path, "a", {"pair/mps": raw["pair/mps"], "pair/host": {"wrong": "call"}})
+    b = _source(tmp_path, "b", {k: v for k, v in raw.items() if k != "pair/mps"})
+    doc = multi_model_merge.merge([(b, ["pair/baseline", "pair/host", "pair/host-unsteered"]), (a, ["pair/mps"])])
+    assert sorted(doc["raw"]) == ["pair/baseline", "pair/host", "pair/host-unsteered", "pair/mps"]
+    assert doc["raw"]["pair/host"] == raw["pair/host"], "each phase from the file named for it"
+    assert doc["mps"] == {"started": True}, "the MPS note of the file its MPS phases come from"
+    assert [s["phases"] for s in doc["merged"]["sources"]] == [["pair/baseline", "pair/host",
+                                                                 "pair/host-unsteered"], ["pair/mps"]]  # fmt: skip
+    assert _verdicts(doc)["pair with sm_steering = false: combined bandwidth above every baseline"] is True
+
+
+def test_merge_refuses_other_settings_missing_and_repeated_phases(tmp_path: Path) -> None:
+    import multi_model_merge
+
+    raw = _results((2000.0, 2100.0))
+    a = _source(tmp_path, "a", raw)
+    other_gpu = _source(tmp_path, "b", raw, gpu="GPU Y")
+    with pytest.raises(SystemExit, match="gpu differ"):
+        multi_model_merge.merge([(a, ["pair/host"]), (other_gpu, ["pair/mps"])])
+    with pytest.raises(SystemExit, match="no phase swap/swap"):
+        multi_model_merge.merge([(a, ["swap/swap"])])
+    with pytest.raises(SystemExit, match="named twice"):
+        multi_model_merge.merge([(a, ["pair/host"]), (a, ["pair/host"])])

@@ -21,6 +21,7 @@ from llmhost.memory.estimate import (
     default_kv_tokens,
     graph_batch_sizes,
     stage_need,
+    steered_graphs,
     whole_need,
 )
 from llmhost.memory.inventory import Device, Inventory, parse_gpu_spec
@@ -61,7 +62,9 @@ def spec(name: str, shape: ModelShape = LLAMA3_8B, **cfg: Any) -> ModelSpec:
 
 
 def plan(specs: Sequence[ModelSpec], gpus: str, **host: Any) -> Plan:
-    return plan_models(specs, parse_gpu_spec(gpus), HostConfig(**host))
+    """Planned without [host] sm_steering unless asked: these tests check the estimate's arithmetic, and
+    test_sm_steering_counts_the_confined_graphs_executables what steering adds to it."""
+    return plan_models(specs, parse_gpu_spec(gpus), HostConfig(**{"sm_steering": False, **host}))
 
 
 def infeasible(specs: Sequence[ModelSpec], gpus: str, **host: Any) -> PlanInfeasible:
@@ -74,8 +77,8 @@ def by_name(p: Plan) -> dict[str, ModelPlan]:
     return {m.name: m for m in p.models}
 
 
-def assert_plan_sound(p: Plan, specs: Sequence[ModelSpec]) -> None:
-    """Invariants every returned plan keeps."""
+def assert_plan_sound(p: Plan, specs: Sequence[ModelSpec], steered: bool = False) -> None:
+    """Invariants every returned plan keeps (`steered`: planned with [host] sm_steering)."""
     assert sorted(m.name for m in p.models) == sorted(s.name for s in specs)
     assert [m.load_order for m in p.models] == list(range(len(p.models)))
     for d, b in enumerate(p.budgets):
@@ -96,7 +99,7 @@ def assert_plan_sound(p: Plan, specs: Sequence[ModelSpec]) -> None:
         assert m.kv_tokens == m.kv_blocks * p.block_size
         for st_ in m.stages:
             on_gpu = p.budgets[st_.device].device.kind == "cuda"
-            assert st_.need == stage_need(s, m.kv_tokens, p.block_size, st_.start, st_.end, on_gpu)
+            assert st_.need == stage_need(s, m.kv_tokens, p.block_size, st_.start, st_.end, on_gpu, steered)
 
 
 # -- real shapes: parameter counts and estimate terms --------------------------------------------------------
@@ -189,6 +192,33 @@ def test_graphs_only_on_gpus_with_cuda_graphs() -> None:
     assert whole_need(s, 4096, BS, on_gpu=True).graphs > 0
     assert whole_need(s, 4096, BS, on_gpu=False).graphs == 0
     assert whole_need(spec("b", cuda_graphs=False), 4096, BS).graphs == 0
+
+
+def test_sm_steering_counts_the_confined_graphs_executables() -> None:
+    """[host] sm_steering captures the batch sizes of up to 8 rows once more per SM level: 4 levels x (1, 2, 4, 8)
+    graphs of 2 MiB each, in the plan of a GPU model, nothing on the CPU or for a split stage."""
+    s = spec("a", max_batch=32)
+    plain = whole_need(s, 4096, BS, on_gpu=True)
+    assert steered_graphs(s, on_gpu=True) == 4 * 4 * 2 * MiB
+    assert stage_need(s, 4096, BS, 0, 32, True, steered=True).graphs == plain.graphs + 32 * MiB
+    assert stage_need(s, 4096, BS, 0, 32, False, steered=True).graphs == 0
+    assert steered_graphs(s, on_gpu=True, split=True) == 0
+    assert steered_graphs(spec("b", max_batch=2), on_gpu=True) == 4 * 2 * 2 * MiB  # sizes 1, 2
+    on = by_name(plan([s], "1x80GiB", sm_steering=True))["a"].stages[0].need
+    off = by_name(plan([s], "1x80GiB", sm_steering=False))["a"].stages[0].need
+    assert on.graphs - off.graphs == 32 * MiB
+
+
+def test_steered_graph_constants_follow_the_host() -> None:
+    """The estimate's copies of what the host captures for steering (memory/ must not import host/): as many sets
+    as an H100's or H200's 132 SMs get, at most as many on any GPU."""
+    from llmhost.host.gpu_scheduler import CONCURRENT_MAX_ROWS
+    from llmhost.host.sm_steering import FRACTIONS, confined_levels
+    from llmhost.memory.estimate import STEERED_MAX_ROWS, STEERED_SETS
+
+    assert STEERED_MAX_ROWS == CONCURRENT_MAX_ROWS
+    assert STEERED_SETS == len(FRACTIONS) == len(confined_levels(132))
+    assert all(len(confined_levels(n)) <= STEERED_SETS for n in range(1, 300))
 
 
 def test_budget_is_total_minus_runtime_minus_reserve() -> None:
@@ -555,7 +585,7 @@ def test_ten_8b_models_on_eight_80gib_gpus_speed() -> None:
     specs = [spec(f"llama8-{i}") for i in range(10)]
     inv = parse_gpu_spec("8x80GiB")
     t0 = time.perf_counter()
-    p = plan_models(specs, inv, HostConfig())
+    p = plan_models(specs, inv, HostConfig(sm_steering=False))
     elapsed_ms = (time.perf_counter() - t0) * 1000
     print(f"plan 10 Llama-3-8B on 8x80GiB: {elapsed_ms:.2f} ms")
     assert_plan_sound(p, specs)
@@ -609,7 +639,7 @@ def scenarios(
         specs.append(spec(f"m{i}", draw(shapes()), **cfg))
     reserve = draw(st.sampled_from([0, 256 * MiB, GiB]))
     spec_str = ",".join(f"{m}MiB" for m in gpu_mib)
-    return specs, spec_str, HostConfig(reserve=(reserve,))
+    return specs, spec_str, HostConfig(reserve=(reserve,), sm_steering=False)
 
 
 def single_assignment_exists(specs: Sequence[ModelSpec], gpus: str, host: HostConfig) -> bool:

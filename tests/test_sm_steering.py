@@ -112,6 +112,8 @@ def test_a_model_that_left_is_forgotten_and_floors_reset() -> None:
 class _Runner:
     """A decode runner's steering surface: the confined graph sets captured and the one selected."""
 
+    capture_on_demand = False  # a runner built at load captures its confined sets at once
+
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.captured: list[int] = []

@@ -4,7 +4,7 @@
 priority and the steps beside it. Printed: each model's client-side ITL, its steps by kind, and for each model
 the largest token gaps with the host's steps inside them.
 
-Usage: python bench/probes/host_trace.py [--quick | --cpu-smoke] [--out FILE] [--raw DIR]"""
+Usage: python bench/probes/host_trace.py [--quick | --cpu-smoke] [--unsteered] [--out FILE] [--raw DIR]"""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def describe(e: dict[str, Any], since: float) -> str:
         return f"{1e3 * (e['t'] - since):8.2f} pass    {parts} ms"
     if e["ev"] in ("gc", "send"):  # a garbage collection (its generation) or a slow send of a token batch
         return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['ms']} ms generation {e.get('generation', '-')}"
+    if e["ev"] == "confine":  # SM steering moved the model's decode graphs to another SM count
+        return f"{1e3 * (e['t'] - since):8.2f} confine {e['model']:14} {e['sms']} SMs"
     where = f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['model']:14} rows {e['rows']:2} prefill {e['prefill']:4}"
     if e["ev"] == "launched":  # the last slice of a step launched in slices queued, ms after its first
         return where + f" took {e['ms']} ms"
@@ -51,12 +53,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--unsteered", action="store_true", help="the host with [host] sm_steering off")
     ap.add_argument("--raw", type=Path, default=None, help="also write the step trace and token times here")
     args = ap.parse_args()
     mode = mm.MODES["cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"]
     trace_file = Path(tempfile.mkdtemp()) / "steps.jsonl"
     os.environ[ENV] = str(trace_file)  # inherited by the spawned host process
-    streams, t0, t1 = mm.drive_four(mode, "trace", in_process=False)
+    host = mm.HostConfig(sm_steering=not args.unsteered)
+    streams, t0, t1 = mm.drive_four(mode, "trace", in_process=False, host=host)
     trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
     if args.raw:  # for analysis off the GPU: every step, every token's arrival, the window
         args.raw.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ The reference forward (model.py) stays the prefill path and the definition of co
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from llmhost.engine.kv_cache import KVCache
 from llmhost.engine.model import LlamaModel
 from llmhost.engine.model import rms_norm as rms_norm_reference
 from llmhost.memory.estimate import graph_batch_sizes
+
+log = logging.getLogger("llmhost.engine")
 
 # Fixed: graphs of different models replay at the same time on two streams (host/core.py; the threads of
 # bench/multi_model.py). cuBLAS keeps one workspace per (handle, stream), and a captured GEMM keeps the workspace of
@@ -92,19 +95,46 @@ class DecodeRunner:
         # its mind stalled every model 100-200 ms (bench/results/multi_model_sm_steering-h100.json).
         self.confined: dict[int, dict[int, torch.cuda.CUDAGraph]] = {}
         self.sms: int | None = None
+        self._confined_streams: dict[int, torch.cuda.Stream] = {}  # SM count -> its confined capture stream
+        self._confined_rows = 0  # the largest batch size captured confined
+        self.confined_failed = False  # an on-demand confined capture failed: whole-GPU graphs for good
 
     def capture_confined(self, streams: dict[int, torch.cuda.Stream], max_rows: int) -> None:
         """Capture the batch sizes up to `max_rows` once more for each SM count, on its confined stream (a graph
-        captured on one runs on its SMs wherever it is replayed), into the shared pool."""
+        captured on one runs on its SMs wherever it is replayed), into the shared pool. A runner that captures on
+        demand (swapped back in) captures each the first time it runs, as it does its whole-GPU graphs: a swap-in
+        then takes no capture (16 confined graphs of a 14B model: 0.17 s on the H200)."""
+        self._confined_streams.update(streams)
+        self._confined_rows = max_rows
         for sms, stream in streams.items():
             graphs = self.confined.setdefault(sms, {})
+            if self.capture_on_demand:
+                continue
             for b in sorted((b for b in self.sizes if b <= max_rows), reverse=True):
                 if b not in graphs:
                     graphs[b] = self._capture_graph(b, stream)
 
+    def _capture_confined_now(self, b: int) -> None:
+        """Capture batch size `b` confined to the selected SM count, the first time it runs there. A failure
+        (memory short for one more graph) leaves this runner on the whole GPU's graphs for good: steering only
+        moves bandwidth, the step must not fail for it."""
+        assert self.sms is not None
+        confined = self.confined[self.sms]
+        if b in confined:
+            return
+        try:
+            confined[b] = self._capture_graph(b, self._confined_streams[self.sms])
+        except torch.cuda.OutOfMemoryError as e:
+            log.warning("confined decode graph of %d rows not captured (%s): whole-GPU graphs from now on", b, e)
+            self.drop_confined()
+            self.confined_failed = True
+
     def select(self, sms: int | None) -> None:
         """Replay the graphs confined to `sms` SMs from now on (a set captured by capture_confined), or None: the
-        whole GPU's. Batch sizes without a confined graph replay the whole GPU's."""
+        whole GPU's. Batch sizes without a confined graph replay the whole GPU's; so does every size once an
+        on-demand capture failed (confined_failed)."""
+        if self.confined_failed:
+            return
         if sms is not None and sms not in self.confined:
             raise ValueError(f"no graphs confined to {sms} SMs were captured")
         self.sms = sms
@@ -114,6 +144,7 @@ class DecodeRunner:
         took of the shared pool stays in it)."""
         self.sms = None
         self.confined.clear()
+        self._confined_streams.clear()
 
     @property
     def static_bytes(self) -> int:
@@ -170,6 +201,8 @@ class DecodeRunner:
         padded = next(size for size in self.sizes if size >= b)
         if self.capture_on_demand and padded not in self.graphs:
             self._capture(padded)
+        if self.capture_on_demand and self.sms is not None and padded <= self._confined_rows:
+            self._capture_confined_now(padded)
         self._stage(rows, padded)
         graph = self.confined[self.sms].get(padded) if self.sms is not None else None
         graph = graph or self.graphs.get(padded)

@@ -91,7 +91,8 @@ class SmConfinement:
         t0 = time.perf_counter()
         runner.capture_confined(streams, CONCURRENT_MAX_ROWS)
         took = time.perf_counter() - t0
-        log.info("%s: decode graphs confined to %s SMs captured in %.2f s", name, sorted(streams), took)
+        how = "to be captured on first use" if runner.capture_on_demand else f"captured in {took:.2f} s"
+        log.info("%s: decode graphs confined to %s SMs %s", name, sorted(streams), how)
         self._steering[device] = steering
         steering.add(name)
 

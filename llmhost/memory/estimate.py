@@ -25,6 +25,11 @@ FP32 = 4  # bytes: logits and sampling buffers are float32
 # The caching allocator rounds large blocks to 2 MiB and keeps a few of each size it has seen.
 ALLOCATOR_SLACK_BYTES = 64 * 1024**2
 GRAPH_EXEC_BYTES = 2 * 1024**2  # device memory one instantiated CUDA graph keeps (kernel params, launch state)
+# [host] sm_steering captures a model's decode graphs of up to STEERED_MAX_ROWS rows once more for each of
+# STEERED_SETS SM counts (host/sm_steering.py FRACTIONS, host/gpu_scheduler.py CONCURRENT_MAX_ROWS; a test holds
+# them equal), into the graphs' shared pool: only their executables add memory.
+STEERED_SETS = 4
+STEERED_MAX_ROWS = 8
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -200,11 +205,22 @@ def uses_decode_graphs(spec: ModelSpec, on_gpu: bool, split: bool = False) -> bo
     )
 
 
-def stage_graphs(spec: ModelSpec, last: bool, on_gpu: bool, block_size: int = 16, split: bool = False) -> int:
+def steered_graphs(spec: ModelSpec, on_gpu: bool, split: bool = False) -> int:
+    """The executables of the decode graphs [host] sm_steering captures beside the whole GPU's (STEERED_SETS)."""
+    if not uses_decode_graphs(spec, on_gpu, split):
+        return 0
+    small = sum(1 for b in graph_batch_sizes(spec.config.max_batch) if b <= STEERED_MAX_ROWS)
+    return STEERED_SETS * small * GRAPH_EXEC_BYTES
+
+
+def stage_graphs(
+    spec: ModelSpec, last: bool, on_gpu: bool, block_size: int = 16, split: bool = False, steered: bool = False
+) -> int:
     """What the decode runner (engine/decode_runner.py) allocates: static inputs and activations for max_batch
     rows, the attention workspace, one scratch KV block for padded rows, and the graphs' shared pool, which holds
-    the largest captured batch's transient GEMM outputs; each captured graph adds its executable's own memory.
-    Nothing for a stage of a split model (split: the stage is not the whole model)."""
+    the largest captured batch's transient GEMM outputs; each captured graph adds its executable's own memory, and
+    with [host] sm_steering (`steered`) so do its confined copies (steered_graphs). Nothing for a stage of a split
+    model (split: the stage is not the whole model)."""
     if not uses_decode_graphs(spec, on_gpu, split):
         return 0
     s = spec.shape
@@ -223,7 +239,8 @@ def stage_graphs(spec: ModelSpec, last: bool, on_gpu: bool, block_size: int = 16
     if last:
         pool += mb * s.vocab_size * b  # the LM head's output before its float32 copy
     n_graphs = len(graph_batch_sizes(spec.config.max_batch))
-    return inputs + activations + logits + workspace + scratch + pool + n_graphs * GRAPH_EXEC_BYTES
+    confined = steered_graphs(spec, on_gpu, split) if steered else 0
+    return inputs + activations + logits + workspace + scratch + pool + n_graphs * GRAPH_EXEC_BYTES + confined
 
 
 def default_kv_tokens(config: ModelConfig) -> int:
@@ -231,7 +248,7 @@ def default_kv_tokens(config: ModelConfig) -> int:
 
 
 def stage_need(
-    spec: ModelSpec, kv_tokens: int, block_size: int, start: int, end: int, on_gpu: bool = True
+    spec: ModelSpec, kv_tokens: int, block_size: int, start: int, end: int, on_gpu: bool = True, steered: bool = False
 ) -> StageNeed:
     first = start == 0
     last = end == spec.shape.num_layers
@@ -239,7 +256,7 @@ def stage_need(
         weights=stage_weights(spec, start, end, first, last),
         kv=stage_kv(spec, kv_tokens, block_size, start, end),
         workspace=stage_workspace(spec, last),
-        graphs=stage_graphs(spec, last, on_gpu, block_size, split=not (first and last)),
+        graphs=stage_graphs(spec, last, on_gpu, block_size, split=not (first and last), steered=steered),
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from llmhost.config import HostConfig, ModelConfig
 from llmhost.errors import ConfigError, InventoryError, PlanInfeasibleError
-from llmhost.memory.estimate import ModelSpec, StageNeed, default_kv_tokens, kv_blocks, stage_need
+from llmhost.memory.estimate import ModelSpec, StageNeed, default_kv_tokens, kv_blocks, stage_need, steered_graphs
 from llmhost.memory.history import History, Measured, history_key
 from llmhost.memory.inventory import Inventory
 from llmhost.memory.plan import DeviceBudget, FitLimit, ModelPlan, Plan, Shortfall, Stage
@@ -52,8 +52,11 @@ class _Needs:
     Weights and KV stay the estimate's: both are exact arithmetic (tensor headers x dtype; whole blocks x bytes
     per token), and KV follows this plan's pool size, which "fill" changes after placement."""
 
-    def __init__(self, budgets: Sequence[DeviceBudget], block_size: int, history: History | None) -> None:
+    def __init__(
+        self, budgets: Sequence[DeviceBudget], block_size: int, history: History | None, steered: bool = False
+    ) -> None:
         self.bs = block_size
+        self.steered = steered  # [host] sm_steering: the confined decode graphs count too
         self.devices = {b.device.index: b.device for b in budgets}
         self.history = history
         # Planning asks for the same stage many times (trial placements, searches): one history lookup each.
@@ -63,15 +66,23 @@ class _Needs:
         return self.devices[d].kind == "cuda"
 
     def estimate(self, spec: ModelSpec, kv_tokens: int, start: int, end: int, d: int) -> StageNeed:
-        return stage_need(spec, kv_tokens, self.bs, start, end, self.on_gpu(d))
+        return stage_need(spec, kv_tokens, self.bs, start, end, self.on_gpu(d), self.steered)
 
     def __call__(self, spec: ModelSpec, kv_tokens: int, start: int, end: int, d: int) -> StageNeed:
         need = self.estimate(spec, kv_tokens, start, end, d)
         m = self._measured(spec, start, end, d)
         if m is None:
             return need
+        # The measured graphs figure is the runner's tensors (model_runtime.py); executables are not tensors, so
+        # the confined sets' are added as the estimate has them (none where the load had no decode runner).
+        split = not (start == 0 and end == spec.shape.num_layers)
+        confined = steered_graphs(spec, self.on_gpu(d), split) if self.steered and m.graphs else 0
         return replace(
-            need, workspace=m.workspace, graphs=m.graphs, measured=("workspace", "graphs"), measured_at=m.recorded_at
+            need,
+            workspace=m.workspace,
+            graphs=m.graphs + confined,
+            measured=("workspace", "graphs"),
+            measured_at=m.recorded_at,
         )
 
     def whole(self, it: _Item, d: int) -> StageNeed:
@@ -98,7 +109,7 @@ def plan_models(
     stages' `need.measured` says which); None plans from the estimate alone."""
     budgets = make_budgets(inventory, host)
     bs = host.block_size
-    needs = _Needs(budgets, bs, history)
+    needs = _Needs(budgets, bs, history, host.sm_steering)
     items = [_item(spec, budgets) for spec in specs]
     # Larger and higher-priority models first: they have the fewest places to go, and loading them first keeps
     # the allocator's large blocks contiguous. (By the estimate: the order must not depend on a device.)
