@@ -1,0 +1,84 @@
+"""Probe, off the GPU: how each model's decode steps follow one another in a step trace that
+`bench/probes/host_trace.py --raw DIR` wrote (steps.jsonl and tokens.json, gzipped or not). For every pair of
+consecutive decode steps of a model collected in the window: the gap between their collections, and whether the
+second was queued behind the first (run ahead, GpuScheduler.follow_ok) or launched after the first was collected,
+and then how long fair sharing held it (from that collection to its launch) and how long it ran (launch to
+collection). A gap's p99 shows which of the two makes a model's tail.
+
+Usage: python bench/probes/trace_holds.py DIR [DIR ...]   (e.g. bench/results/host_trace_raw-h200/steered)"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def read(path: Path) -> str:
+    gz = path.with_name(path.name + ".gz")
+    return gzip.decompress(gz.read_bytes()).decode() if gz.exists() else path.read_text()
+
+
+def quantile(xs: list[float], q: float) -> float:
+    ordered = sorted(xs)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ms(x: float) -> float:
+    return round(1e3 * x, 2)
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"n": len(xs), "mean": ms(statistics.mean(xs)), "p90": ms(quantile(xs, 0.9)), "p99": ms(quantile(xs, 0.99))}
+
+
+def holds(raw: Path) -> dict[str, Any]:
+    events = [json.loads(line) for line in read(raw / "steps.jsonl").splitlines()]
+    window = json.loads(read(raw / "tokens.json"))
+    t0, t1 = window["t0"], window["t1"]
+    out: dict[str, Any] = {}
+    for model in sorted({e["model"] for e in events if e["model"]}):
+        steps = [e for e in events if e["model"] == model and not e.get("prefill") and e["ev"] in ("launch", "collect")]
+        launches = [e for e in steps if e["ev"] == "launch"]
+        collects = [e for e in steps if e["ev"] == "collect"]
+        pairs = list(zip(launches, collects, strict=False))  # a model's decode steps complete in launch order
+        follow: list[float] = []
+        after: list[tuple[float, float, float]] = []  # gap, hold, run
+        for (_, c_prev), (l_next, c_next) in itertools.pairwise(pairs):
+            if not t0 <= c_next["t"] < t1:
+                continue
+            gap = c_next["t"] - c_prev["t"]
+            if l_next["follows"]:
+                follow.append(gap)
+            else:
+                after.append((gap, max(0.0, l_next["t"] - c_prev["t"]), c_next["t"] - l_next["t"]))
+        gaps = follow + [a[0] for a in after]
+        top = sorted(gaps)[-max(1, len(gaps) // 100) :]
+        out[model] = {
+            "gap_ms": summary(gaps),
+            "run_ahead_gap_ms": summary(follow) if follow else None,
+            "launched_after_collect": {
+                "gap_ms": summary([a[0] for a in after]),
+                "hold_ms": summary([a[1] for a in after]),
+                "run_ms": summary([a[2] for a in after]),
+            }
+            if after
+            else None,
+            "top_1pct_run_ahead": sum(1 for g in top if g in follow),
+            "top_1pct": len(top),
+        }
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    print(json.dumps({d: holds(Path(d)) for d in sys.argv[1:]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
