@@ -65,10 +65,11 @@ class HostConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     park_ram: int | None = None  # pinned host RAM parked models' weights may hold; None: half of the host's RAM
     # Models decoding beside others on a GPU replay decode graphs confined to part of its SMs, steered towards
-    # their fair shares (host/sm_steering.py). On by default: two batch-1 models on the H200 reached 4,243 GB/s
-    # with it, 4,000 without, against two threads' 4,232 (bench/results/multi_model-h200.json). Each model also
-    # captures its small batch sizes' graphs once per SM level at load and swap-in (0.1-0.5 s; their executables
-    # are in the plan's graphs term); a GPU without green contexts keeps its whole-GPU graphs.
+    # their fair shares (host/sm_steering.py). On by default: two batch-1 models on the H200 reached 4,192-4,243
+    # GB/s with it, 4,000-4,012 without, two threads 4,229-4,232; four models 1.09x the tokens/s of the unsteered
+    # host (bench/results/multi_model-h200.json, multi_model_opt_in-h200.json). Each model also captures its small
+    # batch sizes' graphs once per SM level, at load (0.1-0.5 s) or, swapped back in, each at first use; their
+    # executables are in the plan's graphs term. A GPU without green contexts keeps its whole-GPU graphs.
     sm_steering: bool = True
 
     def reserve_for(self, gpu_index: int) -> int:

@@ -91,8 +91,10 @@ class DecodeRunner:
         self.pool: Any = None  # the shared graph memory pool handle, set by the first capture
         # Graph sets confined to part of the GPU's SMs (sm_partition.py), captured ahead on a stream of each
         # count, for batch sizes up to their max_rows (the steps that run beside other models'); `sms` picks the
-        # set replayed, None the whole GPU. Selecting costs nothing: capturing in the loop when the host changed
-        # its mind stalled every model 100-200 ms (bench/results/multi_model_sm_steering-h100.json).
+        # set replayed, None the whole GPU. Selecting costs nothing: capturing a level's whole set in the loop
+        # when the host changed its mind stalled every model 100-200 ms (bench/results/
+        # multi_model_sm_steering-h100.json). A runner that captures on demand (swapped back in) takes one graph
+        # at a time, at its first replay, as it does its whole-GPU graphs.
         self.confined: dict[int, dict[int, torch.cuda.CUDAGraph]] = {}
         self.sms: int | None = None
         self._confined_streams: dict[int, torch.cuda.Stream] = {}  # SM count -> its confined capture stream
