@@ -17,15 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from multi_model_drivers import percentile
+
 
 def read(path: Path) -> str:
     gz = path.with_name(path.name + ".gz")
     return gzip.decompress(gz.read_bytes()).decode() if gz.exists() else path.read_text()
-
-
-def quantile(xs: list[float], q: float) -> float:
-    ordered = sorted(xs)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def ms(x: float) -> float:
@@ -33,7 +32,12 @@ def ms(x: float) -> float:
 
 
 def summary(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "mean": ms(statistics.mean(xs)), "p90": ms(quantile(xs, 0.9)), "p99": ms(quantile(xs, 0.99))}
+    return {
+        "n": len(xs),
+        "mean": ms(statistics.mean(xs)),
+        "p90": ms(percentile(xs, 0.9)),
+        "p99": ms(percentile(xs, 0.99)),
+    }
 
 
 def holds(raw: Path) -> dict[str, Any]:
@@ -46,29 +50,31 @@ def holds(raw: Path) -> dict[str, Any]:
         launches = [e for e in steps if e["ev"] == "launch"]
         collects = [e for e in steps if e["ev"] == "collect"]
         pairs = list(zip(launches, collects, strict=False))  # a model's decode steps complete in launch order
-        follow: list[float] = []
-        after: list[tuple[float, float, float]] = []  # gap, hold, run
-        for (_, c_prev), (l_next, c_next) in itertools.pairwise(pairs):
-            if not t0 <= c_next["t"] < t1:
-                continue
-            gap = c_next["t"] - c_prev["t"]
-            if l_next["follows"]:
-                follow.append(gap)
-            else:
-                after.append((gap, max(0.0, l_next["t"] - c_prev["t"]), c_next["t"] - l_next["t"]))
-        gaps = follow + [a[0] for a in after]
-        top = sorted(gaps)[-max(1, len(gaps) // 100) :]
+        # (gap, run ahead, hold, run) of each step collected in the window after its model's previous one
+        rows = [
+            (
+                c_next["t"] - c_prev["t"],
+                l_next["follows"],
+                max(0.0, l_next["t"] - c_prev["t"]),
+                c_next["t"] - l_next["t"],
+            )
+            for (_, c_prev), (l_next, c_next) in itertools.pairwise(pairs)
+            if t0 <= c_next["t"] < t1
+        ]
+        follow = [r[0] for r in rows if r[1]]
+        after = [r for r in rows if not r[1]]
+        top = sorted(rows)[-max(1, len(rows) // 100) :]
         out[model] = {
-            "gap_ms": summary(gaps),
+            "gap_ms": summary([r[0] for r in rows]),
             "run_ahead_gap_ms": summary(follow) if follow else None,
             "launched_after_collect": {
-                "gap_ms": summary([a[0] for a in after]),
-                "hold_ms": summary([a[1] for a in after]),
-                "run_ms": summary([a[2] for a in after]),
+                "gap_ms": summary([r[0] for r in after]),
+                "hold_ms": summary([r[2] for r in after]),
+                "run_ms": summary([r[3] for r in after]),
             }
             if after
             else None,
-            "top_1pct_run_ahead": sum(1 for g in top if g in follow),
+            "top_1pct_run_ahead": sum(1 for r in top if r[1]),
             "top_1pct": len(top),
         }
     return out
