@@ -396,6 +396,23 @@ def test_launch_waits_for_every_lagging_model_not_just_one_step_in_flight() -> N
     assert sched.launch_ok("8b-2", in_flight), "caught up: within the end of the 3B's step"
 
 
+def test_the_blocker_is_the_model_a_held_one_waits_for_longest() -> None:
+    """SM steering's evidence: the 8B ahead of both others waits for the 1B, whose bound is the smallest it passes;
+    once the 1B caught up it waits for the 3B; a model within every bound waits for none."""
+    sched = make({"8b": 1.0, "3b": 1.0, "1b": 1.0})
+    for m, c in {"8b": 5.0 * MS, "3b": 3.0 * MS, "1b": 1.0 * MS}.items():
+        sched.observe(m, 8, 0, c)
+    sched.pick(DEV, {"8b", "3b", "1b"})
+    sched.charge("8b", 20 * MS)
+    sched.charge("3b", 15 * MS)
+    sched.charge("1b", 10 * MS)
+    in_flight = {"3b": 3.0 * MS, "1b": 1.0 * MS}
+    assert sched.blocker("8b", in_flight) == "1b", "bounds: 3b 18 ms, 1b 11 ms; the 8B is at 20 ms"
+    sched.charge("1b", 15 * MS)
+    assert sched.blocker("8b", in_flight) == "3b", "1b's bound now 26 ms: only the 3B's, 18 ms, holds it"
+    assert sched.blocker("3b", {"1b": 1.0 * MS}) is None and sched.launch_ok("3b", {"1b": 1.0 * MS}), "the last"
+
+
 def test_a_lagging_models_bound_moves_on_while_its_step_runs() -> None:
     """An 8B 5 ms ahead of a 3B whose step is in flight may not start while that step has just begun (its bound
     is the step's end); once the host reckons the 3B's step mostly run (`done_s`), its bound is one decode step

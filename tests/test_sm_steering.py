@@ -3,6 +3,7 @@ core's wiring of it (fake runners and green contexts on a simulated GPU)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from multiprocessing import Pipe
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from llmhost.host.sm_steering import ALONE_WINDOWS, SmSteering, confined_levels
 from llmhost.memory.inventory import parse_gpu_spec
 
 
-def window(st: SmSteering, t: float, held: dict[str, float], ready: tuple[str, ...] = ()) -> dict[str, int]:
-    """One 0.5 s window in which each model had work all along and was held back `held[name]` of it."""
+def window(
+    st: SmSteering, t: float, held: dict[str, float], ready: tuple[str, ...] = (), by: Mapping[str, str] = {}
+) -> dict[str, int]:
+    """One 0.5 s window in which each model had work all along and was held back `held[name]` of it, waiting for
+    model `by[name]` (not named: by a model on the whole GPU)."""
     for name in ready or tuple(held):
         st.observe(name, 0.5 * (1.0 - held.get(name, 0.0)), False)
-        st.observe(name, 0.5 * held.get(name, 0.0), True)
+        st.observe(name, 0.5 * held.get(name, 0.0), True, by.get(name))
     return st.decide(t)
 
 
@@ -70,7 +74,7 @@ def test_an_overshoot_gives_sms_back_and_sets_a_floor() -> None:
     assert window(st, 1.0, {"14b": 0.20, "7b": 0.0}) == {"14b": 104}  # two levels at most
     assert window(st, 1.5, {"14b": 0.05, "7b": 0.0}) == {"14b": 96}
     # Now the 7B is ahead and held: the confined 14B gets SMs back rather than the 7B losing any...
-    assert window(st, 2.0, {"7b": 0.06, "14b": 0.0}) == {"14b": 104}
+    assert window(st, 2.0, {"7b": 0.06, "14b": 0.0}, by={"7b": "14b"}) == {"14b": 104}
     # ...and the 14B, held again, is not confined below where it was given SMs back.
     assert window(st, 2.5, {"14b": 0.10, "7b": 0.0}) == {}
     assert st.sms("14b") == 104
@@ -94,10 +98,28 @@ def test_a_model_decoding_alone_gets_the_whole_gpu_back() -> None:
     assert changes == {"a": 132}
 
 
+def test_four_models_the_two_held_by_smaller_ones_move_down_together() -> None:
+    st = steering("1b", "3b", "8b-1", "8b-2")
+    assert window(st, 1.0, {"1b": 0.0, "3b": 0.02, "8b-1": 0.17, "8b-2": 0.17}) == {"8b-1": 104, "8b-2": 104}
+    assert window(st, 1.5, {"1b": 0.0, "3b": 0.02, "8b-1": 0.05, "8b-2": 0.06}) == {"8b-1": 96, "8b-2": 96}
+    # 8b-1 is now behind: 8b-2 waits for it. It gets SMs back; 8b-2, held by a confined model, stays.
+    assert window(st, 2.0, {"1b": 0.0, "3b": 0.0, "8b-1": 0.0, "8b-2": 0.10}, by={"8b-2": "8b-1"}) == {"8b-1": 112}
+    # Held by the 1B again, 8b-1 goes no deeper than its floor; 8b-2 goes on down.
+    assert window(st, 2.5, {"1b": 0.0, "3b": 0.0, "8b-1": 0.10, "8b-2": 0.10}) == {"8b-2": 88}
+    assert (st.sms("1b"), st.sms("3b"), st.sms("8b-1"), st.sms("8b-2")) == (132, 132, 112, 88)
+
+
+def test_a_model_held_by_a_confined_one_is_not_confined_for_it() -> None:
+    st = steering("a", "b", "c")
+    assert window(st, 1.0, {"a": 0.10, "b": 0.0, "c": 0.0}) == {"a": 104}
+    # b waits for the confined a (a moves up), c for a model on the whole GPU (c moves down).
+    assert window(st, 1.5, {"a": 0.0, "b": 0.10, "c": 0.05}, by={"b": "a", "c": "b"}) == {"a": 132, "c": 112}
+
+
 def test_a_model_that_left_is_forgotten_and_floors_reset() -> None:
     st = steering("a", "b", "c")
     assert window(st, 1.0, {"a": 0.10, "b": 0.0, "c": 0.0}) == {"a": 104}
-    assert window(st, 1.5, {"a": 0.0, "b": 0.05, "c": 0.0}) == {"a": 112}  # a gets SMs back: floor 112
+    assert window(st, 1.5, {"a": 0.0, "b": 0.05, "c": 0.0}, by={"b": "a"}) == {"a": 112}  # SMs back: floor 112
     st.remove("c")
     window(st, 2.5, {"a": 0.0, "b": 0.0})  # the ready set changed
     assert window(st, 3.0, {"a": 0.05, "b": 0.0}) == {"a": 104}  # floor reset: a may go below 112 again
@@ -184,15 +206,15 @@ def test_the_host_confines_the_model_fair_sharing_holds_back(
     assert confinement is not None and confinement.steers("cuda:0")
     _b_held_back(confinement)
     assert (runners["a"].sms, runners["b"].sms) == (None, 104)
-    confinement.observe("cuda:0", ["a", "b"], ["a"])  # now a is held all of the window: b gets the whole GPU back
+    confinement.observe("cuda:0", ["a", "b"], {"a": "b"})  # a waited for b all of the window: b gets the GPU back
     assert (runners["a"].sms, runners["b"].sms) == (None, None)
 
 
 def _b_held_back(confinement: SmConfinement) -> None:
     confinement._steering["cuda:0"].window_s = 0.0  # decide on every pass
-    confinement.observe("cuda:0", ["a", "b"], [])  # starts the first window
-    confinement.observe("cuda:0", ["a", "b"], ["b"])  # the set of ready models changed: no decision
-    confinement.observe("cuda:0", ["a", "b"], ["b"])  # b held all of the window: two levels down
+    confinement.observe("cuda:0", ["a", "b"], {})  # starts the first window
+    confinement.observe("cuda:0", ["a", "b"], {"b": "a"})  # the set of ready models changed: no decision
+    confinement.observe("cuda:0", ["a", "b"], {"b": "a"})  # b held all of the window: two levels down
 
 
 def test_a_failed_confined_capture_leaves_the_gpu_unsteered_and_the_model_loaded(
@@ -209,5 +231,5 @@ def test_a_failed_confined_capture_leaves_the_gpu_unsteered_and_the_model_loaded
     assert not confinement.steers("cuda:0")
     assert [core.slots[n].engine.runner.sms for n in ("a", "b", "c")] == [None, None, None], "whole GPU again"
     assert [core.slots[n].engine.runner.captured for n in ("a", "b", "c")] == [[], [], []], "confined sets released"
-    confinement.observe("cuda:0", ["a", "b", "c"], ["b"])  # nothing steers it any more
+    confinement.observe("cuda:0", ["a", "b", "c"], {"b": "a"})  # nothing steers it any more
     assert core.slots["b"].engine.runner.sms is None

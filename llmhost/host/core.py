@@ -648,6 +648,14 @@ class HostCore:
         pool.append(st)
         return st
 
+    def _prompt_stream(self, name: str, device: str, running: list[_Running]) -> torch.cuda.Stream | None:
+        """With SM steering, a prompt step beside other models' work runs on a stream confined to part of the SMs
+        (SmConfinement.prompt_stream); alone, or unsteered, on the whole GPU (None)."""
+        if self.confinement is None or not self._others_have_work(name, device):
+            return None
+        stream = self.confinement.prompt_stream(device)
+        return stream if stream is not None and all(r.stream is not stream for r in running) else None
+
     def _launch_gpu(self, device: str, ready: list[str], running: list[_Running]) -> bool:
         """Launch on a GPU beside the steps in flight: decode-only steps of models whose decode step is not in
         flight (graph replays, high-priority streams), in the scheduler's order, while each is concurrent_ok with
@@ -673,7 +681,7 @@ class HostCore:
             name = self.gpu.pick(device, fresh, busy=[n for n in ready if n not in fresh])
             if name is not None and self._launch_plan(name, device, engines[name].schedule(0), running):
                 return True
-        held = False  # the loop below stopped because fair sharing kept the next model from starting
+        held: dict[str, str] = {}  # fair sharing kept these from starting -> the model each waits for
         while waiting:
             # A model whose prompt step is in flight is one of the models already running: its decode step may
             # join it. Counted as a step instead, the three other models' decode steps held a 1B model's decode
@@ -686,7 +694,8 @@ class HostCore:
                 break
             shape = StepShape(nexts[name].decode_rows, 0)
             if not self._fits_beside(running, name, shape):
-                held = self.confinement is not None and all(concurrent_ok(r.shape, shape) for r in running)
+                if self.confinement is not None and all(concurrent_ok(r.shape, shape) for r in running):
+                    held = self._held_by(running, waiting)
                 break
             waiting.remove(name)
             run = self._launch_plan(name, device, engines[name].schedule(0), running)
@@ -694,7 +703,7 @@ class HostCore:
                 decoding.add(name)
                 moved = True
         if self.confinement is not None:
-            self.confinement.observe(device, ready, waiting if held else ())
+            self.confinement.observe(device, ready, held)
         if prompting:
             return moved
         prompts = [n for n in ready if nexts[n].prefill_tokens > 0]
@@ -716,6 +725,14 @@ class HostCore:
             return False
         costs = self._costs_in_flight(running, prompts=True)
         return self.gpu.launch_ok(name, costs, prompt=not shape.decode_rows, done_s=self._done_in_flight(running))
+
+    def _held_by(self, running: list[_Running], waiting: list[str]) -> dict[str, str]:
+        """The models of `waiting` that fair sharing keeps from starting beside `running` -> the model each waits
+        for (GpuScheduler.blocker): SM steering's evidence of who is ahead and who behind."""
+        costs = self._costs_in_flight(running, prompts=True)
+        done = self._done_in_flight(running)
+        held = {n: self.gpu.blocker(n, costs, done) for n in waiting}
+        return {n: by for n, by in held.items() if by is not None}
 
     def _runner(self, name: str) -> DecodeRunner | None:
         """A resident model's decode runner: None for an engine without graphs (a CPU, a split model) and for the
@@ -754,7 +771,8 @@ class HostCore:
         if plan.empty:
             return None
         shape = _shape(plan)
-        run = self._execute(name, plan, shape, self._stream(device, running, shape))
+        stream = self._prompt_stream(name, device, running) if shape.prefill_tokens else None
+        run = self._execute(name, plan, shape, stream or self._stream(device, running, shape))
         if run is None:
             return None
         _mark_beside(running, run)

@@ -27,7 +27,7 @@ Invariants: virtual times only grow; a lone ready model is always picked; device
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 # One KV block at the default block size: a prefill always advances by at least this many tokens per step, so a
@@ -275,6 +275,15 @@ class GpuScheduler:
         start = acct.vtime + in_flight_s[model] / acct.weight
         return self._within_steps(acct, start, in_flight_s, done_s, unmeasured_blocks=True)
 
+    def blocker(self, model: str, in_flight_s: Mapping[str, float], done_s: Mapping[str, float] = {}) -> str | None:
+        """The other active model whose bound keeps `model` (with no step in flight) from starting a step now, as
+        launch_ok judges it: of the bounds its virtual time passes, the smallest, the one it waits for longest.
+        None when no measured bound holds it. SM steering gives SMs back to a confined model that holds others."""
+        acct = self._account(model)
+        bounds = self._bounds(acct, in_flight_s, done_s)
+        held = [(bound, other) for other, bound in bounds if bound is not None and acct.vtime > bound]
+        return min(held)[1] if held else None
+
     def _within_steps(
         self,
         acct: _Account,
@@ -283,22 +292,33 @@ class GpuScheduler:
         done_s: Mapping[str, float],
         unmeasured_blocks: bool,
     ) -> bool:
-        """Whether virtual time `start` is within every other active model's bound: the end of its steps in
-        flight (or of the decode step it would take next), or one decode step past where it is now (`done_s`)."""
+        """Whether virtual time `start` is within every other active model's bound (_bounds)."""
+        for _, bound in self._bounds(acct, in_flight_s, done_s):
+            if bound is None:
+                if unmeasured_blocks:
+                    return False
+                continue
+            if start > bound:
+                return False
+        return True
+
+    def _bounds(
+        self, acct: _Account, in_flight_s: Mapping[str, float], done_s: Mapping[str, float]
+    ) -> Iterator[tuple[str, float | None]]:
+        """Each other active model of `acct`'s device -> its bound in virtual time: the end of its steps in flight
+        (or of the decode step it would take next), or one decode step past where it is now (`done_s`), whichever
+        is later; None for a model without a measured decode step."""
         lane = self._lanes[acct.device]
         for other, o in lane.models.items():
             if o is acct or other not in lane.active:
                 continue
             step_s = in_flight_s.get(other, o.decode_step_s)
             if step_s is None:
-                if unmeasured_blocks:
-                    return False
+                yield other, None
                 continue
             if other in done_s and o.decode_step_s is not None:
                 step_s = max(step_s, done_s[other] + o.decode_step_s)
-            if start > o.vtime + step_s / o.weight:
-                return False
-        return True
+            yield other, o.vtime + step_s / o.weight
 
     def expected_step_s(self, model: str, shape: StepShape) -> float:
         """What a step of `shape` is expected to cost the GPU alone: its decode step (decode_step_s) plus its

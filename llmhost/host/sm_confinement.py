@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 
 from llmhost.host.gpu_scheduler import CONCURRENT_MAX_ROWS
-from llmhost.host.sm_steering import SmSteering
+from llmhost.host.sm_steering import SmSteering, prompt_sms
 from llmhost.host.step_trace import StepTrace
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ class SmConfinement:
         # (model, SMs) -> its confined stream, for the host's lifetime: a swap-in reuses it (green contexts are
         # never destroyed, engine/sm_partition.py).
         self._streams: dict[tuple[str, int], torch.cuda.Stream] = {}
+        self._prompt_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._off: set[str] = set()  # GPUs left unsteered: no green contexts, or a capture failed
 
     def steers(self, device: str) -> bool:
@@ -51,23 +52,35 @@ class SmConfinement:
             log.warning("SM steering off on %s: capturing %s's confined graphs failed (%s)", device, name, e)
             self._turn_off(device, failed=(name,))
 
+    def prompt_stream(self, device: str) -> torch.cuda.Stream | None:
+        """A stream confined to PROMPT_FRACTION of `device`'s SMs for prompt steps beside other models' decode
+        steps (made once); None where the GPU is not steered or the fraction is 0."""
+        steering = self._steering.get(device)
+        sms = prompt_sms(steering.total) if steering is not None else 0
+        if steering is None or not sms:
+            return None
+        if device not in self._prompt_streams:
+            from llmhost.engine.sm_partition import confined_stream
+
+            self._prompt_streams[device] = confined_stream(device, sms)
+        return self._prompt_streams[device]
+
     def remove(self, name: str) -> None:
         for steering in self._steering.values():
             steering.remove(name)
 
-    def observe(self, device: str, ready: Iterable[str], held: Iterable[str]) -> None:
+    def observe(self, device: str, ready: Iterable[str], held: Mapping[str, str]) -> None:
         """Which models on `device` had work since the last call, and which of them had a decode step that fair
-        sharing kept from starting; a model whose SM count the steering changes replays the graphs captured for
-        that many SMs from its next decode step on."""
+        sharing kept from starting -> the model it waited for; a model whose SM count the steering changes
+        replays the graphs captured for that many SMs from its next decode step on."""
         steering = self._steering.get(device)
         if steering is None:
             return
         now = time.perf_counter()
         seconds = now - self._observed_at.get(device, now)
         self._observed_at[device] = now
-        held = set(held)
         for name in ready:
-            steering.observe(name, seconds, name in held)
+            steering.observe(name, seconds, name in held, held.get(name))
         for name, sms in steering.decide(now).items():
             runner = self._runner_of(name)
             if runner is not None:

@@ -12,14 +12,18 @@ free 7B, normalized 0.548 / 0.600 (bench/probes/green_context.py, bench/results/
 A model's graphs are captured ahead for each of a few SM counts (`levels`: the whole GPU, then FRACTIONS of it in
 multiples of GRANULE, as green contexts partition SMs in groups of 8 on Hopper), so a change only picks another set.
 
-The rule, per GPU, once per WINDOW_S: each model's held fraction is the share of the window in which it had a
-decode step ready and fair sharing kept it from starting. If the most-held model was held at least MIN_HELD of
-the window, levels move by one per MIN_HELD held (at most MAX_MOVE): when another model is confined, that one
-moves back up (it is behind: more SMs help it catch up) and is never confined below its new level again (its
-floor: no cycling across the fair point); otherwise the most-held model moves down, to its floor at most. A window
-in which the set of models with work changed decides nothing (its holds are the newcomer's start). A change shows
-in the next window already (selecting a set of graphs is instant). A model with work alone on the GPU for
-ALONE_WINDOWS windows gets the whole GPU back.
+The rule, per GPU, once per WINDOW_S: each held model's hold is put down to the model it waited for (the one
+whose bound kept it back, GpuScheduler.blocker). A confined model that held others at least MIN_HELD of the window
+is behind them: it moves back up, a level per MIN_HELD (at most MAX_MOVE), and is never confined below its new
+level again (its floor: no cycling across the fair point). A model held at least MIN_HELD of the window by models
+on the whole GPU is ahead: it moves down as many levels, to its floor at most (a model that both holds and is held
+moves up). Two models: the one held moves down, unless the other is confined, which then moves up instead. Four
+(1B, 3B, 8B, 8B shapes): both 8Bs, held by the smaller ones, move down; one confined too far holds the other and
+gets SMs back (judged by the most held model alone, the two 8Bs took turns: each confined moved the other back up,
+and both ended on the whole GPU within 3 s, bench/results/host_trace_raw-h200/steered). A window in which the set
+of models with work changed decides nothing (its holds are the newcomer's start). A change shows in the next
+window already (selecting a set of graphs is instant). A model with work alone on the GPU for ALONE_WINDOWS
+windows gets the whole GPU back.
 """
 
 from __future__ import annotations
@@ -34,6 +38,16 @@ MAX_MOVE = 2  # the most levels one decision moves
 ALONE_WINDOWS = 10  # windows of decoding alone after which a confined model gets the whole GPU back
 
 
+# EXPERIMENT (to be fixed from the H200 measurement): prompt steps beside other models' decode steps run on this
+# fraction of the SMs; 0: the whole GPU.
+PROMPT_FRACTION = float(__import__("os").environ.get("LLMHOST_PROMPT_FRACTION", "0"))
+
+
+def prompt_sms(total_sms: int) -> int:
+    """SMs a prompt step beside other models' decode steps may use (a multiple of GRANULE); 0: the whole GPU."""
+    return int(total_sms * PROMPT_FRACTION) // GRANULE * GRANULE
+
+
 def confined_levels(total_sms: int) -> tuple[int, ...]:
     """The SM counts below the whole GPU that a model's graphs are captured for, largest first."""
     levels = sorted({int(total_sms * f) // GRANULE * GRANULE for f in FRACTIONS}, reverse=True)
@@ -44,7 +58,8 @@ def confined_levels(total_sms: int) -> tuple[int, ...]:
 class _Model:
     level: int = 0  # index into SmSteering.levels: 0 is the whole GPU
     floor: int = 0  # the deepest level it may be confined to (raised when it is given SMs back)
-    held_s: float = 0.0
+    held_s: float = 0.0  # held back by models on the whole GPU (or by one not named)
+    holding_s: float = 0.0  # others held back waiting for it while it was confined
     ready_s: float = 0.0
 
 
@@ -81,13 +96,19 @@ class SmSteering:
     def sms(self, model: str) -> int:
         return self.levels[self._models[model].level]
 
-    def observe(self, model: str, seconds: float, held: bool) -> None:
-        """`model` had work for `seconds`, and (held) a decode step that fair sharing kept from starting."""
+    def observe(self, model: str, seconds: float, held: bool, by: str | None = None) -> None:
+        """`model` had work for `seconds`, and (held) a decode step that fair sharing kept from starting, waiting
+        for model `by` (None: not known, counted as held by a model on the whole GPU)."""
         m = self._models.get(model)
         if m is None:
             return
         m.ready_s += seconds
-        if held:
+        if not held:
+            return
+        blocker = self._models.get(by) if by is not None else None
+        if blocker is not None and blocker.level > 0:
+            blocker.holding_s += seconds
+        else:
             m.held_s += seconds
 
     def decide(self, now: float) -> dict[str, int]:
@@ -99,34 +120,37 @@ class SmSteering:
         if window < self.window_s:
             return {}
         held = {name: m.held_s / window for name, m in self._models.items()}
+        holding = {name: m.holding_s / window for name, m in self._models.items()}
         ready = frozenset(name for name, m in self._models.items() if m.ready_s > 0.0)
         for m in self._models.values():
-            m.held_s = m.ready_s = 0.0
+            m.held_s = m.holding_s = m.ready_s = 0.0
         self._window_start = now
         changed = ready != self._last_ready
         self._last_ready = ready
         changes = self._alone(ready, changed)
-        if not changes and not changed and held:
-            top = max(held, key=lambda n: held[n])
-            if held[top] >= self.min_held:
-                changes = self._rebalance(top, min(MAX_MOVE, int(held[top] / self.min_held)))
+        if not changes and not changed:
+            changes = self._rebalance(held, holding)
         return {name: self.levels[self._models[name].level] for name in changes}
 
-    def _rebalance(self, top: str, move: int) -> list[str]:
-        """`top` was held the most: the most confined other model `move` levels up, or else `top` down."""
-        confined = [n for n, m in self._models.items() if n != top and m.level > 0]
-        if confined:
-            name = max(confined, key=lambda n: self._models[n].level)
-            m = self._models[name]
-            m.level = max(0, m.level - move)
-            m.floor = min(m.floor, m.level)
-            return [name]
-        m = self._models[top]
-        deeper = min(m.level + move, m.floor)
-        if deeper == m.level:
-            return []
-        m.level = deeper
-        return [top]
+    def _rebalance(self, held: dict[str, float], holding: dict[str, float]) -> list[str]:
+        """Confined models that held others move up (and raise their floor); models held by the others move down."""
+        changes = []
+        for name, m in self._models.items():
+            up = self._move(holding[name])
+            down = self._move(held[name])
+            if up and m.level > 0:
+                m.level = max(0, m.level - up)
+                m.floor = min(m.floor, m.level)
+            elif down and min(m.level + down, m.floor) > m.level:
+                m.level = min(m.level + down, m.floor)
+            else:
+                continue
+            changes.append(name)
+        return changes
+
+    def _move(self, fraction: float) -> int:
+        """Levels to move for `fraction` of a window held: one per min_held, at most MAX_MOVE."""
+        return min(MAX_MOVE, int(fraction / self.min_held)) if fraction >= self.min_held else 0
 
     def _alone(self, ready: frozenset[str], changed: bool) -> list[str]:
         """A confined model alone with work for ALONE_WINDOWS windows gets the whole GPU back."""
