@@ -648,14 +648,6 @@ class HostCore:
         pool.append(st)
         return st
 
-    def _prompt_stream(self, name: str, device: str, running: list[_Running]) -> torch.cuda.Stream | None:
-        """With SM steering, a prompt step beside other models' work runs on a stream confined to part of the SMs
-        (SmConfinement.prompt_stream); alone, or unsteered, on the whole GPU (None)."""
-        if self.confinement is None or not self._others_have_work(name, device):
-            return None
-        stream = self.confinement.prompt_stream(device)
-        return stream if stream is not None and all(r.stream is not stream for r in running) else None
-
     def _launch_gpu(self, device: str, ready: list[str], running: list[_Running]) -> bool:
         """Launch on a GPU beside the steps in flight: decode-only steps of models whose decode step is not in
         flight (graph replays, high-priority streams), in the scheduler's order, while each is concurrent_ok with
@@ -771,8 +763,7 @@ class HostCore:
         if plan.empty:
             return None
         shape = _shape(plan)
-        stream = self._prompt_stream(name, device, running) if shape.prefill_tokens else None
-        run = self._execute(name, plan, shape, stream or self._stream(device, running, shape))
+        run = self._execute(name, plan, shape, self._stream(device, running, shape))
         if run is None:
             return None
         _mark_beside(running, run)

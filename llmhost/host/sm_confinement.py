@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmhost.host.gpu_scheduler import CONCURRENT_MAX_ROWS
-from llmhost.host.sm_steering import SmSteering, prompt_sms
+from llmhost.host.sm_steering import SmSteering
 from llmhost.host.step_trace import StepTrace
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ class SmConfinement:
         # (model, SMs) -> its confined stream, for the host's lifetime: a swap-in reuses it (green contexts are
         # never destroyed, engine/sm_partition.py).
         self._streams: dict[tuple[str, int], torch.cuda.Stream] = {}
-        self._prompt_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._off: set[str] = set()  # GPUs left unsteered: no green contexts, or a capture failed
 
     def steers(self, device: str) -> bool:
@@ -51,19 +50,6 @@ class SmConfinement:
         except Exception as e:  # a driver refusing a context, memory short for the extra graphs
             log.warning("SM steering off on %s: capturing %s's confined graphs failed (%s)", device, name, e)
             self._turn_off(device, failed=(name,))
-
-    def prompt_stream(self, device: str) -> torch.cuda.Stream | None:
-        """A stream confined to PROMPT_FRACTION of `device`'s SMs for prompt steps beside other models' decode
-        steps (made once); None where the GPU is not steered or the fraction is 0."""
-        steering = self._steering.get(device)
-        sms = prompt_sms(steering.total) if steering is not None else 0
-        if steering is None or not sms:
-            return None
-        if device not in self._prompt_streams:
-            from llmhost.engine.sm_partition import confined_stream
-
-            self._prompt_streams[device] = confined_stream(device, sms)
-        return self._prompt_streams[device]
 
     def remove(self, name: str) -> None:
         for steering in self._steering.values():

@@ -38,16 +38,6 @@ MAX_MOVE = 2  # the most levels one decision moves
 ALONE_WINDOWS = 10  # windows of decoding alone after which a confined model gets the whole GPU back
 
 
-# EXPERIMENT (to be fixed from the H200 measurement): prompt steps beside other models' decode steps run on this
-# fraction of the SMs; 0: the whole GPU.
-PROMPT_FRACTION = float(__import__("os").environ.get("LLMHOST_PROMPT_FRACTION", "0"))
-
-
-def prompt_sms(total_sms: int) -> int:
-    """SMs a prompt step beside other models' decode steps may use (a multiple of GRANULE); 0: the whole GPU."""
-    return int(total_sms * PROMPT_FRACTION) // GRANULE * GRANULE
-
-
 def confined_levels(total_sms: int) -> tuple[int, ...]:
     """The SM counts below the whole GPU that a model's graphs are captured for, largest first."""
     levels = sorted({int(total_sms * f) // GRANULE * GRANULE for f in FRACTIONS}, reverse=True)
