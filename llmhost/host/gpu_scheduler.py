@@ -90,7 +90,6 @@ class _Account:
     smallest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its smallest solo prefill step
     largest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its largest prefill step
     cheapest_prefill: tuple[int, float] | None = None  # (tokens, EMA seconds) of its smallest prefill step, ever
-    cheapest_alone: tuple[int, float] | None = None  # (tokens, EMA seconds) of its smallest prefill step run alone
 
 
 @dataclass
@@ -355,8 +354,7 @@ class GpuScheduler:
           alone) does not: beside three decoding models a prompt step took 5-10x its time alone.
         - The largest and the cheapest prefill steps are kept too (tokens, seconds), overlapped or not:
           prefill_budget extrapolates only proportionally from them, and where the slope was never measured alone
-          an overlapped step's time is the only bound there is; and the cheapest run alone, whether a prompt
-          step is launch-bound."""
+          an overlapped step's time is the only bound there is."""
         if decode_rows < 0 or prefill_tokens < 0 or not seconds >= 0.0 or math.isinf(seconds):
             raise ValueError(f"model '{model}': step sizes must be >= 0 and seconds finite >= 0")
         acct = self._account(model)
@@ -368,7 +366,6 @@ class GpuScheduler:
         acct.cheapest_prefill = self._extreme(acct.cheapest_prefill, prefill_tokens, seconds, larger=False)
         if overlapped:
             return
-        acct.cheapest_alone = self._extreme(acct.cheapest_alone, prefill_tokens, seconds, larger=False)
         if acct.decode_step_s is not None:
             ref_tokens, ref_s = 0, acct.decode_step_s
         else:
@@ -421,16 +418,17 @@ class GpuScheduler:
         if base_s is None:
             assert acct.cheapest_prefill is not None  # observed together with largest_prefill
             base_s = acct.cheapest_prefill[1]
-        if acct.decode_step_s is not None and acct.cheapest_alone is not None:
-            n_min, t_min = acct.cheapest_alone
+        if acct.decode_step_s is not None and acct.cheapest_prefill is not None:
+            n_min, t_min = acct.cheapest_prefill
             if n_min <= 2 * floor and t_min - acct.decode_step_s > stall_s:
                 # Launch-bound prefill (the eager path's fixed cost per step, ~10 us per kernel): even a floor-sized
                 # chunk stalls the others by more than one of their decode steps, so no chunk size keeps the bound;
-                # small chunks would only multiply the stalls (and the prompt's time). Take the whole chunk. Judged
-                # on steps run alone only: a 16-token prompt step beside three decoding models took 9-11 ms (its
-                # kernels behind theirs, not its own cost), which lifted the budget of the four-model bench's
-                # 3B and 8Bs for good, and their 512-token prompt steps slowed the 1B's decode steps beside them
-                # to twice their time (its p99 inter-token latency, bench/results/host_trace_raw-h200).
+                # small chunks would only multiply the stalls (and the prompt's time). Take the whole chunk.
+                # Judged on overlapped steps too: beside three decoding models, the 3B's and 8Bs' first 16-token
+                # steps (9-11 ms) lift their budgets for good and their prompts go in 512-token steps. Judged on
+                # steps run alone instead, they went in 60-141-token steps: four-model aggregate 3,558 tok/s
+                # against 3,793 in an earlier call, no p99 better (H200; the prompts' time grew more than the
+                # steps beside them shrank).
                 return None
         # A step measured at zero seconds (a broken timer) gives no ground to grow beyond it.
         budget = n_max * (base_s + stall_s) / t_max if t_max > 0.0 else float(n_max)
