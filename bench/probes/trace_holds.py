@@ -3,7 +3,8 @@
 consecutive decode steps of a model collected in the window: the gap between their collections, and whether the
 second was queued behind the first (run ahead, GpuScheduler.follow_ok) or launched after the first was collected,
 and then how long fair sharing held it (from that collection to its launch) and how long it ran (launch to
-collection). A gap's p99 shows which of the two makes a model's tail.
+collection). A gap's p99 shows which of the two makes a model's tail. Also: the fraction of gaps during which a
+prompt step (any model's) ran, and how many of the top 3% did.
 
 Usage: python bench/probes/trace_holds.py DIR [DIR ...]   (e.g. bench/results/host_trace_raw-h200/steered)"""
 
@@ -44,6 +45,14 @@ def holds(raw: Path) -> dict[str, Any]:
     events = [json.loads(line) for line in read(raw / "steps.jsonl").splitlines()]
     window = json.loads(read(raw / "tokens.json"))
     t0, t1 = window["t0"], window["t1"]
+    # Prompt steps, from their launch's start to their collection (a model's prompt steps never overlap).
+    started: dict[str, float] = {}
+    prompts: list[tuple[float, float]] = []
+    for e in events:
+        if e.get("prefill") and e["ev"] == "launch":
+            started[e["model"]] = e["t"]
+        elif e.get("prefill") and e["ev"] == "collect" and e["model"] in started:
+            prompts.append((started.pop(e["model"]), e["t"]))
     out: dict[str, Any] = {}
     for model in sorted({e["model"] for e in events if e["model"]}):
         steps = [e for e in events if e["model"] == model and not e.get("prefill") and e["ev"] in ("launch", "collect")]
@@ -61,6 +70,10 @@ def holds(raw: Path) -> dict[str, Any]:
             for (_, c_prev), (l_next, c_next) in itertools.pairwise(pairs)
             if t0 <= c_next["t"] < t1
         ]
+        # Which gaps had a prompt step (any model's) running at some point between their two collections.
+        beside = [any(p0 < c_next["t"] and p1 > c_prev["t"] for p0, p1 in prompts) for (_, c_prev), (_, c_next) in
+                  itertools.pairwise(pairs) if t0 <= c_next["t"] < t1]  # fmt: skip
+        top3 = sorted(zip(rows, beside, strict=True), key=lambda x: x[0][0])[-max(1, 3 * len(rows) // 100) :]
         follow = [r[0] for r in rows if r[1]]
         after = [r for r in rows if not r[1]]
         top = sorted(rows)[-max(1, len(rows) // 100) :]
@@ -76,6 +89,9 @@ def holds(raw: Path) -> dict[str, Any]:
             else None,
             "top_1pct_run_ahead": sum(1 for r in top if r[1]),
             "top_1pct": len(top),
+            "gaps_beside_a_prompt_step": round(sum(beside) / len(beside), 3) if beside else None,
+            "top_3pct": len(top3),
+            "top_3pct_beside_a_prompt_step": sum(1 for _, b in top3 if b),
         }
     return out
 

@@ -19,11 +19,12 @@ level again (its floor: no cycling across the fair point). A model held at least
 on the whole GPU is ahead: it moves down as many levels, to its floor at most (a model that both holds and is held
 moves up). Two models: the one held moves down, unless the other is confined, which then moves up instead. Four
 (1B, 3B, 8B, 8B shapes): both 8Bs, held by the smaller ones, move down; one confined too far holds the other and
-gets SMs back (judged by the most held model alone, the two 8Bs took turns: each confined moved the other back up,
-and both ended on the whole GPU within 3 s, bench/results/host_trace_raw-h200/steered). A window in which the set
-of models with work changed decides nothing (its holds are the newcomer's start). A change shows in the next
-window already (selecting a set of graphs is instant). A model with work alone on the GPU for ALONE_WINDOWS
-windows gets the whole GPU back.
+gets SMs back (judged by the most held model alone, the confined 8B got its SMs back whenever the other 8B was
+held most, and was on the whole GPU again within 3 s: bench/results/host_trace_raw-h200/steered; the four models'
+throughput and p99s did not measurably change either way, bench/results/multi_model_experiments-h200.json). A
+window in which the set of models with work changed decides nothing (its holds are the newcomer's start). A change
+shows in the next window already (selecting a set of graphs is instant). A model with work alone on the GPU for
+ALONE_WINDOWS windows gets the whole GPU back.
 """
 
 from __future__ import annotations
