@@ -210,6 +210,23 @@ def test_the_host_confines_the_model_fair_sharing_holds_back(
     assert (runners["a"].sms, runners["b"].sms) == (None, None)
 
 
+def test_the_host_names_the_model_each_held_one_waits_for(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    """What the loop hands the steering when fair sharing holds models back: each one's blocker, none for a model
+    within every bound (it was only behind another in the loop's order)."""
+    core = _steered_core(tmp_path, monkeypatch, tiny_models)
+    for name, step_s in (("a", 0.002), ("b", 0.008)):
+        core.gpu.observe(name, 8, 0, step_s)
+    core.gpu.pick("cuda:0", ["a", "b"])
+    core.gpu.charge("b", 0.020)  # b is 20 ms ahead of a, whose next step would end at 2 ms
+    assert core._held_by([], ["a", "b"]) == {"b": "a"}
+    core.gpu.charge("a", 0.019)
+    assert core._held_by([], ["a", "b"]) == {}
+
+
 def _b_held_back(confinement: SmConfinement) -> None:
     confinement._steering["cuda:0"].window_s = 0.0  # decide on every pass
     confinement.observe("cuda:0", ["a", "b"], {})  # starts the first window
