@@ -25,6 +25,15 @@ def make(weights: dict[str, float], device: str = DEV) -> GpuScheduler:
     return sched
 
 
+def active_lane(decode_step_s: dict[str, float]) -> GpuScheduler:
+    """Models of equal weight, each with its solo 8-row decode step measured, all active (picked among once)."""
+    sched = make(dict.fromkeys(decode_step_s, 1.0))
+    for m, c in decode_step_s.items():
+        sched.observe(m, 8, 0, c)
+    sched.pick(DEV, set(decode_step_s))
+    return sched
+
+
 def run(
     sched: GpuScheduler,
     cost: dict[str, float],
@@ -383,10 +392,7 @@ def test_launch_waits_for_every_lagging_model_not_just_one_step_in_flight() -> N
     """Two 8Bs level with each other and a 3B 20 ms behind: an 8B may not start beside the other 8B's step while
     the 3B's step ends far below its virtual time. Judged against any one step in flight, the two 8Bs let each
     other start again and again and drifted 75 ms ahead of the 3B, then both stopped ~100 ms while it caught up."""
-    sched = make({"8b-1": 1.0, "8b-2": 1.0, "3b": 1.0})
-    for m, c in {"8b-1": 6.4 * MS, "8b-2": 6.4 * MS, "3b": 3.3 * MS}.items():
-        sched.observe(m, 8, 0, c)
-    sched.pick(DEV, {"8b-1", "8b-2", "3b"})
+    sched = active_lane({"8b-1": 6.4 * MS, "8b-2": 6.4 * MS, "3b": 3.3 * MS})
     sched.charge("8b-1", 20 * MS)
     sched.charge("8b-2", 20 * MS)
     in_flight = {"8b-1": 6.4 * MS, "3b": 3.3 * MS}
@@ -399,10 +405,7 @@ def test_launch_waits_for_every_lagging_model_not_just_one_step_in_flight() -> N
 def test_the_blocker_is_the_model_a_held_one_waits_for_longest() -> None:
     """SM steering's evidence: the 8B ahead of both others waits for the 1B, whose bound is the smallest it passes;
     once the 1B caught up it waits for the 3B; a model within every bound waits for none."""
-    sched = make({"8b": 1.0, "3b": 1.0, "1b": 1.0})
-    for m, c in {"8b": 5.0 * MS, "3b": 3.0 * MS, "1b": 1.0 * MS}.items():
-        sched.observe(m, 8, 0, c)
-    sched.pick(DEV, {"8b", "3b", "1b"})
+    sched = active_lane({"8b": 5.0 * MS, "3b": 3.0 * MS, "1b": 1.0 * MS})
     sched.charge("8b", 20 * MS)
     sched.charge("3b", 15 * MS)
     sched.charge("1b", 10 * MS)
