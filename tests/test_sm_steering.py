@@ -17,7 +17,7 @@ from llmhost.engine import sm_partition
 from llmhost.host.coordinator import Slot
 from llmhost.host.core import HostCore
 from llmhost.host.sm_confinement import SmConfinement
-from llmhost.host.sm_steering import ALONE_WINDOWS, SmSteering, confined_levels
+from llmhost.host.sm_steering import ALONE_WINDOWS, SmSteering, confined_levels, near_sms
 from llmhost.memory.inventory import parse_gpu_spec
 
 
@@ -45,6 +45,15 @@ def steering(*models: str) -> SmSteering:
 def test_levels_are_multiples_of_eight_below_the_whole_gpu() -> None:
     assert confined_levels(132) == (112, 104, 96, 88)
     assert SmSteering(132).levels == (132, 112, 104, 96, 88)
+
+
+def test_a_far_group_leaves_a_whole_number_of_granules_at_the_start() -> None:
+    assert near_sms(132, 44) == 88  # 44 left at the far end: the deepest steering level's SMs stay apart
+    assert near_sms(132, 40) == 88  # rounded so that at least 40 are left (44)
+    assert near_sms(132, 28) == 104
+    assert near_sms(132, 130) == 0  # nothing left to split off
+    assert near_sms(132, 0) == 0
+    assert sm_partition.far_stream("cpu", 88) is None  # a CPU has no SMs to split
 
 
 def test_the_most_held_model_moves_down_a_level_per_five_percent_held() -> None:
@@ -250,3 +259,29 @@ def test_a_failed_confined_capture_leaves_the_gpu_unsteered_and_the_model_loaded
     assert [core.slots[n].engine.runner.captured for n in ("a", "b", "c")] == [[], [], []], "confined sets released"
     confinement.observe("cuda:0", ["a", "b", "c"], {"b": "a"})  # nothing steers it any more
     assert core.slots["b"].engine.runner.sms is None
+
+
+def test_a_prompt_step_beside_others_takes_the_far_stream_only_in_the_experiment(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    """FAR_PROMPT_ENV: the far stream is made once per GPU with the split that leaves that many SMs at the far end,
+    and used only while another model has work and no step in flight is on it."""
+    made: list[tuple[str, int]] = []
+    far = object()
+
+    def far_stream(device: str, near: int) -> tuple[object, int]:
+        made.append((device, near))
+        return far, 132 - near
+
+    monkeypatch.setattr(sm_partition, "far_stream", far_stream)
+    core = _steered_core(tmp_path, monkeypatch, tiny_models)
+    assert core._far_stream("a", "cuda:0", []) is None  # experiment off
+    core._far_prompt_sms = 40
+    assert core._far_stream("a", "cuda:0", []) is None  # b has no work: the whole GPU
+    core.slots["b"].engine.has_work = True
+    assert core._far_stream("a", "cuda:0", []) is far
+    busy = type("Run", (), {"stream": far})()
+    assert core._far_stream("a", "cuda:0", [busy]) is None  # already running a step
+    assert made == [("cuda:0", 88)]

@@ -58,6 +58,44 @@ def confined_stream(device: torch.device | str, num_sms: int) -> torch.cuda.Stre
         return None
 
 
+def far_stream(device: torch.device | str, near_sms: int, priority: int = 0) -> tuple[torch.cuda.Stream, int] | None:
+    """A stream of a green context on the SMs left once the first `near_sms` are split off, and how many those
+    are; None where that cannot be made (a CPU, no cuda-bindings, a driver without green contexts).
+
+    Why not confined_stream: torch makes every green context by splitting the whole device and keeping the first
+    group, so two of them always share their SMs, the smaller's all inside the larger's (bench/probes/sm_ids.py
+    shows which SMs each runs on). Work kept apart from the confined decode graphs, which take the first SMs,
+    needs the other end: the driver's split hands back both the first group and the rest; torch keeps only the
+    first. This makes the split itself (cuda-bindings, which torch does not need: optional), and a stream of its
+    own in the rest's context."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or near_sms <= 0:
+        return None
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    try:
+        from cuda.bindings import driver
+
+        def checked(result: tuple[Any, ...]) -> Any:
+            if result[0] != driver.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"{result[0]!r}")
+            return result[1] if len(result) == 2 else result[1:]
+
+        cu_dev = checked(driver.cuDeviceGet(index))
+        whole = checked(driver.cuDeviceGetDevResource(cu_dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+        _first, _groups, rest = checked(driver.cuDevSmResourceSplitByCount(1, whole, 0, near_sms))
+        desc = checked(driver.cuDevResourceGenerateDesc([rest], 1))
+        flags = driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM
+        green = checked(driver.cuGreenCtxCreate(desc, cu_dev, flags))
+        _KEEP.append(green)  # never destroyed, as confined_stream's (module docstring)
+        raw = checked(driver.cuGreenCtxStreamCreate(green, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, priority))
+        _KEEP.append(raw)
+        stream: torch.cuda.Stream = torch.cuda.get_stream_from_external(int(raw), dev)
+        return stream, int(rest.sm.smCount)
+    except Exception as e:  # no cuda-bindings, a driver refusing the split or the context
+        log.warning("no green context on the far SMs of cuda:%d (%s)", index, e)
+        return None
+
+
 def sm_count(device: torch.device | str) -> int:
     """The GPU's number of SMs (0 for a CPU)."""
     dev = torch.device(device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import sys
 import time
 import traceback
@@ -78,6 +79,11 @@ EXPIRE_EVERY_S = 1.0  # how often keep_alive deadlines are checked
 MAX_CONCURRENT_MODELS = 4
 # CUDA stream priority of decode-only steps (lower is higher; steps with prompt tokens run at the default, 0).
 DECODE_STREAM_PRIORITY = -1
+# Experiment, off unless this names an SM count: a prompt step beside other models' steps runs on a stream of
+# about that many SMs at the far end of the GPU, apart from the SMs confined decode graphs take (far_stream). Not
+# measured yet; a prompt confined to the first SMs, shared with the steered 8Bs' graphs, made the four models'
+# p99s worse (bench/results/multi_model_experiments-h200.json).
+FAR_PROMPT_ENV = "LLMHOST_FAR_PROMPT_SMS"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
@@ -209,6 +215,8 @@ class HostCore:
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
         self.confinement = SmConfinement(self._runner, self.trace) if config.host.sm_steering else None
         self._gc_start = 0.0
+        self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)
+        self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -648,6 +656,22 @@ class HostCore:
         pool.append(st)
         return st
 
+    def _far_stream(self, name: str, device: str, running: list[_Running]) -> torch.cuda.Stream | None:
+        """The FAR_PROMPT_ENV experiment's stream for `name`'s prompt step (made once per GPU), None to use the
+        pool's: the experiment off, `name` alone with work, or no such stream on this GPU."""
+        if not self._far_prompt_sms or not device.startswith("cuda") or not self._others_have_work(name, device):
+            return None
+        if device not in self._far_streams:
+            from llmhost.engine.sm_partition import far_stream, sm_count
+            from llmhost.host.sm_steering import near_sms
+
+            made = far_stream(device, near_sms(sm_count(device), self._far_prompt_sms))
+            self._far_streams[device] = made[0] if made is not None else None
+            if made is not None:
+                log.info("%s: prompt steps beside other models on %d SMs at the far end", device, made[1])
+        stream = self._far_streams[device]
+        return stream if stream is not None and all(r.stream is not stream for r in running) else None
+
     def _launch_gpu(self, device: str, ready: list[str], running: list[_Running]) -> bool:
         """Launch on a GPU beside the steps in flight: decode-only steps of models whose decode step is not in
         flight (graph replays, high-priority streams), in the scheduler's order, while each is concurrent_ok with
@@ -763,7 +787,8 @@ class HostCore:
         if plan.empty:
             return None
         shape = _shape(plan)
-        run = self._execute(name, plan, shape, self._stream(device, running, shape))
+        far = self._far_stream(name, device, running) if shape.prefill_tokens else None
+        run = self._execute(name, plan, shape, far or self._stream(device, running, shape))
         if run is None:
             return None
         _mark_beside(running, run)

@@ -45,6 +45,13 @@ def confined_levels(total_sms: int) -> tuple[int, ...]:
     return tuple(n for n in levels if 0 < n < total_sms)
 
 
+def near_sms(total_sms: int, far_sms: int) -> int:
+    """How many SMs to split off the start of a GPU so that at least `far_sms` are left at its far end
+    (engine/sm_partition.far_stream): a multiple of GRANULE, 0 where no such split exists."""
+    near = (total_sms - far_sms) // GRANULE * GRANULE
+    return near if near >= GRANULE and far_sms > 0 else 0
+
+
 @dataclass
 class _Model:
     level: int = 0  # index into SmSteering.levels: 0 is the whole GPU
