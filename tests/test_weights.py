@@ -209,6 +209,31 @@ def test_wrong_byte_count_names_the_tensor(tmp_path: Path) -> None:
         load(dataclasses.replace(ckpt, tensors=tensors))
 
 
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes overwritten on disk: a NaN in one weight (found in whichever chunk holds it) fails the load, where it
+    loaded before and every request answered nothing but end-of-text tokens."""
+    monkeypatch.setattr(weights, "FINITE_CHUNK_ELEMENTS", 7)  # several chunks; the NaN in a later one
+    write_hf_checkpoint(tmp_path, tiny_config("llama-3-8b"))
+    ckpt = open_checkpoint(tmp_path)
+    info = next(t for t in ckpt.tensors if t.name.endswith("mlp.up_proj.weight"))
+    f = tmp_path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    at = info.offset + info.stored_bytes - 4  # the last float32 of the tensor (offsets count from the file start)
+    data[at : at + 4] = np.array([np.nan], dtype=np.float32).tobytes()
+    f.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=f"'{info.name}' holds 1 NaN or infinite values") as err:
+        load(ckpt)
+    assert "corrupt" in str(err.value) and "float16" not in str(err.value)
+
+
+def test_values_past_float16s_range_are_refused_with_the_dtype_fix(tmp_path: Path) -> None:
+    write_hf_checkpoint(tmp_path, tiny_config("llama-3-8b"))
+    save_file({"big": torch.full((3,), 1e6)}, str(tmp_path / "extra.safetensors"))
+    assert load(open_checkpoint(tmp_path), torch.bfloat16)["big"][0] == 999424.0  # bfloat16's range holds it
+    with pytest.raises(ModelFileError, match='overflow float16 \\(use dtype = "bfloat16"\\)'):
+        load(open_checkpoint(tmp_path), torch.float16)
+
+
 def test_check_weights_missing_tensor(tmp_path: Path) -> None:
     ckpt = open_checkpoint(write_hf_checkpoint(tmp_path, tiny_config("llama-3-8b")))
     shapes = weight_shapes(ckpt)

@@ -40,6 +40,8 @@ _UNSUPPORTED_DTYPES = {"F8_E4M3", "F8_E5M2"}
 # Rows of a quantized GGUF tensor are dequantized in chunks of about this many elements (16 MiB as float32), so the
 # numpy intermediates of gguf's dequantizer stay small next to the tensor itself. A test lowers it.
 DEQUANT_CHUNK_ELEMENTS = 4 * 1024 * 1024
+# Elements of a weight checked for NaN / infinity at a time (_finite): 16 MiB of bools on the weight's device.
+FINITE_CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 # llama.cpp tensor names -> HF names. Per-block names are keyed without the "blk.N." prefix and ".weight" suffix.
 _GGUF_GLOBAL_NAMES = {
@@ -108,12 +110,34 @@ def iter_weights(
 
         for info in tensors:
             if ckpt.format == "safetensors":
-                yield info.name, _place(_read_plain(reader(info), info), dtype, device_of(info.name))
+                t = _place(_read_plain(reader(info), info), dtype, device_of(info.name))
+                yield info.name, _finite(t, info)
                 continue
             name = gguf_to_hf_name(info.name, ckpt.shape.architecture)
             if name is None:
                 continue
-            yield name, _gguf_tensor(reader(info), info, name, ckpt.shape, dtype, device_of(name))
+            yield name, _finite(_gguf_tensor(reader(info), info, name, ckpt.shape, dtype, device_of(name)), info)
+
+
+def _finite(t: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """`t`, once every value of it is finite. A NaN or infinity in a weight (bytes overwritten on disk, a GGUF
+    block's scale gone bad, a float32 value past float16's range) loaded silently before: every request then
+    answered 200 with nothing but end-of-text tokens. Checked in chunks on the tensor's device (one bool per
+    element of a chunk at a time, not of the whole tensor), with one read back per tensor."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return t
+    flat = t.reshape(-1)
+    ok = torch.ones((), dtype=torch.bool, device=t.device)
+    for i in range(0, flat.numel(), FINITE_CHUNK_ELEMENTS):
+        ok &= torch.isfinite(flat[i : i + FINITE_CHUNK_ELEMENTS]).all()
+    if bool(ok):
+        return t
+    bad = int((~torch.isfinite(flat)).sum())
+    overflow = ' or its values overflow float16 (use dtype = "bfloat16")' if t.dtype == torch.float16 else ""
+    raise ModelFileError(
+        f"{info.file}: tensor '{info.name}' holds {bad} NaN or infinite values of {flat.numel()}: the file is "
+        f"corrupt{overflow}; download or convert the checkpoint again"
+    )
 
 
 def _device_fn(device: torch.device | DeviceOf) -> DeviceOf:
