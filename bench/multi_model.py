@@ -81,6 +81,7 @@ MODES = {
 }  # fmt: skip
 PROMPT = 128
 FOUR_CLIENTS = 8
+FAR_PROMPT_SMS = 44  # four-far: a third of an H100's or H200's SMs, apart from the deepest steering level's 88
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0)}
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
@@ -276,7 +277,9 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     """The host in its own process, as the server runs it (this process's client threads take no GIL time from its
     loop): (pair) each model alone, then together at weights 1:1; (pair-3:1, pair-1:3) together at those weights
     (small:large), each host in a fresh process; (pair-unsteered) 1:1 with [host] sm_steering off; (four) each
-    model alone, then all together; (four-unsteered) the same with sm_steering off."""
+    model alone, then all together; (four-unsteered) the same with sm_steering off; (four-far, four-unsteered-far)
+    those two with the host's prompt steps beside other models on FAR_PROMPT_SMS SMs at the far end of the GPU
+    (the host's LLMHOST_FAR_PROMPT_SMS experiment; this phase's process only)."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -300,7 +303,11 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     else:
         loads = _loads(mode, mode.four, FOUR_CLIENTS, mode.four_tokens)
         models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
-        host = HostConfig(sm_steering=scenario != "four-unsteered")
+        host = HostConfig(sm_steering=not scenario.startswith("four-unsteered"))
+        if scenario.endswith("-far"):
+            from llmhost.host.core import FAR_PROMPT_ENV
+
+            os.environ[FAR_PROMPT_ENV] = str(FAR_PROMPT_SMS)  # the host process started next inherits it
         run = d.start_host(inventory, host, models, f"{scenario} host", in_process=False)
         out["alone"] = {}
         for ld in loads:
@@ -532,6 +539,8 @@ PLAN = (
     ("four/host-unsteered", "host", "four-unsteered", False),
     ("four/baseline", "baseline", "four", False),
     ("four/processes", "processes", "four", False),
+    ("four/host-far", "host", "four-far", False),  # experiments (core.FAR_PROMPT_ENV), after what is judged
+    ("four/host-unsteered-far", "host", "four-unsteered-far", False),
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

@@ -100,6 +100,9 @@ def build(
     four["host"] = _four_summary(results.get("four/host", {}), four_names)
     if "together" in results.get("four/host-unsteered", {}):
         four["host_unsteered"] = _four_summary(results["four/host-unsteered"], four_names)
+    for key, name in (("four/host-far", "host_far_prompt"), ("four/host-unsteered-far", "host_unsteered_far_prompt")):
+        if "together" in results.get(key, {}):  # experiments: prompt steps beside others on the far SMs
+            four[name] = _four_summary(results[key], four_names)
     four_sources = {
         "threads": results.get("four/baseline", {}).get("threads"),
         "processes": results.get("four/processes", {}).get("processes"),
@@ -197,6 +200,10 @@ def targets(
     out += _four_targets(four["host"], bases, "")
     if "host_unsteered" in four:
         out += _four_targets(four["host_unsteered"], bases, " with sm_steering = false")
+    far = "prompts on the far SMs"
+    for name, label in (("host_far_prompt", f" with {far}"), ("host_unsteered_far_prompt", f" unsteered, {far}")):
+        if name in four:
+            out += _four_targets(four[name], bases, label)
 
     copies = swap.get("copies", [])
     gbps = [c["GBps"] for c in copies]

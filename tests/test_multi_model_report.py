@@ -78,6 +78,20 @@ def test_four_models_p99_against_solo_and_aggregate_against_the_best_baseline() 
     assert "four with sm_steering = false: worst p99 ITL together / alone" not in targets  # that phase did not run
 
 
+def test_the_far_prompt_experiment_is_judged_on_its_own_when_it_ran() -> None:
+    results = _results((2000.0, 2100.0))
+    results["four/host-far"] = {
+        "alone": {n: _stream(1000.0, p99=2.0) for n in FOUR},
+        "together": {n: _stream(260.0, p99=5.5) for n in FOUR},
+    }
+    doc = build(MODE, PAIR, FOUR, results, {})
+    assert doc["four"]["host_far_prompt"]["aggregate_tokens_per_s"] == 1040.0
+    targets = {t["target"]: t for t in doc["targets"]}
+    assert targets["four with prompts on the far SMs: worst p99 ITL together / alone"]["met"] is True  # 2.75
+    assert targets["four: worst p99 ITL together / alone"]["met"] is False  # the default host's verdict stands
+    assert "four unsteered, prompts on the far SMs: host aggregate tok/s / best baseline" not in targets
+
+
 def _source(tmp_path: Path, name: str, raw: dict[str, Any], **settings: Any) -> Path:
     doc = {
         "bench": "multi_model", "what": "w", "gpu": "GPU X", "mode": "full", "dtype": "bfloat16",
