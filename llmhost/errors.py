@@ -21,6 +21,11 @@ class UnsupportedModelError(LlmhostError):
     """The checkpoint's architecture is not one llmhost can run."""
 
 
+class UsageError(LlmhostError):
+    """A command-line option holds an invalid value (a port out of range, a URL that is not one), or names an
+    address this machine cannot listen on."""
+
+
 class InventoryError(LlmhostError):
     """A `--gpus` spec cannot be parsed, or pinning names a GPU that does not exist."""
 

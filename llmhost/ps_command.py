@@ -5,27 +5,48 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
+import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from llmhost.errors import LlmhostError
+from llmhost.errors import LlmhostError, UsageError
 from llmhost.units import fmt_bytes
 
 TIMEOUT_S = 10.0
+EXAMPLE_URL = "http://127.0.0.1:8000"
+_HOST_PORT = re.compile(r"^[\w.-]+:\d+$")  # "localhost:8000": a URL without its scheme
 
 
 class ServerUnreachableError(LlmhostError):
     """The server named by --url did not answer, or answered with an error."""
 
 
+def check_url(url: str) -> str:
+    """--url must be an http(s) URL with a host: urllib raises a bare ValueError for 'notaurl', http.client one of
+    its own for a port that is not a number, and other schemes (ftp://) would be tried as they are."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0  # .port checks range
+    except ValueError as e:
+        raise UsageError(
+            f"--url {url!r}: not a valid URL ({e}); give the server's base URL like {EXAMPLE_URL}"
+        ) from None
+    if not ok:
+        hint = f" (did you mean http://{url}?)" if _HOST_PORT.match(url) else ""
+        raise UsageError(f"--url {url!r}: expected the server's base URL like {EXAMPLE_URL}{hint}")
+    return url
+
+
 def fetch_ps(url: str, api_key: str | None) -> dict[str, Any]:
-    req = urllib.request.Request(url.rstrip("/") + "/admin/ps")
+    req = urllib.request.Request(check_url(url).rstrip("/") + "/admin/ps")
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
@@ -42,6 +63,13 @@ def fetch_ps(url: str, api_key: str | None) -> dict[str, Any]:
         reason = getattr(e, "reason", e)
         raise ServerUnreachableError(
             f"{url}: no llmhost server answered ({reason}); is `llmhost serve` running?"
+        ) from None
+    except (http.client.HTTPException, ValueError) as e:
+        # Something answered, but not in HTTP (another protocol on that port) or not with JSON (another server).
+        # Its text may hold what the peer sent, line breaks included: the message is one line.
+        detail = " ".join(str(e).split())[:80]
+        raise ServerUnreachableError(
+            f"{url}: the answer is not an llmhost server's ({type(e).__name__}: {detail}); check --url's host and port"
         ) from None
 
 

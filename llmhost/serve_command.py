@@ -8,6 +8,7 @@ connections; then the host process is joined, so nothing is left running. A seco
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import shlex
 import signal
@@ -20,15 +21,15 @@ from types import FrameType
 import uvicorn
 from rich.console import Console
 
+from llmhost.cli import open_model_checkpoint
 from llmhost.config import Config, load_config
 from llmhost.engine.tokenizer import Tokenizer
-from llmhost.errors import ConfigError
+from llmhost.errors import UsageError
 from llmhost.host.client import HostClient
 from llmhost.host.coordinator import plan_residencies
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.history import History
 from llmhost.memory.inventory import Inventory, detect_inventory, parse_gpu_spec
-from llmhost.model_files import open_checkpoint
 from llmhost.report import render_plan
 from llmhost.server.app import create_app
 from llmhost.server.state import ServerState
@@ -50,10 +51,31 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+        raise UsageError(bind_failure(host, port, e)) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def bind_failure(host: str, port: int, e: OSError) -> str:
+    """Which option to change, and how: an address this machine does not have and a port in use are different
+    fixes, and "pick another --port" for a mistyped --host sends the user the wrong way."""
+    reason = e.strerror or str(e)
+    if isinstance(e, socket.gaierror):
+        return (
+            f"--host {host}: not an IP address or a host name this machine can resolve ({reason}); "
+            "use 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or ::1 (IPv6, no brackets)"
+        )
+    if e.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"--host {host}: not an address of this machine ({reason}); "
+            "use 127.0.0.1, 0.0.0.0 or one of this machine's own addresses"
+        )
+    if e.errno == errno.EADDRINUSE:
+        return f"--port {port}: in use on {host} ({reason}); pick another --port or stop the process using it"
+    if e.errno == errno.EACCES:
+        return f"--port {port}: permission denied ({reason}); ports below 1024 need root, use one like 8000"
+    return f"cannot listen on {host}:{port} ({reason}); check --host and --port"
 
 
 def curl_line(url: str, model: str, api_key: str | None) -> str:
@@ -84,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     inventory: Inventory = detect_inventory() if args.gpus == "auto" else parse_gpu_spec(args.gpus)
     console = Console()
-    specs = [ModelSpec.from_checkpoint(m, open_checkpoint(m.path)) for m in config.models]
+    specs = [ModelSpec.from_checkpoint(m, open_model_checkpoint(config, m)) for m in config.models]
     # The figures earlier loads measured replace the estimate where they exist (LLMHOST_HISTORY=off: never).
     residencies = plan_residencies(specs, inventory, config.host, History())
     render_plan(residencies.resident, inventory, console)
@@ -92,7 +114,7 @@ def run_serve(args: argparse.Namespace) -> int:
         console.print(f"loaded on demand, evicting idle models (each fits alone): {', '.join(residencies.on_demand)}")
     sock = _bind(args.host, args.port)
     # Tokenizers first: converting a GGUF vocabulary writes a cache the host process then reads, never both at once.
-    tokenizers = {m.name: Tokenizer.from_checkpoint(open_checkpoint(m.path)) for m in config.models}
+    tokenizers = {m.name: Tokenizer.from_checkpoint(open_model_checkpoint(config, m)) for m in config.models}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s api %(levelname)s %(message)s")
     client = HostClient(config, inventory)
     client.start()
@@ -100,7 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
         app = create_app(client, tokenizers, api_key=args.api_key)
         state: ServerState = app.state.llmhost
         shown = f"[{args.host}]" if ":" in args.host else args.host
-        url = f"http://{shown}:{args.port}"
+        url = f"http://{shown}:{sock.getsockname()[1]}"  # the port the OS picked, for --port 0
         console.print(f"serving {', '.join(tokenizers)} at [bold]{url}[/] (models load in the background)")
         console.print(curl_line(url, config.models[0].name, args.api_key), soft_wrap=True, markup=False)
         server = _Server(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 KiB = 1024
@@ -33,7 +34,11 @@ def parse_size(text: str | int) -> int:
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS:
         raise ValueError(f"expected a size like '1.5GiB', '800MB' or '800MiB', got {text!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    value = float(match.group(1)) * _SIZE_UNITS[unit]
+    if not math.isfinite(value):
+        # A few hundred digits overflow float to inf, and int(inf) raises OverflowError, not ValueError.
+        raise ValueError(f"size {text!r} is too large; give one like '80GiB'")
+    return int(value)
 
 
 def fmt_bytes(n: int) -> str:
@@ -68,6 +73,10 @@ def parse_duration(text: str | int | float) -> float:
         if match is None:
             raise ValueError(f"expected a duration like '5m', '30s', '1h' or -1, got {text!r}")
         value = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(value):
+        # TOML's inf and nan (or hundreds of digits, which overflow to inf) pass the range check below, nan since
+        # it compares false; strict JSON (/admin/ps) cannot hold either, and "never" is spelled -1.
+        raise ValueError(f"a duration must be a finite number like '5m' or 300, or -1 for 'never unload'; got {text!r}")
     if value < 0 and value != -1:
         raise ValueError(f"a duration must be >= 0, or -1 for 'never unload'; got {text!r}")
     return value

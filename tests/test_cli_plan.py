@@ -275,6 +275,10 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ("max_batch = 0\n", ("[models.smol] max_batch = 0", "positive")),
         ("max_seq_len = -5\n", ("[models.smol] max_seq_len = -5", "positive")),
         ('dtype = "int4"\n', ("[models.smol] dtype",)),
+        ("weight = nan\n", ("[models.smol] weight = nan", "positive finite number")),
+        ("weight = inf\n", ("[models.smol] weight = inf", "positive finite number")),
+        ("keep_alive = inf\n", ("[models.smol] keep_alive = inf", "finite")),
+        ('kv_tokens = "Fill"\n', ("[models.smol] kv_tokens = 'Fill'", '"fill"')),
     ],
 )
 def test_bad_config_values(
@@ -296,6 +300,15 @@ def test_negative_reserve(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixt
     code, _, err = run(capsys, "plan", str(cfg), "--gpus", "1x24GiB")
     assert code == 2
     assert_one_line_error(err, "[host] reserve", "positive")
+
+
+def test_huge_block_size_names_the_key(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: exit 3, 'does not fit, needs 21458 GiB', without a word about block_size."""
+    cfg = smol_config(tmp_path, smol, host="[host]\nblock_size = 1000000000\n")
+    code, out, err = run(capsys, "plan", str(cfg), "--gpus", "1x24GiB")
+    assert code == 2
+    assert out == ""
+    assert_one_line_error(err, "models.toml", "[host] block_size = 1000000000", "power of two from 1 to 256")
 
 
 def test_pin_to_a_gpu_that_does_not_exist(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -320,7 +333,9 @@ def test_model_path_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     code, out, err = run(capsys, "plan", str(cfg), "--gpus", "1x24GiB")
     assert code == 2
     assert out == ""
-    assert_one_line_error(err, str(tmp_path / "missing" / "model.gguf"), "no such file or directory")
+    line = assert_one_line_error(err, str(tmp_path / "missing" / "model.gguf"), "no such file or directory")
+    # The config file and table that hold the path, where the fix goes.
+    assert line.startswith(f"llmhost: error: {cfg}: [models.gone] path: "), line
 
 
 def test_model_path_key_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -342,7 +357,7 @@ def test_model_path_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtu
     cfg = write_config(tmp_path, '[models.a]\npath = "notes.txt"\n')
     code, _, err = run(capsys, "plan", str(cfg), "--gpus", "1x24GiB")
     assert code == 2
-    assert_one_line_error(err, "not a model directory or a .gguf file")
+    assert_one_line_error(err, f"{cfg}: [models.a] path: ", "not a model directory or a .gguf file")
 
 
 def test_float_reserve_is_one_line_error(tmp_path: Path, smol: Path, capsys: pytest.CaptureFixture[str]) -> None:

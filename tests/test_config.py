@@ -148,6 +148,20 @@ def test_parse_duration_rejects_bool() -> None:
         parse_duration(False)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf"), "9" * 400, "9" * 400 + "h"])
+def test_parse_duration_rejects_non_finite(value: str | float) -> None:
+    """Was: inf and nan accepted (nan compares false with every bound), later breaking /admin/ps's JSON."""
+    with pytest.raises(ValueError, match="finite"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "1" + "0" * 400 + "GiB"])
+def test_parse_size_rejects_overflow_with_value_error(text: str) -> None:
+    """Was: OverflowError (int(inf)), which the config layer does not turn into a ConfigError."""
+    with pytest.raises(ValueError, match="too large"):
+        parse_size(text)
+
+
 # -- load_config: valid files --------------------------------------------------------------------------------
 
 
@@ -481,6 +495,93 @@ def test_no_models(tmp_path: Path, text: str) -> None:
     msg = config_error(tmp_path, text)
     assert "no models configured" in msg
     assert "[models.NAME]" in msg
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "+inf", "-inf", "0", "0.0", "-1", "-0.5"])
+def test_weight_must_be_positive_and_finite(tmp_path: Path, value: str) -> None:
+    """Was: nan and inf accepted, and `serve`'s host process died in the GPU scheduler."""
+    msg = config_error(tmp_path, f'[models.a]\npath = "a"\nweight = {value}\n')
+    assert msg.startswith(str(tmp_path / "models.toml"))
+    assert "[models.a] weight = " in msg
+    assert "positive finite number" in msg
+
+
+def test_weight_accepts_positive_numbers(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[models.a]\npath = "a"\nweight = 2\n[models.b]\npath = "b"\nweight = 0.25\n')
+    assert [m.weight for m in cfg.models] == [2.0, 0.25]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", '"' + "9" * 400 + 's"'])
+def test_keep_alive_must_be_finite(tmp_path: Path, value: str) -> None:
+    """Was: inf and nan accepted; the host later wrote them into /admin/ps, which strict JSON cannot hold."""
+    msg = config_error(tmp_path, f'[models.a]\npath = "a"\nkeep_alive = {value}\n')
+    assert "[models.a] keep_alive = " in msg
+    assert "a duration must be a finite number like '5m' or 300, or -1 for 'never unload'" in msg
+
+
+@pytest.mark.parametrize("value", ["-1", "-1.0", '"-1"'])
+def test_keep_alive_minus_one_still_pins(tmp_path: Path, value: str) -> None:
+    cfg = load(tmp_path, f'[models.a]\npath = "a"\nkeep_alive = {value}\n')
+    assert cfg.models[0].keep_alive_s == -1.0
+
+
+@pytest.mark.parametrize("value", ["1000000000", "24", "512", "3", "0", "-16"])
+def test_block_size_range(tmp_path: Path, value: str) -> None:
+    """Was: 1000000000 accepted, and plan said the model needed 21458 GiB without naming block_size."""
+    msg = config_error(tmp_path, f'[host]\nblock_size = {value}\n[models.a]\npath = "a"\n')
+    assert f"[host] block_size = {value}: " in msg
+    assert "power of two from 1 to 256" in msg
+
+
+@pytest.mark.parametrize("value", [1, 4, 16, 64, 256])
+def test_block_size_powers_of_two(tmp_path: Path, value: int) -> None:
+    assert load(tmp_path, f'[host]\nblock_size = {value}\n[models.a]\npath = "a"\n').host.block_size == value
+
+
+@pytest.mark.parametrize("value", ['"Fill"', '"FILL"', '"all"', "1.5", "0", "true"])
+def test_kv_tokens_message_lists_the_accepted_forms(tmp_path: Path, value: str) -> None:
+    msg = config_error(tmp_path, f'[models.a]\npath = "a"\nkv_tokens = {value}\n')
+    assert "[models.a] kv_tokens = " in msg
+    assert "positive number of tokens" in msg and '"fill"' in msg
+
+
+def test_kv_tokens_fill_and_integer(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[models.a]\npath = "a"\nkv_tokens = "fill"\n[models.b]\npath = "b"\nkv_tokens = 8192\n')
+    assert [m.kv_tokens for m in cfg.models] == ["fill", 8192]
+
+
+CHUNKED_PACKAGE = """
+MODEL_NAME = "model.gguf"
+
+
+def assemble(output_path=None, overwrite=False):
+    raise AssertionError("resolving a package: path must not assemble")
+"""
+
+
+@pytest.mark.parametrize("path", ["package:fake_chunked_cfg", "package:fake_chunked_cfg/model.gguf"])
+def test_package_path_that_needs_assembly_suggests_package_assembled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Was: 'no config.json; an HF model directory needs one' (or 'no such file') about the package's directory."""
+    pkg = tmp_path / "site" / "fake_chunked_cfg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(CHUNKED_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    msg = config_error(tmp_path, f'[models.a]\npath = "{path}"\n')
+    assert msg.startswith(str(tmp_path / "models.toml"))
+    assert "[models.a] path = " in msg
+    assert "use package-assembled:fake_chunked_cfg" in msg
+
+
+def test_package_path_to_a_shipped_file_needs_no_assembly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "site" / "fake_chunked_cfg2"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(CHUNKED_PACKAGE)
+    (pkg / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    cfg = load(tmp_path, '[models.a]\npath = "package:fake_chunked_cfg2/model.gguf"\n')
+    assert cfg.models[0].path == pkg / "model.gguf"
 
 
 def test_missing_path(tmp_path: Path) -> None:
