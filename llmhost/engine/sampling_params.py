@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llmhost.errors import RequestError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+# The sampler holds every setting in float32 and divides or multiplies logits by the repetition penalty: past
+# 100 either way a seen token is already out of the race, and 1e308 (inf in float32) or 1e-300 (0) would turn
+# logits into inf and NaN.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_TOP_K = 2**31 - 1  # any k >= the vocabulary disables top_k; Python ints past float range would not convert
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
 @dataclass(frozen=True)
@@ -36,18 +43,28 @@ class SamplingParams:
 
     def validate(self) -> SamplingParams:
         """Raise RequestError naming the field and its valid range; return self for chaining."""
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            # NaN passes a one-sided check (every comparison with it is false), and JSON's NaN and Infinity
+            # literals reach here through Python's json module.
+            if not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value}", name)
         if self.max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
         if not 0.0 <= self.temperature <= 100.0:
             raise RequestError(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}", "top_k")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise RequestError(f"top_k must be in [0, {MAX_TOP_K}] (0 disables it), got {self.top_k}", "top_k")
         if not 0.0 <= self.min_p <= 1.0:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
-        if self.repetition_penalty <= 0.0:
-            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise RequestError(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}] (1 disables "
+                f"it), got {self.repetition_penalty}",
+                "repetition_penalty",
+            )
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:

@@ -89,7 +89,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """add_special_tokens adds BOS where the model wants it, unless the text already starts with it (a chat
         template that writes `{{ bos_token }}`): a doubled BOS degrades output, and transformers would double it."""
-        ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+        # encode_batch of one text gives what encode gives, and it lets go of the GIL while it runs: the server
+        # tokenizes on a worker thread, and a long prompt no longer holds every other request and /health.
+        ids: list[int] = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
         bos = self.bos_token_id
         if add_special_tokens and self.settings.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids.insert(0, bos)

@@ -1,5 +1,6 @@
 """Admin routes: `GET /admin/ps` (like `ollama ps`: what each model is doing now, where, with how many bytes) and
-`POST /admin/models/{name}/load|unload`.
+`POST /admin/models/{name}/load|unload` (the ps entry; a load that fails answers 500 `model_load_failed` with the
+reason, and the entry under "model").
 
 The ps document (schema `llmhost.ps/1`), one entry per configured model:
 `{"name", "state", "device", "memory": {"weights", "kv", "workspace", "graphs"}, "memory_total", "since" (epoch
@@ -65,16 +66,29 @@ def router(state: ServerState, require_key: Callable[..., Awaitable[None]]) -> A
             reply = await state.client.admin(action, name)
         except HostUnavailableError as e:
             raise from_host_error(e, name) from None
-        if not reply.ok:
-            raise ApiError(400, reply.message, param="name")
+        if not reply.ok:  # the host's only refusal: a model it does not know (the API checked its own list)
+            raise ApiError(404, reply.message, param="name", code="model_not_found")
         st = {m.name: m for m in reply.models}.get(name)
-        return JSONResponse(ps_entry(state, name, st))
+        entry = ps_entry(state, name, st)
+        if action == "load" and st is not None and st.state == "failed":
+            # A 200 would read as success to every client that checks the status only; the ps entry stays in the
+            # body for those that want the whole picture.
+            error = ApiError(
+                500,
+                f"model '{name}' failed to load: {st.error}; fix the cause (the server log has the details) and "
+                f"POST /admin/models/{name}/load again",
+                "server_error",
+                code="model_load_failed",
+            )
+            return JSONResponse({**error.body(), "model": entry}, status_code=error.status)
+        return JSONResponse(entry)
 
-    @r.post("/models/{name}/load")
+    # `:path`: HF-style model names hold a slash ("org/model").
+    @r.post("/models/{name:path}/load")
     async def load(name: str) -> JSONResponse:
         return await command("load", name)
 
-    @r.post("/models/{name}/unload")
+    @r.post("/models/{name:path}/unload")
     async def unload(name: str) -> JSONResponse:
         return await command("unload", name)
 

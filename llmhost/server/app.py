@@ -22,6 +22,7 @@ from llmhost.engine.tokenizer import Tokenizer
 from llmhost.errors import RequestError
 from llmhost.host.client import HostClient, HostRequestError, HostUnavailableError
 from llmhost.server import admin, errors
+from llmhost.server.body_limit import BodyLimit, body_limit
 from llmhost.server.errors import ApiError, from_request_error
 from llmhost.server.generation import Lease, ModelGate, Piece, choice_jobs, merge, run_choice
 from llmhost.server.metrics import Metrics
@@ -58,6 +59,7 @@ def create_app(
     app = FastAPI(title="llmhost", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.llmhost = state
     errors.install(app)
+    app.add_middleware(BodyLimit, limit=body_limit(m.max_seq_len for m in client.config.models))
 
     async def require_key(authorization: Annotated[str | None, Header()] = None) -> None:
         if state.api_key is None:
@@ -74,7 +76,8 @@ def create_app(
     async def list_models() -> Response:
         return _json(ModelList(data=[_card(state, name) for name in state.model_names]).model_dump_json())
 
-    @v1.get("/models/{name}")
+    # `:path`: HF-style model names hold a slash ("org/model").
+    @v1.get("/models/{name:path}")
     async def get_model(name: str) -> Response:
         if name not in state.tokenizers:
             raise errors.model_not_found(name, state.model_names)
@@ -85,25 +88,28 @@ def create_app(
         arrival = time.perf_counter()
         state.note_unknown_fields(req.unknown_fields())
         state.check_model(req.model)
+        params = _checked_params(state, req, 1)
         tok = state.tokenizers[req.model]
         try:
-            ids = tok.encode_chat([m.template_dict() for m in req.messages])
+            # Off the event loop (Tokenizer.encode lets go of the GIL): a 4 MiB prompt takes seconds to tokenize.
+            ids = await asyncio.to_thread(tok.encode_chat, [m.template_dict() for m in req.messages])
         except RequestError as e:
             raise from_request_error(e) from None
         builder = ChatBuilder(req.model, tok, req.n, len(ids), req.num_logprobs, req.include_usage)
-        return await _generate(state, req, [ids], builder, arrival, request, "messages")
+        return await _generate(state, req, params, [ids], builder, arrival, request, "messages")
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         arrival = time.perf_counter()
         state.note_unknown_fields(req.unknown_fields())
         state.check_model(req.model)
+        params = _checked_params(state, req, req.prompt_count)
         tok = state.tokenizers[req.model]
-        prompts = _completion_prompts(req.prompt, tok)
+        prompts = await asyncio.to_thread(_completion_prompts, req.prompt, tok)
         builder = CompletionBuilder(
             req.model, tok, req.n * len(prompts), sum(map(len, prompts)), req.num_logprobs, req.include_usage
         )
-        return await _generate(state, req, prompts, builder, arrival, request, "prompt")
+        return await _generate(state, req, params, prompts, builder, arrival, request, "prompt")
 
     app.include_router(v1)
     app.include_router(admin.router(state, require_key))
@@ -145,11 +151,10 @@ def _card(state: ServerState, name: str) -> ModelCard:
 
 def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]], tok: Tokenizer) -> list[list[int]]:
     """OpenAI's four prompt forms -> token-id lists. Text gets the model's BOS when it wants one; ids are sent as
-    given (pydantic has already checked that a list holds only strings, only ints, or only int lists)."""
+    given (CompletionRequest has already checked that a list is not empty and holds only strings, only ints, or only
+    non-empty int lists, and that its text is valid Unicode)."""
     if isinstance(prompt, str):
         return [tok.encode(prompt)]
-    if not prompt:
-        raise ApiError(400, "prompt: the list is empty; send a string or token ids", param="prompt")
     prompts: list[list[int]] = []
     ids: list[int] = []
     for p in prompt:
@@ -160,6 +165,16 @@ def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]], t
         else:
             prompts.append(list(p))
     return [ids] if ids else prompts
+
+
+def _checked_params(state: ServerState, req: ChatCompletionRequest | CompletionRequest, prompts: int) -> SamplingParams:
+    """The request's SamplingParams, and a check that its sequences (n per prompt) can ever be in flight together;
+    both before tokenizing, so a bad field costs no tokenizer time."""
+    limit = state.gate.limits[req.model]
+    if prompts * req.n > limit:
+        raise errors.too_many_sequences(req.model, prompts, req.n, limit)
+    # No limit asked: up to the context; the engine caps each sequence at max_seq_len - its prompt length.
+    return _sampling_params(req, req.token_limit or state.client.config.model(req.model).max_seq_len)
 
 
 def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingParams:
@@ -185,6 +200,7 @@ def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens:
 async def _generate(
     state: ServerState,
     req: ChatCompletionRequest | CompletionRequest,
+    params: SamplingParams,
     prompts: list[list[int]],
     builder: Builder,
     arrival: float,
@@ -195,7 +211,9 @@ async def _generate(
     max_seq_len = state.client.config.model(model).max_seq_len
     for ids in prompts:
         if not ids:
-            raise ApiError(400, "the prompt is empty; send at least one token", param=prompt_param)
+            raise ApiError(
+                400, "the prompt is empty; send at least one token", param=prompt_param, code="invalid_value"
+            )
         if len(ids) >= max_seq_len:
             raise ApiError(
                 400,
@@ -204,8 +222,6 @@ async def _generate(
                 param=prompt_param,
                 code="context_length_exceeded",
             )
-    # No limit asked: up to the context; the engine caps each sequence at max_seq_len - its prompt length.
-    params = _sampling_params(req, req.token_limit or max_seq_len)
     lease = state.gate.acquire(model, len(prompts) * req.n)
     for ids in prompts:
         state.metrics.received(model, len(ids))

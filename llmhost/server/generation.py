@@ -141,9 +141,15 @@ class ModelGate:
         self.last_used: dict[str, float] = {}  # wall-clock time the model last became idle
 
     def acquire(self, model: str, count: int) -> Lease:
+        """Callers check first that `count` fits the limit at all (ApiError 400 otherwise), so a refusal here is
+        one that retrying can get past."""
         limit = self.limits[model]
-        if self.in_flight[model] + count > limit:
-            raise queue_full(model, limit)
+        busy = self.in_flight[model]
+        if busy + count > limit:
+            need = f"; this request needs {count}" if count > 1 else ""
+            raise queue_full(
+                f"model '{model}' already has {busy} of its {limit} sequences in flight{need}; retry shortly"
+            )
         self.in_flight[model] += count
         return Lease(self, model, count)
 

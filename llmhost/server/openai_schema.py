@@ -3,17 +3,62 @@ chunks as the official SDK reads them.
 
 Requests allow extra fields: real clients send many (tools, response_format, logit_bias, store, metadata...), and
 refusing them would break those clients. `unknown_fields()` names them so the app can log each once.
+
+What pydantic's types cannot say (a lone surrogate in text, null content outside assistant messages, top_logprobs
+without logprobs) the request models check after parsing and raise RequestError naming the field, which the app
+answers with 400 like any other invalid field.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from llmhost.engine.sampling_params import MAX_TOP_LOGPROBS
+from llmhost.errors import RequestError
 
 MAX_N = 16  # choices per request; each is a sequence in the batch
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is a signed 64-bit integer
+
+# A \ud800-\udfff escape in JSON that is not half of a pair decodes to a lone surrogate: a str no tokenizer (or
+# UTF-8 encoder) accepts. A valid pair has already been joined into one character by the JSON parser.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _no_bool(kind: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        # pydantic reads true as 1 in lax mode: `max_tokens: true` would silently ask for one token.
+        if isinstance(value, bool):
+            raise PydanticCustomError("bool_not_number", f"expected {kind}, got a boolean ({str(value).lower()})")
+        return value
+
+    return BeforeValidator(check)
+
+
+Int = Annotated[int, _no_bool("an integer")]
+Float = Annotated[float, _no_bool("a number")]
+
+
+def check_text(value: Any, where: str) -> None:
+    """Raise RequestError naming the first string under `value` (str, list, dict, nested) that holds a lone
+    surrogate; `where` is the field's path, e.g. 'messages[0].content'."""
+    if isinstance(value, str):
+        if (m := _SURROGATE.search(value)) is not None:
+            raise RequestError(
+                f"{where} is not valid Unicode text: lone surrogate U+{ord(m.group()):04X} at character "
+                f"{m.start()}; send UTF-8 text (a \\u escape above U+FFFF needs both halves of its surrogate pair)",
+                where,
+            )
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, f"{where} key")
+            check_text(item, f"{where}.{key}")
 
 
 class _Lenient(BaseModel):
@@ -29,10 +74,41 @@ class ContentPart(_Lenient):
     text: str | None = None
 
 
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+
+
 class ChatMessage(_Lenient):
-    role: str
+    role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    def check(self, where: str) -> None:
+        """Raise RequestError for what the chat template cannot take; `where` is 'messages[i]'."""
+        if self.content is None and self.role != "assistant":
+            raise RequestError(
+                f"{where}.content is null, but a {self.role} message needs text; send a string or text parts "
+                "(null content is allowed in assistant messages only)",
+                f"{where}.content",
+            )
+        if isinstance(self.content, list):
+            for j, part in enumerate(self.content):
+                at = f"{where}.content[{j}]"
+                if part.type != "text":
+                    # Dropping the part would answer a question the client did not ask.
+                    raise RequestError(
+                        f"{at} has type '{part.type}', but llmhost's models take text only; send text parts "
+                        "({'type': 'text', 'text': ...})",
+                        f"{at}.type",
+                    )
+                if part.text is None:
+                    raise RequestError(f"{at}.text is missing; a text part needs a 'text' string", f"{at}.text")
+        check_text(
+            self.content if isinstance(self.content, str) else [p.text for p in self.content or []], f"{where}.content"
+        )
+        check_text(self.name, f"{where}.name")
+        # Extra fields (tool_calls, tool_call_id...) reach templates that use them.
+        for key, value in (self.model_extra or {}).items():
+            check_text(value, f"{where}.{key}")
 
     def template_dict(self) -> dict[str, Any]:
         """The message as a chat template reads it: content flattened to one string (text parts joined), other
@@ -60,21 +136,21 @@ class _GenerationRequest(_Lenient):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Float | None = None
+    top_p: Float | None = None
+    n: Int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: Int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
     user: str | None = None
     # Extensions vLLM also accepts; ignore_eos is what benchmarks use to get fixed-length outputs.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: Int | None = None
+    min_p: Float | None = None
+    repetition_penalty: Float | None = None
     ignore_eos: bool = False
 
     def unknown_fields(self) -> list[str]:
@@ -93,9 +169,21 @@ class _GenerationRequest(_Lenient):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        for i, message in enumerate(self.messages):
+            message.check(f"messages[{i}]")
+        if self.top_logprobs is not None and not self.logprobs:
+            # As OpenAI answers: top_logprobs alone would be ignored without a word.
+            raise RequestError(
+                "top_logprobs requires logprobs to be true; send logprobs: true with it, or leave top_logprobs out",
+                "top_logprobs",
+            )
+        return self
 
     @property
     def token_limit(self) -> int | None:
@@ -110,7 +198,24 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     # A string, a batch of strings, token ids, or a batch of token-id lists, as OpenAI's /v1/completions takes.
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise RequestError("prompt is an empty list; send a string, strings, token ids or token-id lists", "prompt")
+        for i, p in enumerate(self.prompt if isinstance(self.prompt, list) else []):
+            if isinstance(p, list) and not p:
+                raise RequestError(f"prompt[{i}] is an empty list of token ids; send at least one token", "prompt")
+        check_text(self.prompt, "prompt")
+        return self
+
+    @property
+    def prompt_count(self) -> int:
+        """How many prompts the request holds (each gets n choices): a list of token ids is one prompt."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return 1
+        return len(self.prompt)
 
     @property
     def token_limit(self) -> int | None:
