@@ -129,11 +129,19 @@ def test_filters_compose_top_k_then_top_p() -> None:
     assert set(draw_many(logits, SamplingParams(top_k=2, top_p=0.6), n=2000)) == {0, 1}
 
 
-def test_tiny_temperature_is_stable_and_picks_the_top_token() -> None:
+@pytest.mark.parametrize("temperature", [2e-5, 1e-30, 1e-50])  # sampled; greedy below 1e-5 (1e-50 is 0 in float32)
+def test_tiny_temperature_is_stable_and_picks_the_top_token(temperature: float) -> None:
     logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(4)) * 30
-    result = run(logits, [SamplingParams(temperature=1e-30, logprobs=1)] * 8)
+    assert SamplingParams(temperature=temperature).greedy == (temperature < 1e-5)
+    result = run(logits, [SamplingParams(temperature=temperature, logprobs=1)] * 8)
     assert result.tokens == logits.argmax(dim=-1).tolist()
     assert all(lp is not None and math.isfinite(lp) for lp in result.logprobs)
+
+
+def test_a_top_p_below_the_fixed_point_unit_still_keeps_the_top_token() -> None:
+    logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(5))
+    result = run(logits, [SamplingParams(top_p=1e-15)] * 16)  # 1e-15 x 2**40 truncates to 0
+    assert result.tokens == logits.argmax(dim=-1).tolist()
 
 
 # --- penalties (greedy, with a competitor placed just either side of the predicted penalized logit) ---

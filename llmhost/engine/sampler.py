@@ -214,7 +214,8 @@ def _filtered_probs(scores: torch.Tensor, params: Sequence[SamplingParams], sett
         # top_p cut. Scaling by a power of two is exact in float32; truncation loses < V x 2**-40 of mass.
         fixed = (ordered_probs * _MASS_SCALE).long()
         mass_before = fixed.cumsum(dim=-1) - fixed
-        limit = (settings.top_p * _MASS_SCALE).long()
+        # At least 1: a top_p under 2**-40 truncated to 0 and dropped the top token too (a row of all zeros).
+        limit = (settings.top_p * _MASS_SCALE).long().clamp(min=1)
         # Keep a token while the mass above it is < top_p: the smallest set reaching top_p, always the top token.
         # Rows with top_p = 1 are exempt, so a filter meant for other rows never trims their tail.
         drop_ordered = (mass_before >= limit) & (settings.top_p < 1.0)

@@ -12,6 +12,9 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 # 100 either way a seen token is already out of the race, and 1e308 (inf in float32) or 1e-300 (0) would turn
 # logits into inf and NaN.
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+# Temperatures below this sample greedily (vLLM's rule too): a temperature that rounds to 0 in float32 divided the
+# logits into NaN, and long before that the top token takes all the probability anyway.
+GREEDY_BELOW = 1e-5
 MAX_TOP_K = 2**31 - 1  # any k >= the vocabulary disables top_k; Python ints past float range would not convert
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 
@@ -19,7 +22,7 @@ _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequen
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (and anything below GREEDY_BELOW) means greedy
     top_p: float = 1.0  # nucleus mass in (0, 1]
     top_k: int = 0  # 0 disables
     min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 disables
@@ -34,7 +37,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_penalties(self) -> bool:
