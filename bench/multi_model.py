@@ -279,7 +279,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     (small:large), each host in a fresh process; (pair-unsteered) 1:1 with [host] sm_steering off; (four) each
     model alone, then all together; (four-unsteered) the same with sm_steering off; (four-far, four-unsteered-far)
     those two with the host's prompt steps beside other models on FAR_PROMPT_SMS SMs at the far end of the GPU
-    (the host's LLMHOST_FAR_PROMPT_SMS experiment; this phase's process only)."""
+    (the host's LLMHOST_FAR_PROMPT_SMS experiment; this phase's process only); (four-lead2, four-far-lead2) a lead
+    of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -303,11 +304,15 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     else:
         loads = _loads(mode, mode.four, FOUR_CLIENTS, mode.four_tokens)
         models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
-        host = HostConfig(sm_steering=not scenario.startswith("four-unsteered"))
-        if scenario.endswith("-far"):
-            from llmhost.host.core import FAR_PROMPT_ENV
+        parts = scenario.split("-")[1:]
+        host = HostConfig(sm_steering="unsteered" not in parts)
+        from llmhost.host.core import FAR_PROMPT_ENV, LEAD_STEPS_ENV
 
-            os.environ[FAR_PROMPT_ENV] = str(FAR_PROMPT_SMS)  # the host process started next inherits it
+        # The experiments' switches, for the host process started next (it inherits this phase's environment).
+        if "far" in parts:
+            os.environ[FAR_PROMPT_ENV] = str(FAR_PROMPT_SMS)
+        if "lead2" in parts:
+            os.environ[LEAD_STEPS_ENV] = "2"
         run = d.start_host(inventory, host, models, f"{scenario} host", in_process=False)
         out["alone"] = {}
         for ld in loads:
@@ -541,6 +546,8 @@ PLAN = (
     ("four/processes", "processes", "four", False),
     ("four/host-far", "host", "four-far", False),  # experiments (core.FAR_PROMPT_ENV), after what is judged
     ("four/host-unsteered-far", "host", "four-unsteered-far", False),
+    ("four/host-lead2", "host", "four-lead2", False),
+    ("four/host-far-lead2", "host", "four-far-lead2", False),
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

@@ -9,6 +9,22 @@ from typing import Any
 PAIR_KEYS = ("together_1_1", "together_3_1", "together_1_3")
 
 
+# The four-model experiments (bench/multi_model.py phase -> summary key) and how their targets are labelled: judged
+# on their own, after the default host's verdicts, which they never change.
+EXPERIMENTS = {
+    "four/host-far": "host_far_prompt",
+    "four/host-unsteered-far": "host_unsteered_far_prompt",
+    "four/host-lead2": "host_lead2",
+    "four/host-far-lead2": "host_far_prompt_lead2",
+}
+EXPERIMENT_LABELS = {
+    "host_far_prompt": " with prompts on the far SMs",
+    "host_unsteered_far_prompt": " unsteered, prompts on the far SMs",
+    "host_lead2": " with a lead of two steps",
+    "host_far_prompt_lead2": " with prompts on the far SMs and a lead of two steps",
+}
+
+
 def _tok(stats: dict[str, Any], name: str) -> float | None:
     row = stats.get(name) if isinstance(stats, dict) else None
     return float(row["tokens_per_s"]) if isinstance(row, dict) and "tokens_per_s" in row else None
@@ -100,8 +116,8 @@ def build(
     four["host"] = _four_summary(results.get("four/host", {}), four_names)
     if "together" in results.get("four/host-unsteered", {}):
         four["host_unsteered"] = _four_summary(results["four/host-unsteered"], four_names)
-    for key, name in (("four/host-far", "host_far_prompt"), ("four/host-unsteered-far", "host_unsteered_far_prompt")):
-        if "together" in results.get(key, {}):  # experiments: prompt steps beside others on the far SMs
+    for key, name in EXPERIMENTS.items():
+        if "together" in results.get(key, {}):
             four[name] = _four_summary(results[key], four_names)
     four_sources = {
         "threads": results.get("four/baseline", {}).get("threads"),
@@ -200,8 +216,7 @@ def targets(
     out += _four_targets(four["host"], bases, "")
     if "host_unsteered" in four:
         out += _four_targets(four["host_unsteered"], bases, " with sm_steering = false")
-    far = "prompts on the far SMs"
-    for name, label in (("host_far_prompt", f" with {far}"), ("host_unsteered_far_prompt", f" unsteered, {far}")):
+    for name, label in EXPERIMENT_LABELS.items():
         if name in four:
             out += _four_targets(four[name], bases, label)
 

@@ -416,6 +416,26 @@ def test_the_blocker_is_the_model_a_held_one_waits_for_longest() -> None:
     assert sched.blocker("3b", {"1b": 1.0 * MS}) is None and sched.launch_ok("3b", {"1b": 1.0 * MS}), "the last"
 
 
+def test_a_lead_of_two_steps_lets_a_model_start_one_of_its_own_steps_past_a_bound() -> None:
+    """lead_steps 2 (the LLMHOST_LEAD_STEPS experiment): the 8B may start up to one 8B step (5 ms) past the 1B's
+    bound, not further; the 1B's own slack is one 1B step."""
+    sched = GpuScheduler(lead_steps=2.0)
+    for m in ("8b", "1b"):
+        sched.add(m, DEV, 1.0)
+    sched.observe("8b", 8, 0, 5.0 * MS)
+    sched.observe("1b", 8, 0, 1.0 * MS)
+    sched.pick(DEV, {"8b", "1b"})
+    sched.charge("1b", 10 * MS)  # its bound: 11 ms
+    sched.charge("8b", 15 * MS)
+    assert sched.launch_ok("8b", {"1b": 1.0 * MS}) and sched.blocker("8b", {"1b": 1.0 * MS}) is None, "4 ms past"
+    sched.charge("8b", 2 * MS)
+    assert not sched.launch_ok("8b", {"1b": 1.0 * MS}), "6 ms past its bound: more than one 8B step"
+    assert sched.blocker("8b", {"1b": 1.0 * MS}) == "1b"
+    assert not make({"8b": 1.0, "1b": 1.0}).lead_steps > 1.0, "the default is start-time fair queuing's bound"
+    with pytest.raises(ValueError, match="lead_steps"):
+        GpuScheduler(lead_steps=0.5)
+
+
 def test_a_lagging_models_bound_moves_on_while_its_step_runs() -> None:
     """An 8B 5 ms ahead of a 3B whose step is in flight may not start while that step has just begun (its bound
     is the step's end); once the host reckons the 3B's step mostly run (`done_s`), its bound is one decode step

@@ -285,3 +285,17 @@ def test_a_prompt_step_beside_others_takes_the_far_stream_only_in_the_experiment
     busy = type("Run", (), {"stream": far})()
     assert core._far_stream("a", "cuda:0", [busy]) is None  # already running a step
     assert made == [("cuda:0", 88)]
+
+
+def test_the_lead_steps_experiment_reaches_the_gpu_scheduler(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    from llmhost.host.core import LEAD_STEPS_ENV
+
+    for sub, lead in (("a", None), ("b", "2")):
+        (tmp_path / sub).mkdir()
+        if lead is not None:
+            monkeypatch.setenv(LEAD_STEPS_ENV, lead)
+        assert _steered_core(tmp_path / sub, monkeypatch, tiny_models).gpu.lead_steps == float(lead or 1)

@@ -84,6 +84,9 @@ DECODE_STREAM_PRIORITY = -1
 # measured yet; a prompt confined to the first SMs, shared with the steered 8Bs' graphs, made the four models'
 # p99s worse (bench/results/multi_model_experiments-h200.json).
 FAR_PROMPT_ENV = "LLMHOST_FAR_PROMPT_SMS"
+# Experiment, off unless set: GpuScheduler's lead_steps (a model may start that many of its own steps past another
+# model's bound, less one), to hold the 8Bs beside three models less often. Not measured yet.
+LEAD_STEPS_ENV = "LLMHOST_LEAD_STEPS"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
@@ -200,7 +203,7 @@ class HostCore:
         self.coordinator = Coordinator(
             slots, Ledger(plan.budgets, park_ram), runtime, busy=self._busy, on_loaded=self._record
         )
-        self.gpu = GpuScheduler()
+        self.gpu = GpuScheduler(lead_steps=float(os.environ.get(LEAD_STEPS_ENV) or 1.0))
         self.pending: dict[str, deque[Submit]] = {name: deque() for name in slots}
         self.resident_at_start = [m.name for m in plan.models]
         self.stopping = False
