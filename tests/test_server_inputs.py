@@ -49,6 +49,7 @@ class FakeHost:
         self.submitted: list[Submitted] = []
         self.refuse: RequestFailed | None = None
         self.load_error = ""
+        self.admin_calls: list[tuple[str, str, bool]] = []
 
     async def generate_batches(
         self, model: str, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -61,7 +62,8 @@ class FakeHost:
     async def query(self) -> StatusReply:
         return StatusReply(1, tuple(self.status.values()))
 
-    async def admin(self, action: Literal["load", "unload"], model: str) -> StatusReply:
+    async def admin(self, action: Literal["load", "unload"], model: str, force: bool = False) -> StatusReply:
+        self.admin_calls.append((action, model, force))
         st = self.status[model]
         if action == "unload":
             st = replace(st, state="unloaded")
@@ -321,7 +323,9 @@ def test_model_names_with_a_slash_are_reachable(tokenizer: Tokenizer) -> None:
     r = client.get("/v1/models/org/smol")
     assert r.status_code == 200 and r.json()["id"] == "org/smol"
     r = client.post("/admin/models/org/smol/unload")
-    assert r.status_code == 200 and r.json()["state"] == "unloaded"
+    assert r.status_code == 200 and r.json()["state"] == "unloaded" and r.json()["unloading"] is False
+    client.post("/admin/models/org/smol/unload?force=true")
+    assert host.admin_calls == [("unload", "org/smol", False), ("unload", "org/smol", True)]
     r = client.post("/admin/models/org/smol/load")
     assert r.status_code == 200 and r.json()["name"] == "org/smol" and r.json()["state"] == "loaded"
     assert _error(client.get("/v1/models/org/nope"), 404)["code"] == "model_not_found"

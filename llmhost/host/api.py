@@ -105,12 +105,14 @@ class Host:
     def load(self, model: str) -> ModelStatus:
         return self._admin("load", model)
 
-    def unload(self, model: str) -> ModelStatus:
-        return self._admin("unload", model)
+    def unload(self, model: str, force: bool = False) -> ModelStatus:
+        """Unload `model` once its requests finish (its status says `unloading` until then); `force`: fail them
+        and unload at once."""
+        return self._admin("unload", model, force)
 
-    def _admin(self, action: Literal["load", "unload"], model: str) -> ModelStatus:
+    def _admin(self, action: Literal["load", "unload"], model: str, force: bool = False) -> ModelStatus:
         self._check(model)
-        reply = asyncio.run_coroutine_threadsafe(self.client.admin(action, model), self._loop).result()
+        reply = asyncio.run_coroutine_threadsafe(self.client.admin(action, model, force), self._loop).result()
         return next(m for m in reply.models if m.name == model)
 
     def _check(self, model: str) -> None:

@@ -231,8 +231,8 @@ class HostClient:
     async def query(self) -> StatusReply:
         return await self._ask(lambda qid: Query(qid))
 
-    async def admin(self, action: Literal["load", "unload"], model: str) -> StatusReply:
-        return await self._ask(lambda qid: AdminCommand(qid, action, model))
+    async def admin(self, action: Literal["load", "unload"], model: str, force: bool = False) -> StatusReply:
+        return await self._ask(lambda qid: AdminCommand(qid, action, model, force))
 
     async def _ask(self, make: Callable[[int], ToHost]) -> StatusReply:
         if not self.alive:

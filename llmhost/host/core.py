@@ -220,6 +220,7 @@ class HostCore:
         self._gc_start = 0.0
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
+        self._draining: set[str] = set()  # admin unloads waiting for the requests in their model to finish
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -298,6 +299,8 @@ class HostCore:
 
     def iterate(self) -> None:
         t0 = time.perf_counter()
+        if self._draining:
+            self._unload_drained()
         self._admit_pending()
         busy = self._in_flight() or any(self._ready(s) for s in self.slots.values())
         t1 = time.perf_counter()
@@ -378,14 +381,35 @@ class HostCore:
 
     def _admit_pending(self) -> None:
         for name, queue in self.pending.items():
-            if not queue:
+            if not queue or name in self._draining:  # an unload waits for the model's requests: none join them
                 continue
             if self.slots[name].state != "loaded" and self._bring_in(name) is not Residency.READY:
                 continue  # failed (requests answered) or blocked (they wait for a busy model to go idle)
             while queue:
                 self._add(self.slots[name], queue.popleft())
 
-    def _unload(self, name: str) -> None:
+    def _unload(self, name: str, force: bool = False) -> None:
+        """An admin unload. Unforced, as Ollama does, the requests already in the model finish first (requests that
+        arrive meanwhile wait, and load it again once it is unloaded); forced, they fail at once."""
+        if not force and self._has_requests(name):
+            self._draining.add(name)
+            return
+        self._draining.discard(name)
+        self._unload_now(name)
+
+    def _has_requests(self, name: str) -> bool:
+        """Whether `name` is resident with requests in its engine or a step in flight."""
+        slot = self.slots[name]
+        in_engine = slot.state == "loaded" and slot.engine is not None and bool(slot.engine.seqs)
+        return in_engine or any(r.name == name for runs in self._inflight.values() for r in runs)
+
+    def _unload_drained(self) -> None:
+        """The draining models whose last request finished: unloaded now."""
+        for name in [n for n in self._draining if not self._has_requests(n)]:
+            self._draining.discard(name)
+            self._unload_now(name)
+
+    def _unload_now(self, name: str) -> None:
         self._finish_in_flight(name)
         slot = self.slots[name]
         if slot.engine is not None and slot.state == "loaded":
@@ -418,7 +442,7 @@ class HostCore:
             if msg.action == "load" and self.slots[msg.model].state != "loaded":
                 self._bring_in(msg.model)
             elif msg.action == "unload":
-                self._unload(msg.model)
+                self._unload(msg.model, msg.force)
             self._send_status(msg.query_id)
         elif isinstance(msg, Shutdown):
             self.stopping = True
@@ -487,6 +511,7 @@ class HostCore:
             kv_blocks_used=eng.blocks.used_count if eng else 0,
             kv_blocks_total=eng.blocks.num_blocks if eng else 0,
             error=slot.error,
+            unloading=slot.name in self._draining,
             host_copy_bytes=self.coordinator.ledger.parked.get(slot.name, 0),
             gpu_share=share,
             gpu_seconds=seconds,

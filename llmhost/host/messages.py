@@ -39,6 +39,7 @@ class AdminCommand:
     query_id: int
     action: Literal["load", "unload"]
     model: str
+    force: bool = False  # unload: abort the model's requests instead of letting them finish first
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class ModelStatus:
     gpu_seconds: float = 0.0  # the GPU seconds it was charged since it became resident (the scheduler's figure)
     swaps_in: int = 0  # times it came back from pinned RAM
     last_swap_s: float | None = None  # seconds the last swap-in took
+    unloading: bool = False  # an admin unload waits for the requests in the model to finish
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ def ps_entry(state: ServerState, name: str, st: ModelStatus | None) -> dict[str,
         "kv_blocks_total": st.kv_blocks_total if st else 0,
         "max_seq_len": cfg.max_seq_len,
         "error": st.error if st else "",
+        "unloading": st.unloading if st else False,
     }
 
 
@@ -59,11 +60,11 @@ def router(state: ServerState, require_key: Callable[..., Awaitable[None]]) -> A
         models = [ps_entry(state, name, status.get(name)) for name in state.model_names]
         return JSONResponse({"schema": PS_SCHEMA, "models": models})
 
-    async def command(action: Literal["load", "unload"], name: str) -> JSONResponse:
+    async def command(action: Literal["load", "unload"], name: str, force: bool = False) -> JSONResponse:
         if name not in state.tokenizers:
             raise model_not_found(name, state.model_names)
         try:
-            reply = await state.client.admin(action, name)
+            reply = await state.client.admin(action, name, force)
         except HostUnavailableError as e:
             raise from_host_error(e, name) from None
         if not reply.ok:  # the host's only refusal: a model it does not know (the API checked its own list)
@@ -89,7 +90,9 @@ def router(state: ServerState, require_key: Callable[..., Awaitable[None]]) -> A
         return await command("load", name)
 
     @r.post("/models/{name:path}/unload")
-    async def unload(name: str) -> JSONResponse:
-        return await command("unload", name)
+    async def unload(name: str, force: bool = False) -> JSONResponse:
+        """Unloaded once the requests in the model finish (the reply then says "unloading": true); `?force=true`
+        fails them and unloads at once."""
+        return await command("unload", name, force)
 
     return r
