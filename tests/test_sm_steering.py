@@ -299,3 +299,56 @@ def test_the_lead_steps_experiment_reaches_the_gpu_scheduler(
         if lead is not None:
             monkeypatch.setenv(LEAD_STEPS_ENV, lead)
         assert _steered_core(tmp_path / sub, monkeypatch, tiny_models).gpu.lead_steps == float(lead or 1)
+
+
+def test_far_stream_builds_its_context_from_the_sms_left_after_the_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """far_stream's driver calls, against a fake cuda-bindings driver: the first `near` SMs are split off, the
+    green context is made from the rest (not from the first group, which is what torch keeps), its stream wrapped
+    for torch; a refusal anywhere gives None and a warning, never an exception."""
+    import sys
+    import types
+    from enum import Enum
+
+    class R(Enum):
+        CUDA_SUCCESS = 0
+        CUDA_ERROR_INVALID_VALUE = 1
+
+    calls: list[tuple[object, ...]] = []
+    refuse: set[str] = set()
+
+    def result(name: str, *payload: object) -> tuple[object, ...]:
+        calls.append((name, *payload))
+        return (R.CUDA_ERROR_INVALID_VALUE,) if name in refuse else (R.CUDA_SUCCESS, *payload)
+
+    def resource(n: int) -> object:
+        return types.SimpleNamespace(sm=types.SimpleNamespace(smCount=n))
+
+    def split(groups: int, whole: object, flags: int, near: int) -> tuple[object, ...]:
+        return result("split", [resource(near)], groups, resource(132 - near))
+
+    driver = types.SimpleNamespace(
+        CUresult=R,
+        CUdevResourceType=types.SimpleNamespace(CU_DEV_RESOURCE_TYPE_SM="sm"),
+        CUgreenCtxCreate_flags=types.SimpleNamespace(CU_GREEN_CTX_DEFAULT_STREAM="default stream"),
+        CUstream_flags=types.SimpleNamespace(CU_STREAM_NON_BLOCKING="non-blocking"),
+        cuDeviceGet=lambda i: result("device", i),
+        cuDeviceGetDevResource=lambda dev, kind: result("resource", resource(132)),
+        cuDevSmResourceSplitByCount=split,
+        cuDevResourceGenerateDesc=lambda res, n: result("desc", res[0].sm.smCount),
+        cuGreenCtxCreate=lambda desc, dev, flags: result("green", desc),
+        cuGreenCtxStreamCreate=lambda green, flags, priority: result("stream", 0xBEEF),
+    )
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.driver = driver  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setattr(torch.cuda, "get_stream_from_external", lambda ptr, dev: ("torch stream", ptr, str(dev)))
+    monkeypatch.setattr(sm_partition, "_KEEP", [])
+
+    made = sm_partition.far_stream("cuda:0", 88)
+    assert made == (("torch stream", 0xBEEF, "cuda:0"), 44)
+    assert [c[0] for c in calls] == ["device", "resource", "split", "desc", "green", "stream"]
+    assert calls[3] == ("desc", 44), "the context is made of the 44 SMs left, not the 88 split off"
+    assert len(sm_partition._KEEP) == 2, "the context and its stream live as long as the process"
+    refuse.add("green")
+    assert sm_partition.far_stream("cuda:0", 88) is None
