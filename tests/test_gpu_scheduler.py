@@ -18,8 +18,8 @@ STEP_7B = 6.5 * MS
 STEP_14B = 12.0 * MS
 
 
-def make(weights: dict[str, float], device: str = DEV) -> GpuScheduler:
-    sched = GpuScheduler()
+def make(weights: dict[str, float], device: str = DEV, lead_steps: float = 1.0) -> GpuScheduler:
+    sched = GpuScheduler(lead_steps=lead_steps)
     for name, w in weights.items():
         sched.add(name, device, w)
     return sched
@@ -523,15 +523,17 @@ def test_follow_ok_keeps_each_model_within_the_others_current_step() -> None:
     assert sched.follow_ok("b", in_flight)
 
 
+@pytest.mark.parametrize("lead_steps", [1.0, 2.0])
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (3.0, 1.0), (1.0, 3.0)])
-def test_following_steps_keep_the_weights(weights: tuple[float, float]) -> None:
+def test_following_steps_keep_the_weights(weights: tuple[float, float], lead_steps: float) -> None:
     """The host's loop (core.py _step, _launch_beside, _run_ahead) over two decode-only models in an event
     simulation: a step takes its solo cost alone, `slowdown` times it while the other stream runs too. After each
     collection: launch a ready model by pick (beside a step in flight only if launch_ok), then let each model
     with one step in flight queue the next behind it if follow_ok. Charged at solo cost, normalized progress
-    still follows the weights, and most steps follow (their stream never idles)."""
+    still follows the weights, and most steps follow (their stream never idles); with the lead of two steps
+    (the LLMHOST_LEAD_STEPS experiment) too."""
     cost = {"m7b": STEP_7B, "m14b": STEP_14B}
-    sched = make(dict(zip(cost, weights, strict=True)))
+    sched = make(dict(zip(cost, weights, strict=True)), lead_steps=lead_steps)
     for m, c in cost.items():
         sched.observe(m, 1, 0, c)
     slowdown = 1.8
