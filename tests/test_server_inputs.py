@@ -361,3 +361,23 @@ def test_queue_full_is_the_same_429_from_the_api_and_the_host(served: tuple[Test
         assert err["type"] == "rate_limit_exceeded" and err["code"] == "queue_full"
         assert r.headers["Retry-After"] == "1"
     assert state.gate.in_flight["m"] == 0  # the refused request gave its slot back
+
+
+# -- a completion that cannot fit beside its prompt ------------------------------------------------------------------
+
+
+def test_max_tokens_past_the_context_is_refused_not_capped(tokenizer: Tokenizer) -> None:
+    """As OpenAI and vLLM answer: a prompt of P tokens with max_tokens M past max_seq_len is a 400 naming the
+    field and the most it may ask; capped silently, it got fewer tokens than asked and finish_reason "length"."""
+    client, host = _serve(tokenizer)
+    prompt = [5] * 500  # max_seq_len 512: 12 tokens of room
+    err = _error(client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 13}), 400)
+    assert err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
+    assert "max_tokens <= 12" in err["message"]
+    chat = {"model": "m", "messages": PARIS, "max_completion_tokens": 600}
+    assert _error(client.post("/v1/chat/completions", json=chat), 400)["param"] == "max_completion_tokens"
+    assert not host.submitted, "nothing reached the host"
+    ok = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 12})
+    assert ok.status_code == 200
+    no_limit = client.post("/v1/completions", json={"model": "m", "prompt": prompt})
+    assert no_limit.status_code == 200 and host.submitted[-1].params.max_tokens == 512, "capped by the engine"

@@ -222,6 +222,18 @@ async def _generate(
                 param=prompt_param,
                 code="context_length_exceeded",
             )
+        asked = req.token_limit
+        if asked is not None and len(ids) + asked > max_seq_len:
+            # As OpenAI and vLLM answer: capped silently, a request for 100 tokens got 1 and finish_reason "length".
+            field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+            raise ApiError(
+                400,
+                f"the prompt has {len(ids)} tokens and {field} asks for {asked} more: {len(ids) + asked} tokens, over "
+                f"model '{model}''s max_seq_len = {max_seq_len}; send {field} <= {max_seq_len - len(ids)} or a "
+                f"shorter prompt, or leave {field} out to generate up to the end of the context",
+                param=field,
+                code="context_length_exceeded",
+            )
     lease = state.gate.acquire(model, len(prompts) * req.n)
     for ids in prompts:
         state.metrics.received(model, len(ids))
