@@ -104,7 +104,7 @@ def render_ps(doc: dict[str, Any], console: Console) -> None:
         table.add_column(col, justify="right" if col in ("WEIGHTS", "KV", "OTHER", "TOTAL") else "left")
     for m in doc["models"]:
         mem = m["memory"]
-        state = m["state"] + (f" ({m['error']})" if m["error"] else "")
+        state = m["state"] + (f" ({m['error']})" if m["error"] else "") + (", unloading" if m.get("unloading") else "")
         row_bytes = ["-"] * 4
         if mem:
             # workspace + CUDA-graph pools: what the model needs beyond its weights and KV cache

@@ -84,3 +84,20 @@ def test_a_forced_unload_fails_the_requests_at_once(client: HostClient) -> None:
     got, code = asyncio.run(scenario())
     assert code == "model_not_loaded" and got < TOKENS
     assert asyncio.run(_state(client)) == ("unloaded", False)
+
+
+def test_llmhost_ps_shows_a_model_that_is_unloading() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from llmhost.ps_command import render_ps
+
+    entry = {
+        "name": "b", "state": "loaded", "error": "", "unloading": True, "memory": {}, "memory_total": 0,
+        "device": "cpu", "kv_blocks_used": 0, "kv_blocks_total": 0, "running": 1, "waiting": 0, "since": None,
+        "keep_alive_s": 300.0, "expires_at": None, "in_flight": 1,
+    }  # fmt: skip
+    out = StringIO()
+    render_ps({"models": [entry]}, Console(file=out, width=200))
+    assert "loaded, unloading" in out.getvalue()
