@@ -10,27 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_cli_plan import assert_one_line_error, run
 
-from llmhost.cli import main
 from llmhost.errors import UsageError
 from llmhost.ps_command import check_url
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str, *fragments: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("llmhost: error: "), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], f"{f!r} not in {lines[0]!r}"
-    return lines[0]
-
 
 # -- serve --port --------------------------------------------------------------------------------------------
 
@@ -42,7 +25,7 @@ def test_serve_port_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, out, err = run(capsys, "serve", "--port", port, "--config", str(tmp_path / "nope.toml"))
     assert code == 2
     assert out == ""
-    one_line_error(err, f"--port {port}", "1 to 65535", "8000")
+    assert_one_line_error(err, f"--port {port}", "1 to 65535", "8000")
 
 
 # -- serve --host: a bind failure names the option to change -------------------------------------------------
@@ -98,7 +81,7 @@ def test_serve_bad_host_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     cfg.write_text(f'[models.smol]\npath = "{smol}"\n', encoding="utf-8")
     code, _, err = run(capsys, "serve", "--config", str(cfg), "--gpus", "1x24GiB", "--host", "999.1.1.1")
     assert code == 2
-    one_line_error(err, "--host 999.1.1.1", "127.0.0.1")
+    assert_one_line_error(err, "--host 999.1.1.1", "127.0.0.1")
 
 
 # -- ps --url ------------------------------------------------------------------------------------------------
@@ -110,7 +93,7 @@ def test_ps_url_that_is_not_an_http_url(capsys: pytest.CaptureFixture[str], url:
     code, out, err = run(capsys, "ps", "--url", url)
     assert code == 2
     assert out == ""
-    one_line_error(err, f"--url {url!r}", "http://127.0.0.1:8000")
+    assert_one_line_error(err, f"--url {url!r}", "http://127.0.0.1:8000")
 
 
 @pytest.mark.parametrize("url", ["http://localhost:abc", "http://localhost:99999"])
@@ -155,4 +138,4 @@ def test_ps_answer_not_from_an_llmhost_server(capsys: pytest.CaptureFixture[str]
         t.join()
     assert code == 2
     assert out == ""
-    one_line_error(err, url, "not an llmhost server's", "--url")
+    assert_one_line_error(err, url, "not an llmhost server's", "--url")
