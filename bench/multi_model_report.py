@@ -9,19 +9,13 @@ from typing import Any
 PAIR_KEYS = ("together_1_1", "together_3_1", "together_1_3")
 
 
-# The four-model experiments (bench/multi_model.py phase -> summary key) and how their targets are labelled: judged
-# on their own, after the default host's verdicts, which they never change.
+# The four-model experiments: bench/multi_model.py phase -> (summary key, how its targets are labelled). Judged on
+# their own, after the default host's verdicts, which they never change.
 EXPERIMENTS = {
-    "four/host-far": "host_far_prompt",
-    "four/host-unsteered-far": "host_unsteered_far_prompt",
-    "four/host-lead2": "host_lead2",
-    "four/host-far-lead2": "host_far_prompt_lead2",
-}
-EXPERIMENT_LABELS = {
-    "host_far_prompt": " with prompts on the far SMs",
-    "host_unsteered_far_prompt": " unsteered, prompts on the far SMs",
-    "host_lead2": " with a lead of two steps",
-    "host_far_prompt_lead2": " with prompts on the far SMs and a lead of two steps",
+    "four/host-far": ("host_far_prompt", " with prompts on the far SMs"),
+    "four/host-unsteered-far": ("host_unsteered_far_prompt", " unsteered, prompts on the far SMs"),
+    "four/host-lead2": ("host_lead2", " with a lead of two steps"),
+    "four/host-far-lead2": ("host_far_prompt_lead2", " with prompts on the far SMs and a lead of two steps"),
 }
 
 
@@ -116,7 +110,7 @@ def build(
     four["host"] = _four_summary(results.get("four/host", {}), four_names)
     if "together" in results.get("four/host-unsteered", {}):
         four["host_unsteered"] = _four_summary(results["four/host-unsteered"], four_names)
-    for key, name in EXPERIMENTS.items():
+    for key, (name, _) in EXPERIMENTS.items():
         if "together" in results.get(key, {}):
             four[name] = _four_summary(results[key], four_names)
     four_sources = {
@@ -216,7 +210,7 @@ def targets(
     out += _four_targets(four["host"], bases, "")
     if "host_unsteered" in four:
         out += _four_targets(four["host_unsteered"], bases, " with sm_steering = false")
-    for name, label in EXPERIMENT_LABELS.items():
+    for name, label in EXPERIMENTS.values():
         if name in four:
             out += _four_targets(four[name], bases, label)
 

@@ -227,9 +227,12 @@ class HostCore:
         return self.coordinator.slots
 
     def _busy(self, name: str) -> bool:
+        return self._in_engine(name) or bool(self.pending[name])
+
+    def _in_engine(self, name: str) -> bool:
+        """Whether `name` is resident with requests in its engine."""
         eng: Engine | None = self.slots[name].engine
-        in_engine = eng is not None and self.slots[name].state == "loaded" and bool(eng.seqs)
-        return in_engine or bool(self.pending[name])
+        return eng is not None and self.slots[name].state == "loaded" and bool(eng.seqs)
 
     def _record(self, slot: Slot, measured: ByDevice) -> None:
         """After a load or swap-in: keep its reconciliation with the driver for the next status reply (the client
@@ -399,9 +402,7 @@ class HostCore:
 
     def _has_requests(self, name: str) -> bool:
         """Whether `name` is resident with requests in its engine or a step in flight."""
-        slot = self.slots[name]
-        in_engine = slot.state == "loaded" and slot.engine is not None and bool(slot.engine.seqs)
-        return in_engine or any(r.name == name for runs in self._inflight.values() for r in runs)
+        return self._in_engine(name) or any(r.name == name for runs in self._inflight.values() for r in runs)
 
     def _unload_drained(self) -> None:
         """The draining models whose last request finished: unloaded now."""
