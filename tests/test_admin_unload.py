@@ -50,22 +50,30 @@ async def _until_unloaded(client: HostClient) -> None:
 
 
 def test_an_unload_lets_the_requests_in_the_model_finish_first(client: HostClient) -> None:
-    async def scenario() -> tuple[int, tuple[str, bool], int]:
+    async def tokens() -> int:
+        return len([e async for e in client.generate("b", [1, 2, 3], PARAMS)])
+
+    async def scenario() -> tuple[int, tuple[str, bool], int, int]:
         got = 0
         reply_state: tuple[str, bool] = ("", False)
+        meanwhile: asyncio.Task[int] | None = None
         async for _ in client.generate("b", [1, 2, 3], PARAMS):
             got += 1
             if got == 3:
                 st = next(m for m in (await client.admin("unload", "b")).models if m.name == "b")
                 reply_state = (st.state, st.unloading)
-        await _until_unloaded(client)
+                meanwhile = asyncio.create_task(tokens())  # arrives while the unload waits
+        assert meanwhile is not None
+        waited = await meanwhile  # it waited for the unload, then loaded the model again
         # A request after the unload loads the model again and is answered in full.
-        again = [e async for e in client.generate("b", [1, 2, 3], PARAMS)]
-        return got, reply_state, len(again)
+        await client.admin("unload", "b")
+        await _until_unloaded(client)
+        return got, reply_state, waited, await tokens()
 
-    got, reply_state, again = asyncio.run(scenario())
+    got, reply_state, waited, again = asyncio.run(scenario())
     assert reply_state == ("loaded", True), "still serving its request, marked as unloading"
     assert got == TOKENS, "the request in the model finished"
+    assert waited == TOKENS, "the request that arrived meanwhile was answered in full"
     assert again == TOKENS
 
 

@@ -398,7 +398,7 @@ class HostCore:
             self._draining.add(name)
             return
         self._draining.discard(name)
-        self._unload_now(name)
+        self._unload_now(name, fail_waiting=force)
 
     def _has_requests(self, name: str) -> bool:
         """Whether `name` is resident with requests in its engine or a step in flight."""
@@ -408,17 +408,20 @@ class HostCore:
         """The draining models whose last request finished: unloaded now."""
         for name in [n for n in self._draining if not self._has_requests(n)]:
             self._draining.discard(name)
-            self._unload_now(name)
+            self._unload_now(name, fail_waiting=False)
 
-    def _unload_now(self, name: str) -> None:
+    def _unload_now(self, name: str, fail_waiting: bool) -> None:
+        """Unload `name`, failing the requests in its engine; those waiting to be admitted fail too (`fail_waiting`,
+        a forced unload) or stay queued, to load it again on the next pass."""
         self._finish_in_flight(name)
         slot = self.slots[name]
         if slot.engine is not None and slot.state == "loaded":
             for seq_id in list(slot.engine.seqs):
                 self.conn.send(RequestFailed(seq_id, "model_not_loaded", f"model '{name}' was unloaded"))
-        for sub in self.pending[name]:
-            self.conn.send(RequestFailed(sub.request_id, "model_not_loaded", f"model '{name}' was unloaded"))
-        self.pending[name].clear()
+        if fail_waiting:
+            for sub in self.pending[name]:
+                self.conn.send(RequestFailed(sub.request_id, "model_not_loaded", f"model '{name}' was unloaded"))
+            self.pending[name].clear()
         self.coordinator.unload(name, "admin request")
         self._left(name)
 
@@ -464,7 +467,7 @@ class HostCore:
             self.conn.send(RequestFailed(msg.request_id, "model_not_found", f"model '{msg.model}' does not exist"))
             return
         self.coordinator.touch(msg.model)
-        if slot.state == "loaded":
+        if slot.state == "loaded" and msg.model not in self._draining:  # an unload waits: none join its requests
             self._add(slot, msg)
             return
         limit = PENDING_PER_BATCH * slot.config.max_batch
