@@ -84,6 +84,9 @@ def test_host_generate_text_with_the_real_smollm2(tmp_path: Path) -> None:
             "smol", "What is the capital of France?", chat=True, max_tokens=16, temperature=0.0
         )
         assert [m.state for m in host.ps()] == ["loaded"]
+        # logit_bias as a dict, as a Python caller writes it: token 28 forced
+        forced = host.generate("smol", "Hi", max_tokens=2, temperature=0.0, logit_bias={28: 100.0})
+        assert forced == host.tokenizers["smol"].decode([28, 28])
 
 
 def test_inventory_is_the_cpu_here() -> None:

@@ -204,6 +204,40 @@ def test_penalties_apply_before_sampling_too() -> None:
     assert set(repeated.tokens) == {0, 1, 2}
 
 
+# --- logit_bias ---
+
+
+def test_logit_bias_moves_the_greedy_choice_both_ways() -> None:
+    logits = [3.0, 2.5, -1.0, 0.0]
+    assert greedy_token(logits) == 0
+    assert greedy_token(logits, logit_bias=((0, -100.0),)) == 1  # banned
+    assert greedy_token(logits, logit_bias=((2, 100.0),)) == 2  # forced
+    assert greedy_token(logits, logit_bias=((1, 0.6),)) == 1  # 2.5 + 0.6 passes 3.0
+    assert greedy_token(logits, logit_bias=((1, 0.4),)) == 0  # 2.9 does not
+
+
+def test_logit_bias_applies_before_temperature_and_the_filters() -> None:
+    logits = [2.0, 1.0, 0.5, 0.0]
+    bias = ((0, -2.0), (3, 1.0))
+    temperature = 0.7
+    shifted = torch.tensor(logits) + torch.tensor([-2.0, 0.0, 0.0, 1.0])
+    expected = torch.softmax(shifted / temperature, dim=-1).tolist()
+    tokens = draw_many(logits, SamplingParams(temperature=temperature, logit_bias=bias))
+    assert chi_square(tokens, expected) < CHI2_CRITICAL_P001[3]
+    # top_k sees the biased scores: token 3 (0 + 2.1) passes token 0 (2.0) and is the only one kept
+    assert set(draw_many(logits, SamplingParams(top_k=1, logit_bias=((3, 2.1),)), n=500)) == {3}
+
+
+def test_logit_bias_leaves_logprobs_raw_and_other_rows_alone() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    params = [SamplingParams(temperature=0.0, logprobs=1, logit_bias=((0, 100.0),)), SamplingParams(temperature=0.0)]
+    result = run(logits, params)
+    assert result.tokens == [0, 2]
+    raw = torch.log_softmax(logits[0], dim=-1)
+    assert result.logprobs[0] == pytest.approx(raw[0].item())
+    assert result.top_logprobs[0] == [(2, pytest.approx(raw[2].item()))]
+
+
 # --- seeds and batch independence ---
 
 
@@ -237,7 +271,7 @@ def test_every_row_samples_the_same_alone_or_in_a_batch() -> None:
     # Active settings in one row sit beside neutral ones in the others, so a stage leaking across rows shows up.
     everything = SamplingParams(
         temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3, frequency_penalty=0.5,
-        presence_penalty=0.3, logprobs=3,
+        presence_penalty=0.3, logprobs=3, logit_bias=((7, 5.0), (199, -100.0), (0, 1.5)),
     )  # fmt: skip
     requests = [  # (params, seed, prompt)
         (everything, 11, [5, 6, 7, 5]),
@@ -345,6 +379,10 @@ def test_mismatched_lengths_are_a_programming_error() -> None:
         ("logprobs", 21, "top_logprobs"),
         ("max_tokens", 0, "max_tokens"),
         ("stop", ("end", ""), "stop"),
+        ("logit_bias", ((5, 100.5),), "logit_bias"),
+        ("logit_bias", ((5, float("nan")),), "logit_bias"),
+        ("logit_bias", ((-1, 1.0),), "logit_bias"),
+        ("logit_bias", ((5, 1.0), (5, 2.0)), "logit_bias"),
     ],
 )
 def test_validate_names_the_field_at_fault(field: str, value: Any, param: str) -> None:
@@ -356,6 +394,6 @@ def test_validate_names_the_field_at_fault(field: str, value: Any, param: str) -
 def test_validate_accepts_the_boundaries() -> None:
     params = SamplingParams(
         max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, min_p=1.0, frequency_penalty=-2.0, presence_penalty=2.0,
-        logprobs=20, stop=("x",),
+        logprobs=20, stop=("x",), logit_bias=((0, -100.0), (1, 100.0)),
     )  # fmt: skip
     assert params.validate() is params

@@ -24,6 +24,7 @@ import pytest
 from checkpoint_files import smollm2_gguf
 
 from llmhost.cli import main as cli_main
+from llmhost.engine.tokenizer import Tokenizer
 
 MODEL = "smol"
 KEY = "test-key"
@@ -208,6 +209,23 @@ def test_logprobs(server: Server) -> None:
     lp = comp.choices[0].logprobs
     assert lp is not None and len(lp.tokens or []) == 3 and len(lp.top_logprobs or []) == 3
     assert lp.text_offset == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]  # type: ignore[index]
+
+
+def test_logit_bias_bans_and_forces_tokens(server: Server) -> None:
+    c = _client(server)
+    tok = Tokenizer.from_gguf(smollm2_gguf())
+    ask: dict[str, Any] = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
+    greedy = c.completions.create(**ask).choices[0].text
+    ids = tok.encode(greedy)
+    assert len(ids) == 1, "the greedy first token is one token"
+    banned = c.completions.create(**ask, logit_bias={str(ids[0]): -100})
+    assert banned.choices[0].text != greedy
+    forced = c.completions.create(**{**ask, "max_tokens": 3}, logit_bias={"28": 100})
+    assert forced.choices[0].text == tok.decode([28, 28, 28])
+    # a token id the model does not have: refused by the host, answered as a 400 naming the field
+    with pytest.raises(openai.BadRequestError) as outside:
+        c.completions.create(**ask, logit_bias={str(10**7): 5})
+    assert "outside the vocabulary" in outside.value.message and "logit_bias" in outside.value.message
 
 
 def test_errors(server: Server) -> None:

@@ -381,3 +381,35 @@ def test_max_tokens_past_the_context_is_refused_not_capped(tokenizer: Tokenizer)
     assert ok.status_code == 200
     no_limit = client.post("/v1/completions", json={"model": "m", "prompt": prompt})
     assert no_limit.status_code == 200 and host.submitted[-1].params.max_tokens == 512, "capped by the engine"
+
+
+# -- logit_bias ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bias", "says"),
+    [
+        ({"abc": 1}, "'abc' is not a token id"),
+        ({" 12": 1}, "' 12' is not a token id"),
+        ({"-3": 1}, "'-3' is not a token id"),
+        ({"12": 101}, "must be in [-100, 100]"),
+        ({"12": -1e9}, "must be in [-100, 100]"),
+        ({"12": 1, "012": 2}, "token id 12 appears twice"),
+    ],
+)
+def test_a_bad_logit_bias_is_400_naming_it(served: tuple[TestClient, FakeHost], bias: Any, says: str) -> None:
+    client, host = served
+    for path, body in (("/v1/completions", {"prompt": "a"}), ("/v1/chat/completions", {"messages": PARIS})):
+        err = _error(client.post(path, json={"model": "m", "logit_bias": bias, **body}), 400)
+        assert err["param"] == "logit_bias" and says in err["message"], err
+    assert not host.submitted
+
+
+def test_logit_bias_reaches_the_sampler_as_token_id_pairs(served: tuple[TestClient, FakeHost]) -> None:
+    client, host = served
+    body = {"model": "m", "prompt": "a", "max_tokens": 2, "logit_bias": {"50": -100, "7": 2.5}}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    assert host.submitted[-1].params.logit_bias == ((50, -100.0), (7, 2.5))
+    # a bias outside the vocabulary is the host's to refuse (it knows the model's); nulls mean no bias
+    assert client.post("/v1/completions", json={**body, "logit_bias": None}).status_code == 200
+    assert host.submitted[-1].params.logit_bias == ()

@@ -74,13 +74,13 @@ def launch_sample(
         )
     raw = logits.float()  # [R, V]
     sampled_rows = [r for r, p in enumerate(params) if not p.greedy]
-    if not sampled_rows and not any(p.uses_penalties for p in params):
-        # Greedy rows without penalties read no per-row settings: building and copying them was a third of a
+    if not any(p.reads_settings for p in params):
+        # Greedy rows without penalties or biases read no per-row settings: building and copying them was a third of a
         # graph-replayed decode step's launch on the host (bench/probes/host_profile.py).
         return _pack(raw, raw.argmax(dim=-1), params)
     settings = _row_settings(params, logits.device)
 
-    scores = _penalize(raw, params, settings, prompt_ids, output_ids)
+    scores = _biased(_penalize(raw, params, settings, prompt_ids, output_ids), params)
     tokens = scores.argmax(dim=-1)  # [R]; greedy rows keep this, ties go to the lowest id
     if sampled_rows:
         probs = _filtered_probs(scores, params, settings)
@@ -173,6 +173,21 @@ def _penalize(
         counts = counts.view(rows, vocab)
         scores = scores - counts * settings.frequency - (counts > 0).float() * settings.presence
     return scores
+
+
+def _biased(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """scores plus each row's logit_bias (after the penalties, before temperature and the filters, as OpenAI and
+    vLLM apply it). Rows without a bias add exact zeros, which leaves their scores' values unchanged."""
+    biased = [(r, p.logit_bias) for r, p in enumerate(params) if p.logit_bias]
+    if not biased:
+        return scores
+    rows, vocab = scores.shape
+    ids = _flat_ids([(r, [token for token, _ in bias]) for r, bias in biased], vocab)
+    values = torch.tensor([value for _, bias in biased for _, value in bias], dtype=torch.float32)
+    # One pinned copy each, queued like a kernel (see _row_settings); ids are unique (validate), so put is exact.
+    dense = torch.zeros(rows * vocab, dtype=torch.float32, device=scores.device)
+    dense.index_put_((to_device(ids, scores.device),), to_device(values, scores.device))
+    return scores + dense.view(rows, vocab)
 
 
 def _flat_ids(row_sequences: Sequence[tuple[int, Sequence[int]]], vocab: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 # Temperatures below this sample greedily (vLLM's rule too): a temperature that rounds to 0 in float32 divided the
 # logits into NaN, and long before that the top token takes all the probability anyway.
 GREEDY_BELOW = 1e-5
+# OpenAI's range for logit_bias: -100 bans a token in practice, +100 makes it all but certain.
+MAX_LOGIT_BIAS = 100.0
 MAX_TOP_K = 2**31 - 1  # any k >= the vocabulary disables top_k; Python ints past float range would not convert
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 
@@ -34,6 +36,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the output (kept out of the text)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's logprob plus the top k
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias), each id once
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -43,6 +47,11 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         """Whether sampling reads the token history (on the host)."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def reads_settings(self) -> bool:
+        """Whether sampling this row needs more than the argmax of its raw logits."""
+        return not self.greedy or self.uses_penalties or bool(self.logit_bias)
 
     def validate(self) -> SamplingParams:
         """Raise RequestError naming the field and its valid range; return self for chaining."""
@@ -74,6 +83,17 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2], got {value}", name)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "top_logprobs")
+        seen: set[int] = set()
+        for token, bias in self.logit_bias:
+            if token < 0 or token in seen:
+                problem = "is negative" if token < 0 else "appears twice"
+                raise RequestError(f"logit_bias: token id {token} {problem}; send each token id once", "logit_bias")
+            if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                raise RequestError(
+                    f"logit_bias for token {token} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}",
+                    "logit_bias",
+                )
+            seen.add(token)
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty", "stop")
         return self

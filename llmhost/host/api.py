@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -71,8 +71,11 @@ class Host:
         return "".join(self.stream(model, prompt, chat=chat, **sampling))
 
     def stream(self, model: str, prompt: str | list[int], *, chat: bool = False, **sampling: Any) -> Iterator[str]:
-        """Text deltas as they come; stop strings end it. Closing the iterator early aborts the request."""
+        """Text deltas as they come; stop strings end it. Closing the iterator early aborts the request.
+        `logit_bias` may be a dict {token id: bias}."""
         tok = self._tokenizer(model)
+        if isinstance(bias := sampling.get("logit_bias"), Mapping):
+            sampling["logit_bias"] = tuple(bias.items())
         params = SamplingParams(**sampling)
         text = TextStream(tok, params.stop)
         for ev in self.stream_tokens(model, self._prompt_ids(tok, prompt, chat), params):

@@ -192,6 +192,7 @@ def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens:
             stop=req.stop_strings,
             ignore_eos=req.ignore_eos,
             logprobs=req.num_logprobs,
+            logit_bias=req.bias_pairs,
         ).validate()
     except RequestError as e:
         raise from_request_error(e) from None

@@ -147,6 +147,7 @@ class _GenerationRequest(_Lenient):
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
     user: str | None = None
+    logit_bias: dict[str, Float] | None = None  # token id (a decimal string, as JSON keys are) -> bias
     # Extensions vLLM also accepts; ignore_eos is what benchmarks use to get fixed-length outputs.
     top_k: Int | None = None
     min_p: Float | None = None
@@ -159,6 +160,21 @@ class _GenerationRequest(_Lenient):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs; RequestError for a key that is not a token id."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            # int() alone would take " 12", "1_000" and "+5"; OpenAI's keys are plain decimal token ids.
+            if not key.isascii() or not key.isdigit():
+                raise RequestError(
+                    f"logit_bias key {key!r} is not a token id; keys are token ids as decimal strings, e.g. "
+                    '{"50256": -100}',
+                    "logit_bias",
+                )
+            pairs.append((int(key), bias))
+        return tuple(pairs)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
