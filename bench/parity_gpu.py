@@ -6,9 +6,11 @@ after a near-tie. The checks: (1) the prompt's next-token logits, ours vs HF bf1
 both vs an fp32 CPU reference; (2) greedy tokens equal until the first step where HF's own top-2 logit margin
 is below the bf16 noise (0.05), i.e. any divergence is explained by a near-tie; (3) a batch of 4 prompts of
 different lengths gives each sequence the tokens it gets alone until a near-tie: where the two part ways, the
-tokens each chose had logprobs within 0.05 of each other. (Bitwise equality held while cuBLAS ran every decode
-matmul; the decode GEMV that runs a batch of one sums in another order than the tensor-core tiles of batches of
-2-16, kernels/gemv.py, so bf16 logits of one sequence now differ in the last bits between the two.)
+tokens each chose had logprobs within 0.05 of each other; (4) prompt logprobs (echo) of the 100-token prompt,
+in two chunks: their largest error against fp32 on the CPU at most twice HF bf16's own, plus 0.02. (Bitwise
+equality held while cuBLAS ran every decode matmul; the decode GEMV that runs a batch of one sums in another
+order than the tensor-core tiles of batches of 2-16, kernels/gemv.py, so bf16 logits of one sequence now differ in
+the last bits between the two.)
 
 Usage: python bench/parity_gpu.py  (writes bench/results/parity_gpu-<gpu>.json)
 """
@@ -98,6 +100,17 @@ def check(arch: str) -> dict[str, Any]:
     our_logits = engine._forward(plan)[-1].clone()  # the forward pass of the step that samples, without sampling
     engine.abort(rid)
 
+    # Prompt logprobs (echo): the 100-token prompt goes in two chunks of the eager path, scored in pieces.
+    scored = engine.generate([p], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))[0]
+    assert scored.prompt_logprobs is not None
+    ours_prompt = torch.tensor([s[0] for s in scored.prompt_logprobs[1:] if s is not None])
+    with torch.no_grad():
+        every = torch.tensor([p])
+        hf_prompt = torch.log_softmax(hf(every.cuda()).logits[0, :-1].float(), dim=-1).cpu()
+        ref_prompt = torch.log_softmax(ref32(every).logits[0, :-1].float(), dim=-1)
+    targets = every[0, 1:, None]
+    hf_prompt, ref_prompt = hf_prompt.gather(-1, targets)[:, 0], ref_prompt.gather(-1, targets)[:, 0]
+
     with torch.no_grad():
         hf_out = hf.generate(
             torch.tensor([p], device="cuda"),
@@ -123,6 +136,9 @@ def check(arch: str) -> dict[str, Any]:
         "logits_rel_err_vs_hf_bf16": rel(our_logits.cpu(), hf_logits.cpu()),
         "logits_rel_err_vs_fp32_cpu": rel(our_logits.cpu(), ref_logits),
         "hf_bf16_rel_err_vs_fp32_cpu": rel(hf_logits.cpu(), ref_logits),
+        "prompt_logprobs_max_abs_err_vs_hf_bf16": float((ours_prompt - hf_prompt).abs().max()),
+        "prompt_logprobs_max_abs_err_vs_fp32_cpu": float((ours_prompt - ref_prompt).abs().max()),
+        "hf_bf16_prompt_logprobs_max_abs_err_vs_fp32_cpu": float((hf_prompt - ref_prompt).abs().max()),
         "greedy_tokens_agree": agree,
         "greedy_steps": STEPS,
         "divergence_explained_by_near_tie": explained,
@@ -138,6 +154,9 @@ def main() -> None:
     rows = [check(a) for a in ARCHS]
     ok = all(
         r["logits_rel_err_vs_hf_bf16"] < 2e-2
+        # bf16 logprobs: HF's own error against fp32 sets the scale; ours may be at most twice that, plus 0.02
+        and r["prompt_logprobs_max_abs_err_vs_fp32_cpu"]
+        <= 2 * r["hf_bf16_prompt_logprobs_max_abs_err_vs_fp32_cpu"] + 0.02
         and r["divergence_explained_by_near_tie"]
         and r["batch_divergence_explained_by_near_tie"]
         for r in rows

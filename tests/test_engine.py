@@ -335,6 +335,59 @@ def test_logprobs_only_when_asked(tiny_models: TinyModels) -> None:  # noqa: F81
     assert all(o.top_logprobs == [] for o in outs)
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("chunk", [64, 5], ids=["whole", "chunked"])
+def test_prompt_logprobs_match_transformers(tiny_models: TinyModels, name: str, chunk: int) -> None:  # noqa: F811
+    """Each prompt token's logprob given the ones before it (echo), with its top 3, equals transformers' whole-prompt
+    log_softmax, also when the prompt goes in chunks beside requests that did not ask; theirs are unchanged."""
+    hf, path = tiny_models(name)
+    engine = load(path, prefill_chunk=chunk)
+    prompt, other = random_prompt(23, seed=11), random_prompt(9, seed=12)
+    ref = torch.log_softmax(hf_logits(hf, prompt), dim=-1)  # row p predicts token p + 1
+    plain = alone(engine, other, greedy(4))
+    outs: dict[str, list[TokenOutput]] = {}
+    ids = [engine.add_request(prompt, greedy(3, prompt_logprobs=3)), engine.add_request(other, greedy(4))]
+    while engine.has_work:
+        for o in engine.step():
+            outs.setdefault(o.seq_id, []).append(o)
+    asked, beside = outs[ids[0]], outs[ids[1]]
+    assert [o.token for o in beside] == plain and all(o.prompt_logprobs is None for o in beside)
+    assert [o.prompt_logprobs is not None for o in asked] == [True, False, False], "with the first token only"
+    scores = asked[0].prompt_logprobs
+    assert scores is not None and len(scores) == len(prompt) and scores[0] is None
+    for p, score in enumerate(scores[1:], start=1):
+        assert score is not None
+        logprob, top = score
+        assert logprob == pytest.approx(ref[p - 1, prompt[p]].item(), abs=ATOL)
+        assert [t for t, _ in top] == ref[p - 1].topk(3).indices.tolist()
+        assert [v for _, v in top] == pytest.approx(ref[p - 1].topk(3).values.tolist(), abs=ATOL)
+    assert_all_free(engine)
+
+
+def test_prompt_logprobs_survive_preemption(tiny_models: TinyModels) -> None:  # noqa: F811
+    """A preempted request recomputes its prompt: its prompt logprobs come once, with its first token, unchanged."""
+    _, path = tiny_models("llama")
+    prompts = [random_prompt(n, seed=500 + n) for n in (10, 20, 14, 30)]
+    params = [greedy(40, prompt_logprobs=0)] * 4
+    reference = load(path, max_seq_len=64)
+    want = [reference.generate([p], greedy(1, prompt_logprobs=0))[0] for p in prompts]
+    engine = load(path, max_seq_len=64, kv_tokens=65)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    firsts: dict[str, list[TokenOutput]] = {i: [] for i in ids}
+    preempted = 0
+    while engine.has_work:
+        plan = engine.schedule()
+        preempted += len(plan.preempted)
+        engine.execute(plan)
+        for o in engine.collect(plan):
+            if o.prompt_logprobs is not None:
+                firsts[o.seq_id].append(o)
+    assert preempted > 0
+    for i, w in zip(ids, want, strict=True):
+        assert len(firsts[i]) == 1
+        assert firsts[i][0].prompt_logprobs == w.prompt_logprobs
+
+
 # -- stopping ---------------------------------------------------------------------------------------------------
 
 

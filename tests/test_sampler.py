@@ -379,6 +379,8 @@ def test_mismatched_lengths_are_a_programming_error() -> None:
         ("logprobs", 21, "top_logprobs"),
         ("max_tokens", 0, "max_tokens"),
         ("stop", ("end", ""), "stop"),
+        ("prompt_logprobs", 21, "prompt_logprobs"),
+        ("prompt_logprobs", -1, "prompt_logprobs"),
         ("logit_bias", ((5, 100.5),), "logit_bias"),
         ("logit_bias", ((5, float("nan")),), "logit_bias"),
         ("logit_bias", ((-1, 1.0),), "logit_bias"),

@@ -228,6 +228,29 @@ def test_logit_bias_bans_and_forces_tokens(server: Server) -> None:
     assert "outside the vocabulary" in outside.value.message and "logit_bias" in outside.value.message
 
 
+def test_echo_scores_the_prompt_as_generation_scored_the_token(server: Server) -> None:
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs, max_tokens 1): the logprob echo gives a prompt
+    token equals the one the same token got when it was generated after the same context."""
+    c = _client(server)
+    tok = Tokenizer.from_gguf(smollm2_gguf())
+    ids = tok.encode("The capital of France is")
+    gen = c.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=1)
+    glp = gen.choices[0].logprobs
+    assert glp is not None and glp.token_logprobs is not None
+    token_text, logprob = gen.choices[0].text, glp.token_logprobs[0]
+    token = tok.encode(token_text)
+    echo = c.completions.create(model=MODEL, prompt=ids + token, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = echo.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None and lp.tokens is not None
+    assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[len(ids)] == pytest.approx(logprob, abs=1e-3)
+    assert lp.top_logprobs[len(ids)] == {token_text: pytest.approx(logprob, abs=1e-3)}  # it was the greedy one
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert echo.choices[0].text.startswith(tok.decode(ids + token))
+    assert echo.usage is not None and echo.usage.prompt_tokens == len(ids) + 1
+    assert echo.usage.completion_tokens == 1
+
+
 def test_errors(server: Server) -> None:
     c = _client(server)
     with pytest.raises(openai.NotFoundError) as nf:

@@ -413,3 +413,28 @@ def test_logit_bias_reaches_the_sampler_as_token_id_pairs(served: tuple[TestClie
     # a bias outside the vocabulary is the host's to refuse (it knows the model's); nulls mean no bias
     assert client.post("/v1/completions", json={**body, "logit_bias": None}).status_code == 200
     assert host.submitted[-1].params.logit_bias == ()
+
+
+# -- echo --------------------------------------------------------------------------------------------------------
+
+
+def test_echo_puts_each_prompt_before_its_choices(served: tuple[TestClient, FakeHost]) -> None:
+    client, host = served
+    body = {"model": "m", "prompt": ["one", "two"], "n": 2, "max_tokens": 2, "echo": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    assert [t[:3] for t in texts] == ["one", "one", "two", "two"] and len({t[3:] for t in texts}) == 1
+    assert all(s.params.prompt_logprobs is None for s in host.submitted), "no logprobs asked, none computed"
+    streamed = client.post("/v1/completions", json={**body, "stream": True})
+    firsts: dict[int, str] = {}
+    for line in streamed.text.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                firsts.setdefault(c["index"], c["text"])
+    assert sorted(t[:3] for t in firsts.values()) == ["one", "one", "two", "two"]
+    # with logprobs the host is asked for the prompt's too; without echo it is not
+    client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1, "logprobs": 2})
+    assert host.submitted[-1].params.prompt_logprobs is None
+    client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1, "logprobs": 2, "echo": True})
+    assert host.submitted[-1].params.prompt_logprobs == 2

@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +32,7 @@ from llmhost.engine.placement import LayerPlacement, StageSpec
 
 if TYPE_CHECKING:  # Triton is imported only where decode graphs run: a CPU-only install has none
     from llmhost.engine.decode_runner import DecodeRunner
+from llmhost.engine.prompt_scores import PendingScores, PromptLogprob, scored_rows
 from llmhost.engine.sampler import PendingSample, launch_sample, make_generator
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.scheduler import Chunk, Scheduler, StepPlan
@@ -73,6 +74,9 @@ class TokenOutput:
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: FinishReason | None  # None while the sequence goes on
+    # With a request's first token when it asked for prompt logprobs: one per prompt token, None for the first
+    # (nothing predicts it)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -86,6 +90,7 @@ class Completion:
     output_ids: list[int]
     finish_reason: FinishReason
     logprobs: list[float | None]
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # when asked (SamplingParams.prompt_logprobs)
 
 
 @dataclass
@@ -97,6 +102,7 @@ class _Launched:
     seqs: list[Seq]
     sample: PendingSample | None
     advanced: bool = False  # the scheduler already counted its tokens as computed (the engine ran ahead)
+    scores: list[PendingScores] = field(default_factory=list)  # prompt logprobs of its chunks, where asked
 
 
 @dataclass(frozen=True)
@@ -325,21 +331,23 @@ class Engine:
                 stack.enter_context(torch.cuda.stream(stream))
             return stack
 
-        logits = yield from each_in(self._forward_slices(plan), on_stream)
+        scores: list[PendingScores] = []
+        logits = yield from each_in(self._forward_slices(plan, scores), on_stream)
         with on_stream():
-            self._inflight[id(plan)] = self._launch_sample(plan, logits)
+            self._inflight[id(plan)] = self._launch_sample(plan, logits, scores)
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Launch the plan's forward pass: float32 logits of its sampled chunks, in order."""
         return drain(self._forward_slices(plan))
 
-    def _forward_slices(self, plan: StepPlan) -> Slices[torch.Tensor]:
-        """_forward a layer at a time (the runner's graph replay is one slice)."""
+    def _forward_slices(self, plan: StepPlan, scores: list[PendingScores] | None = None) -> Slices[torch.Tensor]:
+        """_forward a layer at a time (the runner's graph replay is one slice); prompt chunks of requests that
+        asked for prompt logprobs score their tokens into `scores`."""
         decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
         # A prompt-only step may run beside a decode step on another stream: it never touches the runner's static
         # buffers (a prompt's one-token last chunk would look like a decode row).
         if self.runner is None or not decode or plan.prompt_only:
-            return (yield from self._chunk_slices(plan.chunks))
+            return (yield from self._chunk_slices(plan.chunks, scores))
         from llmhost.engine.decode_runner import DecodeRow
 
         rows = [
@@ -357,14 +365,14 @@ class Engine:
         sampled = [c for c in plan.chunks if c.sample]
         is_decode = [len(c.token_ids) == 1 for c in sampled]
         dec = self.runner.run(rows)  # a view of the runner's static buffer: copied out below
-        pre = yield from self._chunk_slices(prompts)
+        pre = yield from self._chunk_slices(prompts, scores)
         dev = dec.device
         # The plan's sampled rows in the order of cat([dec, pre]): decode rows first, then prompts, each in order.
         order = sorted(range(len(sampled)), key=lambda k: not is_decode[k])
         out = torch.empty(len(sampled), dec.shape[1], dtype=dec.dtype, device=dev)
         return out.index_copy_(0, to_device(torch.tensor(order), dev), torch.cat([dec, pre.to(dev, dec.dtype)]))
 
-    def _launch_sample(self, plan: StepPlan, logits: torch.Tensor) -> _Launched:
+    def _launch_sample(self, plan: StepPlan, logits: torch.Tensor, scores: list[PendingScores]) -> _Launched:
         """Queue the sampling of the step's tokens right behind its forward pass (the logits may be the runner's
         static buffer, which the next step overwrites), and leave them in the runner's `sampled` for a next step
         that runs ahead."""
@@ -372,7 +380,7 @@ class Engine:
         live = [k for k, s in enumerate(sampled) if s is not None]
         alive = [s for s in sampled if s is not None]
         if not alive:
-            return _Launched(alive, None)
+            return _Launched(alive, None, scores=scores)
         rows = logits if len(live) == len(sampled) else logits[live]
         pending = launch_sample(
             rows,
@@ -387,15 +395,16 @@ class Engine:
         if self.runner is not None and not plan.prompt_only:
             self.runner.sampled[: len(alive)].copy_(pending.tokens)
             self._feed_rows = {s.id: k for k, s in enumerate(alive)}
-        return _Launched(alive, pending)
+        return _Launched(alive, pending, scores=scores)
 
     def _forward_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """The reference forward over `chunks` (any mix of prompt chunks and decode tokens): float32 logits of
         the chunks that sample, in order."""
         return drain(self._chunk_slices(chunks))
 
-    def _chunk_slices(self, chunks: Sequence[Chunk]) -> Slices[torch.Tensor]:
-        """_forward_chunks a layer at a time."""
+    def _chunk_slices(self, chunks: Sequence[Chunk], scores: list[PendingScores] | None = None) -> Slices[torch.Tensor]:
+        """_forward_chunks a layer at a time; with `scores`, rows that score prompt tokens for requests that
+        asked (prompt_scores.py) leave their logprobs there."""
         # The fused GPU forward attends over the whole step at once (kernels/varlen_attention.py) from the
         # contexts packed flat; the reference path loops over the chunks.
         windowed = self.cache.window is not None
@@ -407,11 +416,23 @@ class Engine:
             StageInputs(on[st.device].positions, on[st.device].batch, cache)
             for st, cache in zip(self.placement.stages, self.caches, strict=True)
         ]
-        return (
-            yield from self.model.forward_slices(
-                on[self.placement.first].input_ids, stages, on[self.placement.last].logits_rows
+        asked = {
+            c.seq_id: (seq.prompt_ids, k)
+            for c in chunks
+            if (seq := self.seqs.get(c.seq_id)) is not None and (k := seq.params.prompt_logprobs) is not None
+        }
+        scored = scored_rows(chunks, asked) if asked and scores is not None else None
+        last = self.placement.last
+        if scored is None:
+            return (
+                yield from self.model.forward_slices(on[self.placement.first].input_ids, stages, on[last].logits_rows)
             )
-        )
+        sampled = on[last].logits_rows
+        rows = torch.cat([sampled, to_device(torch.tensor(scored.rows, dtype=torch.int64), last)])
+        hidden = yield from self.model.forward_slices(on[self.placement.first].input_ids, stages, rows, head=False)
+        assert scores is not None
+        scores.append(PendingScores(self.model.head, hidden[len(sampled) :], scored))
+        return self.model.head(hidden[: len(sampled)])
 
     def collect(self, plan: StepPlan) -> list[TokenOutput]:
         if plan.empty:
@@ -419,6 +440,11 @@ class Engine:
         launched = self._inflight.pop(id(plan))
         if not launched.advanced:
             self.scheduler.advance(plan)
+        for pending in launched.scores:
+            for seq_id, position, score in pending.result():
+                if (scored := self.seqs.get(seq_id)) is not None:
+                    # By position: a preempted request's recomputed prompt scores the same tokens again.
+                    scored.prompt_scores[position] = score
         if launched.sample is None:
             return []
         result = launched.sample.result()  # the one wait for the device
@@ -436,7 +462,12 @@ class Engine:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
                 del self.seqs[seq.id]
-            outputs.append(TokenOutput(seq.id, token, result.logprobs[k], result.top_logprobs[k], reason))
+            prompt_logprobs = None
+            if seq.params.prompt_logprobs is not None and len(seq.output_ids) == 1:
+                prompt_logprobs = [None, *(seq.prompt_scores[p] for p in range(1, len(seq.prompt_ids)))]
+            outputs.append(
+                TokenOutput(seq.id, token, result.logprobs[k], result.top_logprobs[k], reason, prompt_logprobs)
+            )
         return outputs
 
     def can_run_ahead(self, plan: StepPlan) -> bool:
@@ -503,14 +534,20 @@ class Engine:
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         logprobs: dict[str, list[float | None]] = {i: [] for i in ids}
         reasons: dict[str, FinishReason] = {}
+        scores: dict[str, list[PromptLogprob | None]] = {}
         while len(reasons) < len(ids):
             for out in self.step():
                 if out.seq_id in tokens:
                     tokens[out.seq_id].append(out.token)
                     logprobs[out.seq_id].append(out.logprob)
+                    if out.prompt_logprobs is not None:
+                        scores[out.seq_id] = out.prompt_logprobs
                     if out.finish_reason is not None:
                         reasons[out.seq_id] = out.finish_reason
-        return [Completion(i, list(p), tokens[i], reasons[i], logprobs[i]) for i, p in zip(ids, prompts, strict=True)]
+        return [
+            Completion(i, list(p), tokens[i], reasons[i], logprobs[i], scores.get(i))
+            for i, p in zip(ids, prompts, strict=True)
+        ]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TokenOutput]:
         """Yield this request's tokens as they come (other queued requests advance too). The request is validated

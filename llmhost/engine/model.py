@@ -195,10 +195,11 @@ class DecoderModel(abc.ABC):
 
     @torch.inference_mode()  # around each slice (torch enters it on every resumption of a generator)
     def forward_slices(
-        self, input_ids: torch.Tensor, stages: Sequence[StageInputs], logits_rows: torch.Tensor
+        self, input_ids: torch.Tensor, stages: Sequence[StageInputs], logits_rows: torch.Tensor, head: bool = True
     ) -> Slices[torch.Tensor]:
         """forward_stages a layer at a time (slices.py): the embedding goes with the first layer, the head with
-        the last."""
+        the last. head=False: the rows' final hidden states [R, hidden] instead, for a caller that runs the head
+        on them in pieces."""
         if len(stages) != len(self.placement.stages):
             raise ValueError(f"{len(stages)} stage inputs for a model of {len(self.placement.stages)} stages")
         h = self.embed_tokens(input_ids)  # [T, hidden]
@@ -210,7 +211,7 @@ class DecoderModel(abc.ABC):
             # (with the first stage's current, a split model's later stages gave other tokens on 2x H200).
             h = yield from each_in(self.stage_slices(k, h, stages[k]), functools.partial(_current, st.device))
         # Only rows that sample reach the head: logits for a whole prompt would cost vocab x T floats.
-        return self.head(h[logits_rows])
+        return self.head(h[logits_rows]) if head else h[logits_rows]
 
     def load(self, weights: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
         """Copy streamed tensors into place; every destination must be filled exactly once."""

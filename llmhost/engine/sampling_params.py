@@ -36,6 +36,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the output (kept out of the text)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's logprob plus the top k
+    # None: no prompt logprobs; k >= 0: each prompt token's logprob given the tokens before it plus the top k
+    prompt_logprobs: int | None = None
     # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias), each id once
     logit_bias: tuple[tuple[int, float], ...] = ()
 
@@ -83,6 +85,10 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2], got {value}", name)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "top_logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(
+                f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}", "prompt_logprobs"
+            )
         seen: set[int] = set()
         for token, bias in self.logit_bias:
             if token < 0 or token in seen:

@@ -42,6 +42,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # prompt position -> its token's logprob and top tokens, for a request with params.prompt_logprobs
+    prompt_scores: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -926,7 +926,9 @@ class HostCore:
                 solo_ms=_ms(self.gpu.solo_step_s(run.name)),
             )  # fmt: skip
         self.coordinator.touch(run.name)
-        return [TokenEvent(o.seq_id, o.token, o.logprob, o.top_logprobs, o.finish_reason) for o in outs]
+        return [
+            TokenEvent(o.seq_id, o.token, o.logprob, o.top_logprobs, o.finish_reason, o.prompt_logprobs) for o in outs
+        ]
 
     def _fail_engine(self, name: str, eng: Engine) -> None:
         """A failing step fails this engine's requests, not the host."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from llmhost.engine.prompt_scores import PromptLogprob
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.sequence import FinishReason
 from llmhost.host.ledger import Reconciliation
@@ -59,6 +60,8 @@ class TokenEvent:
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: FinishReason | None
+    # with the first token of a request that asked for them: each prompt token's (logprob, top), None for the first
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass(frozen=True)

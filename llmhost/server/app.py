@@ -106,8 +106,9 @@ def create_app(
         params = _checked_params(state, req, req.prompt_count)
         tok = state.tokenizers[req.model]
         prompts = await asyncio.to_thread(_completion_prompts, req.prompt, tok)
+        echo = await asyncio.to_thread(_echoed, req.prompt, prompts, tok) if req.echo else None
         builder = CompletionBuilder(
-            req.model, tok, req.n * len(prompts), sum(map(len, prompts)), req.num_logprobs, req.include_usage
+            req.model, tok, req.n * len(prompts), sum(map(len, prompts)), req.num_logprobs, req.include_usage, echo
         )
         return await _generate(state, req, params, prompts, builder, arrival, request, "prompt")
 
@@ -147,6 +148,19 @@ def _card(state: ServerState, name: str) -> ModelCard:
         max_seq_len=state.client.config.model(name).max_seq_len,
         memory=dict(st.memory) if st else {},
     )
+
+
+def _echoed(
+    prompt: str | list[str] | list[int] | list[list[int]], prompts: list[list[int]], tok: Tokenizer
+) -> list[tuple[str, list[int]]]:
+    """Each prompt's text as echoed (a text prompt as sent, token ids decoded) and its token ids."""
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif isinstance(prompt[0], str):
+        texts = [p for p in prompt if isinstance(p, str)]
+    else:
+        texts = [tok.decode(ids) for ids in prompts]
+    return list(zip(texts, prompts, strict=True))
 
 
 def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]], tok: Tokenizer) -> list[list[int]]:
@@ -192,6 +206,7 @@ def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens:
             stop=req.stop_strings,
             ignore_eos=req.ignore_eos,
             logprobs=req.num_logprobs,
+            prompt_logprobs=req.prompt_logprobs,
             logit_bias=req.bias_pairs,
         ).validate()
     except RequestError as e:

@@ -162,6 +162,11 @@ class _GenerationRequest(_Lenient):
         return self.stream_options is not None and self.stream_options.include_usage
 
     @property
+    def prompt_logprobs(self) -> int | None:
+        """Top k of the prompt tokens' logprobs to return (completions' echo with logprobs); None: not asked."""
+        return None
+
+    @property
     def bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """logit_bias as (token id, bias) pairs; RequestError for a key that is not a token id."""
         pairs = []
@@ -215,6 +220,7 @@ class CompletionRequest(_GenerationRequest):
     # A string, a batch of strings, token ids, or a batch of token-id lists, as OpenAI's /v1/completions takes.
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False  # the prompt before the completion, in text and (with logprobs) in logprobs
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
@@ -240,6 +246,10 @@ class CompletionRequest(_GenerationRequest):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 # -- responses --------------------------------------------------------------------------------------------------
@@ -269,7 +279,8 @@ class ChatLogprobs(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions format: parallel lists, one entry per generated token."""
+    """The legacy completions format: parallel lists, one entry per generated token (with echo, per prompt token
+    first: the first prompt token's logprob and top logprobs are null, nothing predicts it)."""
 
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)

@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from llmhost.engine.tokenizer import Tokenizer
 from llmhost.host.messages import TokenEvent
+from llmhost.server.errors import ApiError
 from llmhost.server.generation import FinishReason, Piece
 from llmhost.server.openai_schema import (
     AssistantMessage,
@@ -162,10 +163,35 @@ class CompletionBuilder(_Builder):
         prompt_tokens: int,
         num_logprobs: int | None,
         include_usage: bool,
+        echo: list[tuple[str, list[int]]] | None = None,
     ) -> None:
+        """echo: each prompt's text and token ids, put before its choices' completions (choice i is prompt
+        i // n's); None: no echo."""
         super().__init__(model, tokenizer, num_choices, prompt_tokens, num_logprobs, include_usage, "cmpl")
         self.logprobs = [CompletionLogprobs() for _ in range(num_choices)]
         self.offsets = [0] * num_choices  # text offset of the next token, summed over token texts
+        self.echo = echo
+        self.echo_pending = [echo is not None] * num_choices
+
+    def _echo(self, piece: Piece, into: CompletionLogprobs | None) -> str:
+        """The prompt's text before a choice's first piece (and its tokens' logprobs into `into`), else ''."""
+        if self.echo is None or not self.echo_pending[piece.index]:
+            return ""
+        self.echo_pending[piece.index] = False
+        text, ids = self.echo[piece.index * len(self.echo) // len(self.texts)]
+        if into is not None:
+            # The host sends the prompt's logprobs with a request's first token, which is in its first piece.
+            scores = piece.tokens[0].prompt_logprobs if piece.tokens else None
+            if scores is None or len(scores) != len(ids):
+                raise ApiError(500, "the host sent no prompt logprobs for echo", "server_error", code="internal_error")
+            for token, score in zip(ids, scores, strict=True):
+                token_text = self.token_text(token)
+                into.tokens.append(token_text)
+                into.token_logprobs.append(score[0] if score is not None else None)
+                into.top_logprobs.append({self.token_text(i): lp for i, lp in score[1]} if score is not None else None)
+                into.text_offset.append(self.offsets[piece.index])
+                self.offsets[piece.index] += len(token_text)
+        return text
 
     def _logprobs(self, index: int, tokens: tuple[TokenEvent, ...], into: CompletionLogprobs) -> None:
         for t, logprob in _logprob_tokens(tokens):
@@ -177,9 +203,11 @@ class CompletionBuilder(_Builder):
             self.offsets[index] += len(text)
 
     def add(self, piece: Piece) -> None:
+        logprobs = self.logprobs[piece.index] if self.num_logprobs is not None else None
+        self.texts[piece.index] += self._echo(piece, logprobs)
         super().add(piece)
-        if self.num_logprobs is not None:
-            self._logprobs(piece.index, piece.tokens, self.logprobs[piece.index])
+        if logprobs is not None:
+            self._logprobs(piece.index, piece.tokens, logprobs)
 
     def response(self) -> str:
         choices = [
@@ -204,12 +232,12 @@ class CompletionBuilder(_Builder):
 
     def chunk(self, piece: Piece) -> str:
         self.completion_tokens += len(piece.tokens)
-        logprobs = None
-        if self.num_logprobs is not None:
-            logprobs = CompletionLogprobs()
+        logprobs = CompletionLogprobs() if self.num_logprobs is not None else None
+        echoed = self._echo(piece, logprobs)
+        if logprobs is not None:
             self._logprobs(piece.index, piece.tokens, logprobs)
         choice = CompletionChoice(
-            index=piece.index, text=piece.text, logprobs=logprobs, finish_reason=piece.finish_reason
+            index=piece.index, text=echoed + piece.text, logprobs=logprobs, finish_reason=piece.finish_reason
         )
         return self._chunk([choice])
 
