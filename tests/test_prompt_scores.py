@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmhost.engine.prompt_scores import PIECE_ROWS, PendingScores, ScoredRows, scored_rows
+from llmhost.engine.prompt_scores import PendingScores, ScoredRows, piece_rows, scored_rows
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ def test_rows_score_the_next_prompt_token_and_never_past_the_prompt() -> None:
 
 def test_scores_in_pieces_equal_the_whole_log_softmax() -> None:
     g = torch.Generator().manual_seed(0)
-    rows, hidden_size, vocab = 2 * PIECE_ROWS + 17, 8, 50
+    assert piece_rows(128256) == 26 and piece_rows(49152) == 68 and piece_rows(10**9) == 1
+    vocab = 50_000
+    rows, hidden_size = 2 * piece_rows(vocab) + 17, 8
     weight = torch.randn(vocab, hidden_size, generator=g)
     hidden = torch.randn(rows, hidden_size, generator=g)
     targets = torch.randint(0, vocab, (rows,), generator=g).tolist()
@@ -46,8 +48,8 @@ def test_scores_in_pieces_equal_the_whole_log_softmax() -> None:
         heads.append(h.shape[0])
         return h @ weight.T
 
-    got = PendingScores(head, hidden, scored).result()
-    assert heads == [PIECE_ROWS, PIECE_ROWS, 17]
+    got = PendingScores(head, hidden, scored, vocab).result()
+    assert heads == [piece_rows(vocab), piece_rows(vocab), 17]
     want = torch.log_softmax(hidden @ weight.T, dim=-1)
     for r, (seq_id, position, (logprob, best)) in enumerate(got):
         assert (seq_id, position) == ("s", r + 1)

@@ -431,7 +431,7 @@ class Engine:
         rows = torch.cat([sampled, to_device(torch.tensor(scored.rows, dtype=torch.int64), last)])
         hidden = yield from self.model.forward_slices(on[self.placement.first].input_ids, stages, rows, head=False)
         assert scores is not None
-        scores.append(PendingScores(self.model.head, hidden[len(sampled) :], scored))
+        scores.append(PendingScores(self.model.head, hidden[len(sampled) :], scored, self.model.shape.vocab_size))
         return self.model.head(hidden[: len(sampled)])
 
     def collect(self, plan: StepPlan) -> list[TokenOutput]:

@@ -3,9 +3,9 @@
 
 A prompt chunk's hidden state at position p predicts the token at p + 1, so the rows of a chunk score the prompt
 tokens after them; the last prompt position predicts the first output token and is the sampler's. Only sequences
-that ask (SamplingParams.prompt_logprobs) get scored rows, and their head runs in pieces of PIECE_ROWS rows: the
-logits of a whole chunk would be chunk x vocab floats (2048 x 128k x 4 B = 1 GiB on a GPU, beyond the plan), a
-piece's 256 x vocab are far below the step's own workspace.
+that ask (SamplingParams.prompt_logprobs) get scored rows, and their head runs in pieces of at most PIECE_BYTES:
+the logits of a whole chunk would be chunk x vocab floats (2048 x 128k x 4 B = 1 GiB on a GPU, beyond the plan);
+a piece's logits, log_softmax and sort (BYTES_PER_LOGIT per vocabulary entry) stay within the plan's reserve.
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ import torch
 
 from llmhost.engine.step_inputs import to_device
 
-PIECE_ROWS = 256
+PIECE_BYTES = 64 * 2**20
+BYTES_PER_LOGIT = 20  # float32 logits and log_softmax, the sort's float32 values and int64 ids
+
+
+def piece_rows(vocab: int) -> int:
+    """Rows of one piece: 26 for a 128k vocabulary, 68 for 49k."""
+    return max(1, PIECE_BYTES // (BYTES_PER_LOGIT * vocab))
+
 
 # One prompt token's score: its logprob and the k most likely tokens at its position, (token, logprob) descending.
 PromptLogprob = tuple[float, list[tuple[int, float]]]
@@ -67,15 +74,18 @@ class PendingScores:
     """Scored rows' logprobs on the device until `result()` reads them (the step's collect, which waits for the
     device anyway)."""
 
-    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, scored: ScoredRows):
+    def __init__(
+        self, head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, scored: ScoredRows, vocab: int
+    ):
         """head: hidden [n, hidden] -> float32 logits [n, vocab]; hidden: the scored rows' hidden states."""
         self.scored = scored
         targets = to_device(torch.tensor(scored.targets, dtype=torch.int64), hidden.device)
         most = max(scored.top)
         chosen, top_ids, top_values = [], [], []
-        for start in range(0, hidden.shape[0], PIECE_ROWS):
-            logprobs = torch.log_softmax(head(hidden[start : start + PIECE_ROWS]), dim=-1)
-            chosen.append(logprobs.gather(-1, targets[start : start + PIECE_ROWS, None])[:, 0])
+        step = piece_rows(vocab)
+        for start in range(0, hidden.shape[0], step):
+            logprobs = torch.log_softmax(head(hidden[start : start + step]), dim=-1)
+            chosen.append(logprobs.gather(-1, targets[start : start + step, None])[:, 0])
             if most:
                 # Stable, as the sampler's top logprobs: tied values ordered by token id, whatever k or batch.
                 values, ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
