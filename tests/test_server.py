@@ -222,6 +222,12 @@ def test_logit_bias_bans_and_forces_tokens(server: Server) -> None:
     assert banned.choices[0].text != greedy
     forced = c.completions.create(**{**ask, "max_tokens": 3}, logit_bias={"28": 100})
     assert forced.choices[0].text == tok.decode([28, 28, 28])
+    # vLLM's stop_token_ids: the forced token ends the output at once, kept out of the text as EOS is
+    stopped = c.completions.create(
+        **{**ask, "max_tokens": 3}, logit_bias={"28": 100}, extra_body={"stop_token_ids": [28]}
+    )
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == ""
+    assert stopped.usage is not None and stopped.usage.completion_tokens == 1
     # a token id the model does not have: refused by the host, answered as a 400 naming the field
     with pytest.raises(openai.BadRequestError) as outside:
         c.completions.create(**ask, logit_bias={str(10**7): 5})

@@ -415,6 +415,15 @@ def test_logit_bias_reaches_the_sampler_as_token_id_pairs(served: tuple[TestClie
     assert host.submitted[-1].params.logit_bias == ()
 
 
+def test_stop_token_ids_reach_the_host_and_negative_ones_are_400(served: tuple[TestClient, FakeHost]) -> None:
+    client, host = served
+    body = {"model": "m", "prompt": "a", "max_tokens": 2, "stop_token_ids": [5, 9]}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    assert host.submitted[-1].params.stop_token_ids == (5, 9)
+    err = _error(client.post("/v1/completions", json={**body, "stop_token_ids": [-1]}), 400)
+    assert err["param"] == "stop_token_ids" and "token ids" in err["message"]
+
+
 # -- echo --------------------------------------------------------------------------------------------------------
 
 

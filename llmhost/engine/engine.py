@@ -274,9 +274,13 @@ class Engine:
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
-        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
-        if bad is not None:
-            raise RequestError(f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab})", "logit_bias")
+        for field_name, ids in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise RequestError(f"{field_name}: token id {bad} is outside the vocabulary [0, {vocab})", field_name)
         seq_id = request_id or f"seq-{next(self._ids)}"
         if seq_id in self.seqs:
             raise RequestError(f"request id {seq_id!r} is already in use", "request_id")

@@ -100,6 +100,10 @@ class SamplingParams:
                     "logit_bias",
                 )
             seen.add(token)
+        if any(t < 0 for t in self.stop_token_ids):
+            raise RequestError(
+                f"stop_token_ids must be token ids (>= 0), got {list(self.stop_token_ids)}", "stop_token_ids"
+            )
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty", "stop")
         return self

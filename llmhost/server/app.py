@@ -204,6 +204,7 @@ def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens:
             presence_penalty=req.presence_penalty or 0.0,
             seed=req.seed,
             stop=req.stop_strings,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             logprobs=req.num_logprobs,
             prompt_logprobs=req.prompt_logprobs,

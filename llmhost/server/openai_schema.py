@@ -153,6 +153,7 @@ class _GenerationRequest(_Lenient):
     min_p: Float | None = None
     repetition_penalty: Float | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[Int] | None = None  # token ids that end the output, besides the model's EOS
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
