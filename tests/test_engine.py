@@ -411,6 +411,30 @@ def test_stop_token_ids_end_the_output(tiny_models: TinyModels) -> None:  # noqa
     assert_all_free(engine)
 
 
+def test_min_tokens_holds_back_eos_and_stop_ids(tiny_models: TinyModels) -> None:  # noqa: F811
+    """vLLM's min_tokens: EOS and stop ids cannot be sampled before that many tokens, then end the output as ever.
+    logit_bias forces them at every step, so without min_tokens they would end it at once."""
+    _, path = tiny_models("llama-tied")
+    prompt = random_prompt(10, seed=500)
+    ref = alone(load(path), prompt, greedy(32))
+    eos, stop = ref[0], next(t for t in range(VOCAB) if t not in ref)
+    engine = load(path, eos_token_ids=[eos])
+    forced = ((eos, 100.0),)
+    at_once, held, stopped = engine.generate(
+        [prompt] * 3,
+        [
+            greedy(32, logit_bias=forced),
+            greedy(32, logit_bias=forced, min_tokens=3),
+            greedy(32, logit_bias=((stop, 100.0),), stop_token_ids=(stop,), min_tokens=2, ignore_eos=True),
+        ],
+    )
+    assert at_once.output_ids == [eos] and at_once.finish_reason == "stop"
+    assert len(held.output_ids) == 4 and held.output_ids[-1] == eos and held.finish_reason == "stop"
+    assert not {eos, stop} & set(held.output_ids[:3]), "neither may come before min_tokens"
+    assert len(stopped.output_ids) == 3 and stopped.output_ids[-1] == stop
+    assert_all_free(engine)
+
+
 def test_eos_stops_unless_ignored(tiny_models: TinyModels) -> None:  # noqa: F811
     _, path = tiny_models("llama-tied")
     prompt = random_prompt(10, seed=500)

@@ -101,6 +101,21 @@ def test_logprobs_and_penalties_keep_their_meaning(tiny_models: TinyModels) -> N
     assert got[2].logprobs == pytest.approx(want[2].logprobs, abs=1e-4)
 
 
+def test_min_tokens_counts_the_token_still_on_the_device(tiny_models: TinyModels) -> None:  # noqa: F811
+    """A step launched ahead samples its row's next token while the previous one is unread: min_tokens must count
+    it, or EOS would be held back one token too long."""
+    _, path = tiny_models("llama")
+    eos = 7
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, logit_bias=((eos, 100.0),), min_tokens=k) for k in (1, 4, 6)
+    ]
+    plain, ahead, feeds = _engines(path, (eos,))
+    want = _outputs(plain, params)
+    assert [len(o) for o in want] == [2, 5, 7] and all(o[-1] == eos for o in want)
+    assert _outputs(ahead, params) == want
+    assert sum(feeds) > 0
+
+
 def test_prompts_arriving_while_others_decode(tiny_models: TinyModels) -> None:  # noqa: F811
     _, path = tiny_models("llama")
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

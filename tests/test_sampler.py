@@ -216,6 +216,15 @@ def test_logit_bias_moves_the_greedy_choice_both_ways() -> None:
     assert greedy_token(logits, logit_bias=((1, 0.4),)) == 0  # 2.9 does not
 
 
+def test_banned_tokens_are_never_sampled_and_only_in_their_row() -> None:
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]] * 3)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(temperature=0.0)]
+    for _ in range(50):
+        result = sample(logits, params, [make_generator(None, CPU) for _ in range(3)], [[]] * 3, [[]] * 3,
+                        [(0,), (0, 1), ()])  # fmt: skip
+        assert result.tokens[0] == 1 and result.tokens[1] in (2, 3) and result.tokens[2] == 0
+
+
 def test_logit_bias_applies_before_temperature_and_the_filters() -> None:
     logits = [2.0, 1.0, 0.5, 0.0]
     bias = ((0, -2.0), (3, 1.0))

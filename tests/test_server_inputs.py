@@ -415,13 +415,18 @@ def test_logit_bias_reaches_the_sampler_as_token_id_pairs(served: tuple[TestClie
     assert host.submitted[-1].params.logit_bias == ()
 
 
-def test_stop_token_ids_reach_the_host_and_negative_ones_are_400(served: tuple[TestClient, FakeHost]) -> None:
+def test_stop_token_ids_and_min_tokens_reach_the_host(served: tuple[TestClient, FakeHost]) -> None:
     client, host = served
     body = {"model": "m", "prompt": "a", "max_tokens": 2, "stop_token_ids": [5, 9]}
     assert client.post("/v1/completions", json=body).status_code == 200
     assert host.submitted[-1].params.stop_token_ids == (5, 9)
     err = _error(client.post("/v1/completions", json={**body, "stop_token_ids": [-1]}), 400)
     assert err["param"] == "stop_token_ids" and "token ids" in err["message"]
+    # min_tokens reaches the host; more than max_tokens is a 400 naming it
+    assert client.post("/v1/completions", json={**body, "min_tokens": 2}).status_code == 200
+    assert host.submitted[-1].params.min_tokens == 2
+    err = _error(client.post("/v1/completions", json={**body, "min_tokens": 3}), 400)
+    assert err["param"] == "min_tokens" and "max_tokens = 2" in err["message"]
 
 
 # -- echo --------------------------------------------------------------------------------------------------------

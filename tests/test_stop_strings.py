@@ -1,9 +1,14 @@
 import itertools
+from dataclasses import dataclass
 
+from checkpoint_files import smollm2_gguf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmhost.engine.sequence import FinishReason
 from llmhost.engine.stop_strings import StopMatcher
+from llmhost.engine.text_stream import TextStream
+from llmhost.engine.tokenizer import Tokenizer
 
 
 def run(deltas: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -46,3 +51,25 @@ def test_streamed_equals_whole_text_rule(text: str, stop: str, cuts: list[int]) 
     idx = text.find(stop)
     expected = (text[:idx], True) if idx >= 0 else (text, False)
     assert run(deltas, (stop,)) == expected
+
+
+@dataclass(frozen=True)
+class _Token:
+    token: int
+    finish_reason: FinishReason | None = None
+
+
+def test_stop_strings_count_from_min_tokens_on() -> None:
+    """vLLM's min_tokens: a stop string in the first min_tokens - 1 tokens' text is passed through; from the
+    min_tokens-th token on, stop strings end the output as ever."""
+    tok = Tokenizer.from_gguf(smollm2_gguf())
+    ids = tok.encode(" red green red green red blue")
+    for min_tokens, want in ((0, ""), (1, ""), (2, " red green"), (3, " red green"), (4, " red green red green")):
+        stream = TextStream(tok, (" red",), min_tokens)
+        text = ""
+        for t in ids:
+            delta = stream.feed(_Token(t))
+            text += delta.text
+            if delta.finish_reason is not None:
+                break
+        assert delta.finish_reason == "stop" and text == want, (min_tokens, text)

@@ -392,6 +392,7 @@ class Engine:
             [s.generator for s in alive],
             [s.prompt_ids for s in alive],
             [s.output_ids for s in alive],
+            [self._banned(s) for s in alive],
         )
         # A step with decode rows may be followed by one that runs ahead, which reads these tokens on the device. A
         # prompt-only step (beside a decode step in flight, on another stream) must leave them: its first tokens
@@ -500,6 +501,14 @@ class Engine:
             return None
         self.execute(nxt, stream)
         return nxt
+
+    def _banned(self, seq: Seq) -> tuple[int, ...]:
+        """Token ids seq may not sample in the step being launched: its EOS and stop ids while it has fewer than
+        min_tokens tokens (its pending one, read after this step launched, counts)."""
+        p = seq.params
+        if len(seq.output_ids) + seq.pending >= p.min_tokens:
+            return ()
+        return p.stop_token_ids + (() if p.ignore_eos else tuple(self.eos_token_ids))
 
     def _finish_reason(self, seq: Seq, token: int) -> FinishReason | None:
         if token in seq.params.stop_token_ids or (token in self.eos_token_ids and not seq.params.ignore_eos):

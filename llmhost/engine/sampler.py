@@ -49,9 +49,10 @@ def sample(
     generators: Sequence[torch.Generator],
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
+    banned: Sequence[Sequence[int]] | None = None,
 ) -> SampleOutput:
     """Sample one token per row. logits: [R, V], any float dtype, on the generators' device."""
-    return launch_sample(logits, params, generators, prompt_ids, output_ids).result()
+    return launch_sample(logits, params, generators, prompt_ids, output_ids, banned).result()
 
 
 def launch_sample(
@@ -60,10 +61,12 @@ def launch_sample(
     generators: Sequence[torch.Generator],
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
+    banned: Sequence[Sequence[int]] | None = None,
 ) -> PendingSample:
     """Queue the sampling of one token per row on the logits' device and the copy of its results to the host;
     nothing waits for the device. `PendingSample.tokens` holds the tokens on the device at once (the engine feeds
-    them to the next step); `.result()` waits for the copy."""
+    them to the next step); `.result()` waits for the copy. banned: per row, token ids it may not sample now
+    (min_tokens' EOS and stop ids; the engine knows them)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
     rows = logits.shape[0]
@@ -74,13 +77,17 @@ def launch_sample(
         )
     raw = logits.float()  # [R, V]
     sampled_rows = [r for r, p in enumerate(params) if not p.greedy]
-    if not any(p.reads_settings for p in params):
+    if not any(p.reads_settings for p in params) and not (banned and any(banned)):
         # Greedy rows without penalties or biases read no per-row settings: building and copying them was a third of a
         # graph-replayed decode step's launch on the host (bench/probes/host_profile.py).
         return _pack(raw, raw.argmax(dim=-1), params)
     settings = _row_settings(params, logits.device)
 
     scores = _biased(_penalize(raw, params, settings, prompt_ids, output_ids), params)
+    if banned is not None and any(banned):
+        ids = _flat_ids(list(enumerate(banned)), scores.shape[1])
+        # Out of place: scores may be the logits themselves (the runner's static buffer, and logprobs' source).
+        scores = scores.reshape(-1).index_fill(0, to_device(ids, scores.device), -torch.inf).view(scores.shape)
     tokens = scores.argmax(dim=-1)  # [R]; greedy rows keep this, ties go to the lowest id
     if sampled_rows:
         probs = _filtered_probs(scores, params, settings)

@@ -35,6 +35,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the output ends before the first one
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the output (kept out of the text)
     ignore_eos: bool = False
+    # vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings do not end the output, before this many
+    # tokens
+    min_tokens: int = 0
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's logprob plus the top k
     # None: no prompt logprobs; k >= 0: each prompt token's logprob given the tokens before it plus the top k
     prompt_logprobs: int | None = None
@@ -65,6 +68,10 @@ class SamplingParams:
                 raise RequestError(f"{name} must be a finite number, got {value}", name)
         if self.max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(
+                f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}", "min_tokens"
+            )
         if not 0.0 <= self.temperature <= 100.0:
             raise RequestError(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:

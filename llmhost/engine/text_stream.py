@@ -37,15 +37,21 @@ class TextDelta:
 class TextStream:
     """Feeds one sequence's tokens; says when a stop string ended it."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], min_tokens: int = 0) -> None:
+        """min_tokens: stop strings are looked for from that token on (vLLM's min_tokens); text before it is
+        passed through, so a stop string that starts there is not found."""
         self.decoder = IncrementalDecoder(tokenizer)
         self.matcher = StopMatcher(stop)
+        self.min_tokens = min_tokens
+        self.tokens = 0
 
     def feed(self, out: GeneratedToken) -> TextDelta:
         """Text for one token. A token that ends the sequence (EOS or a stop id) adds no text of its own."""
         if out.finish_reason == "stop":
             return TextDelta(self._flush(), out, "stop")
-        text = self.matcher.feed(self.decoder.feed(out.token))
+        self.tokens += 1
+        piece = self.decoder.feed(out.token)
+        text = self.matcher.feed(piece) if self.tokens >= self.min_tokens else self.matcher.flush() + piece
         if self.matcher.stopped:
             return TextDelta(text, out, "stop")
         if out.finish_reason is not None:
@@ -61,7 +67,7 @@ def stream_text(
 ) -> Iterator[TextDelta]:
     """Drive `engine` until this request ends; yield its text deltas. A stop string ends the iteration, which
     aborts the request in the engine so its KV blocks are freed at once."""
-    text = TextStream(tokenizer, params.stop)
+    text = TextStream(tokenizer, params.stop, params.min_tokens)
     for out in engine.stream(prompt_ids, params):
         delta = text.feed(out)
         yield delta

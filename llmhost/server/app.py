@@ -205,6 +205,7 @@ def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens:
             seed=req.seed,
             stop=req.stop_strings,
             stop_token_ids=tuple(req.stop_token_ids or ()),
+            min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
             logprobs=req.num_logprobs,
             prompt_logprobs=req.prompt_logprobs,

@@ -154,6 +154,7 @@ class _GenerationRequest(_Lenient):
     repetition_penalty: Float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[Int] | None = None  # token ids that end the output, besides the model's EOS
+    min_tokens: Int = Field(default=0, ge=0)  # no EOS, stop id or stop string ends the output before this many
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
