@@ -392,7 +392,7 @@ class Engine:
             [s.generator for s in alive],
             [s.prompt_ids for s in alive],
             [s.output_ids for s in alive],
-            [self._banned(s) for s in alive],
+            [self._banned(s) for s in alive] if any(s.params.min_tokens for s in alive) else None,
         )
         # A step with decode rows may be followed by one that runs ahead, which reads these tokens on the device. A
         # prompt-only step (beside a decode step in flight, on another stream) must leave them: its first tokens
