@@ -255,6 +255,15 @@ def test_echo_scores_the_prompt_as_generation_scored_the_token(server: Server) -
     assert echo.choices[0].text.startswith(tok.decode(ids + token))
     assert echo.usage is not None and echo.usage.prompt_tokens == len(ids) + 1
     assert echo.usage.completion_tokens == 1
+    # as the harness sends them: a batch of token-id prompts, each choice scored against its own prompt
+    batch = c.completions.create(
+        model=MODEL, prompt=[ids + token, ids[:3]], max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    by_index = sorted(batch.choices, key=lambda ch: ch.index)
+    assert [len(ch.logprobs.tokens or []) for ch in by_index] == [len(ids) + 2, 4]  # type: ignore[union-attr]
+    assert by_index[0].logprobs.token_logprobs[: len(ids) + 1] == pytest.approx(
+        lp.token_logprobs[: len(ids) + 1], abs=1e-3
+    )  # type: ignore[union-attr]
 
 
 def test_errors(server: Server) -> None:
