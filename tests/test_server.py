@@ -266,6 +266,23 @@ def test_echo_scores_the_prompt_as_generation_scored_the_token(server: Server) -
     )  # type: ignore[union-attr]
 
 
+def test_continue_final_message_continues_the_assistant_reply(server: Server) -> None:
+    c = _client(server)
+    begun = [*PARIS, {"role": "assistant", "content": "The capital of France is"}]
+    switches = {"add_generation_prompt": False, "continue_final_message": True}
+    r = c.chat.completions.create(model=MODEL, messages=begun, max_tokens=3, temperature=0, extra_body=switches)  # type: ignore[arg-type]
+    assert (r.choices[0].message.content or "").startswith(" Paris")  # the reply goes on, no new turn begins
+    assert r.usage is not None and r.usage.prompt_tokens > 20
+    with pytest.raises(openai.BadRequestError) as both:
+        c.chat.completions.create(
+            model=MODEL,
+            messages=begun,  # type: ignore[arg-type]
+            max_tokens=3,
+            extra_body={"continue_final_message": True},
+        )
+    assert both.value.body["param"] == "continue_final_message"  # type: ignore[index]
+
+
 def test_errors(server: Server) -> None:
     c = _client(server)
     with pytest.raises(openai.NotFoundError) as nf:

@@ -113,6 +113,21 @@ def test_smollm2_chat_template_renders_chatml(smol: Tokenizer, smol_ref: Any) ->
     assert ids.count(2) == 2 and smol.token_to_id("<|im_end|>") == 2
 
 
+def test_continue_final_message_matches_transformers(smol: Tokenizer, smol_ref: Any) -> None:
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is "},
+    ]
+    ours = smol.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert ours == smol_ref.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert ours.endswith("<|im_start|>assistant\nThe capital of France is ")
+    with pytest.raises(RequestError) as both:
+        smol.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
+    assert both.value.param == "continue_final_message"
+    with pytest.raises(ChatTemplateError, match="needs text in the last message"):
+        smol.encode_chat([*messages[:1], {"role": "assistant", "content": " "}], False, True)
+
+
 def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = smollm2_gguf()
     first = Tokenizer.from_gguf(path, cache_dir=tmp_path)

@@ -24,7 +24,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from llmhost.engine.chat_template import ChatTemplate, ChatTemplateError
-from llmhost.errors import ModelFileError, UnsupportedModelError
+from llmhost.errors import ModelFileError, RequestError, UnsupportedModelError
 from llmhost.model_files.checkpoint import Checkpoint
 from llmhost.model_files.gguf_file import read_gguf
 
@@ -97,9 +97,12 @@ class Tokenizer:
             ids.insert(0, bos)
         return ids
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
         """Messages through the chat template, then token ids: no BOS added, the template writes its own."""
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message)
+        return self.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -107,14 +110,44 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> str:
+        """continue_final_message (transformers' and vLLM's): the prompt ends inside the last message, right after
+        its text, so the model continues it (an assistant reply begun by the client) instead of starting a new
+        one."""
         template = self.settings.chat_template
         if template is None:
             raise ChatTemplateError(
                 f"{self.source} has no chat template (tokenizer_config.json 'chat_template', chat_template.jinja or "
                 "GGUF 'tokenizer.chat_template'); send a plain completion prompt instead"
             )
-        return template.render(messages, add_generation_prompt, self.settings.special_tokens)
+        if not continue_final_message:
+            return template.render(messages, add_generation_prompt, self.settings.special_tokens)
+        check_prompt_switches(add_generation_prompt, continue_final_message)
+        final = (messages[-1].get("content") or "") if messages else ""
+        if not final.strip():
+            raise ChatTemplateError("continue_final_message needs text in the last message to continue")
+        text = template.render(messages, False, self.settings.special_tokens)
+        # Cut after the last occurrence of the message's text: what the template writes after it (end-of-turn
+        # tokens) would end the message. As sent, else stripped: many templates trim the content they write.
+        for written in (final, final.strip()):
+            if (end := text.rfind(written)) >= 0:
+                return text[: end + len(written)]
+        raise ChatTemplateError(
+            "continue_final_message: the chat template does not write the last message's text as sent, so the "
+            "prompt cannot end inside it; send the conversation without it"
+        )
+
+
+def check_prompt_switches(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """RequestError when both are set: one continues the last message, the other starts a new one."""
+    if add_generation_prompt and continue_final_message:
+        raise RequestError(
+            "continue_final_message continues the last message, add_generation_prompt starts a new one: send "
+            "add_generation_prompt: false with it",
+            "continue_final_message",
+        )
 
 
 class IncrementalDecoder:

@@ -92,7 +92,12 @@ def create_app(
         tok = state.tokenizers[req.model]
         try:
             # Off the event loop (Tokenizer.encode lets go of the GIL): a 4 MiB prompt takes seconds to tokenize.
-            ids = await asyncio.to_thread(tok.encode_chat, [m.template_dict() for m in req.messages])
+            ids = await asyncio.to_thread(
+                tok.encode_chat,
+                [m.template_dict() for m in req.messages],
+                req.add_generation_prompt,
+                req.continue_final_message,
+            )
         except RequestError as e:
             raise from_request_error(e) from None
         builder = ChatBuilder(req.model, tok, req.n, len(ids), req.num_logprobs, req.include_usage)

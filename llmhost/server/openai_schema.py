@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from pydantic_core import PydanticCustomError
 
 from llmhost.engine.sampling_params import MAX_TOP_LOGPROBS
+from llmhost.engine.tokenizer import check_prompt_switches
 from llmhost.errors import RequestError
 
 MAX_N = 16  # choices per request; each is a sequence in the batch
@@ -195,11 +196,15 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's chat-template switches: continue_final_message lets a client begin the assistant's reply
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         for i, message in enumerate(self.messages):
             message.check(f"messages[{i}]")
+        check_prompt_switches(self.add_generation_prompt, self.continue_final_message)
         if self.top_logprobs is not None and not self.logprobs:
             # As OpenAI answers: top_logprobs alone would be ignored without a word.
             raise RequestError(
