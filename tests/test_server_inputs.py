@@ -452,3 +452,16 @@ def test_echo_puts_each_prompt_before_its_choices(served: tuple[TestClient, Fake
     assert host.submitted[-1].params.prompt_logprobs is None
     client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1, "logprobs": 2, "echo": True})
     assert host.submitted[-1].params.prompt_logprobs == 2
+
+
+def test_chat_template_kwargs_are_checked_and_reach_the_template(served: tuple[TestClient, FakeHost]) -> None:
+    client, host = served
+    chat = {"model": "m", "messages": PARIS, "max_tokens": 2}
+    plain = client.post("/v1/chat/completions", json=chat)
+    extra = client.post("/v1/chat/completions", json={**chat, "chat_template_kwargs": {"unused_by_chatml": 1}})
+    assert plain.status_code == extra.status_code == 200
+    assert host.submitted[-1].prompt_ids == host.submitted[-2].prompt_ids  # SmolLM2's template reads no such name
+    err = _error(client.post("/v1/chat/completions", json={**chat, "chat_template_kwargs": {"messages": []}}), 400)
+    assert err["param"] == "chat_template_kwargs" and "may not set messages" in err["message"]
+    bad = '{"model":"m","messages":[{"role":"user","content":"x"}],"chat_template_kwargs":{"a":"\\ud800"}}'
+    assert _error(_raw(client, "/v1/chat/completions", bad), 400)["param"] == "chat_template_kwargs.a"

@@ -128,6 +128,19 @@ def test_continue_final_message_matches_transformers(smol: Tokenizer, smol_ref: 
         smol.encode_chat([*messages[:1], {"role": "assistant", "content": " "}], False, True)
 
 
+def test_chat_template_kwargs_reach_the_template_but_not_its_own_variables() -> None:
+    template = ChatTemplate(
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% if think %}<think>{% endif %}{{ bos_token }}", "test"
+    )
+    hi = [{"role": "user", "content": "hi"}]
+    assert template.render(hi, True, {"bos_token": "<s>"}, {"think": True}) == "hi<think><s>"
+    assert template.render(hi, True, {"bos_token": "<s>"}, {"think": False}) == "hi<s>"
+    for key in ("messages", "add_generation_prompt", "bos_token"):
+        with pytest.raises(RequestError, match=f"may not set {key}") as info:
+            template.render(hi, True, {"bos_token": "<s>"}, {key: "x"})
+        assert info.value.param == "chat_template_kwargs"
+
+
 def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = smollm2_gguf()
     first = Tokenizer.from_gguf(path, cache_dir=tmp_path)

@@ -93,12 +93,25 @@ class ChatTemplate:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool,
         special_tokens: Mapping[str, str],
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
         """special_tokens: the variables transformers passes besides the messages (bos_token, eos_token, ...);
-        only those the tokenizer defines, so a template's `{% if bos_token %}` sees the rest as undefined."""
+        only those the tokenizer defines, so a template's `{% if bos_token %}` sees the rest as undefined.
+        extra: the request's own variables (vLLM's chat_template_kwargs, e.g. Qwen3's enable_thinking); they may
+        not replace the messages, the generation switch or a special token."""
+        taken = sorted(set(extra or {}) & {"messages", "add_generation_prompt", *special_tokens})
+        if taken:
+            raise RequestError(
+                f"chat_template_kwargs may not set {', '.join(taken)}: the request's messages and the tokenizer's "
+                "special tokens set those",
+                "chat_template_kwargs",
+            )
         try:
             return self._template.render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **special_tokens
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                **special_tokens,
+                **(extra or {}),
             )
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template of {self.origin} rejected the messages: {e}") from None

@@ -98,10 +98,14 @@ class Tokenizer:
         return ids
 
     def encode_chat(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, continue_final_message: bool = False
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        extra: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Messages through the chat template, then token ids: no BOS added, the template writes its own."""
-        text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message)
+        text = self.apply_chat_template(messages, add_generation_prompt, continue_final_message, extra)
         return self.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -111,11 +115,15 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, continue_final_message: bool = False
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
         """continue_final_message (transformers' and vLLM's): the prompt ends inside the last message, right after
         its text, so the model continues it (an assistant reply begun by the client) instead of starting a new
-        one."""
+        one. extra: more template variables (ChatTemplate.render)."""
         template = self.settings.chat_template
         if template is None:
             raise ChatTemplateError(
@@ -123,12 +131,12 @@ class Tokenizer:
                 "GGUF 'tokenizer.chat_template'); send a plain completion prompt instead"
             )
         if not continue_final_message:
-            return template.render(messages, add_generation_prompt, self.settings.special_tokens)
+            return template.render(messages, add_generation_prompt, self.settings.special_tokens, extra)
         check_prompt_switches(add_generation_prompt, continue_final_message)
         final = (messages[-1].get("content") or "") if messages else ""
         if not final.strip():
             raise ChatTemplateError("continue_final_message needs text in the last message to continue")
-        text = template.render(messages, False, self.settings.special_tokens)
+        text = template.render(messages, False, self.settings.special_tokens, extra)
         # Cut after the last occurrence of the message's text: what the template writes after it (end-of-turn
         # tokens) would end the message. As sent, else stripped: many templates trim the content they write.
         for written in (final, final.strip()):

@@ -97,6 +97,7 @@ def create_app(
                 [m.template_dict() for m in req.messages],
                 req.add_generation_prompt,
                 req.continue_final_message,
+                req.chat_template_kwargs,
             )
         except RequestError as e:
             raise from_request_error(e) from None

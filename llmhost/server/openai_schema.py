@@ -199,12 +199,14 @@ class ChatCompletionRequest(_GenerationRequest):
     # vLLM's chat-template switches: continue_final_message lets a client begin the assistant's reply
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # more template variables, e.g. {"enable_thinking": false}
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         for i, message in enumerate(self.messages):
             message.check(f"messages[{i}]")
         check_prompt_switches(self.add_generation_prompt, self.continue_final_message)
+        check_text(self.chat_template_kwargs, "chat_template_kwargs")
         if self.top_logprobs is not None and not self.logprobs:
             # As OpenAI answers: top_logprobs alone would be ignored without a word.
             raise RequestError(
