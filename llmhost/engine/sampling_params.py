@@ -98,9 +98,10 @@ class SamplingParams:
             )
         seen: set[int] = set()
         for token, bias in self.logit_bias:
-            if token < 0 or token in seen:
-                problem = "is negative" if token < 0 else "appears twice"
-                raise RequestError(f"logit_bias: token id {token} {problem}; send each token id once", "logit_bias")
+            if token < 0:
+                raise RequestError(f"logit_bias: {token} is not a token id (ids are >= 0)", "logit_bias")
+            if token in seen:
+                raise RequestError(f"logit_bias: token id {token} appears twice; send each token id once", "logit_bias")
             if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
                 raise RequestError(
                     f"logit_bias for token {token} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}",
