@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -448,6 +449,52 @@ def test_ps_command(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
     assert MODEL in capsys.readouterr().out
     assert cli_main(["ps", "--url", server.url]) == 2  # no key: one line, no traceback
     assert "--api-key" in capsys.readouterr().err
+
+
+# A DOM just large enough for the dashboard's script: tables of rows of cells, text and classes kept.
+DOM_STUB = """
+const els = {};
+class El {
+  constructor() { this.children = []; this.textContent = ""; this.style = {}; this.className = ""; }
+  appendChild(c) { this.children.push(c); c.parentNode = this; return c; }
+  replaceChildren() { this.children = []; }
+  insertRow() { return this.appendChild(new El()); }
+  insertCell() { return this.appendChild(new El()); }
+  createTHead() { return this.appendChild(new El()); }
+  createTBody() { return this.appendChild(new El()); }
+  text() { return [this.textContent, ...this.children.map(c => c.text())].join(" "); }
+}
+globalThis.document = {
+  getElementById: id => (els[id] = els[id] || new El()),
+  createElement: () => new El(),
+};
+globalThis.sessionStorage = {getItem: () => null, setItem: () => {}};
+globalThis.setInterval = () => 0;
+globalThis.fetch = async () => ({ok: true, status: 200, json: async () => PS_DOC});
+process.on("beforeExit", () => {
+  console.log(JSON.stringify({devices: els.devices.text(), models: els.models.text(), status: els.status.textContent}));
+});
+"""
+
+
+def test_dashboard_page_and_the_ps_devices_it_shows(server: Server, tmp_path: Path) -> None:
+    page = httpx.get(f"{server.url}/dashboard")  # the page itself needs no key; its data does
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/admin/ps" in page.text
+    doc = httpx.get(f"{server.url}/admin/ps", headers=server.headers).json()
+    (dev,) = doc["devices"]
+    assert dev["label"] == "cpu" and dev["models"] == [MODEL] and dev["total"] > 0
+    (m,) = doc["models"]
+    assert {"gpu_share", "host_copy_bytes", "swaps_in", "last_swap_s"} <= set(m)
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node here to run the page's script")
+    script = page.text.split("<script>")[1].split("</script>")[0]
+    (tmp_path / "page.js").write_text(f"const PS_DOC = {json.dumps(doc)};\n{DOM_STUB}\n{script}")
+    out = subprocess.run([node, str(tmp_path / "page.js")], capture_output=True, text=True, timeout=30, check=True)
+    shown = json.loads(out.stdout)
+    assert MODEL in shown["models"] and "loaded" in shown["models"] and "cpu" in shown["devices"]
+    assert shown["status"].startswith("updated")
 
 
 def test_admin_unload_then_on_demand_and_admin_load(server: Server) -> None:

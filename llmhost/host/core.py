@@ -242,7 +242,8 @@ class HostCore:
         event = self.coordinator.events[-1]
         recs = [self.coordinator.ledger.devices[d].last for d in sorted(set(slot.plan.devices))]
         action: Literal["load", "unpark"] = "unpark" if event.action == "unpark" else "load"
-        self._loads.append(LoadRecord(slot.name, action, event.seconds, tuple(r for r in recs if r is not None)))
+        recs_done = tuple(r for r in recs if r is not None)
+        self._loads.append(LoadRecord(slot.name, action, event.seconds, recs_done, time.time()))
         spec = self.specs[slot.name]
         if spec.fingerprint is None or not self.history.enabled:
             return

@@ -109,6 +109,7 @@ class LoadRecord:
     action: Literal["load", "unpark"]
     seconds: float
     reconciliations: tuple[Reconciliation, ...]
+    at: float = 0.0  # wall-clock time it ended
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,11 @@ The ps document (schema `llmhost.ps/1`), one entry per configured model:
 `{"name", "state", "device", "memory": {"weights", "kv", "workspace", "graphs"}, "memory_total", "since" (epoch
 seconds the state began), "keep_alive_s", "expires_at" (epoch seconds after which an idle model may be parked; null
 while in use or when keep_alive is -1), "in_flight" (sequences the API has sent), "running", "waiting",
-"kv_blocks_used", "kv_blocks_total", "max_seq_len", "error"}`.
+"kv_blocks_used", "kv_blocks_total", "max_seq_len", "error", "unloading", "gpu_share" (fraction of its device's
+measured GPU time since it became resident), "host_copy_bytes" (pinned RAM holding its weights), "swaps_in",
+"last_swap_s"}`; and one entry per device under "devices": `{"device", "label", "name", "total", "models" (names of
+the models placed there), "reconciliation" (the ledger against the driver after the latest load or swap-in there:
+`{"after", "action", "at", "placed", "runtime", "external", "driver_used", "relative_error"}`, or null)}`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from llmhost.host.client import HostUnavailableError
-from llmhost.host.messages import ModelStatus
+from llmhost.host.ledger import Reconciliation
+from llmhost.host.messages import LoadRecord, ModelStatus
 from llmhost.server.errors import ApiError, from_host_error, model_not_found
 from llmhost.server.state import ServerState
 
@@ -48,7 +53,44 @@ def ps_entry(state: ServerState, name: str, st: ModelStatus | None) -> dict[str,
         "max_seq_len": cfg.max_seq_len,
         "error": st.error if st else "",
         "unloading": st.unloading if st else False,
+        "gpu_share": st.gpu_share if st else 0.0,
+        "host_copy_bytes": st.host_copy_bytes if st else 0,
+        "swaps_in": st.swaps_in if st else 0,
+        "last_swap_s": st.last_swap_s if st else None,
     }
+
+
+def device_entries(state: ServerState, status: dict[str, ModelStatus]) -> list[dict[str, Any]]:
+    """Each device of the inventory, the models placed on it now, and its latest reconciliation."""
+    latest: dict[int, tuple[LoadRecord, Reconciliation]] = {}
+    for record in state.client.loads:  # oldest first: later records replace earlier ones
+        for rec in record.reconciliations:
+            latest[rec.device] = (record, rec)
+    out = []
+    for dev in state.client.inventory.devices:
+        where = [n for n, st in status.items() if dev.torch_name in st.device.split(",")]
+        entry: dict[str, Any] = {
+            "device": dev.torch_name,
+            "label": dev.label,
+            "name": dev.name,
+            "total": dev.total,
+            "models": where,
+            "reconciliation": None,
+        }
+        if dev.index in latest:
+            record, rec = latest[dev.index]
+            entry["reconciliation"] = {
+                "after": record.model,
+                "action": record.action,
+                "at": record.at,
+                "placed": rec.placed,
+                "runtime": rec.runtime,
+                "external": rec.external,
+                "driver_used": rec.driver_used,
+                "relative_error": rec.relative_error,
+            }
+        out.append(entry)
+    return out
 
 
 def router(state: ServerState, require_key: Callable[..., Awaitable[None]]) -> APIRouter:
@@ -58,7 +100,7 @@ def router(state: ServerState, require_key: Callable[..., Awaitable[None]]) -> A
     async def ps() -> JSONResponse:
         status = await state.fresh_status()
         models = [ps_entry(state, name, status.get(name)) for name in state.model_names]
-        return JSONResponse({"schema": PS_SCHEMA, "models": models})
+        return JSONResponse({"schema": PS_SCHEMA, "models": models, "devices": device_entries(state, status)})
 
     async def command(action: Literal["load", "unload"], name: str, force: bool = False) -> JSONResponse:
         if name not in state.tokenizers:
