@@ -125,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
         url = f"http://{shown}:{sock.getsockname()[1]}"  # the port the OS picked, for --port 0
         console.print(f"serving {', '.join(tokenizers)} at [bold]{url}[/] (models load in the background)")
         console.print(curl_line(url, config.models[0].name, args.api_key), soft_wrap=True, markup=False)
+        console.print(f"dashboard: {url}/dashboard", soft_wrap=True, markup=False)
         server = _Server(
             uvicorn.Config(
                 app,

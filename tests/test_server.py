@@ -522,6 +522,7 @@ def test_default_config_answers_paris_and_sigterm_stops_everything(tmp_path: Pat
         srv.wait_loaded("gemma3-270m")
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=30)
         assert [m.id for m in c.models.list().data] == ["smollm2-135m", "gemma3-270m"]
+        assert f"dashboard: {srv.url}/dashboard" in srv.log.read_text()
         r = c.chat.completions.create(model="smollm2-135m", messages=PARIS, max_tokens=16, temperature=0)  # type: ignore[arg-type]
         assert "Paris" in (r.choices[0].message.content or "")
         # the base model needs one example sentence to answer with the city (see test_gemma3.py)
