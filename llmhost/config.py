@@ -59,6 +59,7 @@ class ModelConfig:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # -1: never park or unload
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     cuda_graphs: bool = True
+    prefix_caching: bool = True  # reuse the K/V of prompt beginnings seen before (not for sliding-window models)
 
     @property
     def kv_dtype_resolved(self) -> DType:
@@ -140,6 +141,7 @@ _MODEL_KEYS = {
     "keep_alive",
     "prefill_chunk",
     "cuda_graphs",
+    "prefix_caching",
 }
 
 
@@ -189,6 +191,7 @@ def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> Mod
         keep_alive_s=_get(parse_duration, t, "keep_alive", where, table, DEFAULT_KEEP_ALIVE_S),
         prefill_chunk=_get(_positive_int, t, "prefill_chunk", where, table, DEFAULT_PREFILL_CHUNK),
         cuda_graphs=_get(_bool, t, "cuda_graphs", where, table, True),
+        prefix_caching=_get(_bool, t, "prefix_caching", where, table, True),
     )
 
 

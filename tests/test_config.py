@@ -184,6 +184,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert m.keep_alive_s == DEFAULT_KEEP_ALIVE_S
     assert m.prefill_chunk == DEFAULT_PREFILL_CHUNK
     assert m.cuda_graphs is True
+    assert m.prefix_caching is True
     assert cfg.model("smol") is m
     with pytest.raises(KeyError):
         cfg.model("other")
@@ -211,6 +212,7 @@ weight = 2.5
 keep_alive = "10m"
 prefill_chunk = 1024
 cuda_graphs = false
+prefix_caching = false
 
 [models.small]
 path = "small"
@@ -235,6 +237,7 @@ gpus = 2
         keep_alive_s=600.0,
         prefill_chunk=1024,
         cuda_graphs=False,
+        prefix_caching=False,
     )
     assert big.kv_dtype_resolved == "float32"
     assert small.path == tmp_path / "small"

@@ -274,7 +274,9 @@ def test_preemption_gives_the_same_tokens(tiny_models: TinyModels) -> None:  # n
 
 def test_preempted_sequence_recomputes_prompt_and_output(tiny_models: TinyModels) -> None:  # noqa: F811
     _, path = tiny_models("mistral")
-    engine = load(path, max_seq_len=64, kv_tokens=65, prefill_chunk=8)
+    # Without the prefix cache: with it, a preempted sequence resumes after its blocks still cached
+    # (test_prefix_cache.py).
+    engine = load(path, max_seq_len=64, kv_tokens=65, prefill_chunk=8, prefix_caching=False)
     prompts = [random_prompt(12, seed=7 + i) for i in range(4)]
     run = drive(engine, prompts, [greedy(45)] * 4)
     assert run.preempted > 0

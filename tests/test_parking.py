@@ -44,6 +44,22 @@ def test_park_unpark_round_trip_generates_the_same(tiny_models: TinyModels) -> N
     assert all(not t.any() for t in engine.model.tensors())
 
 
+def test_parking_forgets_the_prefix_cache(tiny_models: TinyModels) -> None:  # noqa: F811
+    """The KV pools come back empty, so blocks cached before the park must not be found again (the K/V there is
+    overwritten with NaN here to make stale reuse show)."""
+    _, path = tiny_models("llama")
+    cfg = ModelConfig("tiny", path, dtype="float32", max_seq_len=64, max_batch=2, cuda_graphs=False)
+    engine = Engine.load(cfg, "cpu")
+    long = [list(range(1, 41)), list(range(2, 42))]
+    before = [c.output_ids for c in engine.generate(long, GREEDY)]
+    assert engine.blocks.cache is not None and engine.blocks.cache.cached_count > 0
+    kv = parking.kv_pool_bytes(engine)
+    parking.unpark(engine, parking.park(engine, None), kv)
+    assert engine.blocks.cache.cached_count == 0 and engine.blocks.free_count == engine.blocks.num_blocks
+    engine.cache.full_storage.fill_(float("nan"))
+    assert [c.output_ids for c in engine.generate(long, GREEDY)] == before
+
+
 def test_parking_refuses_a_model_with_sequences_in_flight(tiny_models: TinyModels) -> None:  # noqa: F811
     _, path = tiny_models("llama")
     cfg = ModelConfig("tiny", path, dtype="float32", max_seq_len=64, max_batch=2, cuda_graphs=False)

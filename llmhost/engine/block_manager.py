@@ -6,11 +6,13 @@ logical blocks [window_start, window_start + len(window_table)), and blocks whol
 token are released as it advances, so a sequence far longer than the window holds only the window's blocks there.
 
 Invariant, per pool: a block is either free or in exactly one sequence's table of that pool;
-`free_count + sum(len(tables)) == num_blocks`.
+`free_count + sum(len(tables)) == num_blocks`. With a prefix cache (full pool only, prefix_cache.py) a cached block
+may be in several tables, or in none and still counted free (evictable) until it is handed out again.
 """
 
 from __future__ import annotations
 
+from llmhost.engine.prefix_cache import PrefixCache
 from llmhost.engine.sequence import Sequence
 
 
@@ -117,22 +119,50 @@ class WindowBlockManager:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, window: WindowBlockManager | None = None) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, window: WindowBlockManager | None = None, prefix_cache: bool = False
+    ) -> None:
+        """prefix_cache: keep full blocks for requests that begin with the same tokens (not with a window pool:
+        its blocks behind the window are gone)."""
         if window is not None and window.block_size != block_size:
             raise ValueError("the full and the window pool must use the same block size")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.window = window
         self.pool = FreeBlocks(num_blocks)
+        self.cache = PrefixCache(block_size) if prefix_cache and window is None else None
 
     @property
     def free_count(self) -> int:
-        """Free blocks of the full pool (the window pool reports its own)."""
-        return self.pool.free_count
+        """Free blocks of the full pool, cached ones no table holds included (the window pool reports its own)."""
+        return self.pool.free_count + (self.cache.evictable_count if self.cache else 0)
 
     @property
     def used_count(self) -> int:
-        return self.pool.used_count
+        return self.num_blocks - self.free_count
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """A sequence about to start (no blocks, nothing computed): take the cached blocks that begin its tokens
+        and count them computed. Always leaves its last known token to compute (its logits are sampled), and
+        skips requests that ask for prompt logprobs (the skipped tokens would have none)."""
+        if self.cache is None or seq.block_table or seq.num_computed or seq.params.prompt_logprobs is not None:
+            return
+        known = len(seq.prompt_ids) + len(seq.output_ids)
+        seq.block_table = self.cache.match(seq, (known - 1) // self.block_size)
+        seq.num_computed = len(seq.block_table) * self.block_size
+
+    def forget_cached(self) -> None:
+        """The KV pools' contents are gone (the engine was parked): no cached block may be found again. Only
+        blocks no table holds can be cached then: parking needs an engine without sequences."""
+        if self.cache is not None:
+            self.pool.give(self.cache.evict(self.cache.evictable_count))
+            if self.cache.cached_count:
+                raise RuntimeError(f"{self.cache.cached_count} cached KV blocks are still held by sequences")
+
+    def register(self, seq: Sequence, upto: int) -> None:
+        """seq's positions below `upto` are computed and their step collected: cache its full blocks there."""
+        if self.cache is not None:
+            self.cache.register(seq, min(upto, len(seq.prompt_ids) + len(seq.output_ids)))
 
     def extra_blocks(self, seq: Sequence, tokens: int) -> int:
         """Full-pool blocks `seq` must add so that its table covers `tokens` positions."""
@@ -140,7 +170,7 @@ class BlockManager:
 
     def can_cover(self, seq: Sequence, tokens: int) -> bool:
         """Whether both pools can hold `seq`'s next chunk, from its first uncomputed token to `tokens`."""
-        if self.extra_blocks(seq, tokens) > self.pool.free_count:
+        if self.extra_blocks(seq, tokens) > self.free_count:
             return False
         return self.window is None or self.window.can_cover(seq, seq.num_computed, tokens)
 
@@ -156,10 +186,12 @@ class BlockManager:
         """Grow `seq`'s tables to cover `tokens` positions (trimming its window table to what the chunk from
         seq.num_computed reads). Call can_cover first: running out is a bug here."""
         need = self.extra_blocks(seq, tokens)
-        if need > self.pool.free_count:  # before the window pool changes anything
-            raise RuntimeError(f"KV pool exhausted: need {need} blocks, {self.pool.free_count} free")
+        if need > self.free_count:  # before the window pool changes anything
+            raise RuntimeError(f"KV pool exhausted: need {need} blocks, {self.free_count} free")
         if self.window is not None:
             self.window.cover(seq, seq.num_computed, tokens)
+        if self.cache is not None and need > self.pool.free_count:
+            self.pool.give(self.cache.evict(need - self.pool.free_count))
         self.pool.take(need, seq.block_table, "KV pool")
 
     def advanced(self, seq: Sequence) -> None:
@@ -169,7 +201,8 @@ class BlockManager:
 
     def release(self, seq: Sequence) -> None:
         """Return all of `seq`'s blocks in both pools; safe to call twice."""
-        self.pool.give(seq.block_table)
+        self.pool.give(self.cache.release(seq.block_table) if self.cache is not None else seq.block_table)
+        seq.blocks_named = 0
         seq.block_table = []
         if self.window is not None:
             self.window.release(seq)

@@ -36,7 +36,7 @@ from llmhost.engine.prompt_scores import PendingScores, PromptLogprob, scored_ro
 from llmhost.engine.sampler import PendingSample, launch_sample, make_generator
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.scheduler import Chunk, Scheduler, StepPlan
-from llmhost.engine.sequence import PENDING_TOKEN, FinishReason
+from llmhost.engine.sequence import PENDING_TOKEN, FinishReason, SeqStatus
 from llmhost.engine.sequence import Sequence as Seq
 from llmhost.engine.slices import Slices, drain, each_in
 from llmhost.engine.step_inputs import DeviceStep, StepInputs, to_device
@@ -165,7 +165,7 @@ class Engine:
                     f"than the {need} one sequence's window of {cache.window} tokens needs; raise kv_tokens"
                 )
             window = WindowBlockManager(cache.window_blocks, cache.block_size, cache.window)
-        self.blocks = BlockManager(managed, cache.block_size, window)
+        self.blocks = BlockManager(managed, cache.block_size, window, prefix_cache=config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batch, step_tokens(config))
         self.seqs: dict[str, Seq] = {}
         self._ids = itertools.count()
@@ -453,6 +453,14 @@ class Engine:
         if launched.sample is None:
             return []
         result = launched.sample.result()  # the one wait for the device
+        for c in plan.chunks:
+            # After that wait the step's K/V (and its sequences' earlier chunks', queued before it) are on the
+            # device for any step launched later, on any stream: their full blocks may be shared. A step without
+            # sampled rows is not waited for; its blocks are named when the sequence's sampling chunk is
+            # collected. A sequence preempted since holds other blocks now (it is re-admitted two schedules
+            # later at the earliest, after this collect).
+            if (seq := self.seqs.get(c.seq_id)) is not None and seq.status is SeqStatus.RUNNING:
+                self.blocks.register(seq, c.end)
         outputs = []
         for k, seq in enumerate(launched.seqs):
             if seq.pending:

@@ -103,8 +103,12 @@ class Scheduler:
         # Admitting new work in a step that had to preempt would only thrash the pool.
         while self.waiting and not preempted and len(self.running) < self.max_batch and budget > 0:
             seq = self.waiting[0]
+            self.blocks.match_prefix(seq)
             n = self._fit(seq, min(seq.num_tokens - seq.num_computed, budget), 0)
             if not self.blocks.can_cover(seq, seq.num_computed + n):
+                # Waiting, it holds nothing: cached blocks it matched stay free for the running sequences.
+                self.blocks.release(seq)
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING

@@ -44,6 +44,8 @@ class Sequence:
     num_preemptions: int = 0
     # prompt position -> its token's logprob and top tokens, for a request with params.prompt_logprobs
     prompt_scores: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
+    block_hashes: list[bytes] = field(default_factory=list)  # names of its first full blocks (prefix_cache.py)
+    blocks_named: int = 0  # blocks of its table the prefix cache has looked at
 
     @property
     def num_tokens(self) -> int:

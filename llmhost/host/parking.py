@@ -108,6 +108,7 @@ def park(engine: Engine, copy: HostCopy | None) -> HostCopy:
         st.resize_(0)
     for st in _scratch_storages(engine):
         st.resize_(0)
+    engine.blocks.forget_cached()  # the KV they held is gone
     _collect(engine)
     return copy
 
