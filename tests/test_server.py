@@ -415,6 +415,8 @@ def test_non_streaming_client_that_hangs_up_is_aborted(server: Server) -> None:
 
 
 def test_metrics(server: Server) -> None:
+    for _ in range(2):  # the second finds the first's prompt in the prefix cache
+        _client(server).chat.completions.create(model=MODEL, messages=PARIS, max_tokens=2)  # type: ignore[arg-type]
     text = httpx.get(f"{server.url}/metrics").text
     label = f'{{model="{MODEL}"}}'
     for name in (
@@ -435,6 +437,10 @@ def test_metrics(server: Server) -> None:
     assert 'llmhost:device_memory_bytes{device="cpu",kind="kv"}' in text
     generated = [ln for ln in text.splitlines() if ln.startswith(f"llmhost:generation_tokens_total{label}")]
     assert float(generated[0].split()[-1]) > 0
+    # the chat template's prompt is about 30 tokens: its first 16-token block at least was found
+    hits = [ln for ln in text.splitlines() if ln.startswith(f"llmhost:gpu_prefix_cache_hits{label}")]
+    queries = [ln for ln in text.splitlines() if ln.startswith(f"llmhost:gpu_prefix_cache_queries{label}")]
+    assert 0 < float(hits[0].split()[-1]) <= float(queries[0].split()[-1])
 
 
 def test_ps_command(server: Server, capsys: pytest.CaptureFixture[str]) -> None:

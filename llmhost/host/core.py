@@ -522,6 +522,8 @@ class HostCore:
             gpu_seconds=seconds,
             swaps_in=slot.swaps_in,
             last_swap_s=slot.last_swap_s,
+            prefix_queried_tokens=cache.queried_tokens if (cache := eng and eng.blocks.cache) else 0,
+            prefix_hit_tokens=cache.hit_tokens if cache else 0,
         )
 
     # -- the loop's work ----------------------------------------------------------------------------------------

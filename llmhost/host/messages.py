@@ -99,6 +99,8 @@ class ModelStatus:
     swaps_in: int = 0  # times it came back from pinned RAM
     last_swap_s: float | None = None  # seconds the last swap-in took
     unloading: bool = False  # an admin unload waits for the requests in the model to finish
+    prefix_queried_tokens: int = 0  # prompt tokens the prefix cache looked up since the engine was built
+    prefix_hit_tokens: int = 0  # of those, found cached (their K/V not computed again)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,11 @@ seconds the state began), "keep_alive_s", "expires_at" (epoch seconds after whic
 while in use or when keep_alive is -1), "in_flight" (sequences the API has sent), "running", "waiting",
 "kv_blocks_used", "kv_blocks_total", "max_seq_len", "error", "unloading", "gpu_share" (fraction of its device's
 measured GPU time since it became resident), "host_copy_bytes" (pinned RAM holding its weights), "swaps_in",
-"last_swap_s"}`; and one entry per device under "devices": `{"device", "label", "name", "total", "models" (names of
-the models placed there), "reconciliation" (the ledger against the driver after the latest load or swap-in there:
-`{"after", "action", "at", "placed", "runtime", "external", "driver_used", "relative_error"}`, or null)}`.
+"last_swap_s", "prefix_queried_tokens", "prefix_hit_tokens" (prompt tokens the prefix cache looked up and found,
+since the engine was built)}`; and one entry per device under "devices": `{"device", "label", "name", "total",
+"models" (names of the models placed there), "reconciliation" (the ledger against the driver after the latest load
+or swap-in there: `{"after", "action", "at", "placed", "runtime", "external", "driver_used", "relative_error"}`, or
+null)}`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def ps_entry(state: ServerState, name: str, st: ModelStatus | None) -> dict[str,
         "host_copy_bytes": st.host_copy_bytes if st else 0,
         "swaps_in": st.swaps_in if st else 0,
         "last_swap_s": st.last_swap_s if st else None,
+        "prefix_queried_tokens": st.prefix_queried_tokens if st else 0,
+        "prefix_hit_tokens": st.prefix_hit_tokens if st else 0,
     }
 
 

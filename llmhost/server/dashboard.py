@@ -94,7 +94,7 @@ function showDevices(devices) {
 
 function showModels(models) {
   const columns = ["model", "state", "device", "weights", "kv", "other", "running", "waiting", "kv blocks",
-                   "gpu share", "swaps in", "idle until", ""];
+                   "gpu share", "prefix hits", "swaps in", "idle until", ""];
   table("models", columns, models.map(m => row => {
     const mem = m.memory || {};
     cell(row, m.name);
@@ -107,6 +107,8 @@ function showModels(models) {
     cell(row, m.waiting);
     cell(row, m.kv_blocks_total ? m.kv_blocks_used + " / " + m.kv_blocks_total : "");
     cell(row, (100 * m.gpu_share).toFixed(1) + " %");
+    const q = m.prefix_queried_tokens;
+    cell(row, q ? (100 * m.prefix_hit_tokens / q).toFixed(0) + " % of " + q : "");
     cell(row, m.swaps_in + (m.last_swap_s != null ? " (" + m.last_swap_s.toFixed(2) + " s)" : ""));
     cell(row, m.keep_alive_s < 0 ? "pinned" : (m.expires_at ? new Date(m.expires_at * 1000).toLocaleTimeString() : ""));
     const actions = cell(row, "");
@@ -123,7 +125,7 @@ function showModels(models) {
 function errorRow(row, text) {
   // Right under the model's row (rows are built in order): why its last load failed.
   const td = cell(row.parentNode.insertRow(), text, "error");
-  td.colSpan = 13;
+  td.colSpan = 14;
 }
 
 async function admin(name, action) {

@@ -103,6 +103,13 @@ class Metrics:
         self.device_memory = Gauge(
             "llmhost:device_memory_bytes", "Bytes of a device by kind (models summed)", ["device", "kind"], registry=r
         )
+        # vLLM's names; gauges here, as the host's figures start again when a model's engine is built again
+        self.prefix_queries = Gauge(
+            "llmhost:gpu_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", ["model"], registry=r
+        )
+        self.prefix_hits = Gauge(
+            "llmhost:gpu_prefix_cache_hits", "Prompt tokens found in the prefix cache", ["model"], registry=r
+        )
         self._series: dict[str, _ModelSeries] = {}
         for name in models:
             # Touch every labelled series so a scrape shows each model before its first request.
@@ -113,7 +120,7 @@ class Metrics:
                 self.itl.labels(name),
                 self.e2e.labels(name),
             )
-            for g in (self.running, self.waiting, self.kv_usage):
+            for g in (self.running, self.waiting, self.kv_usage, self.prefix_queries, self.prefix_hits):
                 g.labels(name).set(0)
 
     def received(self, model: str, prompt_tokens: int) -> None:
@@ -135,6 +142,8 @@ class Metrics:
             self.running.labels(st.name).set(st.running)
             self.waiting.labels(st.name).set(st.waiting)
             self.kv_usage.labels(st.name).set(st.kv_blocks_used / st.kv_blocks_total if st.kv_blocks_total else 0.0)
+            self.prefix_queries.labels(st.name).set(st.prefix_queried_tokens)
+            self.prefix_hits.labels(st.name).set(st.prefix_hit_tokens)
             for kind, n in st.memory.items():
                 self.model_memory.labels(st.name, st.device, kind).set(n)
                 if st.device in by_device:
