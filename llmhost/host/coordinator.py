@@ -19,9 +19,10 @@ from __future__ import annotations
 import enum
 import logging
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from llmhost.config import ModelConfig
 from llmhost.errors import LlmhostError
@@ -205,24 +206,20 @@ class Coordinator:
         self.ledger.place(slot.name, need)  # the reservation: nothing else can claim this memory meanwhile
         slot.state, slot.since, slot.error = "loading", time.time(), ""
         t0 = time.perf_counter()
+        failure: Exception | None = None
         try:
             if swap:
                 self.runtime.unpark(slot)
             else:
                 self.runtime.load(slot)
         except Exception as e:  # an OOM or a corrupt file: roll back and keep every other model serving
-            seconds = time.perf_counter() - t0
-            log.error("%s %s failed: %s", "swapping in" if swap else "loading", slot.name, e)
-            self.runtime.release(slot)
-            if slot.parked is not None:
-                self.runtime.drop_parked(slot)
-            self.ledger.parked.pop(slot.name, None)
-            for d in self.ledger.devices:
-                d.entries = before[d.index]
-            self._reconcile(slot.plan.devices)
-            slot.state, slot.error, slot.since = "failed", str(e), time.time()
-            self.events.append(Event(time.time(), slot.name, "failed", seconds, str(e)))
-            raise LoadFailed(f"model '{slot.name}' could not be {'swapped in' if swap else 'loaded'}: {e}") from e
+            failure = e
+        if failure is not None:
+            # Outside the except clause, with the traceback's frames cleared: their locals (a half-built model,
+            # its KV pools) would otherwise stay alive through the rollback, and the reconciliation below would
+            # count them as drift (tests/test_host_stress.py found it).
+            traceback.clear_frames(failure.__traceback__)
+            self._roll_back(slot, swap, before, failure, time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
         measured = self.runtime.measure(slot)
         # The ledger holds the measured workspace where the runtime measured one (it ran the largest step at the
@@ -245,6 +242,24 @@ class Coordinator:
         self.events.append(Event(time.time(), slot.name, "unpark" if swap else "load", seconds))
         self.on_loaded(slot, measured)
         return Residency.READY
+
+    def _roll_back(
+        self, slot: Slot, swap: bool, before: dict[int, dict[str, dict[str, int]]], e: Exception, seconds: float
+    ) -> NoReturn:
+        """Undo a failed load or swap-in: the engine released, the host copy of a failed swap-in dropped, the
+        ledger as it was before, reconciled with the driver; raises LoadFailed."""
+        # str(e), not e: a log handler keeping records would keep the exception, and through it the model.
+        log.error("%s %s failed: %s", "swapping in" if swap else "loading", slot.name, str(e))
+        self.runtime.release(slot)
+        if slot.parked is not None:
+            self.runtime.drop_parked(slot)
+        self.ledger.parked.pop(slot.name, None)
+        for d in self.ledger.devices:
+            d.entries = before[d.index]
+        self._reconcile(slot.plan.devices)
+        slot.state, slot.error, slot.since = "failed", str(e), time.time()
+        self.events.append(Event(time.time(), slot.name, "failed", seconds, str(e)))
+        raise LoadFailed(f"model '{slot.name}' could not be {'swapped in' if swap else 'loaded'}: {e}") from e
 
     def evict(self, name: str, why: str = "") -> None:
         """Free a resident model's device memory: park it when parking helps and the budget allows, else unload."""
