@@ -98,6 +98,22 @@ def test_a_shared_block_is_freed_only_when_its_last_holder_lets_go() -> None:
     assert bm.used_count == 0 and bm.free_count == 8
 
 
+def test_a_request_that_cannot_start_gives_back_what_it_matched_uncounted() -> None:
+    bm = BlockManager(8, BS, prefix_cache=True)
+    a = seq(list(range(12)))
+    compute(bm, a)
+    bm.release(a)
+    assert bm.cache is not None
+    counted = (bm.cache.queried_tokens, bm.cache.hit_tokens)
+    b = seq(list(range(12)) + [5] * 20, "b")
+    for _ in range(3):  # as the scheduler does while b waits for room, step after step
+        bm.match_prefix(b)
+        assert b.num_computed == 12 and bm.free_count == 5
+        bm.unmatch_prefix(b)
+        assert b.block_table == [] and b.num_computed == 0 and bm.free_count == 8
+    assert (bm.cache.queried_tokens, bm.cache.hit_tokens) == counted
+
+
 def test_block_names_are_a_sha256_chain_of_positions_and_tokens() -> None:
     bm = BlockManager(8, BS, prefix_cache=True)
     assert bm.cache is not None

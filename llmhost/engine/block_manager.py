@@ -131,6 +131,7 @@ class BlockManager:
         self.window = window
         self.pool = FreeBlocks(num_blocks)
         self.cache = PrefixCache(block_size) if prefix_cache and window is None else None
+        self._matched: tuple[str, int] | None = None  # the last match_prefix: (sequence id, blocks looked up)
 
     @property
     def free_count(self) -> int:
@@ -148,8 +149,21 @@ class BlockManager:
         if self.cache is None or seq.block_table or seq.num_computed or seq.params.prompt_logprobs is not None:
             return
         known = len(seq.prompt_ids) + len(seq.output_ids)
-        seq.block_table = self.cache.match(seq, (known - 1) // self.block_size)
+        self._matched = (seq.id, (known - 1) // self.block_size)
+        seq.block_table = self.cache.match(seq, self._matched[1])
         seq.num_computed = len(seq.block_table) * self.block_size
+
+    def unmatch_prefix(self, seq: Sequence) -> None:
+        """seq could not start after match_prefix (its chunk does not fit): let its matched blocks go, so they stay
+        free for the running sequences, and count the lookup as never made (it is made again next step)."""
+        if self.cache is not None and self._matched is not None and self._matched[0] == seq.id:
+            self.pool.give(self.cache.unmatch(seq, self._matched[1]))
+        else:
+            self.release(seq)
+        self._matched = None
+        seq.block_table = []
+        seq.blocks_named = 0
+        seq.num_computed = 0
 
     def forget_cached(self) -> None:
         """The KV pools' contents are gone (the engine was parked): no cached block may be found again. Only

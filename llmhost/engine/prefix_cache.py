@@ -69,6 +69,13 @@ class PrefixCache:
         seq.blocks_named = len(found)
         return found
 
+    def unmatch(self, seq: Sequence, most: int) -> list[int]:
+        """Undo match(seq, most) (the request could not start after all): its blocks let go, the lookup not
+        counted; returns the uncached blocks of its table, for the free list (none: it held only matched ones)."""
+        self.queried_tokens -= most * self.block_size
+        self.hit_tokens -= len(seq.block_table) * self.block_size
+        return self.release(seq.block_table)
+
     def register(self, seq: Sequence, upto: int) -> None:
         """Name seq's full blocks below position `upto` (computed, collected, tokens known). A block whose name
         another block already has stays seq's own: the cache keeps the first. Each block is looked at once

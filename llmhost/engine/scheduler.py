@@ -107,8 +107,7 @@ class Scheduler:
             n = self._fit(seq, min(seq.num_tokens - seq.num_computed, budget), 0)
             if not self.blocks.can_cover(seq, seq.num_computed + n):
                 # Waiting, it holds nothing: cached blocks it matched stay free for the running sequences.
-                self.blocks.release(seq)
-                seq.num_computed = 0
+                self.blocks.unmatch_prefix(seq)
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
