@@ -330,6 +330,9 @@ def test_api_key_is_required(server: Server) -> None:
     r = httpx.get(f"{server.url}/v1/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{server.url}/admin/ps").status_code == 401
+    assert httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "hi"}).status_code == 401
+    counted = httpx.post(f"{server.url}/tokenize", headers=server.headers, json={"model": MODEL, "prompt": "hi"})
+    assert counted.status_code == 200 and counted.json()["count"] >= 1
     bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()

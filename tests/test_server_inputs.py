@@ -465,3 +465,41 @@ def test_chat_template_kwargs_are_checked_and_reach_the_template(served: tuple[T
     assert err["param"] == "chat_template_kwargs" and "may not set messages" in err["message"]
     bad = '{"model":"m","messages":[{"role":"user","content":"x"}],"chat_template_kwargs":{"a":"\\ud800"}}'
     assert _error(_raw(client, "/v1/chat/completions", bad), 400)["param"] == "chat_template_kwargs.a"
+
+
+# -- /tokenize and /detokenize -------------------------------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize_round_trip(served: tuple[TestClient, FakeHost], tokenizer: Tokenizer) -> None:
+    client, host = served
+    r = client.post("/tokenize", json={"model": "m", "prompt": "The capital of France is"})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["tokens"] == tokenizer.encode("The capital of France is") and doc["count"] == len(doc["tokens"])
+    assert doc["max_model_len"] == 512
+    chat = client.post("/tokenize", json={"model": "m", "messages": PARIS}).json()
+    assert chat["tokens"] == tokenizer.encode_chat(PARIS)
+    back = client.post("/detokenize", json={"model": "m", "tokens": doc["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": "The capital of France is"}
+    assert host.submitted == [], "nothing reached the host"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/tokenize", {"model": "nope", "prompt": "a"}, 404, "model"),
+        ("/tokenize", {"model": "m"}, 400, "prompt"),
+        ("/tokenize", {"model": "m", "prompt": "a", "messages": PARIS}, 400, "prompt"),
+        ("/tokenize", {"model": "m", "messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+        ("/tokenize", {"model": "m", "messages": PARIS, "continue_final_message": True}, 400, "continue_final_message"),
+        ("/detokenize", {"model": "m", "tokens": [1, 10**7]}, 400, "tokens"),
+        ("/detokenize", {"model": "m", "tokens": [-1]}, 400, "tokens"),
+        ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
+    ],
+)
+def test_tokenize_errors_name_the_field(
+    served: tuple[TestClient, FakeHost], path: str, body: dict[str, Any], status: int, param: str
+) -> None:
+    client, _ = served
+    err = _error(client.post(path, json=body), status)
+    assert err["param"] == param, err

@@ -21,7 +21,7 @@ from llmhost.engine.sampling_params import SamplingParams
 from llmhost.engine.tokenizer import Tokenizer
 from llmhost.errors import RequestError
 from llmhost.host.client import HostClient, HostRequestError, HostUnavailableError
-from llmhost.server import admin, dashboard, errors
+from llmhost.server import admin, dashboard, errors, tokens
 from llmhost.server.body_limit import BodyLimit, body_limit
 from llmhost.server.errors import ApiError, from_request_error
 from llmhost.server.generation import Lease, ModelGate, Piece, choice_jobs, merge, run_choice
@@ -121,6 +121,7 @@ def create_app(
     app.include_router(v1)
     app.include_router(admin.router(state, require_key))
     app.include_router(dashboard.router())
+    app.include_router(tokens.router(state, require_key))
 
     @app.get("/health")
     async def health() -> JSONResponse:
