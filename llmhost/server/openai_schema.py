@@ -62,15 +62,15 @@ def check_text(value: Any, where: str) -> None:
             check_text(item, f"{where}.{key}")
 
 
-class _Lenient(BaseModel):
+class Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(Lenient):
     include_usage: bool = False
 
 
-class ContentPart(_Lenient):
+class ContentPart(Lenient):
     type: str
     text: str | None = None
 
@@ -78,7 +78,7 @@ class ContentPart(_Lenient):
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(Lenient):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -125,7 +125,7 @@ class ChatMessage(_Lenient):
         return d
 
 
-class _GenerationRequest(_Lenient):
+class _GenerationRequest(Lenient):
     """Fields shared by chat and completions. Ranges that SamplingParams checks (temperature, top_p, penalties)
     are checked there, once, so the messages match the engine's."""
 

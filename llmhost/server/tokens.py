@@ -20,11 +20,11 @@ from pydantic import Field, model_validator
 from llmhost.engine.tokenizer import Tokenizer, check_prompt_switches
 from llmhost.errors import RequestError
 from llmhost.server.errors import from_request_error, model_not_found
-from llmhost.server.openai_schema import ChatMessage, Int, _Lenient, check_text
+from llmhost.server.openai_schema import ChatMessage, Int, Lenient, check_text
 from llmhost.server.state import ServerState
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(Lenient):
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -55,7 +55,7 @@ class TokenizeRequest(_Lenient):
         )
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(Lenient):
     model: str
     tokens: list[Int] = Field(min_length=0)
 
