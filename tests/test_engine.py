@@ -505,6 +505,52 @@ def test_abort_while_its_step_runs(tiny_models: TinyModels) -> None:  # noqa: F8
     assert_all_free(engine)
 
 
+def test_a_launch_that_never_finished_gives_its_held_blocks_back(tiny_models: TinyModels) -> None:  # noqa: F811
+    """The host fails an engine whose launch raised midway: that step is never collected, so forget_failed_launches
+    returns the blocks it held back (else the pool would shrink for good)."""
+    _, path = tiny_models("qwen3")
+    engine = load(path)
+    a = engine.add_request(random_prompt(30, 1), greedy(4))
+    plan = engine.schedule()
+    slices = engine.launch_slices(plan)
+    next(slices)  # the first layers are queued, then the launch "raises"
+    assert engine.abort(a)
+    assert engine.blocks.free_count < engine.blocks.num_blocks
+    engine.forget_failed_launches()
+    assert_all_free(engine)
+
+
+def test_blocks_of_a_request_ended_during_its_step_wait_for_the_step(tiny_models: TinyModels) -> None:  # noqa: F811
+    """On a GPU the step still writes the ended request's K/V: its blocks are held back until the step is
+    collected, so that a step launched meanwhile (the host's prompt step on another stream) is not given them."""
+    _, path = tiny_models("qwen3")
+    engine = load(path)
+    a = engine.add_request(random_prompt(20, 1), greedy(10))
+    b = engine.add_request(random_prompt(8, 2), greedy(10))
+    first = engine.schedule()  # both prompts, whole
+    engine.execute(first)
+    engine.collect(first)
+    plan = engine.schedule()  # a decode step of a and b
+    engine.execute(plan)
+    free = engine.blocks.free_count
+    seq_a = engine.seqs[a]
+    a_blocks = list(seq_a.block_table)
+    assert engine.abort(a)
+    assert engine.blocks.free_count == free and seq_a.held_blocks == a_blocks
+    c = engine.add_request(random_prompt(40, 3), greedy(2))
+    beside = engine.schedule(decodes=False)  # a prompt-only step beside the one in flight, as the host runs them
+    assert [ch.seq_id for ch in beside.chunks] == [c]
+    assert not set(engine.seqs[c].block_table) & set(a_blocks)
+    outs = engine.collect(plan)
+    assert [o.seq_id for o in outs] == [b]
+    assert seq_a.held_blocks == [] and engine.blocks.free_count == free + len(a_blocks) - 3  # c took three
+    engine.execute(beside)
+    engine.collect(beside)
+    while engine.has_work:
+        engine.step()
+    assert_all_free(engine)
+
+
 def test_abort_queued_request(tiny_models: TinyModels) -> None:  # noqa: F811
     _, path = tiny_models("qwen3")
     engine = load(path)

@@ -214,9 +214,26 @@ class BlockManager:
             self.window.trim(seq, seq.num_computed)
 
     def release(self, seq: Sequence) -> None:
-        """Return all of `seq`'s blocks in both pools; safe to call twice."""
-        self.pool.give(self.cache.release(seq.block_table) if self.cache is not None else seq.block_table)
+        """Return all of `seq`'s blocks in both pools; safe to call twice. While a step with a chunk of it is in
+        flight (seq.inflight) they are held back instead: that step still writes K/V into them, and a step on
+        another stream given them now (a prompt step beside the decode steps) could have its K/V overwritten.
+        The engine returns them with release_held when the last such step is collected."""
+        if seq.inflight:
+            seq.held_blocks += seq.block_table
+            if self.window is not None:
+                seq.held_window_blocks += seq.window_table
+                seq.window_table, seq.window_start = [], 0
+        else:
+            self.pool.give(self.cache.release(seq.block_table) if self.cache is not None else seq.block_table)
+            if self.window is not None:
+                self.window.release(seq)
         seq.blocks_named = 0
         seq.block_table = []
+
+    def release_held(self, seq: Sequence) -> None:
+        """The steps that held seq's released blocks back are collected: return them."""
+        held, seq.held_blocks = seq.held_blocks, []
+        self.pool.give(self.cache.release(held) if self.cache is not None else held)
         if self.window is not None:
-            self.window.release(seq)
+            self.window.pool.give(seq.held_window_blocks)
+        seq.held_window_blocks = []

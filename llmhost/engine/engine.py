@@ -170,6 +170,8 @@ class Engine:
         self.seqs: dict[str, Seq] = {}
         self._ids = itertools.count()
         self._inflight: dict[int, _Launched] = {}  # id(plan) -> what collect needs
+        # id(plan) -> the sequences with a chunk in it, counted in their `inflight` from its first kernel on
+        self._writers: dict[int, list[Seq]] = {}
         self._feed_rows: dict[str, int] = {}  # seq id -> row of the runner's `sampled` holding its pending token
         self._ahead: StepPlan | None = None  # launched by step() before the previous step was read
         self.runner: DecodeRunner | None = None
@@ -327,6 +329,10 @@ class Engine:
         rows are the runner's static buffers: run its slices to the end before the model's next step)."""
         if plan.empty:
             return
+        writers = [seq for c in plan.chunks if (seq := self.seqs.get(c.seq_id)) is not None]
+        for seq in writers:
+            seq.inflight += 1
+        self._writers[id(plan)] = writers
 
         def on_stream() -> contextlib.AbstractContextManager[object]:
             stack = contextlib.ExitStack()
@@ -445,6 +451,9 @@ class Engine:
         launched = self._inflight.pop(id(plan))
         if not launched.advanced:
             self.scheduler.advance(plan)
+        # Collected means done on the device (the host collects a step once its event fired; step() runs one
+        # stream): blocks its sequences let go of meanwhile can be handed out now.
+        self._done_writing(self._writers.pop(id(plan), []))
         for pending in launched.scores:
             for seq_id, position, score in pending.result():
                 if (scored := self.seqs.get(seq_id)) is not None:
@@ -459,8 +468,8 @@ class Engine:
             # sampled rows is not waited for; its blocks are named when the sequence's sampling chunk is
             # collected. A sequence preempted since holds other blocks now (it is re-admitted two schedules
             # later at the earliest, after this collect).
-            if (seq := self.seqs.get(c.seq_id)) is not None and seq.status is SeqStatus.RUNNING:
-                self.blocks.register(seq, c.end)
+            if (alive := self.seqs.get(c.seq_id)) is not None and alive.status is SeqStatus.RUNNING:
+                self.blocks.register(alive, c.end)
         outputs = []
         for k, seq in enumerate(launched.seqs):
             if seq.pending:
@@ -482,6 +491,25 @@ class Engine:
                 TokenOutput(seq.id, token, result.logprobs[k], result.top_logprobs[k], reason, prompt_logprobs)
             )
         return outputs
+
+    def forget_failed_launches(self) -> None:
+        """After a launch raised (the host fails the engine's requests): steps whose launch never finished will
+        never be collected, so their sequences' held-back blocks are returned here, once the device has run
+        whatever of them was queued."""
+        failed = [pid for pid in self._writers if pid not in self._inflight]
+        if not failed:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for pid in failed:
+            self._done_writing(self._writers.pop(pid))
+
+    def _done_writing(self, writers: list[Seq]) -> None:
+        """A step with chunks of `writers` is done on the device: blocks they let go of meanwhile come back."""
+        for writer in writers:
+            writer.inflight -= 1
+            if not writer.inflight and (writer.held_blocks or writer.held_window_blocks):
+                self.blocks.release_held(writer)
 
     def can_run_ahead(self, plan: StepPlan) -> bool:
         """Whether the step after `plan` may launch before plan's tokens are read: the decode runner feeds them on

@@ -46,6 +46,11 @@ class Sequence:
     prompt_scores: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
     block_hashes: list[bytes] = field(default_factory=list)  # names of its first full blocks (prefix_cache.py)
     blocks_named: int = 0  # blocks of its table the prefix cache has looked at
+    # Steps launched with a chunk of it and not yet collected: they may still write its K/V, so blocks it lets go
+    # of meanwhile (it finished, was aborted or preempted) are held back until they are collected (block_manager.py)
+    inflight: int = 0
+    held_blocks: list[int] = field(default_factory=list)
+    held_window_blocks: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

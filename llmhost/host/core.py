@@ -227,7 +227,9 @@ class HostCore:
         return self.coordinator.slots
 
     def _busy(self, name: str) -> bool:
-        return self._in_engine(name) or bool(self.pending[name])
+        """Not to be evicted: requests in its engine or waiting for it, or a step of it still on the GPU (one whose
+        requests all ended meanwhile still writes into its memory until it is collected)."""
+        return self._has_requests(name) or bool(self.pending[name])
 
     def _in_engine(self, name: str) -> bool:
         """Whether `name` is resident with requests in its engine."""
@@ -939,6 +941,7 @@ class HostCore:
         for seq_id in list(eng.seqs):
             eng.abort(seq_id)
             self.conn.send(RequestFailed(seq_id, "internal", f"model '{name}' failed while generating"))
+        eng.forget_failed_launches()  # else the blocks its failed step held back would never come back
 
 
 def _ms(seconds: float | None) -> float | None:
