@@ -189,6 +189,17 @@ def test_seed_reproducibility_and_n(server: Server) -> None:
     assert [by_index[0], by_index[1]] == texts
 
 
+def test_include_stop_str_in_output(server: Server) -> None:
+    c = _client(server)
+    ask: dict[str, Any] = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 20, "temperature": 0}
+    full = c.completions.create(**ask).choices[0].text
+    assert " 7" in full, full
+    cut = c.completions.create(**ask, stop=[" 7"]).choices[0]
+    kept = c.completions.create(**ask, stop=[" 7"], extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert cut.finish_reason == kept.finish_reason == "stop"
+    assert kept.text == cut.text + " 7" and full.startswith(kept.text)
+
+
 def test_logprobs(server: Server) -> None:
     c = _client(server)
     r = c.chat.completions.create(

@@ -73,3 +73,27 @@ def test_stop_strings_count_from_min_tokens_on() -> None:
             if delta.finish_reason is not None:
                 break
         assert delta.finish_reason == "stop" and text == want, (min_tokens, text)
+
+
+def test_include_stop_keeps_the_stop_string_that_ended_the_text() -> None:
+    m = StopMatcher(("END", "EN"), include_stop=True)
+    out = m.feed("abc E") + m.feed("ND tail")
+    assert out == "abc END" and m.stopped and m.flush() == ""
+    # of two starting at one place, the longer one (the other is its prefix)
+    m = StopMatcher(("ab", "abc"), include_stop=True)
+    assert m.feed("xabcd") == "xabc"
+    assert StopMatcher(("ab", "abc")).feed("xabcd") == "x"
+
+
+def test_text_stream_includes_the_stop_string_when_asked() -> None:
+    tok = Tokenizer.from_gguf(smollm2_gguf())
+    ids = tok.encode(" red green red blue")
+    for include, want in ((False, " red green"), (True, " red green red")):
+        stream = TextStream(tok, (" red",), min_tokens=2, include_stop=include)
+        text = ""
+        for t in ids:
+            delta = stream.feed(_Token(t))
+            text += delta.text
+            if delta.finish_reason is not None:
+                break
+        assert text == want

@@ -33,6 +33,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI semantics over output tokens, in [-2, 2]
     seed: int | None = None  # same seed + same prompt = same output, also when batched with others
     stop: tuple[str, ...] = ()  # stop strings; the output ends before the first one
+    include_stop_str_in_output: bool = False  # vLLM's: the output ends after the stop string instead
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the output (kept out of the text)
     ignore_eos: bool = False
     # vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings do not end the output, before this many

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 
 class StopMatcher:
-    def __init__(self, stops: tuple[str, ...]) -> None:
+    def __init__(self, stops: tuple[str, ...], include_stop: bool = False) -> None:
+        """include_stop: the stop string that ends the text is part of it (vLLM's include_stop_str_in_output)."""
         self.stops = tuple(s for s in stops if s)
+        self.include_stop = include_stop
         self._held = ""
         self.stopped = False
 
@@ -18,11 +20,13 @@ class StopMatcher:
         text = self._held + delta
         if not self.stops:
             return text
-        first = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if first >= 0:
+        found = [(i, -len(s)) for s in self.stops if (i := text.find(s)) >= 0]
+        if found:
+            # The earliest stop string; of several starting there, the longest (the others are its prefixes).
+            first, minus_len = min(found)
             self.stopped = True
             self._held = ""
-            return text[:first]
+            return text[: first - minus_len] if self.include_stop else text[:first]
         keep = self._longest_partial(text)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]

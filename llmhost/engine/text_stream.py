@@ -37,11 +37,14 @@ class TextDelta:
 class TextStream:
     """Feeds one sequence's tokens; says when a stop string ended it."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], min_tokens: int = 0) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, stop: tuple[str, ...], min_tokens: int = 0, include_stop: bool = False
+    ) -> None:
         """min_tokens: stop strings are looked for from that token on (vLLM's min_tokens); text before it is
-        passed through, so a stop string that starts there is not found."""
+        passed through, so a stop string that starts there is not found. include_stop: the stop string that
+        ends the text is part of it."""
         self.decoder = IncrementalDecoder(tokenizer)
-        self.matcher = StopMatcher(stop)
+        self.matcher = StopMatcher(stop, include_stop)
         self.min_tokens = min_tokens
         self.tokens = 0
 
@@ -58,6 +61,10 @@ class TextStream:
             return TextDelta(text + self._flush(), out, out.finish_reason)
         return TextDelta(text, out, None)
 
+    @classmethod
+    def for_request(cls, tokenizer: Tokenizer, params: SamplingParams) -> TextStream:
+        return cls(tokenizer, params.stop, params.min_tokens, params.include_stop_str_in_output)
+
     def _flush(self) -> str:
         return self.matcher.feed(self.decoder.flush()) + self.matcher.flush()
 
@@ -67,7 +74,7 @@ def stream_text(
 ) -> Iterator[TextDelta]:
     """Drive `engine` until this request ends; yield its text deltas. A stop string ends the iteration, which
     aborts the request in the engine so its KV blocks are freed at once."""
-    text = TextStream(tokenizer, params.stop, params.min_tokens)
+    text = TextStream.for_request(tokenizer, params)
     for out in engine.stream(prompt_ids, params):
         delta = text.feed(out)
         yield delta

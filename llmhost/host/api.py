@@ -77,7 +77,7 @@ class Host:
         if isinstance(bias := sampling.get("logit_bias"), Mapping):
             sampling["logit_bias"] = tuple(bias.items())
         params = SamplingParams(**sampling)
-        text = TextStream(tok, params.stop, params.min_tokens)
+        text = TextStream.for_request(tok, params)
         for ev in self.stream_tokens(model, self._prompt_ids(tok, prompt, chat), params):
             delta = text.feed(ev)
             if delta.text:

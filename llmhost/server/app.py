@@ -214,6 +214,7 @@ def _sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens:
             stop=req.stop_strings,
             stop_token_ids=tuple(req.stop_token_ids or ()),
             min_tokens=req.min_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
             ignore_eos=req.ignore_eos,
             logprobs=req.num_logprobs,
             prompt_logprobs=req.prompt_logprobs,

@@ -53,7 +53,7 @@ async def run_choice(
     Takes the host's tokens in batches (all that arrived since the last look) and yields one piece per batch, so
     an API process that falls behind many streams catches up with fewer, larger chunks."""
     timer = metrics.timer(model, arrival)
-    text = TextStream(tokenizer, job.params.stop, job.params.min_tokens)
+    text = TextStream.for_request(tokenizer, job.params)
     pending: list[TokenEvent] = []
     async with aclosing(client.generate_batches(model, job.prompt_ids, job.params)) as batches:
         async for batch in batches:

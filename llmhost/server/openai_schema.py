@@ -155,6 +155,7 @@ class _GenerationRequest(Lenient):
     repetition_penalty: Float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[Int] | None = None  # token ids that end the output, besides the model's EOS
+    include_stop_str_in_output: bool = False  # the stop string that ends the output is part of it
     min_tokens: Int = Field(default=0, ge=0)  # no EOS, stop id or stop string ends the output before this many
 
     def unknown_fields(self) -> list[str]:
