@@ -244,8 +244,8 @@ class HostCore:
         event = self.coordinator.events[-1]
         recs = [self.coordinator.ledger.devices[d].last for d in sorted(set(slot.plan.devices))]
         action: Literal["load", "unpark"] = "unpark" if event.action == "unpark" else "load"
-        recs_done = tuple(r for r in recs if r is not None)
-        self._loads.append(LoadRecord(slot.name, action, event.seconds, recs_done, time.time()))
+        reconciled = tuple(r for r in recs if r is not None)
+        self._loads.append(LoadRecord(slot.name, action, event.seconds, reconciled, time.time()))
         spec = self.specs[slot.name]
         if spec.fingerprint is None or not self.history.enabled:
             return
