@@ -59,20 +59,26 @@ class _Token:
     finish_reason: FinishReason | None = None
 
 
+def streamed(stream: TextStream, ids: list[int]) -> tuple[str, FinishReason | None]:
+    """Feed `ids` until the stream ends: its text and finish reason."""
+    text, reason = "", None
+    for t in ids:
+        delta = stream.feed(_Token(t))
+        text += delta.text
+        reason = delta.finish_reason
+        if reason is not None:
+            break
+    return text, reason
+
+
 def test_stop_strings_count_from_min_tokens_on() -> None:
     """vLLM's min_tokens: a stop string in the first min_tokens - 1 tokens' text is passed through; from the
     min_tokens-th token on, stop strings end the output as ever."""
     tok = Tokenizer.from_gguf(smollm2_gguf())
     ids = tok.encode(" red green red green red blue")
     for min_tokens, want in ((0, ""), (1, ""), (2, " red green"), (3, " red green"), (4, " red green red green")):
-        stream = TextStream(tok, (" red",), min_tokens)
-        text = ""
-        for t in ids:
-            delta = stream.feed(_Token(t))
-            text += delta.text
-            if delta.finish_reason is not None:
-                break
-        assert delta.finish_reason == "stop" and text == want, (min_tokens, text)
+        text, reason = streamed(TextStream(tok, (" red",), min_tokens), ids)
+        assert reason == "stop" and text == want, (min_tokens, text)
 
 
 def test_include_stop_keeps_the_stop_string_that_ended_the_text() -> None:
@@ -89,11 +95,5 @@ def test_text_stream_includes_the_stop_string_when_asked() -> None:
     tok = Tokenizer.from_gguf(smollm2_gguf())
     ids = tok.encode(" red green red blue")
     for include, want in ((False, " red green"), (True, " red green red")):
-        stream = TextStream(tok, (" red",), min_tokens=2, include_stop=include)
-        text = ""
-        for t in ids:
-            delta = stream.feed(_Token(t))
-            text += delta.text
-            if delta.finish_reason is not None:
-                break
-        assert text == want
+        text, reason = streamed(TextStream(tok, (" red",), min_tokens=2, include_stop=include), ids)
+        assert reason == "stop" and text == want
