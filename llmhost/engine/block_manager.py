@@ -131,7 +131,6 @@ class BlockManager:
         self.window = window
         self.pool = FreeBlocks(num_blocks)
         self.cache = PrefixCache(block_size) if prefix_cache and window is None else None
-        self._matched: tuple[str, int] | None = None  # the last match_prefix: (sequence id, blocks looked up)
 
     @property
     def free_count(self) -> int:
@@ -144,26 +143,32 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> None:
         """A sequence about to start (no blocks, nothing computed): take the cached blocks that begin its tokens
-        and count them computed. Always leaves its last known token to compute (its logits are sampled), and
-        skips requests that ask for prompt logprobs (the skipped tokens would have none)."""
-        if self.cache is None or seq.block_table or seq.num_computed or seq.params.prompt_logprobs is not None:
+        (_lookup_blocks) and count them computed."""
+        most = self._lookup_blocks(seq)
+        if self.cache is None or most is None or seq.block_table or seq.num_computed:
             return
-        known = len(seq.prompt_ids) + len(seq.output_ids)
-        self._matched = (seq.id, (known - 1) // self.block_size)
-        seq.block_table = self.cache.match(seq, self._matched[1])
+        seq.block_table = self.cache.match(seq, most)
         seq.num_computed = len(seq.block_table) * self.block_size
 
     def unmatch_prefix(self, seq: Sequence) -> None:
         """seq could not start after match_prefix (its chunk does not fit): let its matched blocks go, so they stay
         free for the running sequences, and count the lookup as never made (it is made again next step)."""
-        if self.cache is not None and self._matched is not None and self._matched[0] == seq.id:
-            self.pool.give(self.cache.unmatch(seq, self._matched[1]))
+        most = self._lookup_blocks(seq)
+        if self.cache is not None and most is not None:
+            self.pool.give(self.cache.unmatch(seq, most))
         else:
             self.release(seq)
-        self._matched = None
         seq.block_table = []
         seq.blocks_named = 0
         seq.num_computed = 0
+
+    def _lookup_blocks(self, seq: Sequence) -> int | None:
+        """How many of seq's first blocks match_prefix looks up: all full ones before its last known token (that
+        token is always computed: its logits are sampled); None without a cache, or for a request asking for
+        prompt logprobs (the skipped tokens would have none)."""
+        if self.cache is None or seq.params.prompt_logprobs is not None:
+            return None
+        return (len(seq.prompt_ids) + len(seq.output_ids) - 1) // self.block_size
 
     def forget_cached(self) -> None:
         """The KV pools' contents are gone (the engine was parked): no cached block may be found again. Only
