@@ -11,7 +11,12 @@ fresh process of a few seconds and the effect can be split into per-kernel cost 
 Each variant: build and capture (on a side capture stream, as the engine's runners do), time every workload
 (before), do the variant's action, time them again (after). after / before above 1 is a slowdown.
 
-Usage: python bench/probes/stream_gap.py; writes bench/results/stream_gap-<gpu>.json."""
+The second round (--only green,"op on the default","100 one","one large" --name stream_gap_green): which work
+triggers it (count of kernels or their size; the default stream's own work) and whether a green context, a
+context of its own with its own channels, escapes it on either side.
+
+Usage: python bench/probes/stream_gap.py [--repeat N] [--only WORDS] [--name NAME]; writes
+bench/results/<name>-<gpu>.json (stream_gap by default)."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # variant -> (environment, action between the windows, stream the windows replay on)
@@ -42,6 +48,20 @@ VARIANTS: dict[str, tuple[dict[str, str], str, str]] = {
     "op on a side stream, graphs re-captured after": ({}, "add-side-recapture", "default"),
     "op on a raw stream, stream destroyed after": ({}, "add-raw-destroy", "default"),
     "op on a side stream, graphs uploaded again": ({}, "add-side-upload", "default"),
+    # The second round: which work triggers it, and whether a green context (a context of its own, with its own
+    # channels) escapes it: two models on two contexts could then overlap without it.
+    "op on the default stream": ({}, "add-default", "default"),
+    "100 one-element ops on a side stream": ({}, "tiny100-side", "default"),
+    "one large op on a side stream": ({}, "add1-side", "default"),
+    "op on a green-context stream (all SMs)": ({}, "add-green", "default"),
+    "replays on a green-context stream, nothing else": ({}, "none", "green"),
+    "replays on a green-context stream, op on a side stream": ({}, "add-side", "green"),
+    "graphs captured and replayed on a green-context stream, op on a side stream": ({}, "add-side", "green-captured"),
+    "graphs captured and replayed on a green-context stream, op on another green context": (
+        {},
+        "add-green",
+        "green-captured",
+    ),
 }
 LAYERS = 32
 HIDDEN, QKV, FFN, VOCAB = 4096, 6144, 14336, 32000
@@ -93,7 +113,15 @@ def worker(action: str, where: str) -> dict[str, Any]:
             for _ in range(1000):
                 small.add_(1.0)
 
-        capture_stream = torch.cuda.Stream(dev)  # type: ignore[no-untyped-call]
+        def green() -> torch.cuda.Stream:
+            from llmhost.engine.sm_partition import confined_stream, sm_count
+
+            made = confined_stream(dev, sm_count(dev) // 8 * 8)
+            assert made is not None, "no green contexts here"
+            return made
+
+        green_stream = green() if where.startswith("green") else None
+        capture_stream = green_stream if where == "green-captured" else torch.cuda.Stream(dev)  # type: ignore[no-untyped-call]
 
         def capture() -> dict[str, torch.cuda.CUDAGraph]:
             graphs = {}
@@ -108,8 +136,8 @@ def worker(action: str, where: str) -> dict[str, Any]:
             return graphs
 
         graphs = capture()
-        stream = None
-        if where != "default":
+        stream = green_stream
+        if where.startswith("side"):
             stream = torch.cuda.Stream(dev, priority=-1 if where == "side-high" else 0)  # type: ignore[no-untyped-call]
 
         def window() -> dict[str, Any]:
@@ -146,6 +174,20 @@ def worker(action: str, where: str) -> dict[str, Any]:
             with torch.cuda.stream(torch.cuda.Stream(dev)):  # type: ignore[no-untyped-call]
                 for _ in range(10):
                     big.add_(1.0)
+        elif action == "add-default":
+            for _ in range(10):
+                big.add_(1.0)
+        elif action == "add1-side":
+            with torch.cuda.stream(torch.cuda.Stream(dev)):  # type: ignore[no-untyped-call]
+                big.add_(1.0)
+        elif action == "tiny100-side":
+            with torch.cuda.stream(torch.cuda.Stream(dev)):  # type: ignore[no-untyped-call]
+                for _ in range(100):
+                    small.add_(1.0)
+        elif action == "add-green":
+            with torch.cuda.stream(green()):
+                for _ in range(10):
+                    big.add_(1.0)
         elif action == "tiny-side":
             with torch.cuda.stream(torch.cuda.Stream(dev)):  # type: ignore[no-untyped-call]
                 small.add_(1.0)
@@ -178,6 +220,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", nargs=2, metavar=("ACTION", "STREAM"), help="one variant in this process (internal)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each variant")
+    ap.add_argument("--only", help="comma-separated words: run the variants whose label holds one of them")
+    ap.add_argument("--name", default="stream_gap", help="result name: bench/results/<name>-<gpu>.json")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
@@ -187,7 +231,10 @@ def main() -> None:
 
     doc: dict[str, Any] = {"bench": "bench/probes/stream_gap.py", "gpu": torch.cuda.get_device_name(),
                            "torch": torch.__version__, "variants": {}}  # fmt: skip
+    words = [w.strip() for w in args.only.split(",")] if args.only else None
     for label, (env, action, where) in VARIANTS.items():
+        if words is not None and not any(w in label for w in words):
+            continue
         runs = []
         for _ in range(args.repeat):
             cmd = [sys.executable, __file__, "--worker", action, where]
@@ -198,7 +245,7 @@ def main() -> None:
                 runs.append({"failed": proc.returncode, "stderr": proc.stderr[-800:]})
             print(label, runs[-1], file=sys.stderr, flush=True)
         doc["variants"][label] = runs
-    write_result("stream_gap", gpu_tag(torch.cuda.get_device_name()), doc)
+    write_result(args.name, gpu_tag(torch.cuda.get_device_name()), doc)
 
 
 if __name__ == "__main__":
