@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from multiprocessing import Pipe
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ from test_coordinator import FakeRuntime
 from llmhost.config import load_config
 from llmhost.engine import sm_partition
 from llmhost.host.coordinator import Slot
-from llmhost.host.core import HostCore
+from llmhost.host.core import DECODE_STREAM_PRIORITY, HostCore
+from llmhost.host.gpu_scheduler import StepShape
 from llmhost.host.sm_confinement import SmConfinement
 from llmhost.host.sm_steering import ALONE_WINDOWS, SmSteering, confined_levels, near_sms
 from llmhost.memory.inventory import parse_gpu_spec
@@ -285,6 +288,46 @@ def test_a_prompt_step_beside_others_takes_the_far_stream_only_in_the_experiment
     busy = type("Run", (), {"stream": far})()
     assert core._far_stream("a", "cuda:0", [busy]) is None  # already running a step
     assert made == [("cuda:0", 88)]
+
+
+def test_a_model_alone_with_nothing_in_flight_steps_on_the_default_stream(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    """HostCore._stream: the GPU's default stream for a model alone there while every step in flight is on it too
+    and, for a prompt step, no request of its own is decoding (kernels on a second stream slow the whole process
+    for good); otherwise a pool stream no step in flight uses, of high priority for a decode-only step, of the
+    default one for a prompt step."""
+    core = _steered_core(tmp_path, monkeypatch, tiny_models)
+    default = object()
+
+    class Stream:
+        def __init__(self, device: str, priority: int = 0) -> None:
+            self.priority = priority
+
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device: default)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    decode, prompt = StepShape(1, 0), StepShape(0, 16)
+
+    def on(stream: object) -> Any:
+        return type("Run", (), {"stream": stream})()
+
+    seq = SimpleNamespace(num_computed=3, prompt_ids=[1, 2, 3, 4])  # a request still in its prompt
+    core.slots["a"].engine.scheduler = SimpleNamespace(running=[seq])
+    assert core._stream("a", "cuda:0", [], decode) is default
+    assert core._stream("a", "cuda:0", [on(default)], decode) is default
+    assert core._stream("a", "cuda:0", [on(default)], prompt) is default  # nothing of its own decoding
+    seq.num_computed = 4
+    beside = core._stream("a", "cuda:0", [on(default)], prompt)  # it would hold a decoding request back
+    assert isinstance(beside, Stream) and beside.priority == 0
+    assert core._stream("a", "cuda:0", [on(beside)], decode) is not default  # a step in flight on another stream
+    core.slots["b"].engine.has_work = True
+    first = core._stream("a", "cuda:0", [], decode)
+    assert isinstance(first, Stream) and first.priority == DECODE_STREAM_PRIORITY
+    second = core._stream("b", "cuda:0", [on(first)], decode)
+    assert isinstance(second, Stream) and second is not first
+    assert core._stream("a", "cuda:0", [on(second)], decode) is first
 
 
 def test_the_lead_steps_experiment_reaches_the_gpu_scheduler(

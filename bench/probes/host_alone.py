@@ -63,6 +63,11 @@ def main() -> None:
         "gpu_busy_fraction": round(sum(gpu) / 1e3 / (WINDOW_S - 0.5), 4),
         "collect_interval_ms_p50": round(1e3 * gaps[len(gaps) // 2], 4) if gaps else None,
         "follows": sum(1 for e in trace if e["ev"] == "launch" and e["follows"] and t0 + 0.5 <= e["t"] < t0 + WINDOW_S),
+        # Launches on the default stream, of all since the host started (HostCore._default_stream_ok).
+        "default_stream_launches": [
+            sum(1 for e in trace if e["ev"] == "launch" and e.get("default_stream")),
+            sum(1 for e in trace if e["ev"] == "launch"),
+        ],
     }
 
     spec = mm._engine_specs(mode, model, mode.pair_tokens, 1)[0]
@@ -72,7 +77,7 @@ def main() -> None:
     streams = d.drive_engine(engine, load, t0 + WINDOW_S, 0)
     out["engine"] = {"tokens_per_s": d.stream_stats(streams, t0 + 0.5, t0 + WINDOW_S)["tokens_per_s"]}
     if engine.device.type == "cuda":
-        # The host runs every step on side streams. Measured here: the same engine on the default stream slows by
+        # Before HostCore._default_stream_ok the host ran every step on side streams. Measured here: the same engine on the default stream slows by
         # ~2% for the rest of the process once a GEMM ran on another stream (a default-stream GEMM, a trivial
         # side-stream kernel or emptying the allocator's cache do not do it or undo it).
         a = torch.randn(4096, 4096, device=engine.device, dtype=torch.bfloat16)

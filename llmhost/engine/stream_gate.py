@@ -42,13 +42,18 @@ class StreamGate:
         _, highest = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]
         # Releases must not queue behind the work they release, nor wait long for an SM beside busy streams.
         self.releases = torch.cuda.Stream(self.device, priority=highest)  # type: ignore[no-untyped-call]
-        # Holds and releases now: the kernel's first launch compiles it (tens of milliseconds). Tickets 1 and 16
-        # compiled variants of their own before the ticket was kept from specialization (kernels/hold.py); 16
-        # rounds cover that too.
-        warm = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        # Holds now: the kernel's first launch compiles it (tens of milliseconds). Tickets 1 and 16 compiled
+        # variants of their own before the ticket was kept from specialization (kernels/hold.py); 16 rounds cover
+        # that too. On the default stream, each released before it is held (so it passes at once): more than a
+        # few kernels on a second stream slow every later kernel of the process (host/core.py, _stream), a model
+        # alone on this GPU with them.
+        default = torch.cuda.default_stream(self.device)
         for _ in range(16):
-            self.release(self.hold(warm))
-        warm.synchronize()
+            self.released = self.issued + 1
+            with torch.cuda.device(self.device), torch.cuda.stream(default):
+                self.flag.fill_(self.released)
+            self.hold(default)
+        default.synchronize()
 
     def hold(self, stream: torch.cuda.Stream) -> int:
         """Queue a hold on `stream`: what is queued on it after this runs once `release(ticket)` was called (or

@@ -648,9 +648,10 @@ class HostCore:
         """Trace a launch: `beside` steps were in flight on its GPU; `follows`: queued behind its model's own."""
         if self.trace is not None:
             priority = None if run.stream is None else run.stream.priority
+            default = run.stream is not None and run.stream == torch.cuda.default_stream(run.stream.device)
             self.trace.add(
                 "launch", run.name, run.shape.decode_rows, run.shape.prefill_tokens, beside=beside,
-                follows=follows, sliced=run.slices is not None, priority=priority,
+                follows=follows, sliced=run.slices is not None, priority=priority, default_stream=default,
                 ms=round(1e3 * (time.perf_counter() - run.t0), 3),
             )  # fmt: skip
 
@@ -678,11 +679,15 @@ class HostCore:
                 if events:
                     self.conn.send(TokenBatch(tuple(events)))
 
-    def _stream(self, device: str, running: list[_Running], shape: StepShape) -> torch.cuda.Stream:
-        """A stream of the device's pool that no step in flight uses: of high priority for a decode-only step, of
-        the default priority for a step with prompt tokens. Where both have blocks waiting, the GPU starts the
-        decode step's first (CUDA stream priorities), so a prompt's large GEMMs beside them take the SMs the decode
-        steps leave, rather than holding every other model's next token back (p99 inter-token latency)."""
+    def _stream(self, name: str, device: str, running: list[_Running], shape: StepShape) -> torch.cuda.Stream:
+        """The stream `name`'s step runs on. A model alone on its GPU (_default_stream_ok): the device's default
+        stream, as the engine alone runs. Otherwise a stream of the device's pool that no step in flight uses: of
+        high priority for a decode-only step, of the default priority for a step with prompt tokens. Where both
+        have blocks waiting, the GPU starts the decode step's first (CUDA stream priorities), so a prompt's large
+        GEMMs beside them take the SMs the decode steps leave, rather than holding every other model's next token
+        back (p99 inter-token latency)."""
+        if self._default_stream_ok(name, device, running, shape):
+            return torch.cuda.default_stream(device)
         priority = 0 if shape.prefill_tokens else DECODE_STREAM_PRIORITY
         pool = self._streams.setdefault(f"{device} {priority}", [])
         used = {id(r.stream) for r in running}
@@ -692,6 +697,27 @@ class HostCore:
         st = torch.cuda.Stream(device, priority=priority)  # type: ignore[no-untyped-call]
         pool.append(st)
         return st
+
+    def _default_stream_ok(self, name: str, device: str, running: list[_Running], shape: StepShape) -> bool:
+        """Whether `name`'s step of `shape` takes the GPU's default stream: no other model there has work, every
+        step in flight there is on the default stream too, and a prompt step would hold back no decoding request
+        of its own (queued behind it there; beside such requests it takes a stream of its own, as beside others).
+
+        Why: once more than a few kernels ran on a second stream (a hundred one-element adds; one large add does
+        not), every later kernel boundary in the process costs about 0.18 us more on an H100 or H200, for good:
+        2.4-3.2% of a 7B model's batch-1 decode graph, whatever stream replays it, a green context's alike
+        (bench/probes/stream_gap.py, bench/results/stream_gap*.json; PyTorch issue 161104). Steps beside other
+        models' steps cannot avoid it: overlapping needs a second stream (the threads and MPS baselines pay it
+        too)."""
+        if self._others_have_work(name, device):
+            return False
+        default = torch.cuda.default_stream(device)
+        if any(r.stream != default for r in running):
+            return False
+        if not shape.prefill_tokens:
+            return True
+        sched = self.slots[name].engine.scheduler
+        return not any(s.num_computed >= len(s.prompt_ids) for s in sched.running)
 
     def _far_stream(self, name: str, device: str, running: list[_Running]) -> torch.cuda.Stream | None:
         """The FAR_PROMPT_ENV experiment's stream for `name`'s prompt step (made once per GPU), None to use the
@@ -825,7 +851,7 @@ class HostCore:
             return None
         shape = _shape(plan)
         far = self._far_stream(name, device, running) if shape.prefill_tokens else None
-        run = self._execute(name, plan, shape, far or self._stream(device, running, shape))
+        run = self._execute(name, plan, shape, far or self._stream(name, device, running, shape))
         if run is None:
             return None
         _mark_beside(running, run)
