@@ -77,9 +77,10 @@ def main() -> None:
     streams = d.drive_engine(engine, load, t0 + WINDOW_S, 0)
     out["engine"] = {"tokens_per_s": d.stream_stats(streams, t0 + 0.5, t0 + WINDOW_S)["tokens_per_s"]}
     if engine.device.type == "cuda":
-        # Before HostCore._default_stream_ok the host ran every step on side streams. Measured here: the same engine on the default stream slows by
-        # ~2% for the rest of the process once a GEMM ran on another stream (a default-stream GEMM, a trivial
-        # side-stream kernel or emptying the allocator's cache do not do it or undo it).
+        # Before HostCore._default_stream_ok the host ran every step on side streams. Measured here: the same
+        # engine on the default stream slows by ~2% for the rest of the process once a GEMM ran on another stream
+        # (a default-stream GEMM, a trivial side-stream kernel or emptying the allocator's cache do not do it or
+        # undo it).
         a = torch.randn(4096, 4096, device=engine.device, dtype=torch.bfloat16)
         with torch.cuda.stream(torch.cuda.Stream(engine.device)):  # type: ignore[no-untyped-call]
             for _ in range(10):
