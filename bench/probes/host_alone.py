@@ -35,6 +35,7 @@ WINDOW_S = 3.0
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--unsteered", action="store_true", help="[host] sm_steering off: no green contexts made")
     args = ap.parse_args()
     mode = mm.MODES["quick" if args.quick else "full"]
     trace_file = Path(tempfile.mkdtemp()) / "steps.jsonl"
@@ -43,10 +44,11 @@ def main() -> None:
     inventory = detect_inventory()
     model = mode.pair[:1]
     load = mm._loads(mode, model, 1, mode.pair_tokens)[0]
-    out: dict[str, object] = {"model": model[0]}
+    out: dict[str, object] = {"model": model[0], "sm_steering": not args.unsteered}
 
-    run = d.start_host(inventory, HostConfig(), mm._host_models(mode, model, mode.pair_tokens, 1, (1.0,)), "alone",
-                       in_process=False)  # fmt: skip
+    host = HostConfig(sm_steering=not args.unsteered)
+    models = mm._host_models(mode, model, mode.pair_tokens, 1, (1.0,))
+    run = d.start_host(inventory, host, models, "alone", in_process=False)
     d.drive_host(run, [load], time.monotonic() + 1.0)
     t0 = time.monotonic()
     streams = d.drive_host(run, [load], t0 + WINDOW_S)

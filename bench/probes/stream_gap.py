@@ -57,6 +57,7 @@ VARIANTS: dict[str, tuple[dict[str, str], str, str]] = {
     "replays on a green-context stream, nothing else": ({}, "none", "green"),
     "replays on a green-context stream, op on a side stream": ({}, "add-side", "green"),
     "graphs captured and replayed on a green-context stream, op on a side stream": ({}, "add-side", "green-captured"),
+    "green contexts made and graphs captured on them, nothing run there": ({}, "green-capture", "default"),
     "graphs captured and replayed on a green-context stream, op on another green context": (
         {},
         "add-green",
@@ -169,6 +170,7 @@ def worker(action: str, where: str) -> dict[str, Any]:
             return out
 
         before = window()
+        kept: list[torch.cuda.CUDAGraph] = []
         big = torch.randn(256 * 2**20, device=dev, dtype=bf)
         if action.startswith("add-side"):
             with torch.cuda.stream(torch.cuda.Stream(dev)):  # type: ignore[no-untyped-call]
@@ -188,6 +190,14 @@ def worker(action: str, where: str) -> dict[str, Any]:
             with torch.cuda.stream(green()):
                 for _ in range(10):
                     big.add_(1.0)
+        elif action == "green-capture":  # what SM steering does at a model's load (host/sm_confinement.py)
+            for _ in range(4):
+                stream = green()
+                for fn in (tiny, decode):
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, stream=stream):
+                        fn()
+                    kept.append(g)
         elif action == "tiny-side":
             with torch.cuda.stream(torch.cuda.Stream(dev)):  # type: ignore[no-untyped-call]
                 small.add_(1.0)
