@@ -15,6 +15,13 @@ The second round (--only green,"op on the default","100 one","one large" --name 
 triggers it (count of kernels or their size; the default stream's own work) and whether a green context, a
 context of its own with its own channels, escapes it on either side.
 
+Found (H200, bench/results/stream_gap-h200.json; H100, stream_gap_green-h100.json): after the trigger, the
+1000-kernel graph takes 1.18-1.21x as long (about 0.18 us more per kernel boundary), the decode graph 1.024-1.032x,
+copies and clocks are unchanged, for the rest of the process. It is the number of kernels on a second stream, not
+their size: a hundred one-element adds set it off, one large add (or one tiny one, or an event) does not; work on
+the default stream alone never does. Nothing tried undoes it (connections, priorities, recapture, destroying the
+stream), and a green context escapes it on neither side: its work sets it off and its replays pay it.
+
 Usage: python bench/probes/stream_gap.py [--repeat N] [--only WORDS] [--name NAME]; writes
 bench/results/<name>-<gpu>.json (stream_gap by default)."""
 
