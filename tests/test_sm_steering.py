@@ -313,12 +313,12 @@ def test_a_model_alone_with_nothing_in_flight_steps_on_the_default_stream(
     def on(stream: object) -> Any:
         return type("Run", (), {"stream": stream})()
 
-    seq = SimpleNamespace(num_computed=3, prompt_ids=[1, 2, 3, 4])  # a request still in its prompt
+    seq = SimpleNamespace(in_prefill=True)  # a request still in its prompt
     core.slots["a"].engine.scheduler = SimpleNamespace(running=[seq])
     assert core._stream("a", "cuda:0", [], decode) is default
     assert core._stream("a", "cuda:0", [on(default)], decode) is default
     assert core._stream("a", "cuda:0", [on(default)], prompt) is default  # nothing of its own decoding
-    seq.num_computed = 4
+    seq.in_prefill = False
     beside = core._stream("a", "cuda:0", [on(default)], prompt)  # it would hold a decoding request back
     assert isinstance(beside, Stream) and beside.priority == 0
     assert core._stream("a", "cuda:0", [on(beside)], decode) is not default  # a step in flight on another stream

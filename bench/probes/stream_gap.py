@@ -199,10 +199,10 @@ def worker(action: str, where: str) -> dict[str, Any]:
                     big.add_(1.0)
         elif action == "green-capture":  # what SM steering does at a model's load (host/sm_confinement.py)
             for _ in range(4):
-                stream = green()
+                confined = green()
                 for fn in (tiny, decode):
                     g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, stream=stream):
+                    with torch.cuda.graph(g, stream=confined):
                         fn()
                     kept.append(g)
         elif action == "tiny-side":

@@ -84,10 +84,10 @@ class Scheduler:
         # A sequence whose pending token is its last gets no more steps (it finishes when that token is read).
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1 and not s.awaits_last_token]
         # A prompt-only step counts every sequence out of prefill as scheduled: never preempted for its chunks.
-        scheduled: set[str] = set() if decodes else {s.id for s in self.running if s.num_tokens - s.num_computed < 2}
+        scheduled: set[str] = set() if decodes else {s.id for s in self.running if not s.in_prefill}
         decoding = decoding if decodes else []
         budget = self.token_budget if prefill_limit is None else min(self.token_budget, len(decoding) + prefill_limit)
-        prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
+        prefilling = [s for s in self.running if s.in_prefill]
         order = decoding + prefilling
         for i, seq in enumerate(order):
             if seq.status is not SeqStatus.RUNNING:

@@ -57,6 +57,11 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids) + self.pending
 
     @property
+    def in_prefill(self) -> bool:
+        """More than one token still to compute: its prompt (or, after preemption, its recompute) is not done."""
+        return self.num_tokens - self.num_computed > 1
+
+    @property
     def awaits_last_token(self) -> bool:
         """Its pending token is its last by length: nothing more to schedule."""
         return self.pending > 0 and len(self.output_ids) + self.pending >= self.max_new_tokens

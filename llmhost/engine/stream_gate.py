@@ -49,9 +49,7 @@ class StreamGate:
         # alone on this GPU with them.
         default = torch.cuda.default_stream(self.device)
         for _ in range(16):
-            self.released = self.issued + 1
-            with torch.cuda.device(self.device), torch.cuda.stream(default):
-                self.flag.fill_(self.released)
+            self.release(self.issued + 1, default)
             self.hold(default)
         default.synchronize()
 
@@ -63,9 +61,10 @@ class StreamGate:
             hold_kernel[(1,)](self.flag, self.polls, self.issued, MAX_POLLS=self.max_polls)
         return self.issued
 
-    def release(self, ticket: int) -> None:
-        """Open the hold of `ticket` (and any earlier one still closed). The flag only grows: a late release of
-        an earlier ticket must not close a later hold that has not started polling yet."""
+    def release(self, ticket: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Open the hold of `ticket` (and any earlier one still closed), from `stream` (the releases stream when
+        None). The flag only grows: a late release of an earlier ticket must not close a later hold that has not
+        started polling yet."""
         self.released = max(self.released, ticket)
-        with torch.cuda.device(self.device), torch.cuda.stream(self.releases):
+        with torch.cuda.device(self.device), torch.cuda.stream(stream or self.releases):
             self.flag.fill_(self.released)

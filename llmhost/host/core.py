@@ -720,8 +720,7 @@ class HostCore:
             return False
         if not shape.prefill_tokens:
             return True
-        sched = self.slots[name].engine.scheduler
-        return not any(s.num_computed >= len(s.prompt_ids) for s in sched.running)
+        return all(s.in_prefill for s in self.slots[name].engine.scheduler.running)
 
     def _far_stream(self, name: str, device: str, running: list[_Running]) -> torch.cuda.Stream | None:
         """The FAR_PROMPT_ENV experiment's stream for `name`'s prompt step (made once per GPU), None to use the
