@@ -173,12 +173,16 @@ def _steered_core(
     monkeypatch: pytest.MonkeyPatch,
     tiny_models: TinyModels,  # noqa: F811
     fail: str = "",
+    loaded: tuple[str, ...] = ("a", "b"),
 ) -> HostCore:
     """A host core on a simulated 80 GiB GPU with [host] sm_steering on and three fake models configured, whose
-    runners record the steering (the one named `fail` fails its capture); a and b loaded, c not yet; green
-    contexts faked (132 SMs), the GPU's stream gate stubbed."""
+    runners record the steering (the one named `fail` fails its capture); `loaded` loaded, the others not yet;
+    green contexts faked (132 SMs), the GPU's stream gate stubbed, device synchronizations counted in
+    `core.synced`."""
     monkeypatch.setenv("LLMHOST_HISTORY", "off")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    synced: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(str(device)))
     monkeypatch.setattr(sm_partition, "sm_count", lambda device: 132)
     monkeypatch.setattr(sm_partition, "confined_stream", lambda device, sms: object())
     path = tiny_models("llama")[1]
@@ -201,7 +205,8 @@ def _steered_core(
     core = HostCore(load_config(cfg), parse_gpu_spec("1x80GiB"), theirs, Runtime())
     core._send_status = lambda query_id: None  # type: ignore[method-assign]
     core._gates["cuda:0"] = object()  # type: ignore[assignment]  # a real stream gate compiles a Triton kernel
-    for n in ("a", "b"):
+    core.synced = synced  # type: ignore[attr-defined]
+    for n in loaded:
         assert core._bring_in(n) is not None and core.slots[n].state == "loaded"
     return core
 
@@ -220,6 +225,42 @@ def test_the_host_confines_the_model_fair_sharing_holds_back(
     assert (runners["a"].sms, runners["b"].sms) == (None, 104)
     confinement.observe("cuda:0", ["a", "b"], {"a": "b"})  # a waited for b all of the window: b gets the GPU back
     assert (runners["a"].sms, runners["b"].sms) == (None, None)
+
+
+def test_green_contexts_wait_for_a_gpus_second_model(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    """A model alone on its GPU gets no confined graphs (and so no green contexts are made); the second model's
+    arrival captures both, after a device synchronization (the first may have a step in flight on its runner's
+    buffers); a third captures only its own, without one."""
+    core = _steered_core(tmp_path, monkeypatch, tiny_models, loaded=("a",))
+    confinement = core.confinement
+    assert confinement is not None
+    runners = {n: core.slots[n].engine.runner for n in ("a",)}
+    assert runners["a"].captured == [] and not confinement.steers("cuda:0")
+    assert core._bring_in("b") is not None
+    runners["b"] = core.slots["b"].engine.runner
+    assert runners["a"].captured == runners["b"].captured == [88, 96, 104, 112]
+    assert confinement.steers("cuda:0") and core.synced == ["cuda:0"]  # type: ignore[attr-defined]
+    assert core._bring_in("c") is not None
+    assert core.slots["c"].engine.runner.captured == [88, 96, 104, 112]
+    assert core.synced == ["cuda:0"]  # type: ignore[attr-defined]
+
+
+def test_a_model_that_left_does_not_count_as_the_first_of_two(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    core = _steered_core(tmp_path, monkeypatch, tiny_models, loaded=("a",))
+    confinement = core.confinement
+    assert confinement is not None
+    confinement.remove("a")  # as the host does when a model is parked or unloaded
+    assert core._bring_in("c") is not None
+    assert not confinement.steers("cuda:0")
+    assert core.slots["c"].engine.runner.captured == [] and core.slots["a"].engine.runner.captured == []
 
 
 def test_the_host_names_the_model_each_held_one_waits_for(

@@ -708,11 +708,12 @@ class HostCore:
         2.4-3.2% of a 7B model's batch-1 decode graph, whatever stream replays it, a green context's alike
         (bench/probes/stream_gap.py, bench/results/stream_gap*.json; PyTorch issue 161104). Steps beside other
         models' steps cannot avoid it: overlapping needs a second stream (the threads and MPS baselines pay it
-        too). Not enough yet: with every one of a lone 7B model's 709 launches on the default stream, the host
-        still decoded at 177.2 tok/s against the engine's 181.2, what the engine gives after a side-stream GEMM
-        (bench/results/host_alone_default_stream-h100.log): something else in the host's process still sets it
-        off; the next suspect is SM steering's green contexts and the graphs captured on them at load
-        (`bench/probes/host_alone.py --unsteered`; stream_gap.py's "green contexts made" variant)."""
+        too). With every one of a lone 7B model's launches on the default stream the host still decoded at 177.2
+        tok/s against the engine's 181.2 (bench/results/host_alone_default_stream-h100.log): making green
+        contexts and capturing graphs on them, which SM steering did with each model's load, sets it off too
+        (1.18x on a graph of tiny kernels, stream_gap_capture-h100.json). With those made only once a second
+        model arrives (sm_confinement.py), a lone 7B model decodes at 180.0 tok/s against the engine's 181.2,
+        as with steering off (host_alone_deferred_green-h100.log)."""
         if self._others_have_work(name, device):
             return False
         default = torch.cuda.default_stream(device)

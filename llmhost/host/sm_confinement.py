@@ -36,22 +36,45 @@ class SmConfinement:
         # never destroyed, engine/sm_partition.py).
         self._streams: dict[tuple[str, int], torch.cuda.Stream] = {}
         self._off: set[str] = set()  # GPUs left unsteered: no green contexts, or a capture failed
+        self._resident: dict[str, list[str]] = {}  # per GPU: its models with a decode runner, in arrival order
+        self._waiting: dict[str, list[str]] = {}  # per GPU: those of them without confined graphs yet
 
     def steers(self, device: str) -> bool:
         return device in self._steering
 
     def add(self, name: str, device: str) -> None:
-        """`name` became resident on `device`: capture its graphs of the sizes that run beside other models'
-        (concurrent_ok) on a stream confined to each of the GPU's steering levels, and steer it from now on."""
+        """`name` became resident on `device`. Once the GPU holds two models or more, capture the graphs of every
+        model there that has none yet, of the sizes that run beside other models' (concurrent_ok), on a stream
+        confined to each of the GPU's steering levels, and steer them from now on.
+
+        Not with a GPU's first model: green contexts and the graphs captured on them serve only models that share
+        the GPU, and making them may be what slows a lone model's decode by ~2% for the rest of the process (the
+        side-stream slowdown, host/core.py _default_stream_ok), besides the memory and capture time they take."""
         if device in self._off or not torch.cuda.is_available() or self._runner_of(name) is None:
             return
-        try:
-            self._add(name, device)
-        except Exception as e:  # a driver refusing a context, memory short for the extra graphs
-            log.warning("SM steering off on %s: capturing %s's confined graphs failed (%s)", device, name, e)
-            self._turn_off(device, failed=(name,))
+        self._resident.setdefault(device, []).append(name)
+        self._waiting.setdefault(device, []).append(name)
+        if len(self._resident[device]) < 2:
+            return
+        waiting, self._waiting[device] = self._waiting[device], []
+        if any(n != name for n in waiting):
+            # A model resident before may have a step in flight that reads its runner's static buffers, which a
+            # capture rewrites (padding inputs, logits): its sampling was queued behind it, so once the GPU is
+            # idle nothing of that step reads them again.
+            torch.cuda.synchronize(device)
+        for n in waiting:
+            try:
+                self._add(n, device)
+            except Exception as e:  # a driver refusing a context, memory short for the extra graphs
+                log.warning("SM steering off on %s: capturing %s's confined graphs failed (%s)", device, n, e)
+                self._turn_off(device, failed=(n,))
+            if device in self._off:
+                return
 
     def remove(self, name: str) -> None:
+        for models in (*self._resident.values(), *self._waiting.values()):
+            if name in models:
+                models.remove(name)
         for steering in self._steering.values():
             steering.remove(name)
 
