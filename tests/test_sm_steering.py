@@ -263,6 +263,20 @@ def test_a_model_that_left_does_not_count_as_the_first_of_two(
     assert core.slots["c"].engine.runner.captured == [] and core.slots["a"].engine.runner.captured == []
 
 
+def test_a_model_without_a_runner_still_shares_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model split over GPUs has no decode runner to steer, but the model beside it shares the GPU with it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(sm_partition, "sm_count", lambda device: 132)
+    monkeypatch.setattr(sm_partition, "confined_stream", lambda device, sms: object())
+    runners = {"a": _Runner()}
+    confinement = SmConfinement(runners.get)  # type: ignore[arg-type]
+    confinement.add("a", "cuda:0")
+    assert runners["a"].captured == [] and not confinement.steers("cuda:0")
+    confinement.add("split", "cuda:0")
+    assert runners["a"].captured == [88, 96, 104, 112] and confinement.steers("cuda:0")
+
+
 def test_the_host_names_the_model_each_held_one_waits_for(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -36,8 +36,8 @@ class SmConfinement:
         # never destroyed, engine/sm_partition.py).
         self._streams: dict[tuple[str, int], torch.cuda.Stream] = {}
         self._off: set[str] = set()  # GPUs left unsteered: no green contexts, or a capture failed
-        self._resident: dict[str, list[str]] = {}  # per GPU: its models with a decode runner, in arrival order
-        self._waiting: dict[str, list[str]] = {}  # per GPU: those of them without confined graphs yet
+        self._resident: dict[str, list[str]] = {}  # per GPU: its models, in arrival order
+        self._waiting: dict[str, list[str]] = {}  # per GPU: those of them with a runner, without confined graphs yet
 
     def steers(self, device: str) -> bool:
         return device in self._steering
@@ -48,15 +48,17 @@ class SmConfinement:
         confined to each of the GPU's steering levels, and steer them from now on.
 
         Not with a GPU's first model: green contexts and the graphs captured on them serve only models that share
-        the GPU, and making them may be what slows a lone model's decode by ~2% for the rest of the process (the
+        the GPU, and making them slows every later kernel of the process (a lone 7B model's decode by ~1.5%: the
         side-stream slowdown, host/core.py _default_stream_ok), besides the memory and capture time they take."""
-        if device in self._off or not torch.cuda.is_available() or self._runner_of(name) is None:
+        if device in self._off or not torch.cuda.is_available():
             return
+        # A model without a runner (split over GPUs) is not steered, but a model beside it still shares the GPU.
         self._resident.setdefault(device, []).append(name)
-        self._waiting.setdefault(device, []).append(name)
+        if self._runner_of(name) is not None:
+            self._waiting.setdefault(device, []).append(name)
         if len(self._resident[device]) < 2:
             return
-        waiting, self._waiting[device] = self._waiting[device], []
+        waiting, self._waiting[device] = self._waiting.get(device, []), []
         if any(n != name for n in waiting):
             # A model resident before may have a step in flight that reads its runner's static buffers, which a
             # capture rewrites (padding inputs, logits): its sampling was queued behind it, so once the GPU is
