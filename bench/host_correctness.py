@@ -109,6 +109,8 @@ def main() -> None:
             stop_id = job.want[job.stop_at]
             job.want = job.want[: job.want.index(stop_id) + 1]
     del ref
+    if on_gpu:
+        torch.cuda.empty_cache()  # its cached blocks, reused by the host's loads, would hide them from the driver
 
     cfg = Path(tempfile.mkdtemp()) / "models.toml"
     cfg.write_text(
