@@ -102,11 +102,13 @@ def _own_context(pynvml: Any, handle: Any, index: int) -> int:
     allocator: its CUDA context, which the plan's runtime term already counts. 0 unless torch initialized CUDA in
     this process (a Python API host started after the caller used the GPU) and NVML shows this process.
 
-    Why: counted in `external` as well, the context was planned twice, and every reconciliation after a load read
-    the ledger ~0.5-1 GiB above the driver (bench/host_correctness.py on the H200: "driver reports 1.63 GiB used,
-    the ledger predicts 2.57 GiB"). The allocator's bytes stay external (conservative: its cached blocks are
-    reused by the host's loads only where they fit). Not covered: another library's allocations in this
-    process, which NVML cannot tell from the context, are taken for it (start the host before them)."""
+    Why: counted in `external` as well, the context was planned twice: after every load of bench/host_correctness.py
+    on the H200 the ledger read ~0.9 GiB above the driver ("driver reports 1.63 GiB used, the ledger predicts 2.57
+    GiB"): the context (621 MiB on the H100) is most of it, the rest the 1 GiB default runtime term of a GPU
+    without a measured one. Not re-measured since (no device time left). The allocator's bytes stay external
+    (conservative: its cached blocks are reused by the host's loads only where they fit). Not covered: another
+    library's allocations in this process, which NVML cannot tell from the context, are taken for it (start the
+    host before them)."""
     torch = sys.modules.get("torch")  # not imported: then CUDA was not initialized through it
     if torch is None or not torch.cuda.is_initialized() or index >= torch.cuda.device_count():
         return 0
