@@ -64,7 +64,7 @@ class DriverProbe:
             return None
         nv = self._nvml
         try:
-            procs = nv.nvmlDeviceGetComputeRunningProcesses(nv.nvmlDeviceGetHandleByIndex(index))
+            procs = nv.nvmlDeviceGetComputeRunningProcesses(self._handle(index))
         except Exception:
             return None
         me = os.getpid()
@@ -96,9 +96,14 @@ class DriverProbe:
             return None
         nv = self._nvml
         try:
-            return int(nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(index)).used)
+            return int(nv.nvmlDeviceGetMemoryInfo(self._handle(index)).used)
         except Exception:
             return None
+
+    def _handle(self, index: int) -> Any:
+        """NVML's handle of the inventory's device `index` (NVML numbers every GPU; CUDA_VISIBLE_DEVICES renumbers
+        those this process sees)."""
+        return self._nvml.nvmlDeviceGetHandleByIndex(self.inventory.devices[index].nvml)
 
 
 class EngineRuntime:

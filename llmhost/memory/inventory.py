@@ -22,6 +22,13 @@ class Device:
     total: int  # bytes of device memory
     external: int = 0  # bytes others hold now (NVML; this process's allocator too): planned around, not ours
     kind: DeviceKind = "cuda"
+    # NVML's index of this GPU where CUDA_VISIBLE_DEVICES renumbers them (`index` is CUDA's and torch's); None: the
+    # same as `index`.
+    nvml_index: int | None = None
+
+    @property
+    def nvml(self) -> int:
+        return self.index if self.nvml_index is None else self.nvml_index
 
     @property
     def label(self) -> str:
@@ -79,22 +86,65 @@ def detect_inventory() -> Inventory:
         count = pynvml.nvmlDeviceGetCount()
         if count == 0:
             return cpu_inventory(_NO_GPU)
+        visible = _visible(pynvml, count, os.environ.get(VISIBLE_ENV))
+        if not visible:
+            return cpu_inventory(
+                f"{VISIBLE_ENV}={os.environ.get(VISIBLE_ENV)!r} leaves no GPU visible: planning for the CPU"
+            )
         devices = []
-        for i in range(count):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
+        for i, n in enumerate(visible):
+            h = pynvml.nvmlDeviceGetHandleByIndex(n)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             devices.append(
                 Device(
                     index=i,
-                    name=name.decode() if isinstance(name, bytes) else str(name),
+                    name=_text(pynvml.nvmlDeviceGetName(h)),
                     total=int(mem.total),
                     external=int(mem.used) - _own_context(pynvml, h, i),
+                    nvml_index=n if n != i else None,
                 )
             )
-        return Inventory(tuple(devices), "nvml")
+        note = ""
+        if len({d.name for d in devices}) > 1 and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+            note = (
+                "the GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA may number them fastest first, "
+                "not as NVML does; set CUDA_DEVICE_ORDER=PCI_BUS_ID so that GPU numbers mean the same GPUs"
+            )
+        return Inventory(tuple(devices), "nvml", note)
     finally:
         pynvml.nvmlShutdown()
+
+
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _visible(pynvml: Any, count: int, spec: str | None) -> list[int]:
+    """NVML indices of the GPUs CUDA shows this process, in CUDA's order: all of them without CUDA_VISIBLE_DEVICES;
+    else its entries, GPU indices or (prefixes of) GPU UUIDs, up to the first that names no GPU, a duplicate
+    included (where CUDA stops reading it too). Planning every GPU of the machine placed models on GPUs this process
+    cannot use. MIG instances raise InventoryError: their memory is not the GPU's."""
+    if spec is None:
+        return list(range(count))
+    uuids = {n: _text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(n))) for n in range(count)}
+    out: list[int] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if entry.startswith("MIG-"):
+            raise InventoryError(
+                f"{VISIBLE_ENV} names a MIG instance ({entry}); llmhost plans whole GPUs: list GPU indices or "
+                "GPU- UUIDs, or describe the instance with --gpus (e.g. --gpus 1x40GiB)"
+            )
+        if entry.isdigit():
+            found = [int(entry)] if int(entry) < count else []
+        else:
+            found = [n for n, u in uuids.items() if entry and u.startswith(entry)]
+        if len(found) != 1 or found[0] in out:
+            break
+        out.append(found[0])
+    return out
 
 
 def _own_context(pynvml: Any, handle: Any, index: int) -> int:
