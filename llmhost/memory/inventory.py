@@ -129,7 +129,13 @@ def _visible(pynvml: Any, count: int, spec: str | None) -> list[int]:
     cannot use. MIG instances raise InventoryError: their memory is not the GPU's."""
     if spec is None:
         return list(range(count))
-    uuids = {n: _text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(n))) for n in range(count)}
+    uuids: dict[int, str] = {}
+    if not all(e.strip().isdigit() for e in spec.split(",")):
+        for n in range(count):
+            try:
+                uuids[n] = _text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(n)))
+            except Exception:  # a GPU NVML cannot name: no UUID entry matches it
+                continue
     out: list[int] = []
     for entry in (e.strip() for e in spec.split(",")):
         if entry.startswith("MIG-"):
