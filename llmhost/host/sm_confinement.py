@@ -37,7 +37,6 @@ class SmConfinement:
         self._streams: dict[tuple[str, int], torch.cuda.Stream] = {}
         self._off: set[str] = set()  # GPUs left unsteered: no green contexts, or a capture failed
         self._resident: dict[str, list[str]] = {}  # per GPU: its models, in arrival order
-        self._waiting: dict[str, list[str]] = {}  # per GPU: those of them with a runner, without confined graphs yet
 
     def steers(self, device: str) -> bool:
         return device in self._steering
@@ -53,12 +52,12 @@ class SmConfinement:
         if device in self._off or not torch.cuda.is_available():
             return
         # A model without a runner (split over GPUs) is not steered, but a model beside it still shares the GPU.
-        self._resident.setdefault(device, []).append(name)
-        if self._runner_of(name) is not None:
-            self._waiting.setdefault(device, []).append(name)
-        if len(self._resident[device]) < 2:
+        resident = self._resident.setdefault(device, [])
+        resident.append(name)
+        if len(resident) < 2:
             return
-        waiting, self._waiting[device] = self._waiting.get(device, []), []
+        steered = self._steering[device].models if device in self._steering else ()
+        waiting = [n for n in resident if n not in steered and self._runner_of(n) is not None]
         if any(n != name for n in waiting):
             # A model resident before may have a step in flight that reads its runner's static buffers, which a
             # capture rewrites (padding inputs, logits): its sampling was queued behind it, so once the GPU is
@@ -74,7 +73,7 @@ class SmConfinement:
                 return
 
     def remove(self, name: str) -> None:
-        for models in (*self._resident.values(), *self._waiting.values()):
+        for models in self._resident.values():
             if name in models:
                 models.remove(name)
         for steering in self._steering.values():
