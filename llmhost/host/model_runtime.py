@@ -18,7 +18,7 @@ from llmhost.errors import LlmhostError
 from llmhost.host import parking
 from llmhost.host.coordinator import ByDevice, Slot
 from llmhost.host.ledger import Reading
-from llmhost.memory.inventory import Inventory
+from llmhost.memory.inventory import Inventory, nvml_processes
 from llmhost.model_files import open_checkpoint
 
 log = logging.getLogger("llmhost.host")
@@ -62,16 +62,14 @@ class DriverProbe:
     def _others(self, index: int) -> int | None:
         if self._nvml is None:
             return None
-        nv = self._nvml
-        try:
-            procs = nv.nvmlDeviceGetComputeRunningProcesses(self._handle(index))
-        except Exception:
+        procs = nvml_processes(self._nvml, self.inventory.devices[index].nvml)
+        if procs is None:
             return None
         me = os.getpid()
         initialized: bool = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
-        if procs and initialized and not any(p.pid == me for p in procs):
+        if procs and initialized and not any(pid == me for pid, _ in procs):
             return None  # our own PID is invisible (PID namespace): attribution is unreliable
-        return sum(int(p.usedGpuMemory or 0) for p in procs if p.pid != me)
+        return sum(used for pid, used in procs if pid != me)
 
     def reading(self, device: int) -> Reading | None:
         if not self.inventory.has_gpus or self.inventory.source != "nvml" or not torch.cuda.is_available():

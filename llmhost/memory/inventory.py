@@ -51,6 +51,7 @@ class Inventory:
         return any(d.kind == "cuda" for d in self.devices)
 
 
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 _NO_GPU = "no NVIDIA GPU found: planning for the CPU (simulate GPUs with --gpus 2x24GiB,1x80GiB)"
 _SPEC_RE = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(\S+?)\s*$")
 
@@ -86,11 +87,10 @@ def detect_inventory() -> Inventory:
         count = pynvml.nvmlDeviceGetCount()
         if count == 0:
             return cpu_inventory(_NO_GPU)
-        visible = _visible(pynvml, count, os.environ.get(VISIBLE_ENV))
+        spec = os.environ.get(VISIBLE_ENV)
+        visible = _visible(pynvml, count, spec)
         if not visible:
-            return cpu_inventory(
-                f"{VISIBLE_ENV}={os.environ.get(VISIBLE_ENV)!r} leaves no GPU visible: planning for the CPU"
-            )
+            return cpu_inventory(f"{VISIBLE_ENV}={spec!r} leaves no GPU visible: planning for the CPU")
         devices = []
         for i, n in enumerate(visible):
             h = pynvml.nvmlDeviceGetHandleByIndex(n)
@@ -100,7 +100,7 @@ def detect_inventory() -> Inventory:
                     index=i,
                     name=_text(pynvml.nvmlDeviceGetName(h)),
                     total=int(mem.total),
-                    external=int(mem.used) - _own_context(pynvml, h, i),
+                    external=int(mem.used) - _own_context(pynvml, n, i),
                     nvml_index=n if n != i else None,
                 )
             )
@@ -115,9 +115,6 @@ def detect_inventory() -> Inventory:
         pynvml.nvmlShutdown()
 
 
-VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
-
-
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -129,15 +126,16 @@ def _visible(pynvml: Any, count: int, spec: str | None) -> list[int]:
     cannot use. MIG instances raise InventoryError: their memory is not the GPU's."""
     if spec is None:
         return list(range(count))
+    entries = [e.strip() for e in spec.split(",")]
     uuids: dict[int, str] = {}
-    if not all(e.strip().isdigit() for e in spec.split(",")):
+    if not all(e.isdigit() for e in entries):
         for n in range(count):
             try:
                 uuids[n] = _text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(n)))
             except Exception:  # a GPU NVML cannot name: no UUID entry matches it
                 continue
     out: list[int] = []
-    for entry in (e.strip() for e in spec.split(",")):
+    for entry in entries:
         if entry.startswith("MIG-"):
             raise InventoryError(
                 f"{VISIBLE_ENV} names a MIG instance ({entry}); llmhost plans whole GPUs: list GPU indices or "
@@ -153,10 +151,21 @@ def _visible(pynvml: Any, count: int, spec: str | None) -> list[int]:
     return out
 
 
-def _own_context(pynvml: Any, handle: Any, index: int) -> int:
-    """Of device `index`'s used bytes, those of this process that are neither another process's nor held by torch's
-    allocator: its CUDA context, which the plan's runtime term already counts. 0 unless torch initialized CUDA in
-    this process (a Python API host started after the caller used the GPU) and NVML shows this process.
+def nvml_processes(pynvml: Any, nvml_index: int) -> list[tuple[int, int]] | None:
+    """(pid, bytes) of each compute process NVML lists on its GPU `nvml_index`; None where it keeps no
+    per-process accounting."""
+    try:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(nvml_index))
+    except Exception:
+        return None
+    return [(int(p.pid), int(p.usedGpuMemory or 0)) for p in procs]
+
+
+def _own_context(pynvml: Any, nvml_index: int, index: int) -> int:
+    """Of device `index`'s (NVML's `nvml_index`) used bytes, those of this process that are neither another
+    process's nor held by torch's allocator: its CUDA context, which the plan's runtime term already counts. 0
+    unless torch initialized CUDA in this process (a Python API host started after the caller used the GPU) and
+    NVML shows this process.
 
     Why: counted in `external` as well, the context was planned twice: after every load of bench/host_correctness.py
     on the H200 the ledger read ~0.9 GiB above the driver ("driver reports 1.63 GiB used, the ledger predicts 2.57
@@ -168,12 +177,11 @@ def _own_context(pynvml: Any, handle: Any, index: int) -> int:
     torch = sys.modules.get("torch")  # not imported: then CUDA was not initialized through it
     if torch is None or not torch.cuda.is_initialized() or index >= torch.cuda.device_count():
         return 0
-    try:
-        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except Exception:  # no per-process accounting: keep the whole figure
+    procs = nvml_processes(pynvml, nvml_index)
+    if procs is None:  # no per-process accounting: keep the whole figure
         return 0
     me = os.getpid()
-    mine = [int(p.usedGpuMemory or 0) for p in procs if p.pid == me]
+    mine = [used for pid, used in procs if pid == me]
     if not mine:  # this process invisible to NVML (a PID namespace): nothing can be attributed
         return 0
     return max(0, sum(mine) - int(torch.cuda.memory_reserved(index)))
