@@ -82,7 +82,8 @@ MODES = {
 PROMPT = 128
 FOUR_CLIENTS = 8
 FAR_PROMPT_SMS = 44  # four-far: a third of an H100's or H200's SMs, apart from the deepest steering level's 88
-PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0)}
+PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
+                "pair-undithered": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -280,7 +281,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     model alone, then all together; (four-unsteered) the same with sm_steering off; (four-far, four-unsteered-far)
     those two with the host's prompt steps beside other models on FAR_PROMPT_SMS SMs at the far end of the GPU
     (the host's LLMHOST_FAR_PROMPT_SMS experiment; this phase's process only); (four-lead2, four-far-lead2) a lead
-    of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts."""
+    of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts;
+    (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0)."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -292,6 +294,10 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         models = _host_models(mode, mode.pair, mode.pair_tokens, 1, w)
         # pair-unsteered: weights 1:1 with every decode graph on the whole GPU (the default steers SMs).
         host = HostConfig(sm_steering=scenario != "pair-unsteered")
+        from llmhost.host.core import SM_DITHER_ENV
+
+        if scenario == "pair-undithered":  # the switch, for the host process started next
+            os.environ[SM_DITHER_ENV] = "0"
         run = d.start_host(inventory, host, models, f"{scenario} host {w[0]:g}:{w[1]:g}", in_process=False)
         if scenario == "pair":
             out["alone"] = {}
@@ -306,13 +312,15 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
         parts = scenario.split("-")[1:]
         host = HostConfig(sm_steering="unsteered" not in parts)
-        from llmhost.host.core import FAR_PROMPT_ENV, LEAD_STEPS_ENV
+        from llmhost.host.core import FAR_PROMPT_ENV, LEAD_STEPS_ENV, SM_DITHER_ENV
 
         # The experiments' switches, for the host process started next (it inherits this phase's environment).
         if "far" in parts:
             os.environ[FAR_PROMPT_ENV] = str(FAR_PROMPT_SMS)
         if "lead2" in parts:
             os.environ[LEAD_STEPS_ENV] = "2"
+        if "undithered" in parts:
+            os.environ[SM_DITHER_ENV] = "0"
         run = d.start_host(inventory, host, models, f"{scenario} host", in_process=False)
         out["alone"] = {}
         for ld in loads:
@@ -536,6 +544,7 @@ PLAN = (
     ("pair/baseline", "baseline", "pair", False),
     ("pair/host", "host", "pair", False),
     ("pair/host-unsteered", "host", "pair-unsteered", False),
+    ("pair/host-undithered", "host", "pair-undithered", False),  # core.SM_DITHER_ENV off, for comparison
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/processes", "processes", "pair", False),
@@ -548,6 +557,7 @@ PLAN = (
     ("four/host-unsteered-far", "host", "four-unsteered-far", False),
     ("four/host-lead2", "host", "four-lead2", False),
     ("four/host-far-lead2", "host", "four-far-lead2", False),
+    ("four/host-undithered", "host", "four-undithered", False),
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "four/host-unsteered-far": ("host_unsteered_far_prompt", " unsteered, prompts on the far SMs"),
     "four/host-lead2": ("host_lead2", " with a lead of two steps"),
     "four/host-far-lead2": ("host_far_prompt_lead2", " with prompts on the far SMs and a lead of two steps"),
+    "four/host-undithered": ("host_undithered", " with steered decode steps kept at their SM level"),
 }
 
 
@@ -91,10 +92,11 @@ def build(
     for key in PAIR_KEYS:
         if key in host:
             pair["host"][key] = _pair_summary(host[key], host_alone, pair_names, copy_gbps)
-    unsteered = results.get("pair/host-unsteered", {})
-    if "together_1_1" in unsteered:  # [host] sm_steering off, against the same alone speeds as the default host's
-        pair["host_unsteered"] = {"together_1_1": _pair_summary(unsteered["together_1_1"], host_alone, pair_names,
-                                                                copy_gbps)}  # fmt: skip
+    # [host] sm_steering off, and steering without dithering: against the same alone speeds as the default host's.
+    for key, name in (("pair/host-unsteered", "host_unsteered"), ("pair/host-undithered", "host_undithered")):
+        if "together_1_1" in results.get(key, {}):
+            together = results[key]["together_1_1"]
+            pair[name] = {"together_1_1": _pair_summary(together, host_alone, pair_names, copy_gbps)}
     engine_alone = base.get("alone", {})
     pair["baselines"]["engine_alone"] = engine_alone
     sources = {
@@ -128,7 +130,7 @@ def build(
             }
 
     swap = results.get("swap/swap", {})
-    hosts = ("pair/host", "pair/host-unsteered", "pair/host-3:1", "pair/host-1:3", "four/host",
+    hosts = ("pair/host", "pair/host-unsteered", "pair/host-undithered", "pair/host-3:1", "pair/host-1:3", "four/host",
              "four/host-unsteered", "swap/swap")  # fmt: skip
     recs = [r for k in hosts for r in results.get(k, {}).get("reconciliations", [])]
     doc: dict[str, Any] = {
@@ -196,6 +198,8 @@ def targets(
     out += _pair_equal(eq, best, "")
     if "host_unsteered" in pair:
         out += _pair_equal(pair["host_unsteered"]["together_1_1"], best, " with sm_steering = false")
+    if "host_undithered" in pair:
+        out += _pair_equal(pair["host_undithered"]["together_1_1"], best, " with steered steps undithered")
     for key, heavy in (("together_3_1", 0), ("together_1_3", 1)):
         run = pair["host"].get(key, {})
         ns = [m.get("normalized") for m in run.get("models", {}).values()]

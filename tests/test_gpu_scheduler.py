@@ -657,3 +657,17 @@ def test_weights_hold_with_spread_prompt_charges() -> None:
     shares = sched.shares(DEV)
     assert shares["a"] == pytest.approx(0.75, abs=0.05)
     assert shares["b"] == pytest.approx(0.25, abs=0.05)
+
+
+def test_lead_is_the_distance_past_the_mean_of_the_others_with_steps_in_flight() -> None:
+    sched = active_lane({"a": STEP_7B, "b": STEP_14B, "c": STEP_7B})
+    sched.charge("a", 30 * MS)
+    sched.charge("b", 12 * MS)
+    assert sched.lead("a", {}) == pytest.approx(24 * MS)  # 30 - mean(12, 0)
+    assert sched.lead("c", {}) == pytest.approx(-21 * MS)
+    # b's step in flight will be charged: it counts already, for b itself and for the others.
+    assert sched.lead("b", {"b": STEP_14B}) == pytest.approx(24 * MS - 15 * MS)
+    assert sched.lead("a", {"b": STEP_14B}) == pytest.approx(30 * MS - 12 * MS)
+    alone = make({"a": 1.0})
+    alone.pick(DEV, {"a"})
+    assert alone.lead("a", {}) is None

@@ -450,3 +450,80 @@ def test_far_stream_builds_its_context_from_the_sms_left_after_the_split(monkeyp
     assert len(sm_partition._KEEP) == 2, "the context and its stream live as long as the process"
     refuse.add("green")
     assert sm_partition.far_stream("cuda:0", 88) is None
+
+
+def test_dithering_steps_below_the_level_only_while_ahead_and_only_when_steered() -> None:
+    st = steering("7b", "14b")
+    assert window(st, 1.0, {"14b": 0.20, "7b": 0.0}) == {"14b": 104}
+    assert (st.step_sms("14b", ahead=True), st.step_sms("14b", ahead=False)) == (96, 104)
+    assert st.step_sms("7b", ahead=True) == 132  # fair sharing never held it on the whole GPU: never confined
+    for k in range(3, 30):
+        window(st, 0.5 * k, {"14b": 0.5, "7b": 0.0})
+    assert st.step_sms("14b", ahead=True) == 88  # nothing below the deepest level
+    # Given the whole GPU back after holding the other (its floor: the whole GPU), it still dithers.
+    st = steering("7b", "14b")
+    assert window(st, 1.0, {"14b": 0.05, "7b": 0.0}) == {"14b": 112}
+    assert window(st, 1.5, {"7b": 0.10, "14b": 0.0}, by={"7b": "14b"}) == {"14b": 132}
+    assert (st.step_sms("14b", ahead=True), st.step_sms("14b", ahead=False)) == (112, 132)
+
+
+@pytest.mark.parametrize("dither", [True, False])
+def test_dithering_holds_a_pair_at_its_fair_point_between_two_levels(dither: bool) -> None:
+    """A simulated GPU: the 14B's and the 7B's speeds beside each other (fractions of solo) depend on the 14B's SM
+    count, the 14B ahead at 104 SMs and behind at 96 (as the H100 pair, green_context-h100.json). Dithered by the
+    GPU scheduler's lead, the two stay within a step of each other, on a mix of both levels; at the steering's level
+    alone the 14B runs ahead without bound (fair sharing would hold it back, leaving the 7B alone meanwhile)."""
+    from llmhost.host.gpu_scheduler import GpuScheduler
+
+    speeds = {104: {"14b": 0.600, "7b": 0.548}, 96: {"14b": 0.530, "7b": 0.610}}
+    solo = {"14b": 0.012, "7b": 0.0065}
+    st = steering("7b", "14b")
+    assert window(st, 1.0, {"14b": 0.20, "7b": 0.0}) == {"14b": 104}
+    gpu = GpuScheduler()
+    for name, step_s in solo.items():
+        gpu.add(name, "cuda:0")
+        gpu.observe(name, 1, 0, step_s)
+    gpu.pick("cuda:0", ["7b", "14b"])
+    deep = 0
+    for _ in range(2000):  # one 14B step each, the 7B progressing beside it meanwhile
+        lead = gpu.lead("14b", {})
+        assert lead is not None
+        sms = st.step_sms("14b", ahead=dither and lead > 0.0)
+        deep += sms == 96
+        wall = solo["14b"] / speeds[sms]["14b"]
+        gpu.charge("14b", solo["14b"])
+        gpu.charge("7b", wall * speeds[sms]["7b"])
+    gap = abs(gpu.lead("14b", {}) or 0.0)
+    if dither:
+        assert gap < 2 * solo["14b"] and 0.2 < deep / 2000 < 0.8
+    else:
+        assert gap > 100 * solo["14b"] and deep == 0
+
+
+def test_the_host_dithers_a_steered_models_steps_unless_turned_off(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    from llmhost.host.core import SM_DITHER_ENV
+
+    for sub, on in (("off", False), ("on", True)):
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(SM_DITHER_ENV, "1" if on else "0")
+        core = _steered_core(tmp_path / sub, monkeypatch, tiny_models)
+        confinement = core.confinement
+        assert confinement is not None
+        _b_held_back(confinement)
+        runner = core.slots["b"].engine.runner
+        assert runner.sms == 104
+        for name, step_s in (("a", 0.002), ("b", 0.008)):
+            core.gpu.observe(name, 8, 0, step_s)
+        core.gpu.pick("cuda:0", ["a", "b"])
+        core.gpu.charge("b", 0.020)  # b ahead of a
+        core._dither("b", "cuda:0", [])
+        assert runner.sms == (96 if on else 104)
+        core.gpu.charge("a", 0.040)  # now behind
+        core._dither("b", "cuda:0", [])
+        assert runner.sms == 104
+        core._dither("a", "cuda:0", [])  # never held on the whole GPU: stays there
+        assert core.slots["a"].engine.runner.sms is None

@@ -80,13 +80,21 @@ MAX_CONCURRENT_MODELS = 4
 # CUDA stream priority of decode-only steps (lower is higher; steps with prompt tokens run at the default, 0).
 DECODE_STREAM_PRIORITY = -1
 # Experiment, off unless this names an SM count: a prompt step beside other models' steps runs on a stream of
-# about that many SMs at the far end of the GPU, apart from the SMs confined decode graphs take (far_stream). Not
-# measured yet; a prompt confined to the first SMs, shared with the steered 8Bs' graphs, made the four models'
-# p99s worse (bench/results/multi_model_experiments-h200.json).
+# about that many SMs at the far end of the GPU, apart from the SMs confined decode graphs take (far_stream). H200,
+# four models at 44 SMs: p99 inter-token latency 3.1-4.1x solo against the default's 3.7-4.1x in the same call,
+# aggregate 1.03 of it (bench/results/multi_model_experiments_call2-h200.json, one run each: not a clear gain); a
+# prompt confined to the first SMs, shared with the steered 8Bs' graphs, made the four models' p99s worse
+# (bench/results/multi_model_experiments-h200.json).
 FAR_PROMPT_ENV = "LLMHOST_FAR_PROMPT_SMS"
 # Experiment, off unless set: GpuScheduler's lead_steps (a model may start that many of its own steps past another
-# model's bound, less one), to hold the 8Bs beside three models less often. Not measured yet.
+# model's bound, less one), to hold the 8Bs beside three models less often. H200, four models, lead 2: p99 3.2-4.1x
+# solo against the default's 3.7-4.1x in the same call, aggregate unchanged (multi_model_experiments_call2-h200.json).
 LEAD_STEPS_ENV = "LLMHOST_LEAD_STEPS"
+# SM steering dithers each steered model's decode steps between its level and the one below by whether it is ahead
+# of the others (SmSteering.step_sms); "0" turns that off, for comparison. H200, Mistral-7B + Yi-34B at 1:1: 4,227
+# GB/s against 4,185 undithered and two threads' 4,215 (normalized 0.555 / 0.593 against 0.568 / 0.571); four
+# models 4,261 tok/s against 4,130 (bench/results/multi_model_dither-h200.json, one run each).
+SM_DITHER_ENV = "LLMHOST_SM_DITHER"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
@@ -219,6 +227,7 @@ class HostCore:
         self.confinement = SmConfinement(self._runner, self.trace) if config.host.sm_steering else None
         self._gc_start = 0.0
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)
+        self._sm_dither = os.environ.get(SM_DITHER_ENV) != "0"
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._draining: set[str] = set()  # admin unloads waiting for the requests in their model to finish
 
@@ -600,6 +609,7 @@ class HostCore:
                 continue
             if not alone and not self.gpu.follow_ok(name, in_flight, done):
                 continue
+            self._dither(name, device, running)
             nxt = self._follow(last)
             if nxt is not None:
                 running.append(nxt)
@@ -855,6 +865,8 @@ class HostCore:
             return None
         shape = _shape(plan)
         far = self._far_stream(name, device, running) if shape.prefill_tokens else None
+        if not shape.prefill_tokens:
+            self._dither(name, device, running)
         run = self._execute(name, plan, shape, far or self._stream(name, device, running, shape))
         if run is None:
             return None
@@ -862,6 +874,15 @@ class HostCore:
         running.append(run)
         self._traced(run, len(running) - 1)
         return run
+
+    def _dither(self, name: str, device: str, running: list[_Running]) -> None:
+        """Before a decode step of `name` on a steered GPU: the SM count its graphs replay at, by whether it is ahead
+        of the GPU's other active models (GpuScheduler.lead); not where SM_DITHER_ENV is "0"."""
+        if self.confinement is None or not self._sm_dither or not self.confinement.steers(device):
+            return
+        lead = self.gpu.lead(name, self._costs_in_flight(running, prompts=False))
+        if lead is not None:
+            self.confinement.dither(name, device, ahead=lead > 0.0)
 
     def _plan(self, name: str, device: str) -> tuple[StepPlan, StepShape]:
         eng: Engine = self.slots[name].engine

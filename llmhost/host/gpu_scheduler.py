@@ -283,6 +283,20 @@ class GpuScheduler:
         start = acct.vtime + in_flight_s[model] / acct.weight
         return self._within_steps(acct, start, in_flight_s, done_s, unmeasured_blocks=True)
 
+    def lead(self, model: str, in_flight_s: Mapping[str, float]) -> float | None:
+        """How far `model` is ahead of the other active models of its device, in virtual seconds: its virtual time
+        less the mean of theirs, each with its steps in flight (`in_flight_s`: model -> their expected solo cost,
+        not yet charged) added; negative when behind; None when no other model is active. SM steering's dithering
+        (SmSteering.step_sms) reads its sign."""
+        acct = self._account(model)
+        lane = self._lanes[acct.device]
+
+        def at(name: str, a: _Account) -> float:
+            return a.vtime + in_flight_s.get(name, 0.0) / a.weight
+
+        others = [at(n, a) for n, a in lane.models.items() if a is not acct and n in lane.active]
+        return at(model, acct) - sum(others) / len(others) if others else None
+
     def blocker(self, model: str, in_flight_s: Mapping[str, float], done_s: Mapping[str, float] = {}) -> str | None:
         """The other active model whose bound keeps `model` (with no step in flight) from starting a step now, as
         launch_ok judges it: of the bounds its virtual time passes, the smallest, the one it waits for longest.

@@ -98,6 +98,20 @@ class SmConfinement:
             if self._trace is not None:
                 self._trace.add("confine", name, 0, 0, sms=sms)
 
+    def dither(self, name: str, device: str, ahead: bool) -> None:
+        """Before `name`'s next decode step on a steered GPU: select the graphs of the SM count SmSteering.step_sms
+        gives it, the level below its own while it is `ahead` of the others."""
+        steering = self._steering.get(device)
+        runner = self._runner_of(name)
+        if steering is None or runner is None or name not in steering.models:
+            return
+        sms = steering.step_sms(name, ahead)
+        want = None if sms >= steering.total else sms
+        if runner.sms != want:
+            runner.select(want)
+            if self._trace is not None:
+                self._trace.add("dither", name, 0, 0, sms=sms)
+
     def _add(self, name: str, device: str) -> None:
         from llmhost.engine.sm_partition import confined_stream, sm_count
 

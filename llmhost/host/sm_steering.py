@@ -25,6 +25,15 @@ throughput and p99s did not measurably change either way, bench/results/multi_mo
 window in which the set of models with work changed decides nothing (its holds are the newcomer's start). A change
 shows in the next window already (selecting a set of graphs is instant). A model with work alone on the GPU for
 ALONE_WINDOWS windows gets the whole GPU back.
+
+Dithering (`step_sms`; the host's LLMHOST_SM_DITHER=0 turns it off): the levels are coarse (8 SMs apart), and the
+fair point of a pair lies between two of them, so at either one model runs ahead and fair sharing holds it back,
+leaving the other's stream alone on the GPU meanwhile (the H100 pair: 3,041 GB/s held fair, 3,068 with the 14B at
+104 SMs run free, 0.548 / 0.600 of solo; green_context-h100.json). A steered model replays each decode step at the
+level below its own while its virtual time is ahead of the others', at its own level while behind: the mix of the
+two settles where both progress alike, with fewer holds (H200, Mistral-7B + Yi-34B: 4,227 GB/s against 4,185
+without, multi_model_dither-h200.json). Only a model the steering moved dithers (confined, or given SMs back after
+holding others): one that fair sharing never held on the whole GPU keeps it.
 """
 
 from __future__ import annotations
@@ -93,6 +102,13 @@ class SmSteering:
 
     def sms(self, model: str) -> int:
         return self.levels[self._models[model].level]
+
+    def step_sms(self, model: str, ahead: bool) -> int:
+        """The SM count of `model`'s next decode step, dithered (see the module's docstring): the level below its
+        own while it is `ahead` of the others, its own otherwise; a model the steering never moved keeps its own."""
+        m = self._models[model]
+        moved = m.level > 0 or m.floor < self.deepest
+        return self.levels[min(m.level + 1, self.deepest)] if ahead and moved else self.levels[m.level]
 
     def observe(self, model: str, seconds: float, held: bool, by: str | None = None) -> None:
         """`model` had work for `seconds`, and (held) a decode step that fair sharing kept from starting, waiting

@@ -170,7 +170,8 @@ def _own_context(pynvml: Any, nvml_index: int, index: int) -> int:
     Why: counted in `external` as well, the context was planned twice: after every load of bench/host_correctness.py
     on the H200 the ledger read ~0.9 GiB above the driver ("driver reports 1.63 GiB used, the ledger predicts 2.57
     GiB"): the context (621 MiB on the H100) is most of it, the rest the 1 GiB default runtime term of a GPU
-    without a measured one. Not re-measured since (no device time left). The allocator's bytes stay external
+    without a measured one. With this, the same run read 1.63 GiB against 1.80 (the H200 had no measured runtime
+    term yet; bench/results/host_correctness-h200.json's run of 2026-12-05). The allocator's bytes stay external
     (conservative: its cached blocks are reused by the host's loads only where they fit). Not covered: another
     library's allocations in this process, which NVML cannot tell from the context, are taken for it (start the
     host before them)."""

@@ -11,6 +11,8 @@ from llmhost.units import MiB
 MEASURED: dict[str, int] = {
     # H100 80GB HBM3, torch 2.11.0+cu130, driver 580.159: context 621 MiB, cuBLAS/cuBLASLt +96 MiB, SDPA +8 MiB.
     "NVIDIA H100": 760_020_992,
+    # H200 (141 GB HBM3e), the same torch, CUDA and driver: the same bytes at every step.
+    "NVIDIA H200": 760_020_992,
 }
 
 # A GPU kind never measured: a CUDA context on recent drivers is 400-600 MiB, cuBLAS workspaces and kernel
