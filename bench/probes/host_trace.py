@@ -33,8 +33,8 @@ def describe(e: dict[str, Any], since: float) -> str:
         return f"{1e3 * (e['t'] - since):8.2f} pass    {parts} ms"
     if e["ev"] in ("gc", "send"):  # a garbage collection (its generation) or a slow send of a token batch
         return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['ms']} ms generation {e.get('generation', '-')}"
-    if e["ev"] == "confine":  # SM steering moved the model's decode graphs to another SM count
-        return f"{1e3 * (e['t'] - since):8.2f} confine {e['model']:14} {e['sms']} SMs"
+    if e["ev"] in ("confine", "dither"):  # SM steering moved the model's decode graphs to another SM count
+        return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['model']:14} {e['sms']} SMs"
     where = f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['model']:14} rows {e['rows']:2} prefill {e['prefill']:4}"
     if e["ev"] == "launched":  # the last slice of a step launched in slices queued, ms after its first
         return where + f" took {e['ms']} ms"
