@@ -93,7 +93,10 @@ LEAD_STEPS_ENV = "LLMHOST_LEAD_STEPS"
 # SM steering dithers each steered model's decode steps between its level and the one below by whether it is ahead
 # of the others (SmSteering.step_sms); "0" turns that off, for comparison. H200, Mistral-7B + Yi-34B at 1:1: 4,227
 # GB/s against 4,185 undithered and two threads' 4,215 (normalized 0.555 / 0.593 against 0.568 / 0.571); four
-# models 4,261 tok/s against 4,130 (bench/results/multi_model_dither-h200.json, one run each).
+# models 4,261 tok/s against 4,130 (bench/results/multi_model_dither-h200.json, one run each). H100, Mistral-7B +
+# Qwen2.5-14B, two full runs: 3,041 / 3,034 GB/s against 3,034 / 3,048 undithered; four models in three calls 2,805
+# / 2,894 / 3,039 tok/s against 3,020 / 2,861 / 2,987 (multi_model_call1-h100.json, multi_model-h100.json,
+# multi_model_four_rerun-h100.json): no gain there beyond the spread, and no loss.
 SM_DITHER_ENV = "LLMHOST_SM_DITHER"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch

@@ -32,8 +32,9 @@ leaving the other's stream alone on the GPU meanwhile (the H100 pair: 3,041 GB/s
 104 SMs run free, 0.548 / 0.600 of solo; green_context-h100.json). A steered model replays each decode step at the
 level below its own while its virtual time is ahead of the others', at its own level while behind: the mix of the
 two settles where both progress alike, with fewer holds (H200, Mistral-7B + Yi-34B: 4,227 GB/s against 4,185
-without, multi_model_dither-h200.json). Only a model the steering moved dithers (confined, or given SMs back after
-holding others): one that fair sharing never held on the whole GPU keeps it.
+without, multi_model_dither-h200.json; on the H100 no gain beyond the run-to-run spread, host/core.py SM_DITHER_ENV).
+Only a model the steering moved dithers (confined, or given SMs back after holding others): one that fair sharing
+never held on the whole GPU keeps it.
 """
 
 from __future__ import annotations
