@@ -68,6 +68,7 @@ def _four_summary(fh: dict[str, Any], names: list[str]) -> dict[str, Any]:
                 "gpu_share": together.get(n, {}).get("gpu_share"),
                 "itl_ms_alone": alone.get(n, {}).get("itl_ms"),
                 "itl_ms_together": together.get(n, {}).get("itl_ms"),
+                "ttft_ms_together": together.get(n, {}).get("ttft_ms"),
             }
             for n in names
         },

@@ -1,0 +1,30 @@
+"""bench/multi_model_drivers.stream_stats on made-up client streams: tokens and gaps in the window, and the time to
+first token of the requests submitted in it (the figure that shows a model whose prompts wait)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from multi_model_drivers import Stream, stream_stats
+
+
+def test_time_to_first_token_counts_requests_submitted_in_the_window() -> None:
+    streams = [
+        Stream("m", 4, submitted=0.5, times=[0.6, 1.1, 1.2]),  # submitted before the window: no TTFT counted
+        Stream("m", 4, submitted=1.0, times=[1.05, 1.06, 1.08]),  # 50 ms to its first token
+        Stream("m", 4, submitted=1.5, times=[1.75]),  # 250 ms
+        Stream("m", 4, submitted=1.9, times=[]),  # still waiting at the end: no first token to count
+    ]
+    out = stream_stats(streams, 1.0, 2.0)
+    assert out["tokens"] == 6  # 1.1, 1.2, 1.05, 1.06, 1.08, 1.75
+    assert out["ttft_ms"]["n"] == 2
+    assert round(out["ttft_ms"]["mean"], 3) == 150.0 and round(out["ttft_ms"]["max"], 3) == 250.0
+    assert round(out["itl_ms"]["max"], 3) == 500.0  # 0.6 -> 1.1 ends in the window
+
+
+def test_no_request_submitted_in_the_window_gives_no_ttft() -> None:
+    out = stream_stats([Stream("m", 4, submitted=0.0, times=[0.1, 1.5])], 1.0, 2.0)
+    assert "ttft_ms" not in out and out["tokens"] == 1
