@@ -83,7 +83,7 @@ PROMPT = 128
 FOUR_CLIENTS = 8
 FAR_PROMPT_SMS = 44  # four-far: a third of an H100's or H200's SMs, apart from the deepest steering level's 88
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
-                "pair-undithered": (1.0, 1.0)}  # fmt: skip
+                "pair-undithered": (1.0, 1.0), "pair-b2b": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -282,7 +282,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     those two with the host's prompt steps beside other models on FAR_PROMPT_SMS SMs at the far end of the GPU
     (the host's LLMHOST_FAR_PROMPT_SMS experiment; this phase's process only); (four-lead2, four-far-lead2) a lead
     of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts;
-    (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0)."""
+    (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0);
+    (pair-b2b, four-b2b) solo step costs sampled from decode steps run back to back (LLMHOST_SOLO_RUN_AHEAD=1)."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -294,10 +295,12 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         models = _host_models(mode, mode.pair, mode.pair_tokens, 1, w)
         # pair-unsteered: weights 1:1 with every decode graph on the whole GPU (the default steers SMs).
         host = HostConfig(sm_steering=scenario != "pair-unsteered")
-        from llmhost.host.core import SM_DITHER_ENV
+        from llmhost.host.core import SM_DITHER_ENV, SOLO_RUN_AHEAD_ENV
 
-        if scenario == "pair-undithered":  # the switch, for the host process started next
+        if scenario == "pair-undithered":  # the switches, for the host process started next
             os.environ[SM_DITHER_ENV] = "0"
+        if scenario == "pair-b2b":
+            os.environ[SOLO_RUN_AHEAD_ENV] = "1"
         run = d.start_host(inventory, host, models, f"{scenario} host {w[0]:g}:{w[1]:g}", in_process=False)
         if scenario == "pair":
             out["alone"] = {}
@@ -312,7 +315,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
         parts = scenario.split("-")[1:]
         host = HostConfig(sm_steering="unsteered" not in parts)
-        from llmhost.host.core import FAR_PROMPT_ENV, LEAD_STEPS_ENV, SM_DITHER_ENV
+        from llmhost.host.core import FAR_PROMPT_ENV, LEAD_STEPS_ENV, SM_DITHER_ENV, SOLO_RUN_AHEAD_ENV
 
         # The experiments' switches, for the host process started next (it inherits this phase's environment).
         if "far" in parts:
@@ -321,6 +324,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
             os.environ[LEAD_STEPS_ENV] = "2"
         if "undithered" in parts:
             os.environ[SM_DITHER_ENV] = "0"
+        if "b2b" in parts:
+            os.environ[SOLO_RUN_AHEAD_ENV] = "1"
         run = d.start_host(inventory, host, models, f"{scenario} host", in_process=False)
         out["alone"] = {}
         for ld in loads:
@@ -545,6 +550,7 @@ PLAN = (
     ("pair/host", "host", "pair", False),
     ("pair/host-unsteered", "host", "pair-unsteered", False),
     ("pair/host-undithered", "host", "pair-undithered", False),  # core.SM_DITHER_ENV off, for comparison
+    ("pair/host-b2b", "host", "pair-b2b", False),  # experiment: core.SOLO_RUN_AHEAD_ENV on
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/processes", "processes", "pair", False),
@@ -558,6 +564,7 @@ PLAN = (
     ("four/host-lead2", "host", "four-lead2", False),
     ("four/host-far-lead2", "host", "four-far-lead2", False),
     ("four/host-undithered", "host", "four-undithered", False),
+    ("four/host-b2b", "host", "four-b2b", False),
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

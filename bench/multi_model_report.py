@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "four/host-lead2": ("host_lead2", " with a lead of two steps"),
     "four/host-far-lead2": ("host_far_prompt_lead2", " with prompts on the far SMs and a lead of two steps"),
     "four/host-undithered": ("host_undithered", " with steered decode steps kept at their SM level"),
+    "four/host-b2b": ("host_b2b", " with solo costs sampled from steps run back to back"),
 }
 
 
@@ -94,7 +95,8 @@ def build(
         if key in host:
             pair["host"][key] = _pair_summary(host[key], host_alone, pair_names, copy_gbps)
     # [host] sm_steering off, and steering without dithering: against the same alone speeds as the default host's.
-    for key, name in (("pair/host-unsteered", "host_unsteered"), ("pair/host-undithered", "host_undithered")):
+    for key, name in (("pair/host-unsteered", "host_unsteered"), ("pair/host-undithered", "host_undithered"),
+                      ("pair/host-b2b", "host_b2b")):  # fmt: skip
         if "together_1_1" in results.get(key, {}):
             together = results[key]["together_1_1"]
             pair[name] = {"together_1_1": _pair_summary(together, host_alone, pair_names, copy_gbps)}
@@ -131,8 +133,8 @@ def build(
             }
 
     swap = results.get("swap/swap", {})
-    hosts = ("pair/host", "pair/host-unsteered", "pair/host-undithered", "pair/host-3:1", "pair/host-1:3", "four/host",
-             "four/host-unsteered", "swap/swap")  # fmt: skip
+    hosts = ("pair/host", "pair/host-unsteered", "pair/host-undithered", "pair/host-b2b", "pair/host-3:1",
+             "pair/host-1:3", "four/host", "four/host-unsteered", "swap/swap")  # fmt: skip
     recs = [r for k in hosts for r in results.get(k, {}).get("reconciliations", [])]
     doc: dict[str, Any] = {
         "copy_bandwidth_GBps": copy_gbps,
@@ -201,6 +203,8 @@ def targets(
         out += _pair_equal(pair["host_unsteered"]["together_1_1"], best, " with sm_steering = false")
     if "host_undithered" in pair:
         out += _pair_equal(pair["host_undithered"]["together_1_1"], best, " with steered steps undithered")
+    if "host_b2b" in pair:
+        out += _pair_equal(pair["host_b2b"]["together_1_1"], best, " with solo costs sampled back to back")
     for key, heavy in (("together_3_1", 0), ("together_1_3", 1)):
         run = pair["host"].get(key, {})
         ns = [m.get("normalized") for m in run.get("models", {}).values()]

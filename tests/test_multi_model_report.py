@@ -131,3 +131,20 @@ def test_merge_refuses_other_settings_missing_and_repeated_phases(tmp_path: Path
         multi_model_merge.merge([(a, ["swap/swap"])])
     with pytest.raises(SystemExit, match="named twice"):
         multi_model_merge.merge([(a, ["pair/host"]), (a, ["pair/host"])])
+
+
+def test_the_back_to_back_sampling_experiment_is_judged_on_its_own() -> None:
+    results = _results((2000.0, 2100.0))
+    results["pair/host-b2b"] = {"together_1_1": _pair(120.0, 27.0, 2200.0, 1900.0)}  # 4,100 GB/s, 0.60 / 0.54
+    results["four/host-b2b"] = {
+        "alone": {n: _stream(1000.0, p99=2.0) for n in FOUR},
+        "together": {n: _stream(255.0, p99=5.9) for n in FOUR},
+    }
+    doc = build(MODE, PAIR, FOUR, results, {})
+    met = _verdicts(doc)
+    assert doc["pair"]["host_b2b"]["together_1_1"]["combined_bandwidth_GBps"] == 4100.0
+    assert met["pair with solo costs sampled back to back: combined bandwidth above every baseline"] is True
+    assert met["pair with solo costs sampled back to back: normalized speeds within 15% (weights 1:1)"] is True
+    assert met["four with solo costs sampled from steps run back to back: worst p99 ITL together / alone"] is True
+    assert met["pair: combined bandwidth above every baseline"] is False  # the default host's verdicts stand
+    assert met["four: worst p99 ITL together / alone"] is False

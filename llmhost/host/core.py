@@ -98,6 +98,15 @@ LEAD_STEPS_ENV = "LLMHOST_LEAD_STEPS"
 # / 2,894 / 3,039 tok/s against 3,020 / 2,861 / 2,987 (multi_model_call1-h100.json, multi_model-h100.json,
 # multi_model_four_rerun-h100.json): no gain there beyond the spread, and no loss.
 SM_DITHER_ENV = "LLMHOST_SM_DITHER"
+# Experiment, off unless "1": a decode step run ahead (_follow) with no other step beside it samples its model's solo
+# step cost, when all its kernels were queued before the step ahead of it finished: its start event then completes
+# as that step ends, and start -> done spans its own GPU work only. The default's samples are decode steps launched
+# after a collection, whose start event is recorded before the host stages their inputs and launches the graph, so
+# they count that host time as GPU time: the H100 step traces' solo estimates were 1.76-1.93 ms for the 1B, whose
+# token gaps alone are 1.46 ms (p50), 3.59-4.08 ms for the 3B (3.25) and 6.6-6.8 ms for the 8Bs (6.26)
+# (bench/results/host_trace_dither-h100.json; multi_model-h100.json for the gaps alone). Overlapped steps are
+# charged that estimate, so a small model pays most for it: fair sharing gives it less than its share.
+SOLO_RUN_AHEAD_ENV = "LLMHOST_SOLO_RUN_AHEAD"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
@@ -231,6 +240,7 @@ class HostCore:
         self._gc_start = 0.0
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)
         self._sm_dither = os.environ.get(SM_DITHER_ENV) != "0"
+        self._solo_run_ahead = os.environ.get(SOLO_RUN_AHEAD_ENV) == "1"
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._draining: set[str] = set()  # admin unloads waiting for the requests in their model to finish
 
@@ -613,7 +623,7 @@ class HostCore:
             if not alone and not self.gpu.follow_ok(name, in_flight, done):
                 continue
             self._dither(name, device, running)
-            nxt = self._follow(last)
+            nxt = self._follow(last, running)
             if nxt is not None:
                 running.append(nxt)
                 self._traced(nxt, len(running) - 1, follows=True)
@@ -639,7 +649,9 @@ class HostCore:
                 )  # fmt: skip
         return moved
 
-    def _follow(self, last: _Running) -> _Running | None:
+    def _follow(self, last: _Running, running: list[_Running]) -> _Running | None:
+        """Queue `last`'s model's next decode step behind it on its stream (`running`: its GPU's steps in
+        flight)."""
         t0 = time.perf_counter()
         stream = last.stream
         assert stream is not None
@@ -652,8 +664,11 @@ class HostCore:
             return None
         if nxt is None:
             return None
-        # Its latency includes the step ahead of it: charged and observed like an overlapped step.
-        run = _Running(last.name, last.engine, nxt, _shape(nxt), t0, stream, _event(stream), overlapped=True)
+        # Its latency includes the step ahead of it: charged and observed like an overlapped step, unless it is a
+        # sample of the solo cost (SOLO_RUN_AHEAD_ENV): every kernel queued while the step ahead still runs, and no
+        # other step in flight (one launched beside it later marks it overlapped, _mark_beside).
+        sample = self._solo_run_ahead and all(r is last for r in running) and not last.finished()
+        run = _Running(last.name, last.engine, nxt, _shape(nxt), t0, stream, _event(stream), overlapped=not sample)
         run.start = start
         return run
 
