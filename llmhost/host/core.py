@@ -102,10 +102,11 @@ SM_DITHER_ENV = "LLMHOST_SM_DITHER"
 # step cost, when all its kernels were queued before the step ahead of it finished: its start event then completes
 # as that step ends, and start -> done spans its own GPU work only. The default's samples are decode steps launched
 # after a collection, whose start event is recorded before the host stages their inputs and launches the graph, so
-# they count that host time as GPU time: the H100 step traces' solo estimates were 1.76-1.93 ms for the 1B, whose
-# token gaps alone are 1.46 ms (p50), 3.59-4.08 ms for the 3B (3.25) and 6.6-6.8 ms for the 8Bs (6.26)
-# (bench/results/host_trace_dither-h100.json; multi_model-h100.json for the gaps alone). Overlapped steps are
-# charged that estimate, so a small model pays most for it: fair sharing gives it less than its share.
+# they count that host time as GPU time; and a model that runs ahead alone takes few of them (1-6 in a second's
+# warm-up). In four step traces (`python bench/probes/solo_samples.py DIR`, bench/results/solo_samples-h100.json
+# and -h200.json) the estimate each model was charged by beside the others was 1.20-1.32x its decode steps' GPU time
+# run ahead alone (p50) for the 1B, 1.10-1.26x for the 3B and 1.03-1.09x for the 8Bs: overlapped steps are
+# charged that estimate, so a small model pays most for it, and fair sharing gives it less than its share.
 SOLO_RUN_AHEAD_ENV = "LLMHOST_SOLO_RUN_AHEAD"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
