@@ -274,6 +274,23 @@ def drive_four(
     return streams, t0, t1
 
 
+def _switch_experiments(scenario: str) -> None:
+    """Set the host's experiment switches that `scenario` names (its parts after the first "-"), for the host
+    process started next: it inherits this phase's environment."""
+    from llmhost.host.core import FAR_PROMPT_ENV, LEAD_STEPS_ENV, SM_DITHER_ENV, SOLO_RUN_AHEAD_ENV
+
+    switches = {
+        "far": (FAR_PROMPT_ENV, str(FAR_PROMPT_SMS)),
+        "lead2": (LEAD_STEPS_ENV, "2"),
+        "undithered": (SM_DITHER_ENV, "0"),
+        "b2b": (SOLO_RUN_AHEAD_ENV, "1"),
+    }
+    for part in scenario.split("-")[1:]:
+        if part in switches:
+            env, value = switches[part]
+            os.environ[env] = value
+
+
 def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     """The host in its own process, as the server runs it (this process's client threads take no GIL time from its
     loop): (pair) each model alone, then together at weights 1:1; (pair-3:1, pair-1:3) together at those weights
@@ -295,12 +312,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         models = _host_models(mode, mode.pair, mode.pair_tokens, 1, w)
         # pair-unsteered: weights 1:1 with every decode graph on the whole GPU (the default steers SMs).
         host = HostConfig(sm_steering=scenario != "pair-unsteered")
-        from llmhost.host.core import SM_DITHER_ENV, SOLO_RUN_AHEAD_ENV
-
-        if scenario == "pair-undithered":  # the switches, for the host process started next
-            os.environ[SM_DITHER_ENV] = "0"
-        if scenario == "pair-b2b":
-            os.environ[SOLO_RUN_AHEAD_ENV] = "1"
+        _switch_experiments(scenario)
         run = d.start_host(inventory, host, models, f"{scenario} host {w[0]:g}:{w[1]:g}", in_process=False)
         if scenario == "pair":
             out["alone"] = {}
@@ -315,17 +327,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
         parts = scenario.split("-")[1:]
         host = HostConfig(sm_steering="unsteered" not in parts)
-        from llmhost.host.core import FAR_PROMPT_ENV, LEAD_STEPS_ENV, SM_DITHER_ENV, SOLO_RUN_AHEAD_ENV
-
-        # The experiments' switches, for the host process started next (it inherits this phase's environment).
-        if "far" in parts:
-            os.environ[FAR_PROMPT_ENV] = str(FAR_PROMPT_SMS)
-        if "lead2" in parts:
-            os.environ[LEAD_STEPS_ENV] = "2"
-        if "undithered" in parts:
-            os.environ[SM_DITHER_ENV] = "0"
-        if "b2b" in parts:
-            os.environ[SOLO_RUN_AHEAD_ENV] = "1"
+        _switch_experiments(scenario)
         run = d.start_host(inventory, host, models, f"{scenario} host", in_process=False)
         out["alone"] = {}
         for ld in loads:

@@ -132,20 +132,20 @@ def stream_stats(
         out["effective_bandwidth_GBps"] = round(read / span / 1e9, 1)
         out["bytes_per_s"] = read / span
     if gaps:
-        out["itl_ms"] = {
-            "mean": round(1e3 * sum(gaps) / len(gaps), 3),
-            "p50": round(1e3 * percentile(gaps, 0.5), 3),
-            "p99": round(1e3 * percentile(gaps, 0.99), 3),
-            "max": round(1e3 * max(gaps), 3),
-        }
+        out["itl_ms"] = _latency_ms(gaps)
     if firsts:
-        out["ttft_ms"] = {
-            "n": len(firsts),
-            "mean": round(1e3 * sum(firsts) / len(firsts), 3),
-            "p99": round(1e3 * percentile(firsts, 0.99), 3),
-            "max": round(1e3 * max(firsts), 3),
-        }
+        out["ttft_ms"] = {"n": len(firsts), **_latency_ms(firsts)}
     return out
+
+
+def _latency_ms(xs: Sequence[float]) -> dict[str, float]:
+    """Mean, p50, p99 and max of `xs` seconds, in milliseconds."""
+    return {
+        "mean": round(1e3 * sum(xs) / len(xs), 3),
+        "p50": round(1e3 * percentile(xs, 0.5), 3),
+        "p99": round(1e3 * percentile(xs, 0.99), 3),
+        "max": round(1e3 * max(xs), 3),
+    }
 
 
 def prompt(rng: random.Random, length: int, vocab: int) -> list[int]:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # llmhost, where it is not installed
 
 from multi_model_drivers import percentile
-from trace_holds import read
+from trace_holds import read_trace
 
 
 def analyse(steps: list[dict[str, Any]], tokens: dict[str, Any]) -> dict[str, Any]:
@@ -78,8 +78,7 @@ def main() -> None:
     ap.add_argument("dir", type=Path, help="a host_trace.py --raw directory")
     ap.add_argument("--solo-p99", action="append", default=[], metavar="MODEL=MS")
     args = ap.parse_args()
-    steps = [json.loads(line) for line in read(args.dir / "steps.jsonl").splitlines() if line.strip()]
-    out = analyse(steps, json.loads(read(args.dir / "tokens.json")))
+    out = analyse(*read_trace(args.dir))
     for item in args.solo_p99:
         model, ms = item.split("=")
         m = out["models"].get(model)

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trace_holds import read
+from trace_holds import read_trace
 
 WINDOW_MARGIN_S = 0.5  # steps this close to the window's start are left out: the models start together there
 
@@ -69,8 +69,7 @@ def main() -> None:
         raise SystemExit(__doc__)
     out = {}
     for d in sys.argv[1:]:
-        steps = [json.loads(line) for line in read(Path(d) / "steps.jsonl").splitlines() if line.strip()]
-        tokens = json.loads(read(Path(d) / "tokens.json"))
+        steps, tokens = read_trace(Path(d))
         out[d] = samples(steps, tokens["t0"])
     print(json.dumps(out, indent=1))
 

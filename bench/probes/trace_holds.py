@@ -29,6 +29,12 @@ def read(path: Path) -> str:
     return gzip.decompress(gz.read_bytes()).decode() if gz.exists() else path.read_text()
 
 
+def read_trace(raw: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A host_trace.py --raw directory: its step events and its client token times (with the window, t0 and t1)."""
+    steps = [json.loads(line) for line in read(raw / "steps.jsonl").splitlines() if line.strip()]
+    return steps, json.loads(read(raw / "tokens.json"))
+
+
 def ms(x: float) -> float:
     return round(1e3 * x, 2)
 
@@ -43,8 +49,7 @@ def summary(xs: list[float]) -> dict[str, float]:
 
 
 def holds(raw: Path) -> dict[str, Any]:
-    events = [json.loads(line) for line in read(raw / "steps.jsonl").splitlines()]
-    window = json.loads(read(raw / "tokens.json"))
+    events, window = read_trace(raw)
     t0, t1 = window["t0"], window["t1"]
     # Prompt steps, from their launch's start to their collection (a model's prompt steps never overlap).
     started: dict[str, float] = {}
