@@ -83,7 +83,7 @@ PROMPT = 128
 FOUR_CLIENTS = 8
 FAR_PROMPT_SMS = 44  # four-far: a third of an H100's or H200's SMs, apart from the deepest steering level's 88
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
-                "pair-undithered": (1.0, 1.0), "pair-b2b": (1.0, 1.0)}  # fmt: skip
+                "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -143,12 +143,14 @@ def _engine_specs(mode: Mode, models: tuple[str, ...], max_tokens: int, batch: i
     return out
 
 
-def _per_model(mode: Mode, models: tuple[str, ...], streams: list[Any], t0: float, t1: float, bw: bool) -> dict:
+def _per_model(mode: Mode, models: tuple[str, ...], streams: list[Any], t0: float, t1: float, rows: int) -> dict:
+    """Per model stream_stats; `rows`: the most rows one step decodes (1: the pair's bytes read are exact; the
+    four's FOUR_CLIENTS: a lower bound on them)."""
     out = {}
     for n, m in zip(names(models), models, strict=True):
         shape = mode.shape(m)
         mine = [s for s in streams if s.model == n]
-        out[n] = drivers().stream_stats(mine, t0, t1, weight_bytes(mode, shape) if bw else 0, kv_per_token(mode, shape))
+        out[n] = drivers().stream_stats(mine, t0, t1, weight_bytes(mode, shape), kv_per_token(mode, shape), rows)
     return out
 
 
@@ -189,10 +191,10 @@ def phase_baseline(mode: Mode, scenario: str) -> dict[str, Any]:
         for e, load, m in zip(engines, loads, models, strict=True):
             t_start = time.monotonic() + 0.1
             streams = d.drive_engine(e, load, t_start + span, seed=1)
-            out["alone"].update(_per_model(mode, (m,), streams, t_start + mode.warm_s, t_start + span, True))
+            out["alone"].update(_per_model(mode, (m,), streams, t_start + mode.warm_s, t_start + span, seqs))
     t_start = time.monotonic() + 0.2
     streams = d.drive_threads(engines, loads, t_start, t_start + span)
-    out["threads"] = _per_model(mode, models, streams, t_start + mode.warm_s, t_start + span, scenario == "pair")
+    out["threads"] = _per_model(mode, models, streams, t_start + mode.warm_s, t_start + span, seqs)
     del engines
     _free()
     if torch.cuda.is_available():
@@ -207,10 +209,10 @@ def phase_processes(mode: Mode, scenario: str) -> dict[str, Any]:
     streams, t0, t1 = drivers().drive_processes(
         _engine_specs(mode, models, tokens, seqs), _loads(mode, models, seqs, tokens), mode.warm_s, mode.window_s
     )
-    return {"processes": _per_model(mode, models, streams, t0, t1, scenario == "pair")}
+    return {"processes": _per_model(mode, models, streams, t0, t1, seqs)}
 
 
-def _host_window(run: Any, mode: Mode, loads: list[Any], models: tuple[str, ...], bw: bool) -> dict[str, Any]:
+def _host_window(run: Any, mode: Mode, loads: list[Any], models: tuple[str, ...], rows: int) -> dict[str, Any]:
     """Drive the host with `loads` for warm + window seconds; stats in the window and the scheduler's charged GPU
     seconds over it (overlapped steps at their solo cost: host/gpu_scheduler.py)."""
     t_start = time.monotonic()
@@ -223,7 +225,7 @@ def _host_window(run: Any, mode: Mode, loads: list[Any], models: tuple[str, ...]
         charged[key] = {m.name: m.gpu_seconds for m in reply.models if m.name in driven}
 
     streams = d_host(run, loads, t1, at=[(t0, lambda: snap("t0")), (t1 - 1e-3, lambda: snap("t1"))])
-    stats = _per_model(mode, models, [s for s in streams if s.model in driven], t0, t1, bw)
+    stats = _per_model(mode, models, [s for s in streams if s.model in driven], t0, t1, rows)
     stats = {n: v for n, v in stats.items() if n in driven}
     if "t0" in charged and "t1" in charged:
         used = {n: charged["t1"][n] - charged["t0"][n] for n in driven}
@@ -283,7 +285,7 @@ def _switch_experiments(scenario: str) -> None:
         "far": (FAR_PROMPT_ENV, str(FAR_PROMPT_SMS)),
         "lead2": (LEAD_STEPS_ENV, "2"),
         "undithered": (SM_DITHER_ENV, "0"),
-        "b2b": (SOLO_RUN_AHEAD_ENV, "1"),
+        "collected": (SOLO_RUN_AHEAD_ENV, "0"),
     }
     for part in scenario.split("-")[1:]:
         if part in switches:
@@ -300,7 +302,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     (the host's LLMHOST_FAR_PROMPT_SMS experiment; this phase's process only); (four-lead2, four-far-lead2) a lead
     of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts;
     (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0);
-    (pair-b2b, four-b2b) solo step costs sampled from decode steps run back to back (LLMHOST_SOLO_RUN_AHEAD=1)."""
+    (pair-collected, four-collected) solo step costs sampled only from decode steps launched after a collection
+    (LLMHOST_SOLO_RUN_AHEAD=0, the default before bench/results/multi_model_b2b_reruns-h100.json)."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -317,9 +320,9 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         if scenario == "pair":
             out["alone"] = {}
             for ld in loads:
-                out["alone"].update(_host_window(run, mode, [ld], mode.pair, True))
+                out["alone"].update(_host_window(run, mode, [ld], mode.pair, 1))
                 out["alone"].pop("failed_requests")
-        out[f"together_{w[0]:g}_{w[1]:g}"] = _host_window(run, mode, loads, mode.pair, True)
+        out[f"together_{w[0]:g}_{w[1]:g}"] = _host_window(run, mode, loads, mode.pair, 1)
         out["reconciliations"] += run.reconciliations
         d.stop_host(run)
     else:
@@ -331,10 +334,10 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         run = d.start_host(inventory, host, models, f"{scenario} host", in_process=False)
         out["alone"] = {}
         for ld in loads:
-            window = _host_window(run, mode, [ld], mode.four, False)
+            window = _host_window(run, mode, [ld], mode.four, FOUR_CLIENTS)
             out["alone_failed_requests"] = out.get("alone_failed_requests", 0) + window.pop("failed_requests")
             out["alone"].update(window)
-        out["together"] = _host_window(run, mode, loads, mode.four, False)
+        out["together"] = _host_window(run, mode, loads, mode.four, FOUR_CLIENTS)
         out["reconciliations"] += run.reconciliations
         d.stop_host(run)
     return out
@@ -552,7 +555,7 @@ PLAN = (
     ("pair/host", "host", "pair", False),
     ("pair/host-unsteered", "host", "pair-unsteered", False),
     ("pair/host-undithered", "host", "pair-undithered", False),  # core.SM_DITHER_ENV off, for comparison
-    ("pair/host-b2b", "host", "pair-b2b", False),  # experiment: core.SOLO_RUN_AHEAD_ENV on
+    ("pair/host-collected", "host", "pair-collected", False),  # comparison: core.SOLO_RUN_AHEAD_ENV off
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/processes", "processes", "pair", False),
@@ -566,7 +569,7 @@ PLAN = (
     ("four/host-lead2", "host", "four-lead2", False),
     ("four/host-far-lead2", "host", "four-far-lead2", False),
     ("four/host-undithered", "host", "four-undithered", False),
-    ("four/host-b2b", "host", "four-b2b", False),
+    ("four/host-collected", "host", "four-collected", False),
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

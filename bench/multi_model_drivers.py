@@ -107,22 +107,23 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 def stream_stats(
-    streams: Sequence[Stream], t0: float, t1: float, weight_bytes: int = 0, kv_per_token: int = 0
+    streams: Sequence[Stream], t0: float, t1: float, weight_bytes: int = 0, kv_per_token: int = 0, rows: int = 1
 ) -> dict[str, Any]:
     """Tokens that arrived in [t0, t1): tokens/s, inter-token latency (gaps to the previous token of the same
-    request), and for batch-1 streams the effective bandwidth: each token's step read the weights once and the
-    KV of every position before it. Also the time to first token of the requests submitted in the window
-    (ttft_ms): a model whose new requests wait long for their prompt step decodes fewer rows at once, which its
-    token gaps do not show (an 8B of the four-model bench at 0.6 of the other's tok/s, its gaps 10-14% longer)."""
+    request), and the effective bandwidth: each token's step read the weights once, shared by at most `rows`
+    tokens (exact for batch-1 streams, a lower bound for batched ones), and the KV of every position before it.
+    Also the time to first token of the requests submitted in the window (ttft_ms): a model whose new requests wait
+    long for their prompt step decodes fewer rows at once, which its token gaps do not show (an 8B of the four-model
+    bench at 0.6 of the other's tok/s, its gaps 10-14% longer)."""
     tokens = 0
-    read = 0
+    read = 0.0
     gaps: list[float] = []
     for s in streams:
         for i, t in enumerate(s.times):
             if not t0 <= t < t1:
                 continue
             tokens += 1
-            read += weight_bytes + (s.prompt_len + i) * kv_per_token
+            read += weight_bytes / rows + (s.prompt_len + i) * kv_per_token
             if i > 0:
                 gaps.append(t - s.times[i - 1])
     firsts = [s.times[0] - s.submitted for s in streams if s.times and t0 <= s.submitted < t1]

@@ -17,7 +17,7 @@ EXPERIMENTS = {
     "four/host-lead2": ("host_lead2", " with a lead of two steps"),
     "four/host-far-lead2": ("host_far_prompt_lead2", " with prompts on the far SMs and a lead of two steps"),
     "four/host-undithered": ("host_undithered", " with steered decode steps kept at their SM level"),
-    "four/host-b2b": ("host_b2b", " with solo costs sampled from steps run back to back"),
+    "four/host-collected": ("host_collected", " with solo costs sampled after collections"),
 }
 
 
@@ -54,13 +54,29 @@ def _pair_summary(together: dict[str, Any], alone: dict[str, Any], names: list[s
     return out
 
 
-def _four_summary(fh: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The four-model host phase: aggregate tok/s together, failed requests, per model alone and together."""
+def _read_at_least(stats: dict[str, Any], names: list[str], copy_gbps: float | None) -> dict[str, Any]:
+    """The four models' bytes read per second together, at least (each step's weights shared by every client's
+    row: bench/multi_model.py _per_model), and that against the copy bandwidth: near 1, no schedule can raise the
+    sum of their speeds much, only move it between them."""
+    read = [stats.get(n, {}).get("bytes_per_s") for n in names]
+    if any(r is None for r in read):
+        return {}
+    gbps = sum(r for r in read if r is not None) / 1e9
+    out: dict[str, Any] = {"read_GBps_at_least": round(gbps, 1)}
+    if copy_gbps:
+        out["read_over_copy_bandwidth_at_least"] = round(gbps / copy_gbps, 4)
+    return out
+
+
+def _four_summary(fh: dict[str, Any], names: list[str], copy_gbps: float | None) -> dict[str, Any]:
+    """The four-model host phase: aggregate tok/s together, bytes read at least, failed requests, per model alone
+    and together."""
     if "together" not in fh:
         return {}
     together, alone = fh["together"], fh.get("alone", {})
     return {
         "aggregate_tokens_per_s": round(sum(_tok(together, n) or 0.0 for n in names), 1),
+        **_read_at_least(together, names, copy_gbps),
         "failed_requests": together.get("failed_requests", 0) + fh.get("alone_failed_requests", 0),
         "models": {
             n: {
@@ -96,7 +112,7 @@ def build(
             pair["host"][key] = _pair_summary(host[key], host_alone, pair_names, copy_gbps)
     # [host] sm_steering off, and steering without dithering: against the same alone speeds as the default host's.
     for key, name in (("pair/host-unsteered", "host_unsteered"), ("pair/host-undithered", "host_undithered"),
-                      ("pair/host-b2b", "host_b2b")):  # fmt: skip
+                      ("pair/host-collected", "host_collected")):  # fmt: skip
         if "together_1_1" in results.get(key, {}):
             together = results[key]["together_1_1"]
             pair[name] = {"together_1_1": _pair_summary(together, host_alone, pair_names, copy_gbps)}
@@ -112,12 +128,12 @@ def build(
             pair["baselines"][key] = _pair_summary(stats, engine_alone, pair_names, copy_gbps)
 
     four: dict[str, Any] = {"shapes": list(mode.four), "clients_per_model": 8, "host": {}, "baselines": {}}
-    four["host"] = _four_summary(results.get("four/host", {}), four_names)
+    four["host"] = _four_summary(results.get("four/host", {}), four_names, copy_gbps)
     if "together" in results.get("four/host-unsteered", {}):
-        four["host_unsteered"] = _four_summary(results["four/host-unsteered"], four_names)
+        four["host_unsteered"] = _four_summary(results["four/host-unsteered"], four_names, copy_gbps)
     for key, (name, _) in EXPERIMENTS.items():
         if "together" in results.get(key, {}):
-            four[name] = _four_summary(results[key], four_names)
+            four[name] = _four_summary(results[key], four_names, copy_gbps)
     four_sources = {
         "threads": results.get("four/baseline", {}).get("threads"),
         "processes": results.get("four/processes", {}).get("processes"),
@@ -127,13 +143,14 @@ def build(
         if stats:
             four["baselines"][key] = {
                 "aggregate_tokens_per_s": round(sum(_tok(stats, n) or 0.0 for n in four_names), 1),
+                **_read_at_least(stats, four_names, copy_gbps),
                 "models": {
                     n: {"tokens_per_s": _tok(stats, n), "itl_ms": stats.get(n, {}).get("itl_ms")} for n in four_names
                 },
             }
 
     swap = results.get("swap/swap", {})
-    hosts = ("pair/host", "pair/host-unsteered", "pair/host-undithered", "pair/host-b2b", "pair/host-3:1",
+    hosts = ("pair/host", "pair/host-unsteered", "pair/host-undithered", "pair/host-collected", "pair/host-3:1",
              "pair/host-1:3", "four/host", "four/host-unsteered", "swap/swap")  # fmt: skip
     recs = [r for k in hosts for r in results.get(k, {}).get("reconciliations", [])]
     doc: dict[str, Any] = {
@@ -203,8 +220,8 @@ def targets(
         out += _pair_equal(pair["host_unsteered"]["together_1_1"], best, " with sm_steering = false")
     if "host_undithered" in pair:
         out += _pair_equal(pair["host_undithered"]["together_1_1"], best, " with steered steps undithered")
-    if "host_b2b" in pair:
-        out += _pair_equal(pair["host_b2b"]["together_1_1"], best, " with solo costs sampled back to back")
+    if "host_collected" in pair:
+        out += _pair_equal(pair["host_collected"]["together_1_1"], best, " with solo costs sampled after collections")
     for key, heavy in (("together_3_1", 0), ("together_1_3", 1)):
         run = pair["host"].get(key, {})
         ns = [m.get("normalized") for m in run.get("models", {}).values()]

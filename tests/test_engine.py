@@ -387,7 +387,13 @@ def test_prompt_logprobs_survive_preemption(tiny_models: TinyModels) -> None:  #
     assert preempted > 0
     for i, w in zip(ids, want, strict=True):
         assert len(firsts[i]) == 1
-        assert firsts[i][0].prompt_logprobs == w.prompt_logprobs
+        got, expected = firsts[i][0].prompt_logprobs, w.prompt_logprobs
+        assert got is not None and expected is not None and len(got) == len(expected) and got[0] is None
+        # Recomputed in other batches than the reference's: the same values up to float rounding (CPU matmuls
+        # reduce in an order that depends on the batch's shape).
+        for g, e in zip(got[1:], expected[1:], strict=True):
+            assert g is not None and e is not None and g[1] == e[1] == []
+            assert g[0] == pytest.approx(e[0], abs=1e-5)
 
 
 # -- stopping ---------------------------------------------------------------------------------------------------

@@ -133,18 +133,30 @@ def test_merge_refuses_other_settings_missing_and_repeated_phases(tmp_path: Path
         multi_model_merge.merge([(a, ["pair/host"]), (a, ["pair/host"])])
 
 
-def test_the_back_to_back_sampling_experiment_is_judged_on_its_own() -> None:
+def test_the_sampling_after_collections_comparison_is_judged_on_its_own() -> None:
     results = _results((2000.0, 2100.0))
-    results["pair/host-b2b"] = {"together_1_1": _pair(120.0, 27.0, 2200.0, 1900.0)}  # 4,100 GB/s, 0.60 / 0.54
-    results["four/host-b2b"] = {
+    results["pair/host-collected"] = {"together_1_1": _pair(120.0, 27.0, 2200.0, 1900.0)}  # 4,100 GB/s, 0.60 / 0.54
+    results["four/host-collected"] = {
         "alone": {n: _stream(1000.0, p99=2.0) for n in FOUR},
         "together": {n: _stream(255.0, p99=5.9) for n in FOUR},
     }
     doc = build(MODE, PAIR, FOUR, results, {})
     met = _verdicts(doc)
-    assert doc["pair"]["host_b2b"]["together_1_1"]["combined_bandwidth_GBps"] == 4100.0
-    assert met["pair with solo costs sampled back to back: combined bandwidth above every baseline"] is True
-    assert met["pair with solo costs sampled back to back: normalized speeds within 15% (weights 1:1)"] is True
-    assert met["four with solo costs sampled from steps run back to back: worst p99 ITL together / alone"] is True
+    assert doc["pair"]["host_collected"]["together_1_1"]["combined_bandwidth_GBps"] == 4100.0
+    assert met["pair with solo costs sampled after collections: combined bandwidth above every baseline"] is True
+    assert met["pair with solo costs sampled after collections: normalized speeds within 15% (weights 1:1)"] is True
+    assert met["four with solo costs sampled after collections: worst p99 ITL together / alone"] is True
     assert met["pair: combined bandwidth above every baseline"] is False  # the default host's verdicts stand
     assert met["four: worst p99 ITL together / alone"] is False
+
+
+def test_the_four_models_bytes_read_are_summed_against_the_copy_bandwidth() -> None:
+    results = _results((2000.0, 2100.0))
+    results["four/host"]["together"] = {n: _stream(250.0, gbps=900.0, p99=5.0) for n in FOUR}
+    results["four/baseline"]["threads"] = {n: _stream(260.0, gbps=950.0) for n in FOUR}
+    four = build(MODE, PAIR, FOUR, results, {})["four"]
+    assert four["host"]["read_GBps_at_least"] == 3600.0
+    assert four["host"]["read_over_copy_bandwidth_at_least"] == 0.9  # against the pair's 4,000 GB/s copy
+    assert four["baselines"]["threads"]["read_GBps_at_least"] == 3800.0
+    del results["four/host"]["together"]["d"]["bytes_per_s"]  # a model without the figure: no sum
+    assert "read_GBps_at_least" not in build(MODE, PAIR, FOUR, results, {})["four"]["host"]

@@ -28,3 +28,12 @@ def test_time_to_first_token_counts_requests_submitted_in_the_window() -> None:
 def test_no_request_submitted_in_the_window_gives_no_ttft() -> None:
     out = stream_stats([Stream("m", 4, submitted=0.0, times=[0.1, 1.5])], 1.0, 2.0)
     assert "ttft_ms" not in out and out["tokens"] == 1
+
+
+def test_batched_streams_share_each_steps_weights_for_a_lower_bound_on_bytes_read() -> None:
+    streams = [Stream("m", 4, submitted=0.0, times=[1.1, 1.2]) for _ in range(2)]  # two rows, two steps
+    one_row = stream_stats(streams, 1.0, 2.0, weight_bytes=1000, kv_per_token=10)
+    two_rows = stream_stats(streams, 1.0, 2.0, weight_bytes=1000, kv_per_token=10, rows=2)
+    kv = 2 * (4 * 10 + 5 * 10)  # each row's two tokens read the KV of positions 0-3, then 0-4
+    assert one_row["bytes_per_s"] == 4 * 1000 + kv  # batch-1 reading: the weights once per token
+    assert two_rows["bytes_per_s"] == 2 * 1000 + kv  # both steps read the weights once for both rows

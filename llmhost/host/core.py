@@ -95,21 +95,29 @@ LEAD_STEPS_ENV = "LLMHOST_LEAD_STEPS"
 # GB/s against 4,185 undithered and two threads' 4,215 (normalized 0.555 / 0.593 against 0.568 / 0.571); four
 # models 4,261 tok/s against 4,130 (bench/results/multi_model_dither-h200.json, one run each). H100, Mistral-7B +
 # Qwen2.5-14B, two full runs: 3,041 / 3,034 GB/s against 3,034 / 3,048 undithered; four models in three calls 2,805
-# / 2,894 / 3,039 tok/s against 3,020 / 2,861 / 2,987 (multi_model_call1-h100.json, multi_model-h100.json,
-# multi_model_four_rerun-h100.json): no gain there beyond the spread, and no loss.
+# / 2,894 / 3,039 tok/s against 3,020 / 2,861 / 2,987 (multi_model_call1-h100.json,
+# multi_model_before_b2b-h100.json, multi_model_four_rerun-h100.json): no gain there beyond the spread, and no loss.
 SM_DITHER_ENV = "LLMHOST_SM_DITHER"
-# Experiment, off unless "1": a decode step run ahead (_follow) with no other step beside it samples its model's solo
-# step cost, when all its kernels were queued before the step ahead of it finished: its start event then completes
-# as that step ends, and start -> done spans its own GPU work only. The default's samples are decode steps launched
-# after a collection, whose start event is recorded before the host stages their inputs and launches the graph, so
-# they count that host time as GPU time; and a model that runs ahead alone takes few of them (1-6 in a second's
-# warm-up). In four step traces (`python bench/probes/solo_samples.py DIR`, bench/results/solo_samples-h100.json
-# and -h200.json) the estimate each model was charged by beside the others was 1.20-1.32x its decode steps' GPU time
-# run ahead alone (p50) for the 1B, 1.10-1.26x for the 3B and 1.03-1.09x for the 8Bs: overlapped steps are
-# charged that estimate, so a small model pays most for it, and fair sharing gives it less than its share.
+# A decode step run ahead (_follow) with no other step beside it samples its model's solo step cost, when all its
+# kernels were queued before the step ahead of it finished: its start event then completes as that step ends, and
+# start -> done spans its own GPU work only ("0" turns this off, for comparison). The other samples are decode steps
+# launched after a collection, whose start event is recorded before the host stages their inputs and launches the graph,
+# so they count that host time as GPU time; and a model that runs ahead alone takes few of them (1-6 in a second's
+# warm-up). In four step traces (`python bench/probes/solo_samples.py DIR`, bench/results/solo_samples-h100.json and
+# -h200.json) the estimate each model was charged by beside the others was 1.20-1.32x its decode steps' GPU time run
+# ahead alone (p50) for the 1B, 1.10-1.26x for the 3B and 1.03-1.09x for the 8Bs: overlapped steps are charged that
+# estimate, so a small model paid most for it and fair sharing gave it less than its share. H100, four models, four runs
+# against those samples alone: normalized speeds 6-11% apart against 13-17%, aggregate 1.01-1.04x, the 1B's p99 3.6-3.8x
+# solo against 4.0-4.4x; the pair unchanged, 3,107 GB/s both (multi_model_b2b-h100.json,
+# multi_model_b2b_reruns-h100.json).
 SOLO_RUN_AHEAD_ENV = "LLMHOST_SOLO_RUN_AHEAD"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
+
+
+def solo_run_ahead_on() -> bool:
+    """Whether decode steps run ahead alone sample their model's solo step cost (SOLO_RUN_AHEAD_ENV; on unless "0")."""
+    return os.environ.get(SOLO_RUN_AHEAD_ENV) != "0"
 
 
 @dataclass
@@ -241,7 +249,7 @@ class HostCore:
         self._gc_start = 0.0
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)
         self._sm_dither = os.environ.get(SM_DITHER_ENV) != "0"
-        self._solo_run_ahead = os.environ.get(SOLO_RUN_AHEAD_ENV) == "1"
+        self._solo_run_ahead = solo_run_ahead_on()
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._draining: set[str] = set()  # admin unloads waiting for the requests in their model to finish
 

@@ -68,7 +68,7 @@ def concurrent_ok(first: StepShape, second: StepShape, max_rows: int = CONCURREN
     """Whether two models' steps may run at once on separate CUDA streams of one GPU: decode-only steps of at most
     `max_rows` rows (the case measured to raise total throughput, see CONCURRENT_MAX_ROWS), and one step with
     prompt tokens beside them. Letting the GPU drain before every prompt step stalled every other model for that
-    step's whole time (bench/results/multi_model-h100.json, four models: p99 inter-token latency 7-9x solo), so a
+    step's whole time (an early H100 run of bench/multi_model.py, four models: p99 inter-token latency 7-9x solo), so a
     prompt now runs beside the decodes and only lengthens them; two prompt steps never overlap."""
     if first.prefill_tokens and second.prefill_tokens:
         return False

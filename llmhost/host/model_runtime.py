@@ -89,7 +89,7 @@ class DriverProbe:
         the ledger compares like with like. cudaMemGetInfo's total leaves out what the driver reserves (on the
         H100 480 MiB: NVML's total minus cudaMemGetInfo's equals NVML's used on the idle GPU, and it is in the
         inventory's external): its total - free read that much below the ledger's prediction after every load,
-        up to 2.7% on a first load (bench/results/multi_model-h100.json)."""
+        up to 2.7% on a first load (an early H100 run of bench/multi_model.py)."""
         if self._nvml is None:
             return None
         nv = self._nvml
