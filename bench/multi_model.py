@@ -282,7 +282,7 @@ def _switch_experiments(scenario: str) -> None:
     from llmhost.host.core import (
         FAR_PROMPT_ENV,
         LEAD_STEPS_ENV,
-        SEND_AFTER_LAUNCH_ENV,
+        SEND_EARLY_ENV,
         SM_DITHER_ENV,
         SOLO_RUN_AHEAD_ENV,
     )
@@ -292,7 +292,7 @@ def _switch_experiments(scenario: str) -> None:
         "lead2": (LEAD_STEPS_ENV, "2"),
         "undithered": (SM_DITHER_ENV, "0"),
         "collected": (SOLO_RUN_AHEAD_ENV, "0"),
-        "sendlate": (SEND_AFTER_LAUNCH_ENV, "1"),
+        "sendearly": (SEND_EARLY_ENV, "1"),
     }
     for part in scenario.split("-")[1:]:
         if part in switches:
@@ -310,8 +310,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts;
     (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0);
     (pair-collected, four-collected) solo step costs sampled only from decode steps launched after a collection
-    (LLMHOST_SOLO_RUN_AHEAD=0, the default before bench/results/multi_model_b2b_reruns-h100.json); (four-sendlate)
-    each loop pass's tokens sent after its launches (LLMHOST_SEND_AFTER_LAUNCH=1, the loop before 2026-12-05)."""
+    (LLMHOST_SOLO_RUN_AHEAD=0, the default before bench/results/multi_model_b2b_reruns-h100.json); (four-sendearly)
+    each loop pass's tokens sent before its launches (LLMHOST_SEND_BEFORE_LAUNCH=1)."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -578,7 +578,7 @@ PLAN = (
     ("four/host-far-lead2", "host", "four-far-lead2", False),
     ("four/host-undithered", "host", "four-undithered", False),
     ("four/host-collected", "host", "four-collected", False),
-    ("four/host-sendlate", "host", "four-sendlate", False),  # comparison: core.SEND_AFTER_LAUNCH_ENV on
+    ("four/host-sendearly", "host", "four-sendearly", False),  # experiment: core.SEND_EARLY_ENV on
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

@@ -18,7 +18,7 @@ EXPERIMENTS = {
     "four/host-far-lead2": ("host_far_prompt_lead2", " with prompts on the far SMs and a lead of two steps"),
     "four/host-undithered": ("host_undithered", " with steered decode steps kept at their SM level"),
     "four/host-collected": ("host_collected", " with solo costs sampled after collections"),
-    "four/host-sendlate": ("host_send_after_launch", " with tokens sent after the pass's launches"),
+    "four/host-sendearly": ("host_send_early", " with tokens sent before the pass's launches"),
 }
 
 

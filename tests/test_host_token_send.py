@@ -1,7 +1,7 @@
-"""When a loop pass (HostCore._step) sends the tokens it collected: before it launches the next steps, so that no
-launch (0.4 ms each on the H100, up to 18 ms in the slowest passes) holds them back from the client; with
-LLMHOST_SEND_AFTER_LAUNCH=1 after the launches, as the loop did before. Fakes stand in for the engines, the
-client's pipe and CUDA; the GPU path itself runs in bench/multi_model.py (four/host against four/host-sendlate)."""
+"""When a loop pass (HostCore._step) sends the tokens it collected: after it launched the next steps; under the
+LLMHOST_SEND_BEFORE_LAUNCH experiment before them, so that no launch (0.4 ms each on the H100, up to 18 ms in the
+slowest passes) holds them back from the client. Fakes stand in for the engines, the client's pipe and CUDA; the
+GPU path itself runs in bench/multi_model.py (four/host against four/host-sendearly)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ class Core:
     _step = core.HostCore._step
     _send = core.HostCore._send
 
-    def __init__(self, send_after_launch: bool) -> None:
-        self._send_after_launch = send_after_launch
+    def __init__(self, send_early: bool) -> None:
+        self._send_early = send_early
         self.conn = Conn()
         self.trace = None
         done = _Running("a", cast(Any, None), StepPlan(chunks=()), StepShape(8, 0), 0.0, None, cast(Any, Done()))
@@ -74,15 +74,15 @@ def ids(batches: list[Any]) -> list[list[str]]:
     return [[e.request_id for e in b.events] for b in batches]
 
 
-def test_collected_tokens_go_out_before_the_next_launch() -> None:
-    fake = Core(send_after_launch=False)
+def test_sent_early_collected_tokens_go_out_before_the_next_launch() -> None:
+    fake = Core(send_early=True)
     assert core.HostCore._step(cast(Any, fake))
     assert fake.sent_by_launch is not None and ids(fake.sent_by_launch) == [["a-1"]]
     assert ids(fake.conn.sent) == [["a-1"], ["c-1"]], "the CPU's step, collected as launched, in a batch after"
 
 
-def test_switched_back_the_tokens_wait_for_the_launches() -> None:
-    fake = Core(send_after_launch=True)
+def test_by_default_the_tokens_wait_for_the_launches() -> None:
+    fake = Core(send_early=False)
     core.HostCore._step(cast(Any, fake))
     assert fake.sent_by_launch == []
     assert ids(fake.conn.sent) == [["a-1", "c-1"]]

@@ -111,13 +111,13 @@ SM_DITHER_ENV = "LLMHOST_SM_DITHER"
 # solo against 4.0-4.4x; the pair unchanged, 3,107 GB/s both (multi_model_b2b-h100.json,
 # multi_model_b2b_reruns-h100.json).
 SOLO_RUN_AHEAD_ENV = "LLMHOST_SOLO_RUN_AHEAD"
-# The tokens a loop pass collected go to the client before the pass launches the next steps; "1" sends them after
-# the launches, as the loop did before 2026-12-05, for comparison. In an H100 four-model step trace
-# (bench/results/host_trace_raw-h100/dithered) the client got a token 0.4-1.2 ms after its step's collection at the
-# median but 4-12 ms at the p99 (up to 18 ms): a pass's launches take 0.4 ms each (p50; p99 1.8, max 7.6) and the
-# slowest passes 4-18 ms, while the 3B's steps were collected 15.4 ms apart at the p99 and its tokens reached the
-# client 21.0 ms apart.
-SEND_AFTER_LAUNCH_ENV = "LLMHOST_SEND_AFTER_LAUNCH"
+# Experiment, off unless "1": a loop pass sends the tokens it collected before it launches the next steps, not after.
+# In an H100 four-model step trace (bench/results/host_trace_raw-h100/dithered) the client got a token 0.4-1.2 ms
+# after its step's collection at the median but 4-12 ms at the p99 (up to 18 ms), where a pass's launches take 0.4
+# ms each (p50; p99 1.8, max 7.6) and the slowest passes 4-18 ms; the 3B's steps were collected 15.4 ms apart at the
+# p99 and its tokens reached the client 21.0 ms apart. Sending first delays the pass's launches by the send
+# (pickling and a pipe write). Not measured on a GPU yet: bench phase four/host-sendearly.
+SEND_EARLY_ENV = "LLMHOST_SEND_BEFORE_LAUNCH"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
@@ -257,7 +257,7 @@ class HostCore:
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)
         self._sm_dither = os.environ.get(SM_DITHER_ENV) != "0"
         self._solo_run_ahead = solo_run_ahead_on()
-        self._send_after_launch = os.environ.get(SEND_AFTER_LAUNCH_ENV) == "1"
+        self._send_early = os.environ.get(SEND_EARLY_ENV) == "1"
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._draining: set[str] = set()  # admin unloads waiting for the requests in their model to finish
 
@@ -587,7 +587,7 @@ class HostCore:
                 behind = next((r for r in runs if r.name == run.name and not r.shape.prefill_tokens), None)
                 if decode and behind is not None:  # its model's next decode step, queued behind it, starts now
                     behind.began = max(behind.began, time.perf_counter())
-        if events and not self._send_after_launch:  # SEND_AFTER_LAUNCH_ENV: the tokens wait for no launch
+        if events and self._send_early:  # SEND_EARLY_ENV: the tokens wait for no launch
             self._send(events)
             events = []
         lanes: dict[str, list[str]] = {}
@@ -606,7 +606,7 @@ class HostCore:
         for device, running in self._inflight.items():
             self._run_ahead(device, running)
             moved |= self._launch_slices(running)
-        if events:  # the CPU's steps, collected as launched (and every step's, with SEND_AFTER_LAUNCH_ENV)
+        if events:
             self._send(events)
         return moved
 
