@@ -224,9 +224,11 @@ def _host_window(run: Any, mode: Mode, loads: list[Any], models: tuple[str, ...]
         reply = await run.client.query()
         charged[key] = {m.name: m.gpu_seconds for m in reply.models if m.name in driven}
 
-    streams = d_host(run, loads, t1, at=[(t0, lambda: snap("t0")), (t1 - 1e-3, lambda: snap("t1"))])
+    with drivers().GcPauses() as pauses:
+        streams = d_host(run, loads, t1, at=[(t0, lambda: snap("t0")), (t1 - 1e-3, lambda: snap("t1"))])
     stats = _per_model(mode, models, [s for s in streams if s.model in driven], t0, t1, rows)
     stats = {n: v for n, v in stats.items() if n in driven}
+    stats["client_gc"] = pauses.stats(t0, t1)
     if "t0" in charged and "t1" in charged:
         used = {n: charged["t1"][n] - charged["t0"][n] for n in driven}
         total = sum(used.values())
@@ -330,6 +332,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
             for ld in loads:
                 out["alone"].update(_host_window(run, mode, [ld], mode.pair, 1))
                 out["alone"].pop("failed_requests")
+                out["alone"].pop("client_gc")
         out[f"together_{w[0]:g}_{w[1]:g}"] = _host_window(run, mode, loads, mode.pair, 1)
         out["reconciliations"] += run.reconciliations
         d.stop_host(run)
@@ -344,6 +347,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         for ld in loads:
             window = _host_window(run, mode, [ld], mode.four, FOUR_CLIENTS)
             out["alone_failed_requests"] = out.get("alone_failed_requests", 0) + window.pop("failed_requests")
+            out.setdefault("alone_client_gc", {})[ld.model] = window.pop("client_gc")
             out["alone"].update(window)
         out["together"] = _host_window(run, mode, loads, mode.four, FOUR_CLIENTS)
         out["reconciliations"] += run.reconciliations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import gc
 import inspect
 import math
 import multiprocessing as mp
@@ -137,6 +138,38 @@ def stream_stats(
     if firsts:
         out["ttft_ms"] = {"n": len(firsts), **_latency_ms(firsts)}
     return out
+
+
+class GcPauses:
+    """The client process's own garbage-collection pauses while it is entered (gc.callbacks): a pause stops every
+    client at once, so tokens that arrive meanwhile are timed late, and their gaps count it as the host's. Where
+    the pauses in a window are as long as its token gaps' tail, the tail is the client's."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []  # (start, generation, seconds)
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.monotonic()
+        else:
+            self.pauses.append((self._start, info["generation"], time.monotonic() - self._start))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def stats(self, t0: float, t1: float) -> dict[str, Any]:
+        """Pauses that began in [t0, t1): how many per generation, their total and the longest, in ms."""
+        mine = [(g, s) for t, g, s in self.pauses if t0 <= t < t1]
+        return {
+            "n_by_generation": {str(g): sum(1 for x, _ in mine if x == g) for g in sorted({g for g, _ in mine})},
+            "total_ms": round(1e3 * sum(s for _, s in mine), 3),
+            "max_ms": round(1e3 * max((s for _, s in mine), default=0.0), 3),
+        }
 
 
 def _latency_ms(xs: Sequence[float]) -> dict[str, float]:

@@ -79,6 +79,7 @@ def _four_summary(fh: dict[str, Any], names: list[str], copy_gbps: float | None)
         "aggregate_tokens_per_s": round(sum(_tok(together, n) or 0.0 for n in names), 1),
         **_read_at_least(together, names, copy_gbps),
         "failed_requests": together.get("failed_requests", 0) + fh.get("alone_failed_requests", 0),
+        "client_gc_together": together.get("client_gc"),  # the bench process's own pauses (GcPauses)
         "models": {
             n: {
                 "tokens_per_s_alone": _tok(alone, n),

@@ -30,3 +30,15 @@ def test_gaps_are_split_by_the_prompt_steps_they_overlap() -> None:
     assert b["decode_gpu_ms"] == {"p50": 4.0, "p99": 8.0}
     a = out["models"]["a"]
     assert a["overlapping_own_prompt"] == 0 and a["clear_of_prompts"]["gaps"] == 1  # its gap starts at the collection
+
+
+def test_each_tokens_delay_after_its_models_latest_collection() -> None:
+    steps = [
+        {"ev": "collect", "t": 1.000, "model": "a", "prefill": 0, "latency_ms": 5.0, "gpu_ms": 4.0},
+        {"ev": "collect", "t": 1.010, "model": "a", "prefill": 0, "latency_ms": 5.0, "gpu_ms": 4.0},
+        {"ev": "collect", "t": 1.005, "model": "b", "prefill": 0, "latency_ms": 5.0, "gpu_ms": 4.0},
+    ]
+    # a's first token 1 ms after its collection, its second 8 ms after the next (b's collection is not a's)
+    tokens = {"t0": 0.9, "t1": 1.1, "streams": [{"model": "a", "times": [1.001, 1.018]}]}
+    after = analyse(steps, tokens)["models"]["a"]["client_after_collect_ms"]
+    assert after == {"p50": 1.0, "p99": 8.0, "max": 8.0}

@@ -37,3 +37,22 @@ def test_batched_streams_share_each_steps_weights_for_a_lower_bound_on_bytes_rea
     kv = 2 * (4 * 10 + 5 * 10)  # each row's two tokens read the KV of positions 0-3, then 0-4
     assert one_row["bytes_per_s"] == 4 * 1000 + kv  # batch-1 reading: the weights once per token
     assert two_rows["bytes_per_s"] == 2 * 1000 + kv  # both steps read the weights once for both rows
+
+
+def test_the_clients_own_gc_pauses_are_recorded_while_entered() -> None:
+    import gc
+    import time
+
+    from multi_model_drivers import GcPauses
+
+    t0 = time.monotonic()
+    with GcPauses() as pauses:
+        gc.collect(1)
+        gc.collect(2)
+    gc.collect()  # after the exit: not recorded
+    t1 = time.monotonic()
+    stats = pauses.stats(t0, t1)
+    by_generation = stats["n_by_generation"]
+    assert (by_generation["1"], by_generation["2"]) == (1, 1)  # (an automatic young collection may come too)
+    assert 0.0 < stats["max_ms"] <= stats["total_ms"]
+    assert pauses.stats(t1, t1 + 1.0) == {"n_by_generation": {}, "total_ms": 0.0, "max_ms": 0.0}

@@ -4,7 +4,10 @@ bench/probes/host_trace.py wrote with --raw (steps.jsonl and tokens.json, gzippe
 Per model, over the trace's window: the mean and p99 of its token gaps; how many gaps overlap some model's prompt
 step (from its launch to its collection), its own or another's; the mean and p99 of the gaps that overlap none
 (what the p99 would be if prompt steps cost the others nothing); and its decode steps' GPU time (p50, p99), which
-shows how much a step's length varies with the steps beside it.
+shows how much a step's length varies with the steps beside it. And how long after its model's latest collection
+each token reached the client (client_after_collect_ms: the loop's sending, the pipe and the client's own delay; a
+lower bound where a token waited past its model's next collection): where its p99 is large against the gaps', the
+tail is in the delivery, not on the GPU.
 
 Usage: python bench/probes/itl_tail.py DIR [--solo-p99 MODEL=MS ...]
 (--solo-p99: the model's solo p99 from the same run's record, to print the ratios the issue's target takes)"""
@@ -12,6 +15,7 @@ Usage: python bench/probes/itl_tail.py DIR [--solo-p99 MODEL=MS ...]
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sys
 from pathlib import Path
@@ -37,6 +41,19 @@ def analyse(steps: list[dict[str, Any]], tokens: dict[str, Any]) -> dict[str, An
         for a, b in zip(s["times"], s["times"][1:], strict=False):
             if t0 <= b < t1 and b > a:
                 gaps.setdefault(s["model"], []).append((b - a, a, b))
+    collected: dict[str, list[float]] = {}
+    for e in steps:
+        if e["ev"] == "collect":
+            collected.setdefault(e["model"], []).append(e["t"])
+    for ts in collected.values():
+        ts.sort()
+    after: dict[str, list[float]] = {}
+    for s in tokens["streams"]:
+        ts = collected.get(s["model"], [])
+        for t in s["times"]:
+            i = bisect.bisect_right(ts, t)
+            if t0 <= t < t1 and i:
+                after.setdefault(s["model"], []).append(1e3 * (t - ts[i - 1]))
     out: dict[str, Any] = {"prompt_steps_in_window": sum(1 for p in prompts if t0 <= p[1] < t1), "models": {}}
     for model, gs in sorted(gaps.items()):
 
@@ -69,8 +86,15 @@ def analyse(steps: list[dict[str, Any]], tokens: dict[str, Any]) -> dict[str, An
                 if decode_gpu
                 else None
             ),
+            "client_after_collect_ms": _spread(after.get(model, [])),
         }
     return out
+
+
+def _spread(ms: list[float]) -> dict[str, float] | None:
+    if not ms:
+        return None
+    return {q: round(percentile(ms, f), 3) for q, f in (("p50", 0.5), ("p99", 0.99))} | {"max": round(max(ms), 3)}
 
 
 def main() -> None:
