@@ -112,11 +112,14 @@ SM_DITHER_ENV = "LLMHOST_SM_DITHER"
 # multi_model_b2b_reruns-h100.json).
 SOLO_RUN_AHEAD_ENV = "LLMHOST_SOLO_RUN_AHEAD"
 # Experiment, off unless "1": a loop pass sends the tokens it collected before it launches the next steps, not after.
-# In an H100 four-model step trace (bench/results/host_trace_raw-h100/dithered) the client got a token 0.4-1.2 ms
-# after its step's collection at the median but 4-12 ms at the p99 (up to 18 ms), where a pass's launches take 0.4
-# ms each (p50; p99 1.8, max 7.6) and the slowest passes 4-18 ms; the 3B's steps were collected 15.4 ms apart at the
-# p99 and its tokens reached the client 21.0 ms apart. Sending first delays the pass's launches by the send
-# (pickling and a pipe write). Not measured on a GPU yet: bench phase four/host-sendearly.
+# In an H100 four-model step trace (`python bench/probes/itl_tail.py bench/results/host_trace_raw-h100/dithered`,
+# client_after_collect_ms) a token reached its client 0.4-1.2 ms after its step's collection at the median but 4-12
+# ms at the p99 (up to 18 ms): every 3B token 8+ ms late came from a pass that went on launching the next steps, 2-6
+# launches of 1-7.6 ms each in the loop's slow moments (0.4 ms at the median), and reached the client 0.3-1.2 ms
+# after that pass ended. The client's own side adds 0.3-0.4 ms at the p99 (bench/probes/delivery.py, no GPU). The
+# 3B's steps were collected 15.4 ms apart at the p99 there, its tokens arrived 21.0 ms apart. Sending first
+# delays the pass's launches by the send (pickling and a pipe write). Not measured on a GPU yet: bench phase
+# four/host-sendearly.
 SEND_EARLY_ENV = "LLMHOST_SEND_BEFORE_LAUNCH"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
