@@ -127,7 +127,10 @@ def stream_stats(
             read += weight_bytes / rows + (s.prompt_len + i) * kv_per_token
             if i > 0:
                 gaps.append(t - s.times[i - 1])
-    firsts = [s.times[0] - s.submitted for s in streams if s.times and t0 <= s.submitted < t1]
+    firsts = [s.times[0] - s.submitted for s in streams if s.times and t0 <= s.submitted < t1 and s.times[0] < t1]
+    # Submitted in the window, no first token by its end: a model whose clients' requests all turn over near the
+    # window's end (an 8B's 256 tokens take about the whole window together) decodes fewer rows meanwhile.
+    pending = sum(1 for s in streams if t0 <= s.submitted < t1 and not (s.times and s.times[0] < t1))
     span = t1 - t0
     out: dict[str, Any] = {"tokens": tokens, "tokens_per_s": round(tokens / span, 2)}
     if weight_bytes:
@@ -137,6 +140,7 @@ def stream_stats(
         out["itl_ms"] = _latency_ms(gaps)
     if firsts:
         out["ttft_ms"] = {"n": len(firsts), **_latency_ms(firsts)}
+    out["first_token_pending"] = pending
     return out
 
 

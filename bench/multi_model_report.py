@@ -88,6 +88,7 @@ def _four_summary(fh: dict[str, Any], names: list[str], copy_gbps: float | None)
                 "itl_ms_alone": alone.get(n, {}).get("itl_ms"),
                 "itl_ms_together": together.get(n, {}).get("itl_ms"),
                 "ttft_ms_together": together.get(n, {}).get("ttft_ms"),
+                "first_token_pending_together": together.get(n, {}).get("first_token_pending"),
             }
             for n in names
         },

@@ -17,8 +17,10 @@ def test_time_to_first_token_counts_requests_submitted_in_the_window() -> None:
         Stream("m", 4, submitted=1.0, times=[1.05, 1.06, 1.08]),  # 50 ms to its first token
         Stream("m", 4, submitted=1.5, times=[1.75]),  # 250 ms
         Stream("m", 4, submitted=1.9, times=[]),  # still waiting at the end: no first token to count
+        Stream("m", 4, submitted=1.95, times=[2.01]),  # its first token after the window: pending in it
     ]
     out = stream_stats(streams, 1.0, 2.0)
+    assert out["first_token_pending"] == 2
     assert out["tokens"] == 6  # 1.1, 1.2, 1.05, 1.06, 1.08, 1.75
     assert out["ttft_ms"]["n"] == 2
     assert round(out["ttft_ms"]["mean"], 3) == 150.0 and round(out["ttft_ms"]["max"], 3) == 250.0
@@ -27,7 +29,7 @@ def test_time_to_first_token_counts_requests_submitted_in_the_window() -> None:
 
 def test_no_request_submitted_in_the_window_gives_no_ttft() -> None:
     out = stream_stats([Stream("m", 4, submitted=0.0, times=[0.1, 1.5])], 1.0, 2.0)
-    assert "ttft_ms" not in out and out["tokens"] == 1
+    assert "ttft_ms" not in out and out["tokens"] == 1 and out["first_token_pending"] == 0
 
 
 def test_batched_streams_share_each_steps_weights_for_a_lower_bound_on_bytes_read() -> None:
