@@ -116,6 +116,8 @@ def stream_stats(
     Also the time to first token of the requests submitted in the window (ttft_ms): a model whose new requests wait
     long for their prompt step decodes fewer rows at once, which its token gaps do not show (an 8B of the four-model
     bench at 0.6 of the other's tok/s, its gaps 10-14% longer)."""
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
     tokens = 0
     read = 0.0
     gaps: list[float] = []

@@ -58,3 +58,10 @@ def test_the_clients_own_gc_pauses_are_recorded_while_entered() -> None:
     assert (by_generation["1"], by_generation["2"]) == (1, 1)  # (an automatic young collection may come too)
     assert 0.0 < stats["max_ms"] <= stats["total_ms"]
     assert pauses.stats(t1, t1 + 1.0) == {"n_by_generation": {}, "total_ms": 0.0, "max_ms": 0.0}
+
+
+def test_a_step_of_no_rows_is_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="rows must be at least 1"):
+        stream_stats([], 0.0, 1.0, weight_bytes=1000, rows=0)

@@ -100,7 +100,7 @@ def main() -> None:
         picked = [engines[i] for i in which]
         got = d.drive_threads(picked, [loads[i] for i in which], t0, t0 + WARM_S + WINDOW_S, streams=streams)
         names = tuple(models[i] for i in which)
-        return mm._per_model(mode, names, got, t0 + WARM_S, t0 + WARM_S + WINDOW_S, True)
+        return mm._per_model(mode, names, got, t0 + WARM_S, t0 + WARM_S + WINDOW_S, 1)
 
     out["copy_GBps_whole_gpu"] = copy_GBps(torch.cuda.Stream())  # type: ignore[no-untyped-call]
     alone = {m: measure(None, [i])[m]["tokens_per_s"] for i, m in enumerate(models)}
@@ -124,7 +124,7 @@ def main() -> None:
             if streams is not None:
                 t0 = time.monotonic() + 0.2
                 got = d.drive_threads([engines[1]], [loads[1]], t0, t0 + WARM_S + WINDOW_S, streams=[streams[1]])
-                per1 = mm._per_model(mode, (models[1],), got, t0 + WARM_S, t0 + WARM_S + WINDOW_S, True)
+                per1 = mm._per_model(mode, (models[1],), got, t0 + WARM_S, t0 + WARM_S + WINDOW_S, 1)
                 row["alone_on_green_tokens_per_s"] = per1[models[1]]["tokens_per_s"]
             per = measure(streams, [0, 1])
             row["combined_bandwidth_GBps"] = round(sum(p["effective_bandwidth_GBps"] for p in per.values()), 1)
@@ -134,7 +134,7 @@ def main() -> None:
                 recapture(engines[1], streams[1])
                 t0 = time.monotonic() + 0.2
                 got = d.drive_threads([engines[1]], [loads[1]], t0, t0 + WARM_S + WINDOW_S, streams=[streams[1]])
-                per1 = mm._per_model(mode, (models[1],), got, t0 + WARM_S, t0 + WARM_S + WINDOW_S, True)
+                per1 = mm._per_model(mode, (models[1],), got, t0 + WARM_S, t0 + WARM_S + WINDOW_S, 1)
                 row["captured_on_green_alone_tokens_per_s"] = per1[models[1]]["tokens_per_s"]
                 per = measure(streams, [0, 1])
                 row["captured_on_green_combined_GBps"] = round(

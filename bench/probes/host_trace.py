@@ -69,7 +69,10 @@ def main() -> None:
         (args.raw / "tokens.json").write_text(json.dumps({"t0": t0, "t1": t1, "streams": tokens}))
     win = [e for e in trace if t0 <= e["t"] < t1]
 
-    out: dict[str, Any] = {"window_s": mode.window_s, "client": mm._per_model(mode, mode.four, streams, t0, t1, False)}
+    out: dict[str, Any] = {
+        "window_s": mode.window_s,
+        "client": mm._per_model(mode, mode.four, streams, t0, t1, mm.FOUR_CLIENTS),
+    }
     steps: dict[str, dict[str, Any]] = {}
     for m in sorted({e["model"] for e in win if e["model"]}):
         launches = [e for e in win if e["ev"] == "launch" and e["model"] == m]

@@ -44,13 +44,13 @@ def main() -> None:
     for e, load, m in zip(engines, loads, models, strict=True):  # each alone on a side stream of priority 0
         t0 = time.monotonic() + 0.1
         streams = d.drive_threads([e], [load], t0, t0 + WARM_S + WINDOW_S)
-        alone[m] = mm._per_model(mode, (m,), streams, t0 + WARM_S, t0 + WARM_S + WINDOW_S, True)[m]["tokens_per_s"]
+        alone[m] = mm._per_model(mode, (m,), streams, t0 + WARM_S, t0 + WARM_S + WINDOW_S, 1)[m]["tokens_per_s"]
     out["alone_tokens_per_s"] = alone
     runs = []
     for prios in PRIORITIES:
         t0 = time.monotonic() + 0.2
         streams = d.drive_threads(engines, loads, t0, t0 + WARM_S + WINDOW_S, priorities=prios)
-        per = mm._per_model(mode, models, streams, t0 + WARM_S, t0 + WARM_S + WINDOW_S, True)
+        per = mm._per_model(mode, models, streams, t0 + WARM_S, t0 + WARM_S + WINDOW_S, 1)
         row = {
             "priorities": prios,
             "combined_bandwidth_GBps": round(sum(p["effective_bandwidth_GBps"] for p in per.values()), 1),
