@@ -212,9 +212,26 @@ def phase_processes(mode: Mode, scenario: str) -> dict[str, Any]:
     return {"processes": _per_model(mode, models, streams, t0, t1, seqs)}
 
 
-def _host_window(run: Any, mode: Mode, loads: list[Any], models: tuple[str, ...], rows: int) -> dict[str, Any]:
+def _raw_dir(scenario: str) -> Path | None:
+    """With --trace-dir: this phase's folder, and the host started next traces its steps into it (written when it
+    stops; LLMHOST_STEP_TRACE, inherited by the host process)."""
+    from llmhost.host.step_trace import ENV
+
+    root = os.environ.get(TRACE_DIR_ENV)
+    if not root:
+        return None
+    raw = Path(root) / scenario
+    raw.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV] = str(raw / "steps.jsonl")
+    return raw
+
+
+def _host_window(
+    run: Any, mode: Mode, loads: list[Any], models: tuple[str, ...], rows: int, raw: Path | None = None
+) -> dict[str, Any]:
     """Drive the host with `loads` for warm + window seconds; stats in the window and the scheduler's charged GPU
-    seconds over it (overlapped steps at their solo cost: host/gpu_scheduler.py)."""
+    seconds over it (overlapped steps at their solo cost: host/gpu_scheduler.py). `raw`: where to write every
+    client stream's token times and the window (tokens.json, as bench/probes/host_trace.py --raw does)."""
     t_start = time.monotonic()
     t0, t1 = t_start + mode.warm_s, t_start + mode.warm_s + mode.window_s
     charged: dict[str, dict[str, float]] = {}
@@ -229,6 +246,9 @@ def _host_window(run: Any, mode: Mode, loads: list[Any], models: tuple[str, ...]
     stats = _per_model(mode, models, [s for s in streams if s.model in driven], t0, t1, rows)
     stats = {n: v for n, v in stats.items() if n in driven}
     stats["client_gc"] = pauses.stats(t0, t1)
+    if raw is not None:
+        tokens = [{"model": s.model, "submitted": s.submitted, "times": s.times} for s in streams]
+        (raw / "tokens.json").write_text(json.dumps({"t0": t0, "t1": t1, "streams": tokens}))
     if "t0" in charged and "t1" in charged:
         used = {n: charged["t1"][n] - charged["t0"][n] for n in driven}
         total = sum(used.values())
@@ -342,6 +362,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         parts = scenario.split("-")[1:]
         host = HostConfig(sm_steering="unsteered" not in parts)
         _switch_experiments(scenario)
+        raw = _raw_dir(scenario)
         run = d.start_host(inventory, host, models, f"{scenario} host", in_process=False)
         out["alone"] = {}
         for ld in loads:
@@ -349,7 +370,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
             out["alone_failed_requests"] = out.get("alone_failed_requests", 0) + window.pop("failed_requests")
             out.setdefault("alone_client_gc", {})[ld.model] = window.pop("client_gc")
             out["alone"].update(window)
-        out["together"] = _host_window(run, mode, loads, mode.four, FOUR_CLIENTS)
+        out["together"] = _host_window(run, mode, loads, mode.four, FOUR_CLIENTS, raw)
         out["reconciliations"] += run.reconciliations
         d.stop_host(run)
     return out
@@ -586,6 +607,7 @@ PLAN = (
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )
+TRACE_DIR_ENV = "LLMHOST_BENCH_TRACE_DIR"  # --trace-dir, passed on to the phase processes
 MIN_PHASE_S = 45.0  # a phase is not started with less time than this left
 
 
@@ -598,6 +620,12 @@ def main() -> None:
         "--only", help="comma-separated result keys to run (e.g. pair/host,four/mps); the rest from --merge"
     )
     ap.add_argument("--merge", type=Path, help="an earlier result JSON whose phases are kept where not run again")
+    ap.add_argument(
+        "--trace-dir",
+        type=Path,
+        help="the host phases' step traces and the together window's token times, a folder per four-model phase, "
+        "for bench/probes/itl_tail.py and trace_holds.py (tracing costs the loop a little: not for records)",
+    )
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--scenario", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -617,6 +645,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(doc))
         return
     mode = for_gpu(MODES["cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"])
+    if args.trace_dir:
+        os.environ[TRACE_DIR_ENV] = str(args.trace_dir.resolve())  # every phase process inherits it
     t_begin = time.monotonic()
     results: dict[str, Any] = {}
     mps_note: dict[str, Any] = {"started": False, "why_not": "CPU run"}

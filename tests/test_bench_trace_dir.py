@@ -1,0 +1,31 @@
+"""bench/multi_model.py --trace-dir: a four-model host phase gets a folder of its own, and the host it starts next
+writes its step trace there (LLMHOST_STEP_TRACE, inherited by the host process)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import multi_model
+
+from llmhost.host import step_trace
+
+
+def test_without_trace_dir_no_folder_and_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(multi_model.TRACE_DIR_ENV, raising=False)
+    monkeypatch.delenv(step_trace.ENV, raising=False)
+    assert multi_model._raw_dir("four") is None
+    assert step_trace.StepTrace.from_env() is None
+
+
+def test_with_trace_dir_each_phase_traces_into_its_own_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(multi_model.TRACE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(step_trace.ENV, raising=False)
+    raw = multi_model._raw_dir("four-sendearly")
+    assert raw == tmp_path / "four-sendearly" and raw.is_dir()
+    trace = step_trace.StepTrace.from_env()
+    assert trace is not None and trace.path == raw / "steps.jsonl"
