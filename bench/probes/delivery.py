@@ -20,6 +20,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import sys
+import tempfile
 import threading
 import time
 from contextlib import aclosing
@@ -42,9 +43,11 @@ CLIENTS = 8
 MAX_TOKENS = 256
 
 
-def stand_in_host(conn: Connection, step_s: dict[str, float]) -> None:
+def stand_in_host(conn: Connection, step_s: dict[str, float], sends_to: str | None = None) -> None:
     """Stream a token per step to every running request of each model; a token's logprob field carries the time
-    it was sent (time.monotonic, the same clock in every process of a machine)."""
+    it was sent (time.monotonic, the same clock in every process of a machine). `sends_to`: a file for how long
+    each batch's send took and how many tokens it held (the cost a loop pass pays per send), written at the end."""
+    sends: list[tuple[float, int]] = []
     conn.send("ready")  # imported and running: the clients' time starts now
     running: dict[str, dict[str, int]] = {m: {} for m in step_s}
     due = {m: time.monotonic() + s for m, s in step_s.items()}
@@ -54,6 +57,8 @@ def stand_in_host(conn: Connection, step_s: dict[str, float]) -> None:
             timeout = 0.0
             msg = conn.recv()
             if isinstance(msg, Shutdown):
+                if sends_to:
+                    Path(sends_to).write_text(json.dumps(sends))
                 return
             if isinstance(msg, Submit):
                 running[msg.model][msg.request_id] = msg.params.max_tokens
@@ -75,7 +80,9 @@ def stand_in_host(conn: Connection, step_s: dict[str, float]) -> None:
         if events:
             for i, ev in enumerate(events):  # stamped as the batch goes out
                 events[i] = TokenEvent(ev.request_id, ev.token, time.monotonic(), None, ev.finish_reason)
+            t = time.perf_counter()
             conn.send(TokenBatch(tuple(events)))
+            sends.append((time.perf_counter() - t, len(events)))
 
 
 class _Proc:
@@ -88,11 +95,11 @@ class _Proc:
         return self.proc.is_alive()
 
 
-def connect(step_s: dict[str, float]) -> tuple[HostClient, mp.process.BaseProcess]:
+def connect(step_s: dict[str, float], sends_to: str | None = None) -> tuple[HostClient, mp.process.BaseProcess]:
     """A HostClient wired to a stand-in host process (its reader and writer threads as HostClient.start makes)."""
     ctx = mp.get_context("spawn")
     mine, theirs = ctx.Pipe()
-    proc = ctx.Process(target=stand_in_host, args=(theirs, step_s), daemon=True)
+    proc = ctx.Process(target=stand_in_host, args=(theirs, step_s, sends_to), daemon=True)
     proc.start()
     theirs.close()
     if not mine.poll(60.0) or mine.recv() != "ready":
@@ -152,19 +159,24 @@ def main() -> None:
     args = ap.parse_args()
     if args.switch_ms:
         sys.setswitchinterval(args.switch_ms / 1e3)
-    client, proc = connect(STEP_S)
+    sends_file = str(Path(tempfile.mkdtemp()) / "sends.json")
+    client, proc = connect(STEP_S, sends_file)
     warm = 1.0
     with GcPauses() as pauses:
         t0 = time.monotonic()
         seen, gaps = asyncio.run(drive(client, warm + args.seconds, list(STEP_S)))
     client._outbox.put(Shutdown())
     proc.join(5)
+    sends = json.loads(Path(sends_file).read_text())
     t_window = t0 + warm
     out: dict[str, Any] = {
         "probe": "token delivery from a stand-in host process to HostClient's asyncio clients (no GPU)",
         "switch_interval_ms": round(sys.getswitchinterval() * 1e3, 3),
         "clients_per_model": CLIENTS,
         "client_gc": pauses.stats(t_window, t0 + warm + args.seconds),
+        # what one send costs the sender: pickling a batch and writing it to the pipe (a loop pass pays this)
+        "send_ms": summary([1e3 * d for d, _ in sends]),
+        "tokens_per_send": summary([float(n) for _, n in sends]),
         "models": {},
     }
     for m in STEP_S:
