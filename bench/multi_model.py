@@ -247,8 +247,7 @@ def _host_window(
     stats = {n: v for n, v in stats.items() if n in driven}
     stats["client_gc"] = pauses.stats(t0, t1)
     if raw is not None:
-        tokens = [{"model": s.model, "submitted": s.submitted, "times": s.times} for s in streams]
-        (raw / "tokens.json").write_text(json.dumps({"t0": t0, "t1": t1, "streams": tokens}))
+        drivers().write_tokens(raw / "tokens.json", streams, t0, t1)
     if "t0" in charged and "t1" in charged:
         used = {n: charged["t1"][n] - charged["t0"][n] for n in driven}
         total = sum(used.values())

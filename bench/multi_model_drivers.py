@@ -14,6 +14,7 @@ import contextlib
 import faulthandler
 import gc
 import inspect
+import json
 import math
 import multiprocessing as mp
 import random
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,6 +109,12 @@ def percentile(xs: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def write_tokens(path: Path, streams: Sequence[Stream], t0: float, t1: float) -> None:
+    """Every client stream's token times and the window, as the trace probes read them (trace_holds.read_trace)."""
+    tokens = [{"model": s.model, "submitted": s.submitted, "times": s.times} for s in streams]
+    path.write_text(json.dumps({"t0": t0, "t1": t1, "streams": tokens}))
+
+
 def stream_stats(
     streams: Sequence[Stream], t0: float, t1: float, weight_bytes: int = 0, kv_per_token: int = 0, rows: int = 1
 ) -> dict[str, Any]:
@@ -139,9 +147,9 @@ def stream_stats(
         out["effective_bandwidth_GBps"] = round(read / span / 1e9, 1)
         out["bytes_per_s"] = read / span
     if gaps:
-        out["itl_ms"] = _latency_ms(gaps)
+        out["itl_ms"] = latency_ms(gaps)
     if firsts:
-        out["ttft_ms"] = {"n": len(firsts), **_latency_ms(firsts)}
+        out["ttft_ms"] = {"n": len(firsts), **latency_ms(firsts)}
     out["first_token_pending"] = pending
     return out
 
@@ -178,7 +186,7 @@ class GcPauses:
         }
 
 
-def _latency_ms(xs: Sequence[float]) -> dict[str, float]:
+def latency_ms(xs: Sequence[float]) -> dict[str, float]:
     """Mean, p50, p99 and max of `xs` seconds, in milliseconds."""
     return {
         "mean": round(1e3 * sum(xs) / len(xs), 3),

@@ -31,7 +31,7 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # llmhost, where it is not installed
 
-from multi_model_drivers import GcPauses, percentile
+from multi_model_drivers import GcPauses, latency_ms
 
 from llmhost.engine.sampling_params import SamplingParams
 from llmhost.host.client import HostClient
@@ -66,20 +66,19 @@ def stand_in_host(conn: Connection, step_s: dict[str, float], sends_to: str | No
                 for reqs in running.values():
                     reqs.pop(msg.request_id, None)
         now = time.monotonic()
-        events: list[TokenEvent] = []
+        stepped: list[tuple[str, bool]] = []  # (request, whether this token is its last)
         for m, reqs in running.items():
             if now < due[m]:
                 continue
             due[m] = max(due[m] + step_s[m], now)  # behind schedule: the next step after a whole step's time
             for rid in list(reqs):
                 reqs[rid] -= 1
-                done = reqs[rid] == 0
-                events.append(TokenEvent(rid, 1, time.monotonic(), None, "length" if done else None))
-                if done:
+                stepped.append((rid, reqs[rid] == 0))
+                if reqs[rid] == 0:
                     del reqs[rid]
-        if events:
-            for i, ev in enumerate(events):  # stamped as the batch goes out
-                events[i] = TokenEvent(ev.request_id, ev.token, time.monotonic(), None, ev.finish_reason)
+        if stepped:
+            sent = time.monotonic()  # stamped as the batch goes out
+            events = [TokenEvent(rid, 1, sent, None, "length" if last else None) for rid, last in stepped]
             t = time.perf_counter()
             conn.send(TokenBatch(tuple(events)))
             sends.append((time.perf_counter() - t, len(events)))
@@ -143,14 +142,6 @@ async def drive(
     return seen, gaps
 
 
-def summary(ms: list[float]) -> dict[str, float]:
-    return {
-        "p50": round(percentile(ms, 0.5), 3),
-        "p99": round(percentile(ms, 0.99), 3),
-        "max": round(max(ms), 3),
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0)
@@ -175,17 +166,17 @@ def main() -> None:
         "clients_per_model": CLIENTS,
         "client_gc": pauses.stats(t_window, t0 + warm + args.seconds),
         # what one send costs the sender: pickling a batch and writing it to the pipe (a loop pass pays this)
-        "send_ms": summary([1e3 * d for d, _ in sends]),
-        "tokens_per_send": summary([float(n) for _, n in sends]),
+        "send_ms": latency_ms([d for d, _ in sends]),
+        "tokens_per_send": {"mean": round(sum(n for _, n in sends) / len(sends), 1), "max": max(n for _, n in sends)},
         "models": {},
     }
     for m in STEP_S:
-        delays = [1e3 * (a - sent) for a, sent in seen[m] if a >= t_window]
+        delays = [a - sent for a, sent in seen[m] if a >= t_window]
         out["models"][m] = {
             "step_ms": 1e3 * STEP_S[m],
             "tokens": len(delays),
-            "delivery_ms": summary(delays),
-            "token_gap_ms": summary([1e3 * g for a, g in gaps[m] if a >= t_window]),
+            "delivery_ms": latency_ms(delays),
+            "token_gap_ms": latency_ms([g for a, g in gaps[m] if a >= t_window]),
         }
     out["command"] = "python bench/probes/delivery.py " + " ".join(sys.argv[1:])
     text = json.dumps(out, indent=1)

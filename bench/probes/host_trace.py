@@ -65,8 +65,7 @@ def main() -> None:
     if args.raw:  # for analysis off the GPU: every step, every token's arrival, the window
         args.raw.mkdir(parents=True, exist_ok=True)
         (args.raw / "steps.jsonl").write_text(trace_file.read_text())
-        tokens = [{"model": s.model, "submitted": s.submitted, "times": s.times} for s in streams]
-        (args.raw / "tokens.json").write_text(json.dumps({"t0": t0, "t1": t1, "streams": tokens}))
+        mm.drivers().write_tokens(args.raw / "tokens.json", streams, t0, t1)
     win = [e for e in trace if t0 <= e["t"] < t1]
 
     out: dict[str, Any] = {

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # llmhost, where it is not installed
 
-from multi_model_drivers import percentile
+from multi_model_drivers import latency_ms, percentile
 from trace_holds import read_trace
 
 
@@ -53,7 +53,7 @@ def analyse(steps: list[dict[str, Any]], tokens: dict[str, Any]) -> dict[str, An
         for t in s["times"]:
             i = bisect.bisect_right(ts, t)
             if t0 <= t < t1 and i:
-                after.setdefault(s["model"], []).append(1e3 * (t - ts[i - 1]))
+                after.setdefault(s["model"], []).append(t - ts[i - 1])
     out: dict[str, Any] = {"prompt_steps_in_window": sum(1 for p in prompts if t0 <= p[1] < t1), "models": {}}
     for model, gs in sorted(gaps.items()):
 
@@ -86,15 +86,9 @@ def analyse(steps: list[dict[str, Any]], tokens: dict[str, Any]) -> dict[str, An
                 if decode_gpu
                 else None
             ),
-            "client_after_collect_ms": _spread(after.get(model, [])),
+            "client_after_collect_ms": latency_ms(after[model]) if model in after else None,
         }
     return out
-
-
-def _spread(ms: list[float]) -> dict[str, float] | None:
-    if not ms:
-        return None
-    return {q: round(percentile(ms, f), 3) for q, f in (("p50", 0.5), ("p99", 0.99))} | {"max": round(max(ms), 3)}
 
 
 def main() -> None:

@@ -116,9 +116,9 @@ SOLO_RUN_AHEAD_ENV = "LLMHOST_SOLO_RUN_AHEAD"
 # client_after_collect_ms) a token reached its client 0.4-1.2 ms after its step's collection at the median but 4-12
 # ms at the p99 (up to 18 ms): every 3B token 8+ ms late came from a pass that went on launching the next steps, 2-6
 # launches of 1-7.6 ms each in the loop's slow moments (0.4 ms at the median), and reached the client 0.3-1.2 ms
-# after that pass ended. The client's own side adds 0.3-0.6 ms at the p99 (bench/probes/delivery.py, no GPU). The
+# after that pass ended. The client's own side adds 0.3-0.8 ms at the p99 (bench/probes/delivery.py, no GPU). The
 # 3B's steps were collected 15.4 ms apart at the p99 there, its tokens arrived 21.0 ms apart. Sending first
-# delays the pass's launches by the send (pickling and a pipe write: 0.075 ms, p99 0.29 ms for 8-32 tokens in
+# delays the pass's launches by the send (pickling and a pipe write: 0.084 ms, p99 0.31 ms for 8-32 tokens in
 # delivery.py). Not measured on a GPU yet: bench phase four/host-sendearly.
 SEND_EARLY_ENV = "LLMHOST_SEND_BEFORE_LAUNCH"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
