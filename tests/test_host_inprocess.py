@@ -114,3 +114,6 @@ def test_spawned_host_with_a_runtime_of_its_own_reports_loads_and_gpu_time(
     assert steps.count(("launch", "b")) == steps.count(("collect", "b")) >= 5  # prompt + one per token after it
     assert {r["model"] for r in records if r["ev"] in ("launch", "collect")} == {"b"}
     assert all(r["model"] == "" for r in records if r["ev"] not in ("launch", "collect"))  # passes, gc, sends
+    assert sum(r["tokens"].get("b", 0) for r in records if r["ev"] == "send") == 5  # every token's send traced
+    passes = [r["pass_no"] for r in records]
+    assert passes == sorted(passes) and passes[-1] > 1

@@ -5,6 +5,7 @@ GPU path itself runs in bench/multi_model.py (four/host against four/host-sendea
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -13,6 +14,7 @@ from llmhost.host import core
 from llmhost.host.core import _Running
 from llmhost.host.gpu_scheduler import StepShape
 from llmhost.host.messages import TokenBatch, TokenEvent
+from llmhost.host.step_trace import StepTrace
 
 
 class Done:
@@ -35,10 +37,10 @@ class Core:
     _step = core.HostCore._step
     _send = core.HostCore._send
 
-    def __init__(self, send_early: bool) -> None:
+    def __init__(self, send_early: bool, trace: StepTrace | None = None) -> None:
         self._send_early = send_early
         self.conn = Conn()
-        self.trace = None
+        self.trace = trace
         done = _Running("a", cast(Any, None), StepPlan(chunks=()), StepShape(8, 0), 0.0, None, cast(Any, Done()))
         self._inflight: dict[str, list[_Running]] = {"cuda:0": [done]}
         self.slots = {
@@ -86,3 +88,11 @@ def test_by_default_the_tokens_wait_for_the_launches() -> None:
     core.HostCore._step(cast(Any, fake))
     assert fake.sent_by_launch == []
     assert ids(fake.conn.sent) == [["a-1", "c-1"]]
+
+
+def test_the_trace_records_each_send_with_its_tokens_per_model(tmp_path: Path) -> None:
+    for early, sends in ((True, [{"a": 1}, {"c": 1}]), (False, [{"a": 1, "c": 1}])):
+        fake = Core(send_early=early, trace=StepTrace(tmp_path / "steps.jsonl"))
+        core.HostCore._step(cast(Any, fake))
+        assert fake.trace is not None
+        assert [r["tokens"] for r in fake.trace.records if r["ev"] == "send"] == sends

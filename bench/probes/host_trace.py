@@ -22,16 +22,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import multi_model as mm
 
+from llmhost.host.core import SLOW_SEND_S
 from llmhost.host.step_trace import ENV
 
 PASS_PARTS = ("admit_ms", "yield_ms", "drain_ms", "step_ms")  # where a slow pass of the host loop spent its time
+
+
+def fast_send(e: dict[str, Any]) -> bool:
+    """A send of a token batch within SLOW_SEND_S (the host traces every send; only the slow ones tell anything
+    here)."""
+    return e["ev"] == "send" and e["ms"] <= 1e3 * SLOW_SEND_S
 
 
 def describe(e: dict[str, Any], since: float) -> str:
     if e["ev"] == "pass":
         parts = " ".join(f"{k[:-3]} {e[k]}" for k in PASS_PARTS)
         return f"{1e3 * (e['t'] - since):8.2f} pass    {parts} ms"
-    if e["ev"] in ("gc", "send"):  # a garbage collection (its generation) or a slow send of a token batch
+    if e["ev"] in ("gc", "send"):  # a garbage collection (its generation) or a send of a token batch
         return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['ms']} ms generation {e.get('generation', '-')}"
     if e["ev"] in ("confine", "dither"):  # SM steering moved the model's decode graphs to another SM count
         return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['model']:14} {e['sms']} SMs"
@@ -102,7 +109,7 @@ def main() -> None:
     if slow:
         out["slow_passes"]["allocator"] = [slow[0].get("allocator"), slow[-1].get("allocator")]
     for kind in ("gc", "send"):
-        ms = sorted(e["ms"] for e in win if e["ev"] == kind)
+        ms = sorted(e["ms"] for e in win if e["ev"] == kind and not fast_send(e))
         out[kind] = {"n": len(ms), "total_ms": round(sum(ms), 3), "largest_ms": ms[-5:]}
     # each model's largest client-side token gaps in the window, and the host's steps inside them
     gaps: dict[str, list[tuple[float, float, float]]] = {}
@@ -118,7 +125,7 @@ def main() -> None:
             if any(a < y and x < b for x, y in seen):
                 continue  # the same stall seen by another request of the model
             seen.append((a, b))
-            inside = [describe(e, a) for e in trace if a - 0.03 <= e["t"] <= b]
+            inside = [describe(e, a) for e in trace if a - 0.03 <= e["t"] <= b and not fast_send(e)]
             worst.append({"gap_ms": round(1e3 * gap, 2), "events": inside[-60:]})
             if len(worst) == 3:
                 break

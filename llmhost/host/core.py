@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -51,7 +51,7 @@ from llmhost.host.messages import (
     TokenEvent,
 )
 from llmhost.host.sm_confinement import SmConfinement
-from llmhost.host.step_trace import StepTrace
+from llmhost.host.step_trace import StepTrace, ThreadUsage
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.history import History, Measured, history_key
 from llmhost.memory.inventory import Inventory, host_memory
@@ -257,6 +257,7 @@ class HostCore:
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
         self.confinement = SmConfinement(self._runner, self.trace) if config.host.sm_steering else None
         self._gc_start = 0.0
+        self._usage: ThreadUsage | None = None  # the loop thread's OS figures per slow pass, when tracing
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)
         self._sm_dither = os.environ.get(SM_DITHER_ENV) != "0"
         self._solo_run_ahead = solo_run_ahead_on()
@@ -318,6 +319,8 @@ class HostCore:
                 with contextlib.suppress(ValueError):  # not registered when the host stopped while loading
                     gc.callbacks.remove(self._trace_gc)
                 self.trace.write()
+            if self._usage is not None:
+                self._usage.close()
 
     def _run(self) -> None:
         for name in self.resident_at_start:
@@ -347,6 +350,11 @@ class HostCore:
 
     def iterate(self) -> None:
         t0 = time.perf_counter()
+        if self.trace is not None:
+            self.trace.passes += 1
+            if self._usage is None:
+                self._usage = ThreadUsage()  # made on the loop's thread, which it measures
+        u0 = self._usage.read() if self._usage is not None else None
         if self._draining:
             self._unload_drained()
         self._admit_pending()
@@ -363,9 +371,10 @@ class HostCore:
         if self.trace is not None and busy and time.perf_counter() - t0 > SLOW_PASS_S:
             t = (t0, t1, t2, t3, time.perf_counter())
             ms = [round(1e3 * (t[k + 1] - t[k]), 3) for k in range(4)]
+            os_usage = ThreadUsage.since(u0, self._usage.read() if self._usage is not None else None)
             self.trace.add(
                 "pass", "", 0, 0, admit_ms=ms[0], yield_ms=ms[1], drain_ms=ms[2], step_ms=ms[3],
-                allocator=_allocator_counts(self._inflight),
+                allocator=_allocator_counts(self._inflight), **os_usage,
             )  # fmt: skip
         now = time.monotonic()
         if now >= self._next_expiry:
@@ -580,19 +589,22 @@ class HostCore:
         iteration). On the CPU one step runs at a time, to completion. Returns whether any step was collected or
         launched."""
         events: list[TokenEvent] = []
+        origin: Counter[str] = Counter()  # tokens per model in `events`, for the step trace
         moved = False
         for runs in self._inflight.values():
             for run in [r for r in runs if r.finished()]:
                 runs.remove(run)
                 moved = True
-                events.extend(self._collect(run))
+                got = self._collect(run)
+                events.extend(got)
+                origin[run.name] += len(got)
                 decode = not run.shape.prefill_tokens
                 behind = next((r for r in runs if r.name == run.name and not r.shape.prefill_tokens), None)
                 if decode and behind is not None:  # its model's next decode step, queued behind it, starts now
                     behind.began = max(behind.began, time.perf_counter())
         if events and self._send_early:  # SEND_EARLY_ENV: the tokens wait for no launch
-            self._send(events)
-            events = []
+            self._send(events, origin)
+            events, origin = [], Counter()
         lanes: dict[str, list[str]] = {}
         for name, slot in self.slots.items():
             if self._ready(slot):
@@ -605,19 +617,21 @@ class HostCore:
             if alone is not None:
                 self._traced(alone, 0)
                 moved = True
-                events.extend(self._collect(alone))
+                got = self._collect(alone)
+                events.extend(got)
+                origin[alone.name] += len(got)
         for device, running in self._inflight.items():
             self._run_ahead(device, running)
             moved |= self._launch_slices(running)
         if events:
-            self._send(events)
+            self._send(events, origin)
         return moved
 
-    def _send(self, events: list[TokenEvent]) -> None:
+    def _send(self, events: list[TokenEvent], origin: Counter[str]) -> None:
         t0 = time.perf_counter()
         self.conn.send(TokenBatch(tuple(events)))
-        if self.trace is not None and time.perf_counter() - t0 > SLOW_SEND_S:
-            self.trace.add("send", "", 0, 0, ms=round(1e3 * (time.perf_counter() - t0), 3))
+        if self.trace is not None:  # every send: when each collected token left the loop (slow: over SLOW_SEND_S)
+            self.trace.add("send", "", 0, 0, ms=round(1e3 * (time.perf_counter() - t0), 3), tokens=dict(origin))
 
     def _run_ahead(self, device: str, running: list[_Running]) -> None:
         """A model whose graph-replayed decode step is in flight launches its next decode step behind it, before
