@@ -27,6 +27,7 @@ Usage: python bench/multi_model.py [--quick]   (--quick: small shapes and short 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -226,12 +227,24 @@ def _raw_dir(scenario: str) -> Path | None:
     return raw
 
 
+def _canary(raw: Path | None) -> Any:
+    """With --trace-dir, a canary process beside the window (bench/probes/canary.py): the machine's own hiccups,
+    to line up with the host's step trace."""
+    if raw is None:
+        return contextlib.nullcontext()
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "probes"))
+    import canary
+
+    return canary.Canary(raw / "canary.json")
+
+
 def _host_window(
     run: Any, mode: Mode, loads: list[Any], models: tuple[str, ...], rows: int, raw: Path | None = None
 ) -> dict[str, Any]:
     """Drive the host with `loads` for warm + window seconds; stats in the window and the scheduler's charged GPU
     seconds over it (overlapped steps at their solo cost: host/gpu_scheduler.py). `raw`: where to write every
-    client stream's token times and the window (tokens.json, as bench/probes/host_trace.py --raw does)."""
+    client stream's token times and the window (tokens.json, as bench/probes/host_trace.py --raw does), and a
+    canary's record (canary.json: bench/probes/canary.py)."""
     t_start = time.monotonic()
     t0, t1 = t_start + mode.warm_s, t_start + mode.warm_s + mode.window_s
     charged: dict[str, dict[str, float]] = {}
@@ -241,7 +254,7 @@ def _host_window(
         reply = await run.client.query()
         charged[key] = {m.name: m.gpu_seconds for m in reply.models if m.name in driven}
 
-    with drivers().GcPauses() as pauses:
+    with drivers().GcPauses() as pauses, _canary(raw):
         streams = d_host(run, loads, t1, at=[(t0, lambda: snap("t0")), (t1 - 1e-3, lambda: snap("t1"))])
     stats = _per_model(mode, models, [s for s in streams if s.model in driven], t0, t1, rows)
     stats = {n: v for n, v in stats.items() if n in driven}
