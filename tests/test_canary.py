@@ -4,6 +4,7 @@ host loop's own (bench/multi_model.py --trace-dir runs one beside each four-mode
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,3 +48,4 @@ def test_canary_process_writes_its_record_when_the_block_ends(tmp_path: Path) ->
     assert time.monotonic() - t0 < 20.0, "stopped when the block ended, not at max_s"
     record = json.loads(path.read_text())
     assert record["t1"] > record["t0"] and record["cpu_samples"]
+    assert record["machine"]["cpus"] == os.cpu_count()

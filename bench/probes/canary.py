@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,37 @@ def cpu_times() -> list[int] | None:
     except OSError:
         return None
     return [int(x) for x in first[1 : 1 + len(STAT_FIELDS)]]
+
+
+def _first_line(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """What of the machine could make it hiccup: its CPU, its NUMA nodes and whether the kernel balances memory
+    across them (which unmaps a process's pages now and then, to fault them back in: page faults in bursts),
+    transparent huge pages, the CPU frequency governor, the load. None where the file is not there."""
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    nodes = sorted(p.name for p in Path("/sys/devices/system/node").glob("node[0-9]*"))
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "numa_nodes": len(nodes) or None,
+        "numa_balancing": _first_line("/proc/sys/kernel/numa_balancing"),
+        "transparent_hugepage": _first_line("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "cpufreq_governor": _first_line("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+        "loadavg": _first_line("/proc/loadavg"),
+    }
 
 
 def spin(stop: Any, seconds: float) -> dict[str, Any]:
@@ -67,6 +99,7 @@ def spin(stop: Any, seconds: float) -> dict[str, Any]:
         last = now
     usage.close()
     return {
+        "machine": machine(),
         "hiccup_s": HICCUP_S,
         "t0": t_start,
         "t1": last,
@@ -112,6 +145,7 @@ def summary(record: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
         total = sum(delta) or 1
         shares = {k: round(d / total, 4) for k, d in zip(record["cpu_fields"], delta, strict=True)}
     return {
+        "machine": record.get("machine"),
         "hiccups": len(hs),
         "longest_ms": max((h["ms"] for h in hs), default=0.0),
         "over_1ms": [[round(h["t"] - t0, 4), h["ms"], h.get("invol_switches")] for h in hs if h["ms"] > 1.0],
