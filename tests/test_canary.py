@@ -23,15 +23,16 @@ def test_spin_samples_the_machine_and_finds_a_stall_it_was_given(monkeypatch: py
     real = time.monotonic
     calls = 0
 
-    def stalling() -> float:  # the 2,000th clock read comes 5 ms late, as if the canary lost its CPU
-        nonlocal calls
+    def stalling() -> float:  # from the 201st clock read on, 5 ms later: as if the 100th nap ended that late
+        nonlocal calls  # (the first read is the start; then each nap reads before and after)
         calls += 1
-        return real() + (0.005 if calls >= 2000 else 0.0)
+        return real() + (0.005 if calls >= 201 else 0.0)
 
     monkeypatch.setattr(canary.time, "monotonic", stalling)
     record = canary.spin(None, 0.2)
     stalls = [h for h in record["hiccups"] if h["ms"] >= 5.0]
-    assert len(stalls) >= 1 and stalls[0]["ms"] < 50.0
+    assert len(stalls) == 1 and stalls[0]["ms"] < 50.0
+    assert "invol_switches" in stalls[0]  # what the OS says of the canary's thread over that nap
     assert len(record["cpu_samples"]) >= 5  # every SAMPLE_S: the 0.2 s hold ~20
     assert all(len(s) == 1 + len(canary.STAT_FIELDS) for s in record["cpu_samples"])
     summary = canary.summary(record, record["t0"], record["t1"] + 1.0)

@@ -5,10 +5,13 @@ which every launch, collection and pipe poll takes several times its usual time.
 with the host stalls at the same moments, the machine took the CPUs (a hypervisor's steal, interrupts, frequency);
 if it does not, the cause is in the host process (its page faults, its CUDA calls, its own CPU time).
 
-The canary spins on time.monotonic() (the clock the step trace and the clients' token times use) and records every
-gap longer than HICCUP_S, with what the OS says about its thread over the gap (ThreadUsage: preempted or not), and
-every SAMPLE_S the machine-wide CPU time from /proc/stat (steal, interrupts), so that a window's figures line up with
-the host's step trace. It keeps one core busy, as the host loop does.
+The canary naps NAP_S at a time and reads time.monotonic() (the clock the step trace and the clients' token times
+use) around each nap; a wake-up more than HICCUP_S late is recorded, with what the OS says about its thread over
+that nap (ThreadUsage: waiting for a CPU or not). Napping, it takes ~2% of a core and leaves the CPUs to the host
+and the clients (a spinning canary would take one, and could itself exhaust a container's CPU quota). Every
+SAMPLE_S it reads the machine-wide CPU time from /proc/stat (steal, interrupts) and the container's CPU throttling
+(cgroup cpu.stat: a CPU quota used up stops every thread of the container until the next period, 100 ms by
+default), so that a window's figures line up with the host's step trace.
 
 `with Canary(path):` around a bench window (bench/multi_model.py --trace-dir does) writes `path` (JSON) when the
 block ends. Standalone: python bench/probes/canary.py OUT.json SECONDS"""
@@ -28,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # llmhost, where i
 
 from llmhost.host.step_trace import ThreadUsage
 
-HICCUP_S = 0.0005  # a gap between two clock reads longer than this is recorded (a read takes ~0.1 us)
+NAP_S = 0.0002  # how long the canary sleeps between clock reads
+HICCUP_S = 0.001  # a wake-up later than this past its nap is recorded (timer slack is ~0.05-0.1 ms)
 SAMPLE_S = 0.01  # how often the machine-wide CPU times are read
 STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")  # /proc/stat's first eight
 
@@ -71,41 +75,74 @@ def machine() -> dict[str, Any]:
         "transparent_hugepage": _first_line("/sys/kernel/mm/transparent_hugepage/enabled"),
         "cpufreq_governor": _first_line("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
         "loadavg": _first_line("/proc/loadavg"),
+        "cpu_quota": cpu_quota(),
     }
 
 
+def throttling() -> list[float] | None:
+    """The container's CPU throttling so far: [periods throttled, milliseconds throttled] (cgroup v2 cpu.stat, or
+    v1's); None where neither file is there."""
+    for path, key, to_ms in (
+        ("/sys/fs/cgroup/cpu.stat", "throttled_usec", 1e-3),
+        ("/sys/fs/cgroup/cpu/cpu.stat", "throttled_time", 1e-6),
+        ("/sys/fs/cgroup/cpu,cpuacct/cpu.stat", "throttled_time", 1e-6),
+    ):
+        try:
+            with open(path) as f:
+                stat = dict(line.split() for line in f if line.strip())
+        except (OSError, ValueError):
+            continue
+        if key in stat and "nr_throttled" in stat:
+            return [float(stat["nr_throttled"]), float(stat[key]) * to_ms]
+    return None
+
+
+def cpu_quota() -> str | None:
+    """The container's CPU quota as "quota period" in microseconds ("max ..." or "-1 ...": none)."""
+    v2 = _first_line("/sys/fs/cgroup/cpu.max")
+    if v2 is not None:
+        return v2
+    quota, period = (
+        _first_line("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+        _first_line("/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    )
+    return f"{quota} {period}" if quota is not None else None
+
+
 def spin(stop: Any, seconds: float) -> dict[str, Any]:
-    """Read the clock until `stop` is set (an Event, or None) or `seconds` pass; the hiccups and CPU-time samples."""
+    """Nap and read the clock until `stop` is set (an Event, or None) or `seconds` pass: the late wake-ups, and the
+    CPU-time and throttling samples."""
     usage = ThreadUsage()
     hiccups: list[dict[str, Any]] = []
     samples: list[list[float]] = []
-    t_start = last = time.monotonic()
+    throttles: list[list[float]] = []
+    t_start = now = time.monotonic()
     next_sample = t_start
-    before = usage.read()
-    while last - t_start < seconds and (stop is None or not stop.is_set()):
+    while now - t_start < seconds and (stop is None or not stop.is_set()):
+        before = usage.read()
+        t_nap = time.monotonic()
+        time.sleep(NAP_S)
         now = time.monotonic()
-        if now - last > HICCUP_S:
-            after = usage.read()
-            hiccups.append({"t": last, "ms": round(1e3 * (now - last), 3), **ThreadUsage.since(before, after)})
-            before = after
-            now = time.monotonic()
+        if now - t_nap - NAP_S > HICCUP_S:
+            hiccups.append({"t": t_nap, "ms": round(1e3 * (now - t_nap), 3), **ThreadUsage.since(before, usage.read())})
         if now >= next_sample:
-            times = cpu_times()
+            times, throttled = cpu_times(), throttling()
             if times is not None:
                 samples.append([now, *times])
+            if throttled is not None:
+                throttles.append([now, *throttled])
             next_sample = now + SAMPLE_S
-            before = usage.read()
-            now = time.monotonic()
-        last = now
     usage.close()
     return {
         "machine": machine(),
+        "nap_s": NAP_S,
         "hiccup_s": HICCUP_S,
         "t0": t_start,
-        "t1": last,
+        "t1": now,
         "hiccups": hiccups,
         "cpu_fields": STAT_FIELDS,
         "cpu_samples": samples,
+        "throttle_samples": throttles,
     }
 
 
@@ -135,8 +172,9 @@ class Canary:
 
 
 def summary(record: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
-    """The canary's figures in a window: its hiccups (count, longest, those over 1 ms with their times), and the
-    machine's CPU time by kind over the window, as a fraction of all of it."""
+    """The canary's figures in a window: the container's CPU throttling, the late wake-ups (count, longest, those
+    over 1 ms late with their times and involuntary switches), and the machine's CPU time by kind over the window, as
+    a fraction of all of it."""
     hs = [h for h in record["hiccups"] if t0 <= h["t"] < t1]
     inside = [s for s in record["cpu_samples"] if t0 <= s[0] < t1]
     shares: dict[str, float] = {}
@@ -144,11 +182,14 @@ def summary(record: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
         delta = [b - a for a, b in zip(inside[0][1:], inside[-1][1:], strict=True)]
         total = sum(delta) or 1
         shares = {k: round(d / total, 4) for k, d in zip(record["cpu_fields"], delta, strict=True)}
+    throttled = [s for s in record.get("throttle_samples", []) if t0 <= s[0] < t1]
     return {
         "machine": record.get("machine"),
+        "throttled_periods": throttled[-1][1] - throttled[0][1] if len(throttled) >= 2 else None,
+        "throttled_ms": round(throttled[-1][2] - throttled[0][2], 3) if len(throttled) >= 2 else None,
         "hiccups": len(hs),
         "longest_ms": max((h["ms"] for h in hs), default=0.0),
-        "over_1ms": [[round(h["t"] - t0, 4), h["ms"], h.get("invol_switches")] for h in hs if h["ms"] > 1.0],
+        "late": [[round(h["t"] - t0, 4), h["ms"], h.get("invol_switches")] for h in hs],
         "cpu_share": shares,
     }
 

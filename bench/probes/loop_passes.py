@@ -6,7 +6,8 @@ LLMHOST_SEND_BEFORE_LAUNCH sends them first). What this probe reports, over the 
 - `launch_ms`, `collect_ms`: how long the loop took per decode launch and per collection (p50, p99, max).
 - `slow_moments`: spans of BUCKET_S buckets whose median decode launch took over SLOW_FACTOR times the window's
   median, merged when adjacent: when, how long, how slow, and what lay beside them (prompt steps, garbage
-  collections, the OS figures of the slow passes inside (ThreadUsage), the canary's stalls).
+  collections, the OS figures of the slow passes inside (ThreadUsage), the canary's late wake-ups and the
+  container's CPU throttling: bench/probes/canary.py).
 - per model, `top_gaps`: its largest 3% of decode collection gaps (the GPU side of its token gaps), by whether they
   overlap a slow moment, a prompt step (any model's), both or neither.
 - per model, `after_collect_ms`: how long its tokens took from their collection to the client, split into the wait
@@ -43,6 +44,7 @@ from trace_holds import read, read_trace
 
 BUCKET_S = 0.05  # slow moments are found in buckets this long
 SLOW_FACTOR = 2.0  # a bucket whose median decode launch takes this many times the window's median is slow
+SAMPLE_GRACE_S = 0.01  # the canary's samples come every 10 ms: one on either side brackets a slow moment
 OS_FIELDS = ("cpu_ms", "runq_wait_ms", "minflt", "majflt", "vol_switches", "invol_switches")
 
 
@@ -144,8 +146,13 @@ def slow_moments(
             moment["slow_pass_os"] = {k: round(sum(e.get(k, 0) for e in slow_passes), 3) for k in OS_FIELDS}
         if canary is not None:
             stalls = [h for h in canary["hiccups"] if a <= h["t"] < b]
-            moment["canary_stall_ms"] = round(sum(h["ms"] for h in stalls), 3)
+            moment["canary_late_naps"] = len(stalls)
             moment["canary_longest_ms"] = max((h["ms"] for h in stalls), default=0.0)
+            throttled = [
+                x for x in canary.get("throttle_samples", []) if a - SAMPLE_GRACE_S <= x[0] < b + SAMPLE_GRACE_S
+            ]
+            if len(throttled) >= 2:  # the container's CPU quota ran out meanwhile
+                moment["container_throttled_ms"] = round(throttled[-1][2] - throttled[0][2], 3)
         out.append(moment)
     return out, spans
 
