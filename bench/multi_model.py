@@ -384,8 +384,43 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
             out["alone"].update(window)
         out["together"] = _host_window(run, mode, loads, mode.four, FOUR_CLIENTS, raw)
         out["reconciliations"] += run.reconciliations
-        d.stop_host(run)
+        d.stop_host(run)  # the host writes its step trace as it stops
+        if raw is not None:
+            out["trace"] = _trace_summary(raw)
     return out
+
+
+def _trace_summary(raw: Path) -> dict[str, Any]:
+    """With --trace-dir: the gist of bench/probes/loop_passes.py over the phase's folder, kept in the result so that
+    it comes back with the JSON even where the folder does not (run the probe on the folder for all of it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "probes"))
+    import loop_passes
+
+    try:
+        full = loop_passes.analyse(raw)
+    except (OSError, ValueError, KeyError) as e:  # no trace written (a host stopped by force), or a torn one
+        return {"error": f"{type(e).__name__}: {e}"}
+    moments = full["slow_moments"]
+    os_sums = {k: round(sum(m.get("slow_pass_os", {}).get(k, 0) for m in moments), 3) for k in loop_passes.OS_FIELDS}
+    return {
+        "probe": f"python bench/probes/loop_passes.py {raw}",
+        "launch_ms": full["launch_ms"],
+        "slow_moments": len(moments),
+        "slow_moment_share": full["slow_moment_share"],
+        "slow_moment_launch_ms_p50": [m["decode_launch_ms_p50"] for m in moments],
+        "slow_moment_os": os_sums if any("slow_pass_os" in m for m in moments) else None,
+        "slow_moment_container_throttled_ms": [m.get("container_throttled_ms") for m in moments],
+        "slow_moment_canary_late_naps": [m.get("canary_late_naps") for m in moments],
+        "canary": full["canary"],
+        "models": {
+            name: {
+                "top_gaps": m["top_gaps"],
+                "wait_for_send_ms": m.get("after_collect_ms", {}).get("wait_for_send"),
+                "itl_ms": m.get("itl_ms"),
+            }
+            for name, m in full["models"].items()
+        },
+    }
 
 
 def _swap_reserve(mode: Mode, inventory: Any, config: ModelConfig) -> int:

@@ -29,3 +29,21 @@ def test_with_trace_dir_each_phase_traces_into_its_own_folder(monkeypatch: pytes
     assert raw == tmp_path / "four-sendearly" and raw.is_dir()
     trace = step_trace.StepTrace.from_env()
     assert trace is not None and trace.path == raw / "steps.jsonl"
+
+
+def test_trace_summary_is_the_probe_s_gist(tmp_path: Path) -> None:
+    """The four-model phase keeps loop_passes.py's gist in its result (the folder may not come back from the
+    device): the same figures as the probe's."""
+    from test_loop_passes_probe import write_trace
+
+    write_trace(tmp_path / "four", numbered=True)
+    gist = multi_model._trace_summary(tmp_path / "four")
+    assert gist["slow_moments"] == 1 and gist["slow_moment_launch_ms_p50"] == [2.0]
+    assert gist["models"]["a"]["top_gaps"]["slow_moment_only"] == 4
+    assert gist["models"]["b"]["wait_for_send_ms"]["p50"] == pytest.approx(0.7, abs=1e-3)
+    assert gist["canary"] is None and gist["slow_moment_os"] is None  # the made-up trace has neither
+
+
+def test_trace_summary_of_a_missing_trace_says_so(tmp_path: Path) -> None:
+    (tmp_path / "four").mkdir()
+    assert "FileNotFoundError" in multi_model._trace_summary(tmp_path / "four")["error"]

@@ -50,10 +50,9 @@ OS_FIELDS = ("cpu_ms", "runq_wait_ms", "minflt", "majflt", "vol_switches", "invo
 
 @dataclass
 class Pass:
-    """One loop pass: its records in order, and when it sent its tokens (None: it sent none that the trace shows)."""
+    """One loop pass: its records in order."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
-    sent_at: float | None = None
 
     @property
     def end(self) -> float:
@@ -81,11 +80,16 @@ def passes(steps: list[dict[str, Any]]) -> list[Pass]:
         assert current is not None
         current.records.append(e)
         launched |= e["ev"] in ("launch", "launched")
-        if e["ev"] == "send":
-            current.sent_at = e["t"]
         if e["ev"] == "pass" and not numbered:
             current = None  # a slow pass's record is its last
     return out
+
+
+def send_of(p: Pass, i: int, arrival: float) -> float:
+    """When the tokens of the collection at `p.records[i]` left the loop: the pass's first traced send after it (a
+    pass sends twice under LLMHOST_SEND_BEFORE_LAUNCH: before its launches, and after them what a CPU step gave),
+    else inferred."""
+    return next((e["t"] for e in p.records[i + 1 :] if e["ev"] == "send"), None) or inferred_send(p, i, arrival)
 
 
 def inferred_send(p: Pass, i: int, arrival: float) -> float:
@@ -215,7 +219,7 @@ def analyse(raw: Path) -> dict[str, Any]:
                 at_collection.append(tc)
                 if not t0 <= t < t1:
                     continue
-                send = p.sent_at if p.sent_at is not None else inferred_send(p, i, t)
+                send = send_of(p, i, t)
                 wait.append(send - tc)
                 rest.append(t - send)
                 launches_after.append(

@@ -629,9 +629,11 @@ class HostCore:
 
     def _send(self, events: list[TokenEvent], origin: Counter[str]) -> None:
         t0 = time.perf_counter()
+        began = time.monotonic() if self.trace is not None else 0.0
         self.conn.send(TokenBatch(tuple(events)))
         if self.trace is not None:  # every send: when each collected token left the loop (slow: over SLOW_SEND_S)
-            self.trace.add("send", "", 0, 0, ms=round(1e3 * (time.perf_counter() - t0), 3), tokens=dict(origin))
+            ms = round(1e3 * (time.perf_counter() - t0), 3)
+            self.trace.add("send", "", 0, 0, at=began, ms=ms, tokens=dict(origin))
 
     def _run_ahead(self, device: str, running: list[_Running]) -> None:
         """A model whose graph-replayed decode step is in flight launches its next decode step behind it, before

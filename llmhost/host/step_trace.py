@@ -29,13 +29,13 @@ class StepTrace:
         path = os.environ.get(ENV)
         return cls(Path(path)) if path else None
 
-    def add(self, event: str, model: str, rows: int, prefill: int, **fields: Any) -> None:
-        """One event (a launch, a collection, a slow loop pass or send, a garbage collection), stamped with
+    def add(self, event: str, model: str, rows: int, prefill: int, at: float | None = None, **fields: Any) -> None:
+        """One event (a launch, a collection, a slow loop pass, a send, a garbage collection), stamped with
         time.monotonic() (one clock for every process of the machine, so a client's token times line up with
-        it)."""
+        it): now, or `at` (a reading taken when the event began: a send's, which the client may see end first)."""
         self.records.append(
             {
-                "t": time.monotonic(),
+                "t": time.monotonic() if at is None else at,
                 "ev": event,
                 "model": model,
                 "rows": rows,
