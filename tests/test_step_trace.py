@@ -4,6 +4,7 @@ spent computing, faulting pages in, sleeping in a call or waiting for a CPU."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from llmhost.host import step_trace
 from llmhost.host.step_trace import StepTrace, ThreadUsage
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="getrusage(RUSAGE_THREAD) is Linux's")
@@ -64,3 +66,14 @@ def test_every_record_carries_its_loop_pass(tmp_path: Path) -> None:
     trace.add("collect", "a", 8, 0)
     trace.add("send", "", 0, 0, tokens={"a": 8})
     assert [r["pass_no"] for r in trace.records] == [0, 1, 1]
+
+
+def test_past_the_cap_records_are_counted_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(step_trace, "MAX_RECORDS", 3)
+    trace = StepTrace(tmp_path / "steps.jsonl")
+    for _ in range(5):
+        trace.add("launch", "a", 8, 0)
+    trace.write()
+    lines = [json.loads(line) for line in trace.path.read_text().splitlines()]
+    assert [r["ev"] for r in lines] == ["launch"] * 3 + ["dropped"]
+    assert lines[-1]["records"] == 2

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 ENV = "LLMHOST_STEP_TRACE"
+# Records kept at most (~0.5 KiB each in memory): a bench phase makes ~3,000 a second, a probe run ~200,000; a
+# server left tracing would otherwise grow without bound. Past it, records are counted, not kept.
+MAX_RECORDS = 1_000_000
 
 
 class StepTrace:
@@ -23,6 +26,7 @@ class StepTrace:
         self.path = path
         self.records: list[dict[str, Any]] = []
         self.passes = 0  # the host loop's passes so far: stamped on every record, to group a pass's events
+        self.dropped = 0  # records past MAX_RECORDS
 
     @classmethod
     def from_env(cls) -> StepTrace | None:
@@ -33,6 +37,9 @@ class StepTrace:
         """One event (a launch, a collection, a slow loop pass, a send, a garbage collection), stamped with
         time.monotonic() (one clock for every process of the machine, so a client's token times line up with
         it): now, or `at` (a reading taken when the event began: a send's, which the client may see end first)."""
+        if len(self.records) >= MAX_RECORDS:
+            self.dropped += 1
+            return
         self.records.append(
             {
                 "t": time.monotonic() if at is None else at,
@@ -46,9 +53,13 @@ class StepTrace:
         )
 
     def write(self) -> None:
+        """The records as JSON lines; a last one says how many were dropped past MAX_RECORDS, if any."""
         with self.path.open("w") as f:
             for rec in self.records:
                 f.write(json.dumps(rec) + "\n")
+            if self.dropped:
+                end = {"t": time.monotonic(), "ev": "dropped", "model": "", "rows": 0, "prefill": 0}
+                f.write(json.dumps({**end, "pass_no": self.passes, "records": self.dropped}) + "\n")
 
 
 class ThreadUsage:
