@@ -172,9 +172,9 @@ class Canary:
 
 
 def summary(record: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
-    """The canary's figures in a window: the container's CPU throttling, the late wake-ups (count, longest, those
-    over 1 ms late with their times and involuntary switches), and the machine's CPU time by kind over the window, as
-    a fraction of all of it."""
+    """The canary's figures in a window: the container's CPU throttling, the late wake-ups (count, longest, and each
+    one's time in the window, nap length and involuntary switches), and the machine's CPU time by kind over the
+    window, as a fraction of all of it."""
     hs = [h for h in record["hiccups"] if t0 <= h["t"] < t1]
     inside = [s for s in record["cpu_samples"] if t0 <= s[0] < t1]
     shares: dict[str, float] = {}
