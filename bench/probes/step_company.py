@@ -1,0 +1,92 @@
+"""Probe, off the GPU: how long each model's decode steps take on the GPU by the company they keep, from a raw step
+trace (bench/probes/host_trace.py --raw, or bench/multi_model.py --trace-dir: steps.jsonl and tokens.json, gzipped or
+not).
+
+A decode step's GPU time (its CUDA events: from its start on its stream to its end, so a step queued behind its
+model's previous one counts from when that one ended) is the floor of its model's token gap: no launch order, hold
+or send can make a gap shorter than the step in it. Each decode step collected in the window is put in a class by
+what ran beside it, from the other steps' GPU intervals (collection time minus GPU time):
+- `prompt`: some model's prompt step overlapped it at all; else `decode`;
+- `beside N`: how many other models had decode steps on the GPU for more than half of it.
+Per class: how many steps, and their GPU time's mean, p90, p99 and max. Where even the steps in the commonest class
+have a p99 over 3x the model's solo p99, the issue's p99 target is out of reach at that share of the GPU.
+
+Usage: python bench/probes/step_company.py DIR [DIR ...] [--out FILE]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # llmhost, where it is not installed
+
+from multi_model_drivers import percentile
+from trace_holds import read_trace
+
+HALF = 0.5  # another model's decode steps on the GPU for more than this fraction of a step count as its company
+
+
+def _overlap(a: float, b: float, spans: list[tuple[float, float]]) -> float:
+    """Seconds of [a, b) covered by `spans` (a model's steps never overlap each other on the GPU)."""
+    return sum(max(0.0, min(b, y) - max(a, x)) for x, y in spans)
+
+
+def company(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]:
+    decode: dict[str, list[tuple[float, float]]] = {}
+    prompts: list[tuple[float, float]] = []
+    for e in steps:
+        if e["ev"] != "collect" or not e.get("gpu_ms"):
+            continue
+        span = (e["t"] - e["gpu_ms"] / 1e3, e["t"])
+        if e["prefill"]:
+            prompts.append(span)
+        else:
+            decode.setdefault(e["model"], []).append(span)
+    out: dict[str, Any] = {}
+    for model, spans in sorted(decode.items()):
+        classes: dict[str, list[float]] = {}
+        for a, b in spans:
+            if not t0 <= b < t1:
+                continue
+            beside = sum(1 for m, other in decode.items() if m != model and _overlap(a, b, other) > HALF * (b - a))
+            kind = "prompt" if _overlap(a, b, prompts) > 0.0 else "decode"
+            classes.setdefault(f"{kind} beside {beside}", []).append(1e3 * (b - a))
+        total = sum(len(v) for v in classes.values())
+        out[model] = {
+            key: {
+                "steps": len(ms),
+                "share": round(len(ms) / total, 3),
+                "mean_ms": round(statistics.mean(ms), 3),
+                "p90_ms": round(percentile(ms, 0.9), 3),
+                "p99_ms": round(percentile(ms, 0.99), 3),
+                "max_ms": round(max(ms), 3),
+            }
+            for key, ms in sorted(classes.items())
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dirs", type=Path, nargs="+", help="host_trace.py --raw or multi_model.py --trace-dir folders")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+    runs = {}
+    for d in args.dirs:
+        steps, tokens = read_trace(d)
+        runs[str(d)] = company(steps, tokens["t0"], tokens["t1"])
+    command = "python bench/probes/step_company.py " + " ".join(sys.argv[1:])
+    text = json.dumps({"command": command, "runs": runs}, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
