@@ -316,21 +316,23 @@ def _switch_experiments(scenario: str) -> None:
     from llmhost.host.core import (
         FAR_PROMPT_ENV,
         LEAD_STEPS_ENV,
+        PROMPT_APART_ENV,
         SEND_EARLY_ENV,
         SM_DITHER_ENV,
         SOLO_RUN_AHEAD_ENV,
     )
 
+    far = (FAR_PROMPT_ENV, str(FAR_PROMPT_SMS))
     switches = {
-        "far": (FAR_PROMPT_ENV, str(FAR_PROMPT_SMS)),
-        "lead2": (LEAD_STEPS_ENV, "2"),
-        "undithered": (SM_DITHER_ENV, "0"),
-        "collected": (SOLO_RUN_AHEAD_ENV, "0"),
-        "sendearly": (SEND_EARLY_ENV, "1"),
+        "far": [far],
+        "lead2": [(LEAD_STEPS_ENV, "2")],
+        "undithered": [(SM_DITHER_ENV, "0")],
+        "collected": [(SOLO_RUN_AHEAD_ENV, "0")],
+        "sendearly": [(SEND_EARLY_ENV, "1")],
+        "apart": [far, (PROMPT_APART_ENV, "1")],  # prompts on the far SMs, decode steps beside them on the near
     }
     for part in scenario.split("-")[1:]:
-        if part in switches:
-            env, value = switches[part]
+        for env, value in switches.get(part, []):
             os.environ[env] = value
 
 
@@ -345,7 +347,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0);
     (pair-collected, four-collected) solo step costs sampled only from decode steps launched after a collection
     (LLMHOST_SOLO_RUN_AHEAD=0, the default before bench/results/multi_model_b2b_reruns-h100.json); (four-sendearly)
-    each loop pass's tokens sent before its launches (LLMHOST_SEND_BEFORE_LAUNCH=1)."""
+    each loop pass's tokens sent before its launches (LLMHOST_SEND_BEFORE_LAUNCH=1); (four-apart) prompt steps on
+    the far SMs and every decode step launched beside one confined to the near SMs (LLMHOST_PROMPT_APART=1)."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -651,6 +654,7 @@ PLAN = (
     ("four/host-undithered", "host", "four-undithered", False),
     ("four/host-collected", "host", "four-collected", False),
     ("four/host-sendearly", "host", "four-sendearly", False),  # experiment: core.SEND_EARLY_ENV on
+    ("four/host-apart", "host", "four-apart", False),  # experiment: core.PROMPT_APART_ENV on, prompts on the far SMs
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

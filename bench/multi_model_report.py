@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "four/host-undithered": ("host_undithered", " with steered decode steps kept at their SM level"),
     "four/host-collected": ("host_collected", " with solo costs sampled after collections"),
     "four/host-sendearly": ("host_send_early", " with tokens sent before the pass's launches"),
+    "four/host-apart": ("host_prompts_apart", " with prompts on the far SMs and decode steps beside them on the near"),
 }
 
 

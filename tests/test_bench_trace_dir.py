@@ -3,6 +3,7 @@ writes its step trace there (LLMHOST_STEP_TRACE, inherited by the host process).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,3 +48,14 @@ def test_trace_summary_is_the_probe_s_gist(tmp_path: Path) -> None:
 def test_trace_summary_of_a_missing_trace_says_so(tmp_path: Path) -> None:
     (tmp_path / "four").mkdir()
     assert "FileNotFoundError" in multi_model._trace_summary(tmp_path / "four")["error"]
+
+
+def test_the_apart_phase_turns_on_far_prompts_and_keeping_decodes_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmhost.host.core import FAR_PROMPT_ENV, PROMPT_APART_ENV, SEND_EARLY_ENV
+
+    for env in (FAR_PROMPT_ENV, PROMPT_APART_ENV, SEND_EARLY_ENV):
+        monkeypatch.delenv(env, raising=False)  # and restored after: the phase sets them for its host process
+    multi_model._switch_experiments("four-sendearly")
+    assert FAR_PROMPT_ENV not in os.environ and PROMPT_APART_ENV not in os.environ
+    multi_model._switch_experiments("four-apart")
+    assert os.environ[FAR_PROMPT_ENV] == str(multi_model.FAR_PROMPT_SMS) and os.environ[PROMPT_APART_ENV] == "1"

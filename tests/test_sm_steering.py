@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from multiprocessing import Pipe
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -16,8 +16,9 @@ from test_coordinator import FakeRuntime
 
 from llmhost.config import load_config
 from llmhost.engine import sm_partition
+from llmhost.engine.scheduler import StepPlan
 from llmhost.host.coordinator import Slot
-from llmhost.host.core import DECODE_STREAM_PRIORITY, HostCore
+from llmhost.host.core import DECODE_STREAM_PRIORITY, HostCore, _Running
 from llmhost.host.gpu_scheduler import StepShape
 from llmhost.host.sm_confinement import SmConfinement
 from llmhost.host.sm_steering import ALONE_WINDOWS, SmSteering, confined_levels, near_sms
@@ -527,3 +528,34 @@ def test_the_host_dithers_a_steered_models_steps_unless_turned_off(
         assert runner.sms == 104
         core._dither("a", "cuda:0", [])  # never held on the whole GPU: stays there
         assert core.slots["a"].engine.runner.sms is None
+
+
+def test_prompts_apart_keeps_decode_steps_off_the_far_sms_while_a_prompt_runs_there(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    """PROMPT_APART_ENV: while a prompt step is in flight on the far stream, a decode step's graphs replay on the
+    near SMs (88 of 132 with 44 far: a steering level), a model steered deeper stays deeper; once the prompt step
+    is collected, each model is back on its own level. Off, a far prompt step leaves the levels as they were."""
+    far = object()
+    monkeypatch.setattr(sm_partition, "far_stream", lambda device, near: (far, 132 - near))
+    for sub, apart in (("off", False), ("on", True)):
+        (tmp_path / sub).mkdir()
+        core = _steered_core(tmp_path / sub, monkeypatch, tiny_models, loaded=("a", "b", "c"))
+        confinement = core.confinement
+        assert confinement is not None
+        core._far_prompt_sms, core._prompt_apart = 44, apart
+        core.slots["b"].engine.has_work = True
+        assert core._far_stream("c", "cuda:0", []) is far
+        steering = confinement._steering["cuda:0"]
+        steering._models["c"].level = steering.deepest  # c steered to the deepest level (a decision of its own)
+        core.slots["c"].engine.runner.select(steering.levels[-1])
+        prompt = _Running("c", cast(Any, None), StepPlan(chunks=()), StepShape(0, 64), 0.0, cast(Any, far))
+        for name in ("a", "b", "c"):
+            core._dither(name, "cuda:0", [prompt])
+        sms = [core.slots[n].engine.runner.sms for n in ("a", "b", "c")]
+        assert sms == ([88, 88, steering.levels[-1]] if apart else [None, None, steering.levels[-1]])
+        for name in ("a", "b"):
+            core._dither(name, "cuda:0", [])
+        assert [core.slots[n].engine.runner.sms for n in ("a", "b")] == [None, None]

@@ -121,6 +121,14 @@ SOLO_RUN_AHEAD_ENV = "LLMHOST_SOLO_RUN_AHEAD"
 # delays the pass's launches by the send (pickling and a pipe write: 0.084 ms, p99 0.31 ms for 8-32 tokens in
 # delivery.py). Not measured on a GPU yet: bench phase four/host-sendearly.
 SEND_EARLY_ENV = "LLMHOST_SEND_BEFORE_LAUNCH"
+# Experiment, off unless "1" (with FAR_PROMPT_ENV naming the far SMs): while a prompt step runs on the far SMs, every
+# decode step launched on its GPU replays its graphs confined to the near ones (the steering level that fits), so
+# that no decode kernel waits for an SM a prompt's GEMM holds. In the committed step traces
+# (`python bench/probes/step_company.py DIR`, bench/results/step_company-h100.json, -h200.json) the 3B's decode
+# steps beside three decoding models have a GPU-time p99 under 3x its solo p99 (8.8-8.9 ms against 9.9 on the H200),
+# those beside a prompt step 13.7-15.7 ms: its p99 is made there. Costs the decode steps a third of the SMs while a
+# prompt runs. Not measured on a GPU yet: bench phase four/host-apart.
+PROMPT_APART_ENV = "LLMHOST_PROMPT_APART"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
@@ -262,6 +270,8 @@ class HostCore:
         self._sm_dither = os.environ.get(SM_DITHER_ENV) != "0"
         self._solo_run_ahead = solo_run_ahead_on()
         self._send_early = os.environ.get(SEND_EARLY_ENV) == "1"
+        self._prompt_apart = os.environ.get(PROMPT_APART_ENV) == "1"
+        self._near_sms: dict[str, int] = {}  # per GPU with a far stream: the SMs left before it (PROMPT_APART_ENV)
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._draining: set[str] = set()  # admin unloads waiting for the requests in their model to finish
 
@@ -802,9 +812,11 @@ class HostCore:
             from llmhost.engine.sm_partition import far_stream, sm_count
             from llmhost.host.sm_steering import near_sms
 
-            made = far_stream(device, near_sms(sm_count(device), self._far_prompt_sms))
+            near = near_sms(sm_count(device), self._far_prompt_sms)
+            made = far_stream(device, near)
             self._far_streams[device] = made[0] if made is not None else None
             if made is not None:
+                self._near_sms[device] = near
                 log.info("%s: prompt steps beside other models on %d SMs at the far end", device, made[1])
         stream = self._far_streams[device]
         return stream if stream is not None and all(r.stream is not stream for r in running) else None
@@ -937,12 +949,19 @@ class HostCore:
 
     def _dither(self, name: str, device: str, running: list[_Running]) -> None:
         """Before a decode step of `name` on a steered GPU: the SM count its graphs replay at, by whether it is ahead
-        of the GPU's other active models (GpuScheduler.lead); not where SM_DITHER_ENV is "0"."""
-        if self.confinement is None or not self._sm_dither or not self.confinement.steers(device):
+        of the GPU's other active models (GpuScheduler.lead); not where SM_DITHER_ENV is "0" (its own level then).
+        Under PROMPT_APART_ENV, while a prompt step runs on the far SMs: at most the SMs before them."""
+        if self.confinement is None or not self.confinement.steers(device):
             return
-        lead = self.gpu.lead(name, self._costs_in_flight(running, prompts=False))
+        far = self._far_streams.get(device)
+        if self._prompt_apart and far is not None and any(r.stream is far for r in running):
+            self.confinement.keep_within(name, device, self._near_sms[device])
+            return
+        lead = self.gpu.lead(name, self._costs_in_flight(running, prompts=False)) if self._sm_dither else None
         if lead is not None:
             self.confinement.dither(name, device, ahead=lead > 0.0)
+        elif self._prompt_apart:  # back to its own level, from the near SMs a prompt step kept it within
+            self.confinement.dither(name, device, ahead=False)
 
     def _plan(self, name: str, device: str) -> tuple[StepPlan, StepShape]:
         eng: Engine = self.slots[name].engine

@@ -112,6 +112,21 @@ class SmConfinement:
             if self._trace is not None:
                 self._trace.add("dither", name, 0, 0, sms=sms)
 
+    def keep_within(self, name: str, device: str, sms: int) -> None:
+        """Before `name`'s next decode step on a steered GPU: its graphs on at most `sms` SMs (the deepest of its
+        own level and the largest steering level that fits), whatever the steering gives it."""
+        steering = self._steering.get(device)
+        runner = self._runner_of(name)
+        if steering is None or runner is None or name not in steering.models:
+            return
+        fitting = [n for n in steering.levels if n <= sms] or [steering.levels[-1]]
+        level = min(steering.sms(name), fitting[0])
+        want = None if level >= steering.total else level
+        if runner.sms != want:
+            runner.select(want)
+            if self._trace is not None:
+                self._trace.add("dither", name, 0, 0, sms=level, apart=True)
+
     def _add(self, name: str, device: str) -> None:
         from llmhost.engine.sm_partition import confined_stream, sm_count
 
