@@ -28,10 +28,17 @@ def test_steps_are_classed_by_their_company() -> None:
         collect("small", 0.200, 5.0),  # outside the window
     ]
     out = step_company.company(steps, 0.0, 0.1)
-    small = out["small"]
+    small = out["models"]["small"]
     assert set(small) == {"decode beside 1", "prompt beside 1", "decode beside 0"}
     assert small["decode beside 1"]["mean_ms"] == 4.0
     assert small["prompt beside 1"]["max_ms"] == 8.0
     assert small["decode beside 0"]["steps"] == 1
     assert abs(sum(c["share"] for c in small.values()) - 1.0) < 1e-3
-    assert "prompt" not in out  # prompt steps are company, not classed themselves
+    assert "prompt" not in out["models"]  # prompt steps are company, not classed themselves
+    assert out["prompt_steps"]["models"]["prompt"] == {
+        "steps": 1,
+        "tokens_p50": 64,
+        "gpu_ms_p50": 1.0,
+        "gpu_ms_max": 1.0,
+    }
+    assert abs(out["prompt_steps"]["window_share"] - 0.01) < 1e-9  # 1 ms of the 100 ms window

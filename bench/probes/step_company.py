@@ -9,7 +9,8 @@ what ran beside it, from the other steps' GPU intervals (collection time minus G
 - `prompt`: some model's prompt step overlapped it at all; else `decode`;
 - `beside N`: how many other models had decode steps on the GPU for more than half of it.
 Per class: how many steps, and their GPU time's mean, p90, p99 and max. Where even the steps in the commonest class
-have a p99 over 3x the model's solo p99, the issue's p99 target is out of reach at that share of the GPU.
+have a p99 over 3x the model's solo p99, the issue's p99 target is out of reach at that share of the GPU. And the
+prompt steps themselves: per model how many, their tokens and GPU time, and the share of the window one was running.
 
 Usage: python bench/probes/step_company.py DIR [DIR ...] [--out FILE]"""
 
@@ -37,6 +38,29 @@ def _overlap(a: float, b: float, spans: list[tuple[float, float]]) -> float:
     return sum(max(0.0, min(b, y) - max(a, x)) for x, y in spans)
 
 
+def _prompt_steps(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]:
+    """The prompt steps collected in the window: per model how many, their tokens and GPU time; and the share of
+    the window some prompt step was on the GPU (the time every decode step beside one is in the `prompt` class)."""
+    mine = [e for e in steps if e["ev"] == "collect" and e["prefill"] and e.get("gpu_ms") and t0 <= e["t"] < t1]
+    spans = sorted((e["t"] - e["gpu_ms"] / 1e3, e["t"]) for e in mine)
+    covered, end = 0.0, t0
+    for a, b in spans:  # the union of the spans, clipped to the window
+        a, b = max(a, end, t0), min(b, t1)
+        if b > a:
+            covered += b - a
+            end = b
+    per_model: dict[str, Any] = {}
+    for model in sorted({e["model"] for e in mine}):
+        es = [e for e in mine if e["model"] == model]
+        per_model[model] = {
+            "steps": len(es),
+            "tokens_p50": percentile([e["prefill"] for e in es], 0.5),
+            "gpu_ms_p50": round(percentile([e["gpu_ms"] for e in es], 0.5), 3),
+            "gpu_ms_max": round(max(e["gpu_ms"] for e in es), 3),
+        }
+    return {"window_share": round(covered / (t1 - t0), 4), "models": per_model}
+
+
 def company(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]:
     decode: dict[str, list[tuple[float, float]]] = {}
     prompts: list[tuple[float, float]] = []
@@ -48,7 +72,7 @@ def company(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]
             prompts.append(span)
         else:
             decode.setdefault(e["model"], []).append(span)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"prompt_steps": _prompt_steps(steps, t0, t1), "models": {}}
     for model, spans in sorted(decode.items()):
         classes: dict[str, list[float]] = {}
         for a, b in spans:
@@ -58,7 +82,7 @@ def company(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]
             kind = "prompt" if _overlap(a, b, prompts) > 0.0 else "decode"
             classes.setdefault(f"{kind} beside {beside}", []).append(1e3 * (b - a))
         total = sum(len(v) for v in classes.values())
-        out[model] = {
+        out["models"][model] = {
             key: {
                 "steps": len(ms),
                 "share": round(len(ms) / total, 3),
