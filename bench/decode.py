@@ -80,6 +80,21 @@ def random_model(shape: ModelShape, max_seq_len: int) -> LlamaModel:
     return m
 
 
+def prefill_flops(shape: ModelShape, n: int, rows_sampled: int = 1) -> float:
+    """Matmul FLOPs a fresh n-token prompt chunk needs: the layers' projections for every token, the head for the
+    `rows_sampled` rows sampled (the embedding is a lookup), and causal attention (QK^T and PV over half the
+    square)."""
+    q, kv, hid, inter = (
+        shape.num_heads * shape.head_dim,
+        shape.num_kv_heads * shape.head_dim,
+        shape.hidden_size,
+        shape.intermediate_size,
+    )
+    layer_params = hid * (q + 2 * kv) + q * hid + 3 * hid * inter
+    attn_flops = 4 * shape.num_layers * shape.num_heads * shape.head_dim * n * n / 2
+    return 2 * shape.num_layers * layer_params * n + 2 * hid * shape.vocab_size * rows_sampled + attn_flops
+
+
 def decode_rows(batch: int, prompt: int, bs: int, step: int, feed: bool = False) -> list[DecodeRow]:
     """feed: each row's token is the previous step's row r, on the device (as when the engine runs ahead)."""
     per_seq = -(-(prompt + 64) // bs)
@@ -180,17 +195,7 @@ def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str
         lambda: model.forward(ids, pos, AttentionBatch(slots, (meta,)), cache, torch.tensor([n - 1], device="cuda")),
         5,
     )
-    # Matmul FLOPs the chunk needs: the layers' projections for every token, the head for the one sampled row
-    # (the embedding is a lookup), and causal attention (QK^T and PV over half the square).
-    q, kv, hid, inter = (
-        shape.num_heads * shape.head_dim,
-        shape.num_kv_heads * shape.head_dim,
-        shape.hidden_size,
-        shape.intermediate_size,
-    )
-    layer_params = hid * (q + 2 * kv) + q * hid + 3 * hid * inter
-    attn_flops = 4 * shape.num_layers * shape.num_heads * shape.head_dim * n * n / 2
-    prefill_flops = 2 * shape.num_layers * layer_params * n + 2 * hid * shape.vocab_size + attn_flops
+    flops = prefill_flops(shape, n)
     sizes = runner.sizes
     b1 = next(r for r in rows if r["batch"] == 1 and r["prompt"] == 128)
     return {
@@ -202,8 +207,8 @@ def bench_model(name: str, quick: bool, copy_bw: float, peak: float) -> dict[str
         "engine_step_decode": engine_rows,
         "prefill_2048": {
             "tokens_per_s": round(n / prefill_t, 1),
-            "tflops": round(prefill_flops / prefill_t / 1e12, 1),
-            "fraction_of_gemm_peak": round(prefill_flops / prefill_t / peak, 3),
+            "tflops": round(flops / prefill_t / 1e12, 1),
+            "fraction_of_gemm_peak": round(flops / prefill_t / peak, 3),
         },
         "baselines_batch1_prompt128": {
             "torch_eager_tokens_per_s": round(1 / eager_t, 1),
