@@ -227,7 +227,7 @@ def _raw_dir(scenario: str) -> Path | None:
     return raw
 
 
-def _canary(raw: Path | None) -> Any:
+def canary_beside(raw: Path | None) -> Any:
     """With --trace-dir, a canary process beside the window (bench/probes/canary.py): the machine's own hiccups,
     to line up with the host's step trace."""
     if raw is None:
@@ -254,7 +254,7 @@ def _host_window(
         reply = await run.client.query()
         charged[key] = {m.name: m.gpu_seconds for m in reply.models if m.name in driven}
 
-    with drivers().GcPauses() as pauses, _canary(raw):
+    with drivers().GcPauses() as pauses, canary_beside(raw):
         streams = d_host(run, loads, t1, at=[(t0, lambda: snap("t0")), (t1 - 1e-3, lambda: snap("t1"))])
     stats = _per_model(mode, models, [s for s in streams if s.model in driven], t0, t1, rows)
     stats = {n: v for n, v in stats.items() if n in driven}

@@ -67,10 +67,12 @@ def main() -> None:
     trace_file = Path(tempfile.mkdtemp()) / "steps.jsonl"
     os.environ[ENV] = str(trace_file)  # inherited by the spawned host process
     host = mm.HostConfig(sm_steering=not args.unsteered)
-    streams, t0, t1 = mm.drive_four(mode, "trace", in_process=False, host=host)
+    if args.raw:
+        args.raw.mkdir(parents=True, exist_ok=True)
+    with mm.canary_beside(args.raw):  # --raw: a canary process beside the run (canary.json: bench/probes/canary.py)
+        streams, t0, t1 = mm.drive_four(mode, "trace", in_process=False, host=host)
     trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
     if args.raw:  # for analysis off the GPU: every step, every token's arrival, the window
-        args.raw.mkdir(parents=True, exist_ok=True)
         (args.raw / "steps.jsonl").write_text(trace_file.read_text())
         mm.drivers().write_tokens(args.raw / "tokens.json", streams, t0, t1)
     win = [e for e in trace if t0 <= e["t"] < t1]
