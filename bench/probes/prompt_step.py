@@ -3,7 +3,7 @@
 In the committed four-model step traces (`python bench/probes/step_company.py`, bench/results/step_company-*.json)
 some prompt step is on the GPU 7.7-14.4% of the window, most of them the 1B's: one or two requests' 128-token
 prompts at a time, 7.6-10.8 ms each at the median, beside the other models and alone alike. A 128-token prompt of
-a 1B model is ~0.3 TFLOP: 0.5 ms at the GEMM peak. The 3B's decode steps beside a prompt step are the ones that
+a 1B model is 0.25 TFLOP: 0.32 ms at the H100's GEMM peak. The 3B's decode steps beside a prompt step are the ones that
 make its p99 (step_company.py), so a prompt step many times longer than its work is where that tail could shrink.
 
 For each model and for 1, 2 and 4 requests of PROMPT tokens, a prompt-only step (Engine.schedule(decodes=False)),
