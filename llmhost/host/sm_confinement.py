@@ -101,31 +101,31 @@ class SmConfinement:
     def dither(self, name: str, device: str, ahead: bool) -> None:
         """Before `name`'s next decode step on a steered GPU: select the graphs of the SM count SmSteering.step_sms
         gives it, the level below its own while it is `ahead` of the others."""
-        steering = self._steering.get(device)
-        runner = self._runner_of(name)
-        if steering is None or runner is None or name not in steering.models:
-            return
-        sms = steering.step_sms(name, ahead)
-        want = None if sms >= steering.total else sms
-        if runner.sms != want:
-            runner.select(want)
-            if self._trace is not None:
-                self._trace.add("dither", name, 0, 0, sms=sms)
+        self._select_step(name, device, lambda steering: steering.step_sms(name, ahead))
 
     def keep_within(self, name: str, device: str, sms: int) -> None:
         """Before `name`'s next decode step on a steered GPU: its graphs on at most `sms` SMs (the deepest of its
         own level and the largest steering level that fits), whatever the steering gives it."""
+
+        def within(steering: SmSteering) -> int:
+            fitting = [n for n in steering.levels if n <= sms] or [steering.levels[-1]]
+            return min(steering.sms(name), fitting[0])
+
+        self._select_step(name, device, within, apart=True)
+
+    def _select_step(self, name: str, device: str, choose: Callable[[SmSteering], int], **traced: bool) -> None:
+        """Select the graphs of the SM count `choose` gives `name` from its GPU's steering, for its next decode step
+        (traced as a "dither" where it changes); nothing for a model the GPU does not steer."""
         steering = self._steering.get(device)
         runner = self._runner_of(name)
         if steering is None or runner is None or name not in steering.models:
             return
-        fitting = [n for n in steering.levels if n <= sms] or [steering.levels[-1]]
-        level = min(steering.sms(name), fitting[0])
-        want = None if level >= steering.total else level
+        sms = choose(steering)
+        want = None if sms >= steering.total else sms
         if runner.sms != want:
             runner.select(want)
             if self._trace is not None:
-                self._trace.add("dither", name, 0, 0, sms=level, apart=True)
+                self._trace.add("dither", name, 0, 0, sms=sms, **traced)
 
     def _add(self, name: str, device: str) -> None:
         from llmhost.engine.sm_partition import confined_stream, sm_count
