@@ -25,7 +25,6 @@ Usage: python bench/probes/loop_passes.py DIR [DIR ...] [--out FILE]"""
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import itertools
 import json
@@ -39,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # llmhost, where it is not installed
 
+import canary as canary_probe
 from multi_model_drivers import latency_ms, percentile
-from trace_holds import read, read_trace
+from trace_holds import read, read_trace, run_over_dirs
 
 BUCKET_S = 0.05  # slow moments are found in buckets this long
 SLOW_FACTOR = 2.0  # a bucket whose median decode launch takes this many times the window's median is slow
@@ -191,14 +191,9 @@ def analyse(raw: Path) -> dict[str, Any]:
         "collect_ms": _stats([e["ms"] for e in window if e["ev"] == "collect" and e.get("ms") is not None]),
         "slow_moments": moments,
         "slow_moment_share": round(sum(b - a for a, b in spans) / (t1 - t0), 4),
-        "canary": None,
+        "canary": canary_probe.summary(canary, t0, t1) if canary is not None else None,
         "models": {},
     }
-    if canary is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import canary as canary_probe
-
-        out["canary"] = canary_probe.summary(canary, t0, t1)
     for model, cs in sorted(collected.items()):
         times = [c[0] for c in cs]
         decode = [(c[0], c[1]) for c in cs if not c[1].records[c[2]]["prefill"]]
@@ -259,15 +254,7 @@ def analyse(raw: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("dirs", type=Path, nargs="+", help="host_trace.py --raw or multi_model.py --trace-dir folders")
-    ap.add_argument("--out", type=Path, help="also write the JSON here")
-    args = ap.parse_args()
-    command = "python bench/probes/loop_passes.py " + " ".join(sys.argv[1:])
-    text = json.dumps({"command": command, "runs": {str(d): analyse(d) for d in args.dirs}}, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    run_over_dirs("loop_passes.py", analyse)
 
 
 if __name__ == "__main__":

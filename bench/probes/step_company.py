@@ -16,8 +16,6 @@ Usage: python bench/probes/step_company.py DIR [DIR ...] [--out FILE]"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # llmhost, where it is not installed
 
 from multi_model_drivers import percentile
-from trace_holds import read_trace
+from trace_holds import read_trace, run_over_dirs
 
 HALF = 0.5  # another model's decode steps on the GPU for more than this fraction of a step count as its company
 
@@ -96,20 +94,13 @@ def company(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]
     return out
 
 
+def analyse(raw: Path) -> dict[str, Any]:
+    steps, tokens = read_trace(raw)
+    return company(steps, tokens["t0"], tokens["t1"])
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("dirs", type=Path, nargs="+", help="host_trace.py --raw or multi_model.py --trace-dir folders")
-    ap.add_argument("--out", type=Path, help="also write the JSON here")
-    args = ap.parse_args()
-    runs = {}
-    for d in args.dirs:
-        steps, tokens = read_trace(d)
-        runs[str(d)] = company(steps, tokens["t0"], tokens["t1"])
-    command = "python bench/probes/step_company.py " + " ".join(sys.argv[1:])
-    text = json.dumps({"command": command, "runs": runs}, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    run_over_dirs("step_company.py", analyse)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ Usage: python bench/probes/trace_holds.py DIR [DIR ...]   (e.g. bench/results/ho
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import itertools
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,20 @@ def read_trace(raw: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A host_trace.py --raw directory: its step events and its client token times (with the window, t0 and t1)."""
     steps = [json.loads(line) for line in read(raw / "steps.jsonl").splitlines() if line.strip()]
     return steps, json.loads(read(raw / "tokens.json"))
+
+
+def run_over_dirs(script: str, analyse: Callable[[Path], dict[str, Any]]) -> None:
+    """The command line of a probe over raw trace folders (DIR [DIR ...] [--out FILE]): `analyse` of each, printed
+    as JSON with the command that made it, and written to FILE too."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dirs", type=Path, nargs="+", help="host_trace.py --raw or multi_model.py --trace-dir folders")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+    command = f"python bench/probes/{script} " + " ".join(sys.argv[1:])
+    text = json.dumps({"command": command, "runs": {str(d): analyse(d) for d in args.dirs}}, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
 
 
 def ms(x: float) -> float:
