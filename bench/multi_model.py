@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import os
 import shutil
@@ -230,12 +231,15 @@ def _raw_dir(scenario: str) -> Path | None:
 def canary_beside(raw: Path | None) -> Any:
     """With --trace-dir, a canary process beside the window (bench/probes/canary.py): the machine's own hiccups,
     to line up with the host's step trace."""
-    if raw is None:
-        return contextlib.nullcontext()
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "probes"))
-    import canary
+    return _probe("canary").Canary(raw / "canary.json") if raw is not None else contextlib.nullcontext()
 
-    return canary.Canary(raw / "canary.json")
+
+def _probe(name: str) -> Any:
+    """A module of bench/probes/ (imported when first asked for: the phases that need none never load them)."""
+    probes = str(Path(__file__).resolve().parent / "probes")
+    if probes not in sys.path:
+        sys.path.insert(0, probes)
+    return importlib.import_module(name)
 
 
 def _host_window(
@@ -396,9 +400,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
 def _trace_summary(raw: Path) -> dict[str, Any]:
     """With --trace-dir: the gist of bench/probes/loop_passes.py over the phase's folder, kept in the result so that
     it comes back with the JSON even where the folder does not (run the probe on the folder for all of it)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "probes"))
-    import loop_passes
-
+    loop_passes = _probe("loop_passes")
     try:
         full = loop_passes.analyse(raw)
     except (OSError, ValueError, KeyError) as e:  # no trace written (a host stopped by force), or a torn one
