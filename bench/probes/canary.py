@@ -39,12 +39,8 @@ STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "st
 
 def cpu_times() -> list[int] | None:
     """The machine's CPU time so far per STAT_FIELDS, in clock ticks (USER_HZ, 100 per second); None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            first = f.readline().split()
-    except OSError:
-        return None
-    return [int(x) for x in first[1 : 1 + len(STAT_FIELDS)]]
+    first = _first_line("/proc/stat")
+    return [int(x) for x in first.split()[1 : 1 + len(STAT_FIELDS)]] if first is not None else None
 
 
 def _first_line(path: str) -> str | None:
