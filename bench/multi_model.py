@@ -84,6 +84,14 @@ MODES = {
 PROMPT = 128
 FOUR_CLIENTS = 8
 FAR_PROMPT_SMS = 44  # four-far: a third of an H100's or H200's SMs, apart from the deepest steering level's 88
+# four-...-smallfirst: weights of the four models (1B, 3B, 8B, 8B) that give the two small ones a quarter more GPU
+# time than the 8Bs. At equal weights every model's normalized speed is about 0.33, so a small model's mean token
+# gap is already 3x its solo mean, and its p99 (1.05-1.1x its mean alone) cannot be within 3x its solo p99
+# (bench/probes/itl_budget.py): this experiment measures what moving share from the 8Bs to them does to each p99.
+SMALL_FIRST_WEIGHTS = (1.25, 1.25, 1.0, 1.0)
+# four-graphprompt: every model's prompts of up to this many tokens ride its decode steps as rows of their graphs
+# (ModelConfig.graph_prompt_tokens): the bench's prompts are PROMPT tokens.
+GRAPH_PROMPT_TOKENS = 128
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
                 "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
@@ -279,9 +287,11 @@ def d_host(run: Any, loads: list[Any], t_end: float, **kw: Any) -> list[Any]:
     return drivers().drive_host(run, loads, t_end, **kw)
 
 
-def _host_models(mode: Mode, models: tuple[str, ...], tokens: int, batch: int, weights: tuple[float, ...]) -> list:
+def _host_models(
+    mode: Mode, models: tuple[str, ...], tokens: int, batch: int, weights: tuple[float, ...], **kw: Any
+) -> list:
     return [
-        (model_config(mode, n, tokens, batch, weight=w, keep_alive_s=-1), mode.shape(m))
+        (model_config(mode, n, tokens, batch, weight=w, keep_alive_s=-1, **kw), mode.shape(m))
         for n, m, w in zip(names(models), models, weights, strict=True)
     ]
 
@@ -352,7 +362,9 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     (pair-collected, four-collected) solo step costs sampled only from decode steps launched after a collection
     (LLMHOST_SOLO_RUN_AHEAD=0, the default before bench/results/multi_model_b2b_reruns-h100.json); (four-sendearly)
     each loop pass's tokens sent before its launches (LLMHOST_SEND_BEFORE_LAUNCH=1); (four-apart) prompt steps on
-    the far SMs and every decode step launched beside one confined to the near SMs (LLMHOST_PROMPT_APART=1)."""
+    the far SMs and every decode step launched beside one confined to the near SMs (LLMHOST_PROMPT_APART=1);
+    (four-sendearly-smallfirst) sendearly at SMALL_FIRST_WEIGHTS; (four-graphprompt, four-sendearly-graphprompt)
+    short prompts prefilled as rows of the decode graphs (graph_prompt_tokens = GRAPH_PROMPT_TOKENS)."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -377,8 +389,10 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         d.stop_host(run)
     else:
         loads = _loads(mode, mode.four, FOUR_CLIENTS, mode.four_tokens)
-        models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, (1.0,) * len(mode.four))
         parts = scenario.split("-")[1:]
+        weights = SMALL_FIRST_WEIGHTS if "smallfirst" in parts else (1.0,) * len(mode.four)
+        rows = GRAPH_PROMPT_TOKENS if "graphprompt" in parts else 0
+        models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, weights, graph_prompt_tokens=rows)
         host = HostConfig(sm_steering="unsteered" not in parts)
         _switch_experiments(scenario)
         raw = _raw_dir(scenario)
@@ -657,6 +671,9 @@ PLAN = (
     ("four/host-collected", "host", "four-collected", False),
     ("four/host-sendearly", "host", "four-sendearly", False),  # experiment: core.SEND_EARLY_ENV on
     ("four/host-apart", "host", "four-apart", False),  # experiment: core.PROMPT_APART_ENV on, prompts on the far SMs
+    ("four/host-sendearly-smallfirst", "host", "four-sendearly-smallfirst", False),  # SMALL_FIRST_WEIGHTS
+    ("four/host-graphprompt", "host", "four-graphprompt", False),  # GRAPH_PROMPT_TOKENS
+    ("four/host-sendearly-graphprompt", "host", "four-sendearly-graphprompt", False),
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

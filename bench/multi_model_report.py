@@ -20,6 +20,15 @@ EXPERIMENTS = {
     "four/host-collected": ("host_collected", " with solo costs sampled after collections"),
     "four/host-sendearly": ("host_send_early", " with tokens sent before the pass's launches"),
     "four/host-apart": ("host_prompts_apart", " with prompts on the far SMs and decode steps beside them on the near"),
+    "four/host-graphprompt": ("host_graph_prompts", " with short prompts as rows of the decode graphs"),
+    "four/host-sendearly-graphprompt": (
+        "host_send_early_graph_prompts",
+        " with tokens sent early and short prompts as rows of the decode graphs",
+    ),
+    "four/host-sendearly-smallfirst": (
+        "host_send_early_small_first",
+        " with tokens sent early and the small models weighted 1.25 to the 8Bs' 1",
+    ),
 }
 
 

@@ -59,6 +59,10 @@ class ModelConfig:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # -1: never park or unload
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     cuda_graphs: bool = True
+    # Prompt tokens a decode step may carry as rows of its CUDA graph (0: off): a prompt with at most this many
+    # tokens left is prefilled inside the model's next graph-replayed decode step, not by an eager prompt step
+    # of its own beside the other models' steps (host/core.py). Costs graphs and activations for that many rows more.
+    graph_prompt_tokens: int = 0
     prefix_caching: bool = True  # reuse the K/V of prompt beginnings seen before (not for sliding-window models)
 
     @property
@@ -141,6 +145,7 @@ _MODEL_KEYS = {
     "keep_alive",
     "prefill_chunk",
     "cuda_graphs",
+    "graph_prompt_tokens",
     "prefix_caching",
 }
 
@@ -191,6 +196,7 @@ def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> Mod
         keep_alive_s=_get(parse_duration, t, "keep_alive", where, table, DEFAULT_KEEP_ALIVE_S),
         prefill_chunk=_get(_positive_int, t, "prefill_chunk", where, table, DEFAULT_PREFILL_CHUNK),
         cuda_graphs=_get(_bool, t, "cuda_graphs", where, table, True),
+        graph_prompt_tokens=_get(_nonnegative_int, t, "graph_prompt_tokens", where, table, 0),
         prefix_caching=_get(_bool, t, "prefix_caching", where, table, True),
     )
 
@@ -348,6 +354,13 @@ def _positive_int(v: Any) -> int:
     n = _int(v)
     if n <= 0:
         raise ValueError("must be a positive integer")
+    return n
+
+
+def _nonnegative_int(v: Any) -> int:
+    n = _int(v)
+    if n < 0:
+        raise ValueError("must be 0 (off) or a positive integer")
     return n
 
 

@@ -119,3 +119,53 @@ def test_fused_forward_matches_reference_forward(arch: str, tmp_path: Path) -> N
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_rows_are_a_causal_prefill_beside_decode_rows(tmp_path: Path) -> None:
+    """A step of two decode rows and a 6-token prompt (two of its tokens cached already) run as rows of one decode
+    step (ModelConfig.graph_prompt_tokens): the rows that sample (the decodes, then the prompt's last token) get
+    the logits the reference forward gives the same chunks, and every row's K/V lands in its slot."""
+    model = build("llama", tmp_path)
+    bs = 4
+    cache = KVCache(model.shape, 17, bs, torch.float32, torch.device("cpu"))  # block 16 is the runner's scratch
+    runner = DecodeRunner(model, cache, max_batch=4, max_seq_len=64, prompt_tokens=8)
+    assert runner.rows == 12 and max(runner.sizes) == 12
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 9, 2]  # the third is the prompt's cached beginning
+    tables = [(0, 1), (2, 3, 4), (5, 6)]
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in lengths]
+    for p, t in zip(prompts, tables, strict=True):
+        n = len(p)
+        slots = torch.tensor([t[i // bs] * bs + i % bs for i in range(n)])
+        meta = ChunkMeta(0, n, n, torch.tensor(t[: blocks_for(n, bs)]))
+        model.forward(torch.tensor(p), torch.arange(n), AttentionBatch(slots, (meta,)), cache, torch.tensor([n - 1]))
+    nxt = [int(x) for x in torch.randint(0, 128, (2,), generator=g)]
+    rest = torch.randint(0, 128, (4,), generator=g).tolist()  # the prompt's positions 2..5
+    decode = [DecodeRow(tok, len(p), t) for tok, p, t in zip(nxt, prompts[:2], tables[:2], strict=True)]
+    last = DecodeRow(rest[-1], 5, tables[2])
+    others = [DecodeRow(tok, 2 + i, tables[2]) for i, tok in enumerate(rest[:-1])]
+    saved_k, saved_v = cache.k.clone(), cache.v.clone()
+    ours = runner.run([*decode, last, *others])[:3].clone()  # rows that sample come first; max_batch get logits
+    ours_k, ours_v = cache.k.clone(), cache.v.clone()
+    cache.k.copy_(saved_k)
+    cache.v.copy_(saved_v)
+    chunks = [(nxt[0], 5, 0), (nxt[1], 9, 1)]
+    ids = [c[0] for c in chunks] + rest
+    pos = [c[1] for c in chunks] + [2, 3, 4, 5]
+    slots = torch.tensor(
+        [tables[k][p // bs] * bs + p % bs for k, p in [(0, 5), (1, 9), (2, 2), (2, 3), (2, 4), (2, 5)]]
+    )
+    metas = (
+        ChunkMeta(0, 1, 6, torch.tensor(tables[0][: blocks_for(6, bs)])),
+        ChunkMeta(1, 1, 10, torch.tensor(tables[1][: blocks_for(10, bs)])),
+        ChunkMeta(2, 4, 6, torch.tensor(tables[2][: blocks_for(6, bs)])),
+    )
+    ref = model.forward(
+        torch.tensor(ids), torch.tensor(pos), AttentionBatch(slots, metas), cache, torch.tensor([0, 1, 5])
+    )
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    real = slice(0, 16)  # the scratch block (16) holds the padded rows' writes
+    torch.testing.assert_close(ours_k[:, real], cache.k[:, real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_v[:, real], cache.v[:, real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="13 rows"):
+        runner.run([*decode, last, *others] * 2 + [last])

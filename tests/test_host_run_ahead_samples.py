@@ -24,7 +24,7 @@ class FakeEvent:
 
 
 class FakeEngine:
-    def run_ahead(self, plan: StepPlan, stream: object, prefill_limit: int) -> StepPlan:
+    def run_ahead(self, plan: StepPlan, stream: object, prefill_limit: int, graph_prompts: bool = False) -> StepPlan:
         assert prefill_limit == 0  # a step run ahead takes decodes only
         return StepPlan(chunks=())
 

@@ -5,6 +5,10 @@ Invariants (a graph holds no reference to what it reads, DESIGN.md):
 - every buffer a graph reads or writes is allocated here once and lives as long as the runner;
 - a batch of b sequences runs the graph of the smallest captured size >= b; the padded rows read and write a
   scratch KV block the block manager never hands out (the cache's last block), so they cannot touch real data;
+- with prompt_tokens > 0 a step may also carry that many prompt rows (a short prompt's tokens, each at its own
+  position with its sequence's block table): every row's K/V is written before any row attends, and each row
+  attends to positions 0..its own, so the rows of one prompt are its causal prefill. Only the first max_batch rows
+  get logits (the caller puts the rows that sample first);
 - all graphs share one memory pool, captured largest first, so the pool is the largest batch's activations
   (the estimate's `graphs` term: memory/estimate.py).
 
@@ -26,7 +30,7 @@ from llmhost.engine.kernels.paged_decode import DecodeWorkspace, paged_decode_at
 from llmhost.engine.kv_cache import KVCache
 from llmhost.engine.model import LlamaModel
 from llmhost.engine.model import rms_norm as rms_norm_reference
-from llmhost.memory.estimate import graph_batch_sizes
+from llmhost.memory.estimate import graph_step_sizes
 
 log = logging.getLogger("llmhost.engine")
 
@@ -50,43 +54,52 @@ class DecodeRow:
 
 class DecodeRunner:
     def __init__(
-        self, model: LlamaModel, cache: KVCache, max_batch: int, max_seq_len: int, capture_on_demand: bool = False
+        self,
+        model: LlamaModel,
+        cache: KVCache,
+        max_batch: int,
+        max_seq_len: int,
+        capture_on_demand: bool = False,
+        prompt_tokens: int = 0,
     ) -> None:
         """capture_on_demand: capture each batch size the first time it runs (a model swapped back in starts
-        decoding after one size's capture, not all of them)."""
+        decoding after one size's capture, not all of them). prompt_tokens: prompt rows a step may carry beside a
+        full batch (ModelConfig.graph_prompt_tokens)."""
         s = model.shape
         self.capture_on_demand = capture_on_demand
         self.model = model
         self.cache = cache
         self.block_size = cache.block_size
         self.scratch_block = cache.num_blocks - 1  # reserved: the engine's block manager never hands it out
-        self.sizes = graph_batch_sizes(max_batch)
-        self.max_batch = max_batch
+        self.sizes = graph_step_sizes(max_batch, prompt_tokens)
+        self.max_batch = max_batch  # rows that may sample: the logits' rows
+        self.prompt_tokens = prompt_tokens
+        self.rows = max_batch + prompt_tokens  # rows a step may have
         dev, dt = model.device, model.dtype
         self.max_blocks = -(-max_seq_len // cache.block_size)
-        mb = max_batch
+        mb, rows = max_batch, self.rows
         # Static inputs, written before each replay: rows of `inputs` are tokens, where each row's token comes
         # from, positions, KV slots and context lengths. The host fills pinned mirrors with numpy and sends each
         # with one asynchronous copy. `sampled` (the engine's tokens of the previous step, written on the device)
         # sits just before them in one buffer, so one gather picks each row's token from either.
-        self._ids = torch.zeros(6 * mb, dtype=torch.int64, device=dev)
+        self._ids = torch.zeros(mb + 5 * rows, dtype=torch.int64, device=dev)
         self.sampled = self._ids[:mb]
-        self.inputs = self._ids[mb:].view(5, mb)
+        self.inputs = self._ids[mb:].view(5, rows)
         self.tokens, self.source, self.positions, self.slots, self.lens = self.inputs.unbind(0)
-        self.tables = torch.zeros(mb, self.max_blocks, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev)
         pin = dev.type == "cuda"
-        self._host_inputs = torch.zeros(5, mb, dtype=torch.int64, pin_memory=pin)
-        self._host_tables = torch.zeros(mb, self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        self._host_inputs = torch.zeros(5, rows, dtype=torch.int64, pin_memory=pin)
+        self._host_tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self._copied = torch.cuda.Event() if pin else None  # type: ignore[no-untyped-call]
         # Static activations.
         q_dim = s.num_heads * s.head_dim
-        self.h = torch.zeros(mb, s.hidden_size, dtype=dt, device=dev)
-        self.x = torch.zeros(mb, s.hidden_size, dtype=dt, device=dev)
-        self.qkv = torch.zeros(mb, q_dim + 2 * s.num_kv_heads * s.head_dim, dtype=dt, device=dev)
-        self.attn = torch.zeros(mb, s.num_heads, s.head_dim, dtype=dt, device=dev)
-        self.act = torch.zeros(mb, s.intermediate_size, dtype=dt, device=dev)
+        self.h = torch.zeros(rows, s.hidden_size, dtype=dt, device=dev)
+        self.x = torch.zeros(rows, s.hidden_size, dtype=dt, device=dev)
+        self.qkv = torch.zeros(rows, q_dim + 2 * s.num_kv_heads * s.head_dim, dtype=dt, device=dev)
+        self.attn = torch.zeros(rows, s.num_heads, s.head_dim, dtype=dt, device=dev)
+        self.act = torch.zeros(rows, s.intermediate_size, dtype=dt, device=dev)
         self.logits = torch.zeros(mb, s.vocab_size, dtype=torch.float32, device=dev)
-        self.ws = DecodeWorkspace(mb, s.num_heads, s.head_dim, max_seq_len, dev)
+        self.ws = DecodeWorkspace(rows, s.num_heads, s.head_dim, max_seq_len, dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: Any = None  # the shared graph memory pool handle, set by the first capture
         # Graph sets confined to part of the GPU's SMs (sm_partition.py), captured ahead on a stream of each
@@ -158,7 +171,8 @@ class DecodeRunner:
 
     @torch.inference_mode()
     def _forward(self, b: int) -> None:
-        """One decode step over the first b rows of the static buffers; logits land in self.logits[:b]."""
+        """One decode step over the first b rows of the static buffers; the logits of the first max_batch of
+        them land in self.logits."""
         m = self.model
         s = m.shape
         eps = s.rms_norm_eps
@@ -194,12 +208,15 @@ class DecodeRunner:
             down = linear(act, lw.down)
             nxt = m.layers[i + 1].input_norm if i + 1 < len(m.layers) else m.norm
             add_rms_norm(down, h, nxt, eps, out=x)
-        linear(x, m.lm_head, out=self.logits[:b])  # float32 logits of the bf16 product, as the reference returns
+        nl = min(b, self.max_batch)  # prompt rows past the rows that sample need no logits
+        linear(x[:nl], m.lm_head, out=self.logits[:nl])  # float32 logits of the bf16 product, as the reference
 
     def run(self, rows: list[DecodeRow]) -> torch.Tensor:
-        """Decode one token for each row; returns float32 logits [len(rows), vocab] (a view of a static buffer,
-        valid until the next call)."""
+        """Decode one token for each row; returns float32 logits of the first min(len(rows), max_batch) rows [n,
+        vocab] (a view of a static buffer, valid until the next call)."""
         b = len(rows)
+        if b > self.rows:
+            raise ValueError(f"{b} rows for a decode runner of {self.rows} ({self.prompt_tokens} prompt rows)")
         padded = next(size for size in self.sizes if size >= b)
         if self.capture_on_demand and padded not in self.graphs:
             self._capture(padded)
@@ -212,7 +229,7 @@ class DecodeRunner:
             graph.replay()
         else:
             self._forward(padded)
-        return self.logits[:b]
+        return self.logits[: min(b, self.max_batch)]
 
     def _stage(self, rows: list[DecodeRow], padded: int) -> None:
         """Write the inputs of `rows`, and padding up to `padded` rows, into the static input buffers."""

@@ -15,6 +15,7 @@ history on the host. `generate()` and `stream()` are conveniences that loop over
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +32,7 @@ from llmhost.engine.model import DecoderModel, LlamaModel, StageInputs
 from llmhost.engine.placement import LayerPlacement, StageSpec
 
 if TYPE_CHECKING:  # Triton is imported only where decode graphs run: a CPU-only install has none
-    from llmhost.engine.decode_runner import DecodeRunner
+    from llmhost.engine.decode_runner import DecodeRow, DecodeRunner
 from llmhost.engine.prompt_scores import PendingScores, PromptLogprob, scored_rows
 from llmhost.engine.sampler import PendingSample, launch_sample, make_generator
 from llmhost.engine.sampling_params import SamplingParams
@@ -181,7 +182,9 @@ class Engine:
 
             assert isinstance(model, LlamaModel) and cache.window is None
             with self._on_device():
-                self.runner = DecodeRunner(model, cache, config.max_batch, config.max_seq_len)
+                self.runner = DecodeRunner(
+                    model, cache, config.max_batch, config.max_seq_len, prompt_tokens=config.graph_prompt_tokens
+                )
                 if self.device.type == "cuda":  # on a CPU (tests) the runner steps without graphs
                     self.runner.capture()
         if self.device.type == "cuda":
@@ -313,11 +316,19 @@ class Engine:
 
     # -- the step contract --------------------------------------------------------------------------------------
 
-    def schedule(self, prefill_limit: int | None = None, decodes: bool = True) -> StepPlan:
+    def schedule(self, prefill_limit: int | None = None, decodes: bool = True, graph_prompts: bool = False) -> StepPlan:
         """The next step (scheduler.py). decodes=False: its prompt chunks only, which may run beside a decode-only
         step still in flight (prefill_limit 0): the host keeps a model's decode rows on their graph while its
-        prompts run eager on another stream."""
-        return self.scheduler.schedule(prefill_limit, decodes)
+        prompts run eager on another stream. graph_prompts, with a decode runner that has prompt rows
+        (ModelConfig.graph_prompt_tokens): prompts with at most that many tokens left ride the decode steps as
+        rows of its graph (a decode step takes them up to that many tokens in place of prefill_limit; a
+        prompt-only step leaves them while the model decodes), and such a plan is `graphed`."""
+        short = self.runner.prompt_tokens if graph_prompts and self.runner is not None else 0
+        plan = self.scheduler.schedule(short if short and decodes else prefill_limit, decodes, short)
+        if not short or not decodes or all(len(c.token_ids) == 1 and c.sample for c in plan.chunks):
+            return plan
+        # Prompts that ask for their logprobs are scored by the reference path: the plan then runs as a mixed step.
+        return dataclasses.replace(plan, graphed=self._graph_rows(plan) is not None)
 
     def execute(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> None:
         drain(self.launch_slices(plan, stream))
@@ -354,18 +365,15 @@ class Engine:
         """_forward a layer at a time (the runner's graph replay is one slice); prompt chunks of requests that
         asked for prompt logprobs score their tokens into `scores`."""
         decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
+        if plan.graphed:  # short prompts ride in the graph as rows of their own (decode_runner.py)
+            graphed = self._graph_rows(plan)
+            assert self.runner is not None and graphed is not None
+            return self.runner.run(self._decode_rows(decode) + graphed)[: plan.num_sampled]
         # A prompt-only step may run beside a decode step on another stream: it never touches the runner's static
         # buffers (a prompt's one-token last chunk would look like a decode row).
         if self.runner is None or not decode or plan.prompt_only:
             return (yield from self._chunk_slices(plan.chunks, scores))
-        from llmhost.engine.decode_runner import DecodeRow
-
-        rows = [
-            DecodeRow(c.token_ids[0], c.start, c.block_table)
-            if c.token_ids[0] != PENDING_TOKEN
-            else DecodeRow(0, c.start, c.block_table, feed=self._feed_rows[c.seq_id])
-            for c in decode
-        ]
+        rows = self._decode_rows(decode)
         if len(decode) == len(plan.chunks):  # a pure decode step replays a captured graph
             return self.runner.run(rows)
         # A mixed step: its decode rows still replay the graph and only the prompt chunks take the reference
@@ -381,6 +389,45 @@ class Engine:
         order = sorted(range(len(sampled)), key=lambda k: not is_decode[k])
         out = torch.empty(len(sampled), dec.shape[1], dtype=dec.dtype, device=dev)
         return out.index_copy_(0, to_device(torch.tensor(order), dev), torch.cat([dec, pre.to(dev, dec.dtype)]))
+
+    def _decode_rows(self, decode: list[Chunk]) -> list[DecodeRow]:
+        """The runner's rows of a plan's decode chunks: each its token, or the row of `sampled` holding it."""
+        from llmhost.engine.decode_runner import DecodeRow
+
+        return [
+            DecodeRow(c.token_ids[0], c.start, c.block_table)
+            if c.token_ids[0] != PENDING_TOKEN
+            else DecodeRow(0, c.start, c.block_table, feed=self._feed_rows[c.seq_id])
+            for c in decode
+        ]
+
+    def _graph_rows(self, plan: StepPlan) -> list[DecodeRow] | None:
+        """A plan's prompt chunks as rows of the runner's graph, when they fit its prompt rows and none asks for
+        prompt logprobs (those take the reference path, which scores them): first the last token of each chunk
+        that samples, in plan order after the decode rows (the rows that get logits, in the order of the plan's
+        sampled chunks: decode chunks come first in a plan), then the chunks' other tokens. None: the reference
+        path."""
+        from llmhost.engine.decode_runner import DecodeRow
+
+        if self.runner is None:
+            return None
+        decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
+        prompts = [c for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)]
+        if sum(len(c.token_ids) for c in prompts) > self.runner.prompt_tokens:
+            return None
+        seqs = [self.seqs.get(c.seq_id) for c in prompts]
+        if any(seq is not None and seq.params.prompt_logprobs is not None for seq in seqs):
+            return None
+        sampled = [c.seq_id for c in plan.chunks if c.sample]
+        if sampled != [c.seq_id for c in decode] + [c.seq_id for c in prompts if c.sample]:
+            return None  # a prompt chunk sampling before a decode row: the logits' order would differ
+        last = [DecodeRow(c.token_ids[-1], c.end - 1, c.block_table) for c in prompts if c.sample]
+        rest = [
+            DecodeRow(tok, c.start + i, c.block_table)
+            for c in prompts
+            for i, tok in enumerate(c.token_ids[: len(c.token_ids) - 1 if c.sample else None])
+        ]
+        return last + rest
 
     def _launch_sample(self, plan: StepPlan, logits: torch.Tensor, scores: list[PendingScores]) -> _Launched:
         """Queue the sampling of the step's tokens right behind its forward pass (the logits may be the runner's
@@ -522,17 +569,22 @@ class Engine:
         )
 
     def run_ahead(
-        self, plan: StepPlan, stream: torch.cuda.Stream | None = None, prefill_limit: int | None = None
+        self,
+        plan: StepPlan,
+        stream: torch.cuda.Stream | None = None,
+        prefill_limit: int | None = None,
+        graph_prompts: bool = False,
     ) -> StepPlan | None:
         """Count plan's tokens as computed and its sampled tokens as pending, then schedule and launch the next
-        step (on `stream`: plan's, so it runs after plan; `prefill_limit` as in schedule); returns it, or None
+        step (on `stream`: plan's, so it runs after plan; `prefill_limit` and `graph_prompts` as in schedule);
+        returns it, or None
         when there is nothing to run. Call after execute(plan), before collect(plan), when can_run_ahead(plan)."""
         launched = self._inflight[id(plan)]
         self.scheduler.advance(plan)
         launched.advanced = True
         for seq in launched.seqs:
             seq.pending += 1
-        nxt = self.schedule(prefill_limit)
+        nxt = self.schedule(prefill_limit, graph_prompts=graph_prompts)
         if nxt.empty:
             return None
         self.execute(nxt, stream)

@@ -43,6 +43,7 @@ class StepPlan:
     chunks: tuple[Chunk, ...]
     preempted: tuple[str, ...] = ()
     prompt_only: bool = False  # scheduled with decodes=False: may run beside a decode step of the same engine
+    graphed: bool = False  # its prompt chunks run as rows of the decode runner's graph (Engine.schedule)
 
     @property
     def num_tokens(self) -> int:
@@ -74,20 +75,25 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, prefill_limit: int | None = None, decodes: bool = True) -> StepPlan:
+    def schedule(self, prefill_limit: int | None = None, decodes: bool = True, short: int = 0) -> StepPlan:
         """prefill_limit: at most this many prompt tokens beside the decode tokens (the host's cap, so that this
         model's prefill does not stall another model's decode for long); None: the token budget alone.
         decodes=False: a prompt-only step, beside a decode-only step (prefill_limit 0) of the same sequences'
-        batch that may still be in flight: the decoding sequences are neither scheduled nor preempted."""
+        batch that may still be in flight: the decoding sequences are neither scheduled nor preempted; a
+        prompt with a chunk in a step still in flight is left for later.
+        short > 0 (prompts of at most this many tokens left ride decode steps, Engine.schedule): a decode step
+        takes only those, whose earlier chunks are not in flight; a prompt-only step leaves them to the decode
+        steps while any sequence decodes."""
         chunks: list[Chunk] = []
         preempted: list[str] = []
         # A sequence whose pending token is its last gets no more steps (it finishes when that token is read).
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1 and not s.awaits_last_token]
         # A prompt-only step counts every sequence out of prefill as scheduled: never preempted for its chunks.
         scheduled: set[str] = set() if decodes else {s.id for s in self.running if not s.in_prefill}
+        carriers = bool(decoding)  # decode steps to carry short prompts
         decoding = decoding if decodes else []
         budget = self.token_budget if prefill_limit is None else min(self.token_budget, len(decoding) + prefill_limit)
-        prefilling = [s for s in self.running if s.in_prefill]
+        prefilling = [s for s in self.running if s.in_prefill and self._eligible(s, decodes, short, carriers)]
         order = decoding + prefilling
         for i, seq in enumerate(order):
             if seq.status is not SeqStatus.RUNNING:
@@ -105,7 +111,9 @@ class Scheduler:
             seq = self.waiting[0]
             self.blocks.match_prefix(seq)
             n = self._fit(seq, min(seq.num_tokens - seq.num_computed, budget), 0)
-            if not self.blocks.can_cover(seq, seq.num_computed + n):
+            if not self._eligible(seq, decodes, short, carriers) or not self.blocks.can_cover(
+                seq, seq.num_computed + n
+            ):
                 # Waiting, it holds nothing: cached blocks it matched stay free for the running sequences.
                 self.blocks.unmatch_prefix(seq)
                 break
@@ -116,6 +124,17 @@ class Scheduler:
             scheduled.add(seq.id)
             budget -= n
         return StepPlan(tuple(chunks), tuple(preempted), prompt_only=not decodes)
+
+    def _eligible(self, seq: Sequence, decodes: bool, short: int, others_decode: bool) -> bool:
+        """Whether a prompt may get a chunk in this step (see schedule: `short`)."""
+        if decodes and not short:
+            return True  # Engine.step(): a step run ahead follows its chunk's step on one stream
+        if seq.inflight:  # its last chunk's K/V may not be written yet on this step's stream
+            return False
+        if not short:
+            return True
+        left = seq.num_tokens - seq.num_computed
+        return left <= short if decodes else left > short or not others_decode
 
     def _fit(self, seq: Sequence, n: int, pending: int) -> int:
         """Shorten a chunk to what the window pool holds now, leaving one block for each of the `pending` running

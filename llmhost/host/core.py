@@ -709,7 +709,7 @@ class HostCore:
         last.followed = True
         start = _event(stream)
         try:
-            nxt = last.engine.run_ahead(last.plan, stream, prefill_limit=0)
+            nxt = last.engine.run_ahead(last.plan, stream, prefill_limit=0, graph_prompts=True)
         except Exception:
             self._fail_engine(last.name, last.engine)
             return None
@@ -843,6 +843,7 @@ class HostCore:
             if running:
                 return False
             name = self.gpu.pick(device, fresh, busy=[n for n in ready if n not in fresh])
+            # Decodes only: the step is the sample of its solo decode cost.
             if name is not None and self._launch_plan(name, device, engines[name].schedule(0), running):
                 return True
         held: dict[str, str] = {}  # fair sharing kept these from starting -> the model each waits for
@@ -862,7 +863,7 @@ class HostCore:
                     held = self._held_by(running, waiting)
                 break
             waiting.remove(name)
-            run = self._launch_plan(name, device, engines[name].schedule(0), running)
+            run = self._launch_plan(name, device, engines[name].schedule(0, graph_prompts=True), running)
             if run is not None:
                 decoding.add(name)
                 moved = True
@@ -873,7 +874,7 @@ class HostCore:
         prompts = [n for n in ready if nexts[n].prefill_tokens > 0]
         name = self.gpu.pick(device, prompts, busy=decoding) if prompts else None
         if name is not None and self._fits_beside(running, name, StepShape(0, 1)):
-            plan = engines[name].schedule(self.gpu.prefill_budget(name, device), decodes=False)
+            plan = engines[name].schedule(self.gpu.prefill_budget(name, device), decodes=False, graph_prompts=True)
             moved |= self._launch_plan(name, device, plan, running) is not None
         return moved
 
@@ -1105,9 +1106,11 @@ def _event(stream: torch.cuda.Stream) -> torch.cuda.Event:
 
 
 def _shape(plan: StepPlan) -> StepShape:
-    """A planned step's size as the GPU scheduler reads it: its decode rows and its prompt tokens."""
+    """A planned step's size as the GPU scheduler reads it: its decode rows and its prompt tokens. A step whose
+    prompts ride its graph (StepPlan.graphed) is a decode step: replayed, not launched eagerly, and as bound by
+    memory bandwidth as one without them (its prompt rows make its matmuls wider, they read the same weights)."""
     rows = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.sample)
-    return StepShape(rows, sum(len(c.token_ids) for c in plan.chunks) - rows)
+    return StepShape(rows, 0 if plan.graphed else sum(len(c.token_ids) for c in plan.chunks) - rows)
 
 
 def _next_shape(engine: Engine) -> StepShape:

@@ -5,8 +5,9 @@ The engine is held to these assumptions (DESIGN.md "Memory model"); each is stat
 - the KV cache is one paged pool per layer of `blocks x block_size x 2 x kv_heads x head_dim` in the KV dtype;
 - one step processes at most `step_tokens = max(prefill_chunk, max_batch)` tokens (decodes count against it);
 - logits are computed in float32 only for rows that sample (at most max_batch), never for every prompt token;
-- CUDA graphs are captured for the decode batch sizes in `graph_batch_sizes(max_batch)`, largest first, sharing
-  one memory pool, so the pool holds the activations of the largest captured batch; a split model has none;
+- CUDA graphs are captured for the decode batch sizes in `graph_batch_sizes(max_batch)`, and with
+  `graph_prompt_tokens` for that many prompt rows more (`graph_step_sizes`), largest first, sharing one memory
+  pool, so the pool holds the activations of the largest captured step; a split model has none;
 - a split model holds on each stage its layers' weights and KV pool (the same block count on every stage), the
   embedding on the first stage, the final norm and head on the last (a tied head copied there).
 """
@@ -40,6 +41,14 @@ def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
     """Decode batch sizes captured as CUDA graphs; a batch is padded up to the next captured size."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
     return (*sizes, max_batch)
+
+
+def graph_step_sizes(max_batch: int, prompt_tokens: int = 0) -> tuple[int, ...]:
+    """Every row count captured as a CUDA graph: the decode batch sizes, then (prompt_tokens > 0) a full batch
+    with 16, 32, 64, ... prompt rows beside it up to prompt_tokens (engine/decode_runner.py runs a short prompt's
+    tokens as rows of the decode step)."""
+    extra = [p for p in (16 << k for k in range(16)) if p < prompt_tokens] + ([prompt_tokens] if prompt_tokens else [])
+    return graph_batch_sizes(max_batch) + tuple(max_batch + p for p in extra)
 
 
 @dataclass(frozen=True)
@@ -216,29 +225,33 @@ def steered_graphs(spec: ModelSpec, on_gpu: bool, split: bool = False) -> int:
 def stage_graphs(
     spec: ModelSpec, last: bool, on_gpu: bool, block_size: int = 16, split: bool = False, steered: bool = False
 ) -> int:
-    """What the decode runner (engine/decode_runner.py) allocates: static inputs and activations for max_batch
-    rows, the attention workspace, one scratch KV block for padded rows, and the graphs' shared pool, which holds
-    the largest captured batch's transient GEMM outputs; each captured graph adds its executable's own memory, and
+    """What the decode runner (engine/decode_runner.py) allocates: static inputs, activations and the attention
+    workspace for its rows (max_batch, plus graph_prompt_tokens), float32 logits for max_batch rows (only rows that
+    sample get them), one scratch KV block for padded rows, and the graphs' shared pool, which holds the largest
+    captured step's transient GEMM outputs; each captured graph adds its executable's own memory, and
     with [host] sm_steering (`steered`) so do its confined copies (steered_graphs). Nothing for a stage of a split
     model (split: the stage is not the whole model)."""
     if not uses_decode_graphs(spec, on_gpu, split):
         return 0
     s = spec.shape
     b = spec.dtype_bytes
-    mb = max(graph_batch_sizes(spec.config.max_batch))
+    sizes = graph_step_sizes(spec.config.max_batch, spec.config.graph_prompt_tokens)
+    mb = max(sizes)  # rows
+    lb = spec.config.max_batch  # rows with logits
     max_blocks = ceil_div(spec.config.max_seq_len, block_size)  # block-table columns
     parts = ceil_div(spec.config.max_seq_len, DECODE_PARTITION)
     q_dim = s.num_heads * s.head_dim
     qkv_dim = q_dim + 2 * s.num_kv_heads * s.head_dim
-    inputs = mb * 4 * 8 + mb * max_blocks * 4  # tokens, positions, slots, lengths (int64); block tables (int32)
+    # sampled tokens (int64, max_batch), and per row: token, source, position, slot, length (int64), block table
+    inputs = lb * 8 + mb * 5 * 8 + mb * max_blocks * 4
     activations = mb * (2 * s.hidden_size + qkv_dim + q_dim + s.intermediate_size) * b  # h, x, qkv, attn, act
-    logits = mb * s.vocab_size * FP32 if last else 0
+    logits = lb * s.vocab_size * FP32 if last else 0
     workspace = mb * s.num_heads * parts * (2 + s.head_dim) * FP32  # per-partition max, sum and accumulator
     scratch = block_size * s.kv_bytes_per_token(spec.kv_dtype_bytes)  # one block of every layer's K and V
     pool = mb * (2 * s.hidden_size + 2 * s.intermediate_size) * b  # o_proj, down, gate|up outputs
     if last:
-        pool += mb * s.vocab_size * b  # the LM head's output before its float32 copy
-    n_graphs = len(graph_batch_sizes(spec.config.max_batch))
+        pool += lb * s.vocab_size * b  # the LM head's output before its float32 copy
+    n_graphs = len(sizes)
     confined = steered_graphs(spec, on_gpu, split) if steered else 0
     return inputs + activations + logits + workspace + scratch + pool + n_graphs * GRAPH_EXEC_BYTES + confined
 

@@ -1,0 +1,88 @@
+"""Short prompts prefilled as rows of the decode runner's step (ModelConfig.graph_prompt_tokens), driven as the host
+drives a model on a GPU: a decode step that carries prompts of at most that many tokens left (Engine.schedule with
+graph_prompts), and prompt-only steps for the rest. The real decode runner runs here under Triton's interpreter (no
+graph capture on a CPU), so a wrong row, position, slot or logits order changes the tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from engine_fixtures import TinyModels, tiny_models  # noqa: F401
+
+pytest.importorskip("triton")
+
+from llmhost.config import ModelConfig
+from llmhost.engine.decode_runner import DecodeRunner
+from llmhost.engine.engine import Engine
+from llmhost.engine.model import LlamaModel
+from llmhost.engine.sampling_params import SamplingParams
+
+# Six tokens or fewer ride decode steps (PROMPT_ROWS); the long ones take prompt-only steps of 4-token chunks.
+PROMPTS = [[1, 5, 9, 2, 7, 11, 13, 17, 19, 23], [3, 3, 8], [200, 100, 50, 25, 12], [9, 8, 7, 6, 5, 4, 3, 2, 1, 60, 61]]
+PROMPT_ROWS = 6
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def _engine(path: Any) -> Engine:
+    cfg = ModelConfig("t", path, dtype="float32", max_seq_len=64, max_batch=4, cuda_graphs=False, prefill_chunk=4)
+    return Engine.load(cfg, "cpu")
+
+
+def test_short_prompts_ride_decode_steps_and_give_the_same_tokens(tiny_models: TinyModels) -> None:  # noqa: F811
+    _, path = tiny_models("llama")
+    expected = [c.output_ids for c in _engine(path).generate(PROMPTS, GREEDY)]
+
+    engine = _engine(path)
+    assert isinstance(engine.model, LlamaModel)
+    engine.runner = DecodeRunner(engine.model, engine.cache, 4, 64, prompt_tokens=PROMPT_ROWS)
+    ids = [engine.add_request(PROMPTS[0], GREEDY)]
+    outputs: dict[str, list[int]] = {ids[0]: []}
+    kinds = {"graphed": 0, "prompt_only": 0}
+    step = 0
+    while engine.has_work:
+        if step in (2, 3, 5):  # the others arrive while the first decodes
+            rid = engine.add_request(PROMPTS[len(ids)], GREEDY)
+            ids.append(rid)
+            outputs[rid] = []
+        plan = engine.schedule(0, graph_prompts=True)
+        if not plan.empty and any(len(c.token_ids) > 1 for c in plan.chunks):
+            assert plan.graphed
+            assert all(len(c.token_ids) <= PROMPT_ROWS for c in plan.chunks)
+            kinds["graphed"] += 1
+        if plan.empty:  # nothing decodes or carries: the long prompts' chunks, eager
+            plan = engine.schedule(4, decodes=False, graph_prompts=True)
+            kinds["prompt_only"] += not plan.empty
+        engine.execute(plan)
+        for out in engine.collect(plan):
+            outputs[out.seq_id].append(out.token)
+        step += 1
+    assert kinds["graphed"] >= 2 and kinds["prompt_only"] >= 1, kinds
+    assert [outputs[i] for i in ids] == expected
+
+
+def test_prompt_only_steps_leave_short_prompts_to_decode_steps(tiny_models: TinyModels) -> None:  # noqa: F811
+    """While a sequence decodes, a prompt-only step takes long prompts only and never a prompt whose chunk is in a
+    step still in flight; with nothing decoding it takes short ones too (no decode step would carry them)."""
+    _, path = tiny_models("llama")
+    engine = _engine(path)
+    assert isinstance(engine.model, LlamaModel)
+    engine.runner = DecodeRunner(engine.model, engine.cache, 4, 64, prompt_tokens=PROMPT_ROWS)
+    short = engine.add_request(PROMPTS[1], GREEDY)
+    plan = engine.schedule(8, decodes=False, graph_prompts=True)
+    assert [c.seq_id for c in plan.chunks] == [short]  # nothing decodes yet
+    engine.execute(plan)
+    engine.collect(plan)
+    long, short2 = engine.add_request(PROMPTS[0], GREEDY), engine.add_request(PROMPTS[2], GREEDY)
+    plan = engine.schedule(8, decodes=False, graph_prompts=True)
+    assert [c.seq_id for c in plan.chunks] == [long]
+    engine.execute(plan)  # in flight: long's first chunk
+    later = engine.schedule(8, decodes=False, graph_prompts=True)
+    assert later.empty  # long waits for its chunk; short2 waits for a decode step (FIFO behind nothing else)
+    carried = engine.schedule(0, graph_prompts=True)
+    assert {c.seq_id for c in carried.chunks} == {short, short2} and carried.graphed
+    engine.collect(plan)
+    engine.execute(carried)
+    engine.collect(carried)
+    assert torch.is_tensor(engine.runner.logits)
