@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shapes import SHAPES
 
-from llmhost.config import HostConfig, ModelConfig
+from llmhost.config import DEFAULT_GRAPH_PROMPT_TOKENS, HostConfig, ModelConfig
 from llmhost.model_files.shape import ModelShape
 
 GiB = 1024**3
@@ -89,9 +89,10 @@ FAR_PROMPT_SMS = 44  # four-far: a third of an H100's or H200's SMs, apart from 
 # gap is already 3x its solo mean, and its p99 (1.05-1.1x its mean alone) cannot be within 3x its solo p99
 # (bench/probes/itl_budget.py): this experiment measures what moving share from the 8Bs to them does to each p99.
 SMALL_FIRST_WEIGHTS = (1.25, 1.25, 1.0, 1.0)
-# four-graphprompt: every model's prompts of up to this many tokens ride its decode steps as rows of their graphs
-# (ModelConfig.graph_prompt_tokens): the bench's prompts are PROMPT tokens.
-GRAPH_PROMPT_TOKENS = 128
+# Every model's prompts of up to this many tokens ride its decode steps as rows of their graphs
+# (ModelConfig.graph_prompt_tokens, the default): the bench's prompts are PROMPT tokens. four-eagerprompt: 0.
+GRAPH_PROMPT_TOKENS = DEFAULT_GRAPH_PROMPT_TOKENS
+assert PROMPT <= GRAPH_PROMPT_TOKENS
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
                 "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
@@ -342,7 +343,8 @@ def _switch_experiments(scenario: str) -> None:
         "lead2": [(LEAD_STEPS_ENV, "2")],
         "undithered": [(SM_DITHER_ENV, "0")],
         "collected": [(SOLO_RUN_AHEAD_ENV, "0")],
-        "sendearly": [(SEND_EARLY_ENV, "1")],
+        "sendearly": [(SEND_EARLY_ENV, "1")],  # the default since multi_model_graph_prompts_call*-h100.json
+        "sendlate": [(SEND_EARLY_ENV, "0")],
         "apart": [far, (PROMPT_APART_ENV, "1")],  # prompts on the far SMs, decode steps beside them on the near
     }
     for part in scenario.split("-")[1:]:
@@ -364,7 +366,10 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     each loop pass's tokens sent before its launches (LLMHOST_SEND_BEFORE_LAUNCH=1); (four-apart) prompt steps on
     the far SMs and every decode step launched beside one confined to the near SMs (LLMHOST_PROMPT_APART=1);
     (four-sendearly-smallfirst) sendearly at SMALL_FIRST_WEIGHTS; (four-graphprompt, four-sendearly-graphprompt)
-    short prompts prefilled as rows of the decode graphs (graph_prompt_tokens = GRAPH_PROMPT_TOKENS)."""
+    short prompts prefilled as rows of the decode graphs (graph_prompt_tokens = GRAPH_PROMPT_TOKENS), and with them
+    sendearly (both the defaults since: these phases are the default host now); (four-sendlate) tokens sent after
+    the pass's launches (LLMHOST_SEND_BEFORE_LAUNCH=0); (four-eagerprompt) every prompt by eager prompt steps
+    (graph_prompt_tokens 0); (four-graph64) graph_prompt_tokens 64: a 128-token prompt over two decode steps."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -391,7 +396,7 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         loads = _loads(mode, mode.four, FOUR_CLIENTS, mode.four_tokens)
         parts = scenario.split("-")[1:]
         weights = SMALL_FIRST_WEIGHTS if "smallfirst" in parts else (1.0,) * len(mode.four)
-        rows = GRAPH_PROMPT_TOKENS if "graphprompt" in parts else 0
+        rows = 0 if "eagerprompt" in parts else 64 if "graph64" in parts else GRAPH_PROMPT_TOKENS
         models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, weights, graph_prompt_tokens=rows)
         host = HostConfig(sm_steering="unsteered" not in parts)
         _switch_experiments(scenario)
@@ -672,8 +677,11 @@ PLAN = (
     ("four/host-sendearly", "host", "four-sendearly", False),  # experiment: core.SEND_EARLY_ENV on
     ("four/host-apart", "host", "four-apart", False),  # experiment: core.PROMPT_APART_ENV on, prompts on the far SMs
     ("four/host-sendearly-smallfirst", "host", "four-sendearly-smallfirst", False),  # SMALL_FIRST_WEIGHTS
-    ("four/host-graphprompt", "host", "four-graphprompt", False),  # GRAPH_PROMPT_TOKENS
+    ("four/host-graphprompt", "host", "four-graphprompt", False),  # the default since then (as sendearly)
     ("four/host-sendearly-graphprompt", "host", "four-sendearly-graphprompt", False),
+    ("four/host-sendlate", "host", "four-sendlate", False),  # comparison: SEND_EARLY_ENV off
+    ("four/host-eagerprompt", "host", "four-eagerprompt", False),  # comparison: graph_prompt_tokens 0
+    ("four/host-graph64", "host", "four-graph64", False),  # experiment: graph_prompt_tokens 64
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

@@ -41,6 +41,14 @@ DEFAULT_BLOCK_SIZE = 16  # tokens per KV block; the paged cache and the estimate
 # and they let the kernels' `pos // block_size` and `pos % block_size` compile to a shift and a mask.
 MAX_BLOCK_SIZE = 256
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill step; bounds the activation workspace
+# Prompt tokens a decode step may carry as rows of its CUDA graph (0: off): on a GPU, in the host, a prompt with at
+# most this many tokens left is prefilled inside its model's next graph-replayed decode step, which reads the weights
+# anyway, instead of by an eager prompt step of its own beside the other models' steps (host/core.py). H100, four
+# models (1B, 3B, two 8Bs) with 128-token prompts, two calls: aggregate 1.19-1.20 of the best baseline against
+# 1.14, worst p99 inter-token latency 3.52-3.73x solo against 3.90-4.10x (bench/results/
+# multi_model_graph_prompts_call1-h100.json, _call2). Costs graphs, activations and decode-attention workspace for
+# that many rows more (memory/estimate.py stage_graphs).
+DEFAULT_GRAPH_PROMPT_TOKENS = 128
 DEFAULT_KEEP_ALIVE_S = 300.0  # seconds idle before a model may be parked (Ollama's default is 5 minutes)
 
 
@@ -59,10 +67,7 @@ class ModelConfig:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # -1: never park or unload
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     cuda_graphs: bool = True
-    # Prompt tokens a decode step may carry as rows of its CUDA graph (0: off): a prompt with at most this many
-    # tokens left is prefilled inside the model's next graph-replayed decode step, not by an eager prompt step
-    # of its own beside the other models' steps (host/core.py). Costs graphs and activations for that many rows more.
-    graph_prompt_tokens: int = 0
+    graph_prompt_tokens: int = DEFAULT_GRAPH_PROMPT_TOKENS
     prefix_caching: bool = True  # reuse the K/V of prompt beginnings seen before (not for sliding-window models)
 
     @property
@@ -196,7 +201,7 @@ def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> Mod
         keep_alive_s=_get(parse_duration, t, "keep_alive", where, table, DEFAULT_KEEP_ALIVE_S),
         prefill_chunk=_get(_positive_int, t, "prefill_chunk", where, table, DEFAULT_PREFILL_CHUNK),
         cuda_graphs=_get(_bool, t, "cuda_graphs", where, table, True),
-        graph_prompt_tokens=_get(_nonnegative_int, t, "graph_prompt_tokens", where, table, 0),
+        graph_prompt_tokens=_get(_nonnegative_int, t, "graph_prompt_tokens", where, table, DEFAULT_GRAPH_PROMPT_TOKENS),
         prefix_caching=_get(_bool, t, "prefix_caching", where, table, True),
     )
 

@@ -111,15 +111,16 @@ SM_DITHER_ENV = "LLMHOST_SM_DITHER"
 # solo against 4.0-4.4x; the pair unchanged, 3,107 GB/s both (multi_model_b2b-h100.json,
 # multi_model_b2b_reruns-h100.json).
 SOLO_RUN_AHEAD_ENV = "LLMHOST_SOLO_RUN_AHEAD"
-# Experiment, off unless "1": a loop pass sends the tokens it collected before it launches the next steps, not after.
-# In an H100 four-model step trace (`python bench/probes/itl_tail.py bench/results/host_trace_raw-h100/dithered`,
-# client_after_collect_ms) a token reached its client 0.4-1.2 ms after its step's collection at the median but 4-12
-# ms at the p99 (up to 18 ms): every 3B token 8+ ms late came from a pass that went on launching the next steps, 2-6
-# launches of 1-7.6 ms each in the loop's slow moments (0.4 ms at the median), and reached the client 0.3-1.2 ms
-# after that pass ended. The client's own side adds 0.3-0.8 ms at the p99 (bench/probes/delivery.py, no GPU). The
-# 3B's steps were collected 15.4 ms apart at the p99 there, its tokens arrived 21.0 ms apart. Sending first
-# delays the pass's launches by the send (pickling and a pipe write: 0.084 ms, p99 0.31 ms for 8-32 tokens in
-# delivery.py). Not measured on a GPU yet: bench phase four/host-sendearly.
+# A loop pass sends the tokens it collected before it launches the next steps, not after ("0" turns this off, for
+# comparison). In an H100 four-model step trace (`python bench/probes/itl_tail.py
+# bench/results/host_trace_raw-h100/dithered`, client_after_collect_ms) a token reached its client 0.4-1.2 ms after
+# its step's collection at the median but 4-12 ms at the p99 (up to 18 ms): every 3B token 8+ ms late came from a pass
+# that went on launching the next steps. Sending first delays the pass's launches by the send (pickling and a pipe
+# write: 0.084 ms, p99 0.31 ms for 8-32 tokens in bench/probes/delivery.py). H100, four models, with short prompts
+# in the decode graphs (ModelConfig.graph_prompt_tokens), two calls: worst p99 3.33x / 3.41x solo against 3.73x /
+# 3.52x sending after, aggregate 1.23 / 1.22 of the best baseline against 1.20 / 1.19
+# (bench/results/multi_model_graph_prompts_call1-h100.json, _call2). Alone (prompts eager) it was 4.04x against 4.74x
+# in one call and 4.53x against 3.90x in the next: no clear gain without them.
 SEND_EARLY_ENV = "LLMHOST_SEND_BEFORE_LAUNCH"
 # Experiment, off unless "1" (with FAR_PROMPT_ENV naming the far SMs): while a prompt step runs on the far SMs, every
 # decode step launched on its GPU replays its graphs confined to the near ones (the steering level that fits), so
@@ -269,7 +270,7 @@ class HostCore:
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)
         self._sm_dither = os.environ.get(SM_DITHER_ENV) != "0"
         self._solo_run_ahead = solo_run_ahead_on()
-        self._send_early = os.environ.get(SEND_EARLY_ENV) == "1"
+        self._send_early = os.environ.get(SEND_EARLY_ENV) != "0"
         self._prompt_apart = os.environ.get(PROMPT_APART_ENV) == "1"
         self._near_sms: dict[str, int] = {}  # per GPU with a far stream: the SMs left before it (PROMPT_APART_ENV)
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
@@ -612,7 +613,7 @@ class HostCore:
                 behind = next((r for r in runs if r.name == run.name and not r.shape.prefill_tokens), None)
                 if decode and behind is not None:  # its model's next decode step, queued behind it, starts now
                     behind.began = max(behind.began, time.perf_counter())
-        if events and self._send_early:  # SEND_EARLY_ENV: the tokens wait for no launch
+        if events and self._send_early:  # the tokens wait for no launch (SEND_EARLY_ENV)
             self._send(events, origin)
             events, origin = [], Counter()
         lanes: dict[str, list[str]] = {}
