@@ -42,3 +42,19 @@ def test_steps_are_classed_by_their_company() -> None:
         "gpu_ms_max": 1.0,
     }
     assert abs(out["prompt_steps"]["window_share"] - 0.01) < 1e-9  # 1 ms of the 100 ms window
+
+
+def test_steps_carrying_prompt_rows_are_a_class_of_their_own() -> None:
+    """A decode step that carried prompt rows in its graph (`prompt_rows` in its collect record) is `own rows`; one
+    that another model's carrying step overlapped is `rows`; the rest as before."""
+    carrying = collect("big", 0.020, 20.0) | {"prompt_rows": 128}
+    steps = [
+        collect("small", 0.010, 4.0),  # 6-10 ms: beside big's carrying step
+        carrying,
+        collect("small", 0.030, 4.0),  # 26-30 ms: beside big's plain step
+        collect("big", 0.045, 20.0),
+        collect("small", 0.060, 4.0) | {"prompt_rows": 16},  # 56-60 ms: alone, carrying its own
+    ]
+    out = step_company.company(steps, 0.0, 0.1)
+    assert set(out["models"]["small"]) == {"rows beside 1", "decode beside 1", "own rows beside 0"}
+    assert set(out["models"]["big"]) == {"own rows beside 0", "decode beside 0"}  # small covers under half

@@ -6,7 +6,9 @@ A decode step's GPU time (its CUDA events: from its start on its stream to its e
 model's previous one counts from when that one ended) is the floor of its model's token gap: no launch order, hold
 or send can make a gap shorter than the step in it. Each decode step collected in the window is put in a class by
 what ran beside it, from the other steps' GPU intervals (collection time minus GPU time):
-- `prompt`: some model's prompt step overlapped it at all; else `decode`;
+- `prompt`: some model's prompt step overlapped it at all; else `own rows`: it carried prompt rows in its graph
+  (ModelConfig.graph_prompt_tokens; the trace's `prompt_rows`); else `rows`: another model's step carrying prompt
+  rows overlapped it at all; else `decode`;
 - `beside N`: how many other models had decode steps on the GPU for more than half of it.
 Per class: how many steps, and their GPU time's mean, p90, p99 and max. Where even the steps in the commonest class
 have a p99 over 3x the model's solo p99, the issue's p99 target is out of reach at that share of the GPU. And the
@@ -62,6 +64,7 @@ def _prompt_steps(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str
 def company(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]:
     decode: dict[str, list[tuple[float, float]]] = {}
     prompts: list[tuple[float, float]] = []
+    carrying: dict[str, set[tuple[float, float]]] = {}  # decode steps that carried prompt rows in their graph
     for e in steps:
         if e["ev"] != "collect" or not e.get("gpu_ms"):
             continue
@@ -70,6 +73,8 @@ def company(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]
             prompts.append(span)
         else:
             decode.setdefault(e["model"], []).append(span)
+            if e.get("prompt_rows"):
+                carrying.setdefault(e["model"], set()).add(span)
     out: dict[str, Any] = {"prompt_steps": _prompt_steps(steps, t0, t1), "models": {}}
     for model, spans in sorted(decode.items()):
         classes: dict[str, list[float]] = {}
@@ -77,7 +82,15 @@ def company(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]
             if not t0 <= b < t1:
                 continue
             beside = sum(1 for m, other in decode.items() if m != model and _overlap(a, b, other) > HALF * (b - a))
-            kind = "prompt" if _overlap(a, b, prompts) > 0.0 else "decode"
+            rows_beside = [x for m, spans in carrying.items() if m != model for x in spans]
+            if _overlap(a, b, prompts) > 0.0:
+                kind = "prompt"
+            elif (a, b) in carrying.get(model, set()):
+                kind = "own rows"
+            elif _overlap(a, b, rows_beside) > 0.0:
+                kind = "rows"
+            else:
+                kind = "decode"
             classes.setdefault(f"{kind} beside {beside}", []).append(1e3 * (b - a))
         total = sum(len(v) for v in classes.values())
         out["models"][model] = {

@@ -1060,6 +1060,7 @@ class HostCore:
                 ms=round(1e3 * (time.perf_counter() - t_collect), 3), vtime_ms=round(1e3 * vtime, 3),
                 debt_ms=round(1e3 * debt, 3), charged_ms=round(1e3 * charged, 3),
                 solo_ms=_ms(self.gpu.solo_step_s(run.name)),
+                prompt_rows=_prompt_rows(run.plan),
             )  # fmt: skip
         self.coordinator.touch(run.name)
         return [
@@ -1112,6 +1113,11 @@ def _shape(plan: StepPlan) -> StepShape:
     memory bandwidth as one without them (its prompt rows make its matmuls wider, they read the same weights)."""
     rows = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.sample)
     return StepShape(rows, 0 if plan.graphed else sum(len(c.token_ids) for c in plan.chunks) - rows)
+
+
+def _prompt_rows(plan: StepPlan) -> int:
+    """The prompt tokens a graphed step carried as rows of its decode graph (traced: its shape counts none)."""
+    return sum(len(c.token_ids) for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)) if plan.graphed else 0
 
 
 def _next_shape(engine: Engine) -> StepShape:
