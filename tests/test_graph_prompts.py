@@ -86,3 +86,31 @@ def test_prompt_only_steps_leave_short_prompts_to_decode_steps(tiny_models: Tiny
     engine.execute(carried)
     engine.collect(carried)
     assert torch.is_tensor(engine.runner.logits)
+
+
+def test_a_prompt_that_asks_for_its_logprobs_is_never_carried(tiny_models: TinyModels) -> None:  # noqa: F811
+    """Its prompt is scored by the eager prefill: a prompt-only step takes it even while others decode, and a decode
+    step never does (as a mixed step its decode rows would share the runner's buffers with the next decode step)."""
+    _, path = tiny_models("llama")
+    engine = _engine(path)
+    assert isinstance(engine.model, LlamaModel)
+    engine.runner = DecodeRunner(engine.model, engine.cache, 4, 64, prompt_tokens=PROMPT_ROWS)
+    first = engine.add_request(PROMPTS[1], GREEDY)
+    plan = engine.schedule(8, decodes=False, graph_prompts=True)
+    engine.execute(plan)
+    engine.collect(plan)
+    scored = engine.add_request(PROMPTS[2], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=1))
+    carried = engine.schedule(0, graph_prompts=True)
+    assert [c.seq_id for c in carried.chunks] == [first] and not carried.graphed
+    engine.execute(carried)
+    engine.collect(carried)
+    plan = engine.schedule(8, decodes=False, graph_prompts=True)
+    assert [c.seq_id for c in plan.chunks] == [scored]  # its first 4 tokens (4-token chunks), scored
+    engine.execute(plan)
+    engine.collect(plan)
+    last = engine.schedule(0, graph_prompts=True)  # its last token is a decode row, as without prompt rows
+    assert {c.seq_id for c in last.chunks} == {first, scored} and all(len(c.token_ids) == 1 for c in last.chunks)
+    engine.execute(last)
+    outs = {o.seq_id: o for o in engine.collect(last)}
+    logprobs = outs[scored].prompt_logprobs
+    assert logprobs is not None and len(logprobs) == len(PROMPTS[2]) and all(x is not None for x in logprobs[1:])

@@ -327,8 +327,11 @@ class Engine:
         plan = self.scheduler.schedule(short if short and decodes else prefill_limit, decodes, short)
         if not short or not decodes or all(len(c.token_ids) == 1 and c.sample for c in plan.chunks):
             return plan
-        # Prompts that ask for their logprobs are scored by the reference path: the plan then runs as a mixed step.
-        return dataclasses.replace(plan, graphed=self._graph_rows(plan) is not None)
+        # The scheduler took only prompts that fit the rows and ask for no prompt logprobs, decode rows first: the
+        # plan must ride the graph (as a mixed step its decode rows would share the runner's buffers with the
+        # model's next decode step, which the host may launch beside a step with prompt tokens).
+        assert self._graph_rows(plan) is not None, "a plan scheduled for the graph does not fit it"
+        return dataclasses.replace(plan, graphed=True)
 
     def execute(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> None:
         drain(self.launch_slices(plan, stream))

@@ -81,9 +81,9 @@ class Scheduler:
         decodes=False: a prompt-only step, beside a decode-only step (prefill_limit 0) of the same sequences'
         batch that may still be in flight: the decoding sequences are neither scheduled nor preempted; a
         prompt with a chunk in a step still in flight is left for later.
-        short > 0 (prompts of at most this many tokens left ride decode steps, Engine.schedule): a decode step
-        takes only those, whose earlier chunks are not in flight; a prompt-only step leaves them to the decode
-        steps while any sequence decodes."""
+        short > 0 (prompts of at most this many tokens left ride decode steps, Engine.schedule; not those that
+        asked for prompt logprobs): a decode step takes only those, whose earlier chunks are not in flight; a
+        prompt-only step leaves them to the decode steps while any sequence decodes."""
         chunks: list[Chunk] = []
         preempted: list[str] = []
         # A sequence whose pending token is its last gets no more steps (it finishes when that token is read).
@@ -133,8 +133,9 @@ class Scheduler:
             return False
         if not short:
             return True
-        left = seq.num_tokens - seq.num_computed
-        return left <= short if decodes else left > short or not others_decode
+        # A prompt that asked for its logprobs is scored by the eager prefill: never carried.
+        rides = seq.num_tokens - seq.num_computed <= short and seq.params.prompt_logprobs is None
+        return rides if decodes else not rides or not others_decode
 
     def _fit(self, seq: Sequence, n: int, pending: int) -> int:
         """Shorten a chunk to what the window pool holds now, leaving one block for each of the `pending` running
