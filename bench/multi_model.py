@@ -369,7 +369,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     short prompts prefilled as rows of the decode graphs (graph_prompt_tokens = GRAPH_PROMPT_TOKENS), and with them
     sendearly (both the defaults since: these phases are the default host now); (four-sendlate) tokens sent after
     the pass's launches (LLMHOST_SEND_BEFORE_LAUNCH=0); (four-eagerprompt) every prompt by eager prompt steps
-    (graph_prompt_tokens 0); (four-graph64) graph_prompt_tokens 64: a 128-token prompt over two decode steps."""
+    (graph_prompt_tokens 0); (four-graph64) graph_prompt_tokens 64: the bench's 128-token prompts (and a 1B's
+    pair of them) go back to eager prompt steps; only prefix-matched remainders of 64 tokens or fewer ride."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
