@@ -47,8 +47,11 @@ DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill step; bounds the activa
 # models (1B, 3B, two 8Bs) with 128-token prompts, two calls: aggregate 1.19-1.20 of the best baseline against
 # 1.14, worst p99 inter-token latency 3.52-3.73x solo against 3.90-4.10x (bench/results/
 # multi_model_graph_prompts_call1-h100.json, _call2). Costs graphs, activations and decode-attention workspace for
-# that many rows more (memory/estimate.py stage_graphs).
+# that many rows more (memory/estimate.py stage_graphs). Unset, a model gets DEFAULT_GRAPH_PROMPT_TOKENS up to a
+# max_seq_len of GRAPH_PROMPT_MAX_SEQ_LEN and 0 beyond: the decode-attention workspace of each row grows with
+# max_seq_len (136 rows x 32 heads at 16k tokens: 145 MB; at 128k: 1.2 GB, for prompts of 128 tokens).
 DEFAULT_GRAPH_PROMPT_TOKENS = 128
+GRAPH_PROMPT_MAX_SEQ_LEN = 16384
 DEFAULT_KEEP_ALIVE_S = 300.0  # seconds idle before a model may be parked (Ollama's default is 5 minutes)
 
 
@@ -67,8 +70,16 @@ class ModelConfig:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # -1: never park or unload
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     cuda_graphs: bool = True
-    graph_prompt_tokens: int = DEFAULT_GRAPH_PROMPT_TOKENS
+    graph_prompt_tokens: int | None = None  # None: prompt_rows decides by max_seq_len
     prefix_caching: bool = True  # reuse the K/V of prompt beginnings seen before (not for sliding-window models)
+
+    @property
+    def prompt_rows(self) -> int:
+        """Prompt tokens a decode step may carry as graph rows: graph_prompt_tokens, or unset,
+        DEFAULT_GRAPH_PROMPT_TOKENS for a max_seq_len up to GRAPH_PROMPT_MAX_SEQ_LEN and 0 beyond."""
+        if self.graph_prompt_tokens is not None:
+            return self.graph_prompt_tokens
+        return DEFAULT_GRAPH_PROMPT_TOKENS if self.max_seq_len <= GRAPH_PROMPT_MAX_SEQ_LEN else 0
 
     @property
     def kv_dtype_resolved(self) -> DType:
@@ -201,7 +212,7 @@ def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> Mod
         keep_alive_s=_get(parse_duration, t, "keep_alive", where, table, DEFAULT_KEEP_ALIVE_S),
         prefill_chunk=_get(_positive_int, t, "prefill_chunk", where, table, DEFAULT_PREFILL_CHUNK),
         cuda_graphs=_get(_bool, t, "cuda_graphs", where, table, True),
-        graph_prompt_tokens=_get(_nonnegative_int, t, "graph_prompt_tokens", where, table, DEFAULT_GRAPH_PROMPT_TOKENS),
+        graph_prompt_tokens=_get(_nonnegative_int, t, "graph_prompt_tokens", where, table),
         prefix_caching=_get(_bool, t, "prefix_caching", where, table, True),
     )
 

@@ -609,3 +609,13 @@ def test_error_names_the_file(tmp_path: Path) -> None:
     msg = config_error(tmp_path, '[models.a]\npath = "a"\nmax_batch = 0\n')
     assert msg.startswith(str(tmp_path / "models.toml"))
     assert "must be a positive integer" in msg
+
+
+def test_graph_prompt_tokens_is_unset_unless_given(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[models.a]\npath = "/m/a"\n[models.b]\npath = "/m/b"\ngraph_prompt_tokens = 0\n')
+    a, b = cfg.models
+    assert a.graph_prompt_tokens is None and a.prompt_rows == 128  # max_seq_len 4096
+    assert b.graph_prompt_tokens == 0 and b.prompt_rows == 0
+    assert "must be 0 (off) or a positive integer" in config_error(
+        tmp_path, '[models.a]\npath = "/m/a"\ngraph_prompt_tokens = -1\n'
+    )

@@ -20,6 +20,7 @@ from llmhost.memory.estimate import (
     ModelSpec,
     default_kv_tokens,
     graph_batch_sizes,
+    graph_step_sizes,
     stage_need,
     steered_graphs,
     whole_need,
@@ -192,6 +193,25 @@ def test_graphs_only_on_gpus_with_cuda_graphs() -> None:
     assert whole_need(s, 4096, BS, on_gpu=True).graphs > 0
     assert whole_need(s, 4096, BS, on_gpu=False).graphs == 0
     assert whole_need(spec("b", cuda_graphs=False), 4096, BS).graphs == 0
+
+
+def test_prompt_rows_add_graphs_and_rows_by_max_seq_len() -> None:
+    """Short prompts ride the decode graphs (ModelConfig.prompt_rows): graphs for a full batch plus 16 .. 128 prompt
+    rows, and activations and decode-attention workspace for those rows. Unset, only up to 16k tokens of context,
+    where each row's workspace is small; set, at any length; 0 turns it off."""
+    assert graph_step_sizes(8, 128) == (1, 2, 4, 8, 24, 40, 72, 136)
+    assert graph_step_sizes(8, 100) == (1, 2, 4, 8, 24, 40, 72, 108)
+    assert graph_step_sizes(8) == graph_batch_sizes(8)
+    off = whole_need(spec("a", graph_prompt_tokens=0), 4096, BS).graphs
+    on = whole_need(spec("a"), 4096, BS).graphs
+    heads, parts = LLAMA3_8B.num_heads, 4096 // 256
+    workspace = 128 * heads * parts * (2 + LLAMA3_8B.head_dim) * 4
+    assert on - off > 4 * 2 * MiB + workspace  # four more graphs' executables, the rows' workspace, activations
+    assert spec("b", max_seq_len=16384).config.prompt_rows == 128
+    assert spec("c", max_seq_len=32768).config.prompt_rows == 0
+    assert spec("d", max_seq_len=32768, graph_prompt_tokens=64).config.prompt_rows == 64
+    long = whole_need(spec("e", max_seq_len=32768), 32768, BS).graphs
+    assert long == whole_need(spec("f", max_seq_len=32768, graph_prompt_tokens=0), 32768, BS).graphs
 
 
 def test_sm_steering_counts_the_confined_graphs_executables() -> None:

@@ -183,7 +183,7 @@ class Engine:
             assert isinstance(model, LlamaModel) and cache.window is None
             with self._on_device():
                 self.runner = DecodeRunner(
-                    model, cache, config.max_batch, config.max_seq_len, prompt_tokens=config.graph_prompt_tokens
+                    model, cache, config.max_batch, config.max_seq_len, prompt_tokens=config.prompt_rows
                 )
                 if self.device.type == "cuda":  # on a CPU (tests) the runner steps without graphs
                     self.runner.capture()

@@ -138,7 +138,7 @@ def unpark(engine: Engine, copy: HostCopy, kv_bytes: list[int]) -> float:
             engine.config.max_batch,
             engine.config.max_seq_len,
             capture_on_demand=True,
-            prompt_tokens=engine.config.graph_prompt_tokens,
+            prompt_tokens=engine.config.prompt_rows,
         )
     return seconds
 

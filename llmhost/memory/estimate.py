@@ -6,7 +6,7 @@ The engine is held to these assumptions (DESIGN.md "Memory model"); each is stat
 - one step processes at most `step_tokens = max(prefill_chunk, max_batch)` tokens (decodes count against it);
 - logits are computed in float32 only for rows that sample (at most max_batch), never for every prompt token;
 - CUDA graphs are captured for the decode batch sizes in `graph_batch_sizes(max_batch)`, and with
-  `graph_prompt_tokens` for that many prompt rows more (`graph_step_sizes`), largest first, sharing one memory
+  `prompt_rows` (ModelConfig) for that many prompt rows more (`graph_step_sizes`), largest first, sharing one memory
   pool, so the pool holds the activations of the largest captured step; a split model has none;
 - a split model holds on each stage its layers' weights and KV pool (the same block count on every stage), the
   embedding on the first stage, the final norm and head on the last (a tied head copied there).
@@ -226,7 +226,7 @@ def stage_graphs(
     spec: ModelSpec, last: bool, on_gpu: bool, block_size: int = 16, split: bool = False, steered: bool = False
 ) -> int:
     """What the decode runner (engine/decode_runner.py) allocates: static inputs, activations and the attention
-    workspace for its rows (max_batch, plus graph_prompt_tokens), float32 logits for max_batch rows (only rows that
+    workspace for its rows (max_batch, plus ModelConfig.prompt_rows), float32 logits for max_batch rows (only rows that
     sample get them), one scratch KV block for padded rows, and the graphs' shared pool, which holds the largest
     captured step's transient GEMM outputs; each captured graph adds its executable's own memory, and
     with [host] sm_steering (`steered`) so do its confined copies (steered_graphs). Nothing for a stage of a split
@@ -235,7 +235,7 @@ def stage_graphs(
         return 0
     s = spec.shape
     b = spec.dtype_bytes
-    sizes = graph_step_sizes(spec.config.max_batch, spec.config.graph_prompt_tokens)
+    sizes = graph_step_sizes(spec.config.max_batch, spec.config.prompt_rows)
     mb = max(sizes)  # rows
     lb = spec.config.max_batch  # rows with logits
     max_blocks = ceil_div(spec.config.max_seq_len, block_size)  # block-table columns
