@@ -408,8 +408,8 @@ class Engine:
         """A plan's prompt chunks as rows of the runner's graph, when they fit its prompt rows and none asks for
         prompt logprobs (those take the reference path, which scores them): first the last token of each chunk
         that samples, in plan order after the decode rows (the rows that get logits, in the order of the plan's
-        sampled chunks: decode chunks come first in a plan), then the chunks' other tokens. None: the reference
-        path."""
+        sampled chunks: decode chunks come first in a plan), then the chunks' other tokens. None where the plan
+        does not fit (the scheduler's `short` rule keeps that from happening to a plan scheduled for the graph)."""
         from llmhost.engine.decode_runner import DecodeRow
 
         if self.runner is None:
@@ -580,8 +580,8 @@ class Engine:
     ) -> StepPlan | None:
         """Count plan's tokens as computed and its sampled tokens as pending, then schedule and launch the next
         step (on `stream`: plan's, so it runs after plan; `prefill_limit` and `graph_prompts` as in schedule);
-        returns it, or None
-        when there is nothing to run. Call after execute(plan), before collect(plan), when can_run_ahead(plan)."""
+        returns it, or None when there is nothing to run. Call after execute(plan), before collect(plan), when
+        can_run_ahead(plan)."""
         launched = self._inflight[id(plan)]
         self.scheduler.advance(plan)
         launched.advanced = True

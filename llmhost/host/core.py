@@ -128,7 +128,9 @@ SEND_EARLY_ENV = "LLMHOST_SEND_BEFORE_LAUNCH"
 # (`python bench/probes/step_company.py DIR`, bench/results/step_company-h100.json, -h200.json) the 3B's decode
 # steps beside three decoding models have a GPU-time p99 under 3x its solo p99 (8.8-8.9 ms against 9.9 on the H200),
 # those beside a prompt step 13.7-15.7 ms: its p99 is made there. Costs the decode steps a third of the SMs while a
-# prompt runs. Not measured on a GPU yet: bench phase four/host-apart.
+# prompt runs. H100, one call (bench phase four/host-apart): worst p99 5.08x solo against the default's 4.74x, aggregate
+# the same (bench/results/multi_model_experiments_call1_20261205-h100.json): no gain. Short prompts now ride the decode
+# graphs (ModelConfig.graph_prompt_tokens), which leaves few prompt steps to keep apart from.
 PROMPT_APART_ENV = "LLMHOST_PROMPT_APART"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
