@@ -158,6 +158,14 @@ def test_keys_differing_in_one_field_are_separate(hist: History, what: str) -> N
     assert History(hist.path).lookup(key()) == measured(workspace=1)
 
 
+def test_prompt_rows_are_part_of_the_key() -> None:
+    """A decode runner with prompt rows (ModelConfig.prompt_rows) holds more graph memory: a measurement taken without
+    them (or before they existed) must not stand for a load with them."""
+    cfg = _BASE.config
+    assert config_digest(replace(cfg, graph_prompt_tokens=0), 16) != config_digest(cfg, 16)
+    assert config_digest(replace(cfg, graph_prompt_tokens=cfg.prompt_rows), 16) == config_digest(cfg, 16)
+
+
 def test_fields_that_do_not_change_memory_keep_the_key() -> None:
     cfg = _BASE.config
     same = replace(cfg, name="renamed", path=Path("/elsewhere"), priority=5, weight=3.0, keep_alive_s=-1, gpus=(1,))

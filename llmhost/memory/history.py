@@ -124,7 +124,7 @@ def config_digest(config: ModelConfig, block_size: int) -> str:
     return (
         f"dtype={config.dtype} kv_dtype={config.kv_dtype_resolved} max_seq_len={config.max_seq_len} "
         f"max_batch={config.max_batch} kv_tokens={kv} prefill_chunk={config.prefill_chunk} "
-        f"cuda_graphs={int(config.cuda_graphs)} block_size={block_size}"
+        f"cuda_graphs={int(config.cuda_graphs)} prompt_rows={config.prompt_rows} block_size={block_size}"
     )
 
 
