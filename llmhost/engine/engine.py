@@ -325,12 +325,12 @@ class Engine:
         prompt-only step leaves them while the model decodes), and such a plan is `graphed`."""
         short = self.runner.prompt_tokens if graph_prompts and self.runner is not None else 0
         plan = self.scheduler.schedule(short if short and decodes else prefill_limit, decodes, short)
-        if not short or not decodes or all(len(c.token_ids) == 1 and c.sample for c in plan.chunks):
+        if not short or not decodes or not plan.prompt_tokens:
             return plan
         # The scheduler took only prompts that fit the rows and ask for no prompt logprobs, decode rows first: the
         # plan must ride the graph (as a mixed step its decode rows would share the runner's buffers with the
         # model's next decode step, which the host may launch beside a step with prompt tokens).
-        assert self._graph_rows(plan) is not None, "a plan scheduled for the graph does not fit it"
+        assert self._fits_graph(plan), "a plan scheduled for the graph does not fit it"
         return dataclasses.replace(plan, graphed=True)
 
     def execute(self, plan: StepPlan, stream: torch.cuda.Stream | None = None) -> None:
@@ -367,11 +367,10 @@ class Engine:
     def _forward_slices(self, plan: StepPlan, scores: list[PendingScores] | None = None) -> Slices[torch.Tensor]:
         """_forward a layer at a time (the runner's graph replay is one slice); prompt chunks of requests that
         asked for prompt logprobs score their tokens into `scores`."""
-        decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
+        decode = [c for c in plan.chunks if c.is_decode]
         if plan.graphed:  # short prompts ride in the graph as rows of their own (decode_runner.py)
-            graphed = self._graph_rows(plan)
-            assert self.runner is not None and graphed is not None
-            return self.runner.run(self._decode_rows(decode) + graphed)[: plan.num_sampled]
+            assert self.runner is not None
+            return self.runner.run(self._decode_rows(decode) + self._graph_rows(plan))[: plan.num_sampled]
         # A prompt-only step may run beside a decode step on another stream: it never touches the runner's static
         # buffers (a prompt's one-token last chunk would look like a decode row).
         if self.runner is None or not decode or plan.prompt_only:
@@ -382,9 +381,9 @@ class Engine:
         # A mixed step: its decode rows still replay the graph and only the prompt chunks take the reference
         # path, so a prompt arriving beside running sequences does not turn their steps eager. The logits are
         # stitched back into the order of the plan's sampled chunks.
-        prompts = [c for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)]
+        prompts = [c for c in plan.chunks if not c.is_decode]
         sampled = [c for c in plan.chunks if c.sample]
-        is_decode = [len(c.token_ids) == 1 for c in sampled]
+        is_decode = [c.is_decode for c in sampled]
         dec = self.runner.run(rows)  # a view of the runner's static buffer: copied out below
         pre = yield from self._chunk_slices(prompts, scores)
         dev = dec.device
@@ -404,26 +403,27 @@ class Engine:
             for c in decode
         ]
 
-    def _graph_rows(self, plan: StepPlan) -> list[DecodeRow] | None:
-        """A plan's prompt chunks as rows of the runner's graph, when they fit its prompt rows and none asks for
-        prompt logprobs (those take the reference path, which scores them): first the last token of each chunk
-        that samples, in plan order after the decode rows (the rows that get logits, in the order of the plan's
-        sampled chunks: decode chunks come first in a plan), then the chunks' other tokens. None where the plan
-        does not fit (the scheduler's `short` rule keeps that from happening to a plan scheduled for the graph)."""
-        from llmhost.engine.decode_runner import DecodeRow
-
-        if self.runner is None:
-            return None
-        decode = [c for c in plan.chunks if len(c.token_ids) == 1 and c.sample]
-        prompts = [c for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)]
-        if sum(len(c.token_ids) for c in prompts) > self.runner.prompt_tokens:
-            return None
+    def _fits_graph(self, plan: StepPlan) -> bool:
+        """Whether a plan's prompt chunks can run as rows of the runner's graph: they fit its prompt rows, none asks
+        for prompt logprobs (those take the reference path, which scores them), and its decode chunks sample before
+        its prompt chunks (the rows that get logits are then in the order of the plan's sampled chunks). The
+        scheduler's `short` rule makes every plan scheduled for the graph fit."""
+        if self.runner is None or plan.prompt_tokens > self.runner.prompt_tokens:
+            return False
+        prompts = [c for c in plan.chunks if not c.is_decode]
         seqs = [self.seqs.get(c.seq_id) for c in prompts]
         if any(seq is not None and seq.params.prompt_logprobs is not None for seq in seqs):
-            return None
+            return False
         sampled = [c.seq_id for c in plan.chunks if c.sample]
-        if sampled != [c.seq_id for c in decode] + [c.seq_id for c in prompts if c.sample]:
-            return None  # a prompt chunk sampling before a decode row: the logits' order would differ
+        return sampled == [c.seq_id for c in plan.chunks if c.is_decode] + [c.seq_id for c in prompts if c.sample]
+
+    def _graph_rows(self, plan: StepPlan) -> list[DecodeRow]:
+        """A graphed plan's prompt chunks as rows of the runner's graph (_fits_graph): first the last token of each
+        chunk that samples, in plan order (after the decode rows they get the next logits), then the chunks' other
+        tokens."""
+        from llmhost.engine.decode_runner import DecodeRow
+
+        prompts = [c for c in plan.chunks if not c.is_decode]
         last = [DecodeRow(c.token_ids[-1], c.end - 1, c.block_table) for c in prompts if c.sample]
         rest = [
             DecodeRow(tok, c.start + i, c.block_table)

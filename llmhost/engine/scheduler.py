@@ -37,6 +37,11 @@ class Chunk:
     def end(self) -> int:
         return self.start + len(self.token_ids)
 
+    @property
+    def is_decode(self) -> bool:
+        """One token that samples: a decode row (a prompt's one-token last chunk counts too)."""
+        return len(self.token_ids) == 1 and self.sample
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -48,6 +53,11 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of its chunks that are not decode rows."""
+        return sum(len(c.token_ids) for c in self.chunks if not c.is_decode)
 
     @property
     def num_sampled(self) -> int:

@@ -1113,13 +1113,13 @@ def _shape(plan: StepPlan) -> StepShape:
     """A planned step's size as the GPU scheduler reads it: its decode rows and its prompt tokens. A step whose
     prompts ride its graph (StepPlan.graphed) is a decode step: replayed, not launched eagerly, and as bound by
     memory bandwidth as one without them (its prompt rows make its matmuls wider, they read the same weights)."""
-    rows = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.sample)
-    return StepShape(rows, 0 if plan.graphed else sum(len(c.token_ids) for c in plan.chunks) - rows)
+    rows = sum(1 for c in plan.chunks if c.is_decode)
+    return StepShape(rows, 0 if plan.graphed else plan.prompt_tokens)
 
 
 def _prompt_rows(plan: StepPlan) -> int:
     """The prompt tokens a graphed step carried as rows of its decode graph (traced: its shape counts none)."""
-    return sum(len(c.token_ids) for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)) if plan.graphed else 0
+    return plan.prompt_tokens if plan.graphed else 0
 
 
 def _next_shape(engine: Engine) -> StepShape:
