@@ -41,6 +41,16 @@ def build(arch: str, tmp: Path) -> LlamaModel:
     return model
 
 
+def prefill(model: LlamaModel, cache: KVCache, prompts: list[list[int]], tables: list[tuple[int, ...]]) -> None:
+    """Each prompt's K/V into its blocks of `cache`, by the reference forward."""
+    bs = cache.block_size
+    for p, t in zip(prompts, tables, strict=True):
+        n = len(p)
+        slots = torch.tensor([t[i // bs] * bs + i % bs for i in range(n)])
+        meta = ChunkMeta(0, n, n, torch.tensor(t[: blocks_for(n, bs)]))
+        model.forward(torch.tensor(p), torch.arange(n), AttentionBatch(slots, (meta,)), cache, torch.tensor([n - 1]))
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_decode_step_matches_reference_forward(arch: str, tmp_path: Path) -> None:
     model = build(arch, tmp_path)
@@ -51,11 +61,7 @@ def test_decode_step_matches_reference_forward(arch: str, tmp_path: Path) -> Non
     lengths = [5, 17, 9]  # three sequences, prefilled by the reference path
     tables = [tuple(range(i * 10, i * 10 + blocks_for(n + 1, bs))) for i, n in enumerate(lengths)]
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in lengths]
-    for p, t in zip(prompts, tables, strict=True):
-        n = len(p)
-        slots = torch.tensor([t[i // bs] * bs + i % bs for i in range(n)])
-        meta = ChunkMeta(0, n, n, torch.tensor(t[: blocks_for(n, bs)]))
-        model.forward(torch.tensor(p), torch.arange(n), AttentionBatch(slots, (meta,)), cache, torch.tensor([n - 1]))
+    prefill(model, cache, prompts, tables)
     nxt = [int(x) for x in torch.randint(0, 128, (3,), generator=g)]
     rows = [DecodeRow(tok, len(p), t) for tok, p, t in zip(nxt, prompts, tables, strict=True)]
     saved_k, saved_v = cache.k.clone(), cache.v.clone()
@@ -134,11 +140,7 @@ def test_prompt_rows_are_a_causal_prefill_beside_decode_rows(tmp_path: Path) -> 
     lengths = [5, 9, 2]  # the third is the prompt's cached beginning
     tables = [(0, 1), (2, 3, 4), (5, 6)]
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in lengths]
-    for p, t in zip(prompts, tables, strict=True):
-        n = len(p)
-        slots = torch.tensor([t[i // bs] * bs + i % bs for i in range(n)])
-        meta = ChunkMeta(0, n, n, torch.tensor(t[: blocks_for(n, bs)]))
-        model.forward(torch.tensor(p), torch.arange(n), AttentionBatch(slots, (meta,)), cache, torch.tensor([n - 1]))
+    prefill(model, cache, prompts, tables)
     nxt = [int(x) for x in torch.randint(0, 128, (2,), generator=g)]
     rest = torch.randint(0, 128, (4,), generator=g).tolist()  # the prompt's positions 2..5
     decode = [DecodeRow(tok, len(p), t) for tok, p, t in zip(nxt, prompts[:2], tables[:2], strict=True)]

@@ -30,13 +30,19 @@ def _engine(path: Any) -> Engine:
     return Engine.load(cfg, "cpu")
 
 
+def _graphed_engine(path: Any) -> Engine:
+    """_engine with a decode runner of PROMPT_ROWS prompt rows, as Engine.load builds one on a GPU."""
+    engine = _engine(path)
+    assert isinstance(engine.model, LlamaModel)
+    engine.runner = DecodeRunner(engine.model, engine.cache, 4, 64, prompt_tokens=PROMPT_ROWS)
+    return engine
+
+
 def test_short_prompts_ride_decode_steps_and_give_the_same_tokens(tiny_models: TinyModels) -> None:  # noqa: F811
     _, path = tiny_models("llama")
     expected = [c.output_ids for c in _engine(path).generate(PROMPTS, GREEDY)]
 
-    engine = _engine(path)
-    assert isinstance(engine.model, LlamaModel)
-    engine.runner = DecodeRunner(engine.model, engine.cache, 4, 64, prompt_tokens=PROMPT_ROWS)
+    engine = _graphed_engine(path)
     ids = [engine.add_request(PROMPTS[0], GREEDY)]
     outputs: dict[str, list[int]] = {ids[0]: []}
     kinds = {"graphed": 0, "prompt_only": 0}
@@ -66,9 +72,7 @@ def test_prompt_only_steps_leave_short_prompts_to_decode_steps(tiny_models: Tiny
     """While a sequence decodes, a prompt-only step takes long prompts only and never a prompt whose chunk is in a
     step still in flight; with nothing decoding it takes short ones too (no decode step would carry them)."""
     _, path = tiny_models("llama")
-    engine = _engine(path)
-    assert isinstance(engine.model, LlamaModel)
-    engine.runner = DecodeRunner(engine.model, engine.cache, 4, 64, prompt_tokens=PROMPT_ROWS)
+    engine = _graphed_engine(path)
     short = engine.add_request(PROMPTS[1], GREEDY)
     plan = engine.schedule(8, decodes=False, graph_prompts=True)
     assert [c.seq_id for c in plan.chunks] == [short]  # nothing decodes yet
@@ -92,9 +96,7 @@ def test_a_prompt_that_asks_for_its_logprobs_is_never_carried(tiny_models: TinyM
     """Its prompt is scored by the eager prefill: a prompt-only step takes it even while others decode, and a decode
     step never does (as a mixed step its decode rows would share the runner's buffers with the next decode step)."""
     _, path = tiny_models("llama")
-    engine = _engine(path)
-    assert isinstance(engine.model, LlamaModel)
-    engine.runner = DecodeRunner(engine.model, engine.cache, 4, 64, prompt_tokens=PROMPT_ROWS)
+    engine = _graphed_engine(path)
     first = engine.add_request(PROMPTS[1], GREEDY)
     plan = engine.schedule(8, decodes=False, graph_prompts=True)
     engine.execute(plan)
