@@ -94,7 +94,7 @@ SMALL_FIRST_WEIGHTS = (1.25, 1.25, 1.0, 1.0)
 GRAPH_PROMPT_TOKENS = DEFAULT_GRAPH_PROMPT_TOKENS
 assert PROMPT <= GRAPH_PROMPT_TOKENS
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
-                "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0)}  # fmt: skip
+                "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0), "pair-lead2": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -341,6 +341,7 @@ def _switch_experiments(scenario: str) -> None:
     switches = {
         "far": [far],
         "lead2": [(LEAD_STEPS_ENV, "2")],
+        "lead3": [(LEAD_STEPS_ENV, "3")],
         "undithered": [(SM_DITHER_ENV, "0")],
         "collected": [(SOLO_RUN_AHEAD_ENV, "0")],
         "sendearly": [(SEND_EARLY_ENV, "1")],  # the default since multi_model_graph_prompts_call*-h100.json
@@ -359,7 +360,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     model alone, then all together; (four-unsteered) the same with sm_steering off; (four-far, four-unsteered-far)
     those two with the host's prompt steps beside other models on FAR_PROMPT_SMS SMs at the far end of the GPU
     (the host's LLMHOST_FAR_PROMPT_SMS experiment; this phase's process only); (four-lead2, four-far-lead2) a lead
-    of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts;
+    of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts; (pair-lead2,
+    four-lead3) leads of two and three steps;
     (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0);
     (pair-collected, four-collected) solo step costs sampled only from decode steps launched after a collection
     (LLMHOST_SOLO_RUN_AHEAD=0, the default before bench/results/multi_model_b2b_reruns-h100.json); (four-sendearly)
@@ -661,6 +663,7 @@ PLAN = (
     ("pair/host-unsteered", "host", "pair-unsteered", False),
     ("pair/host-undithered", "host", "pair-undithered", False),  # core.SM_DITHER_ENV off, for comparison
     ("pair/host-collected", "host", "pair-collected", False),  # comparison: core.SOLO_RUN_AHEAD_ENV off
+    ("pair/host-lead2", "host", "pair-lead2", False),  # experiment: core.LEAD_STEPS_ENV 2
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/processes", "processes", "pair", False),
@@ -672,6 +675,7 @@ PLAN = (
     ("four/host-far", "host", "four-far", False),  # experiments (core.FAR_PROMPT_ENV), after what is judged
     ("four/host-unsteered-far", "host", "four-unsteered-far", False),
     ("four/host-lead2", "host", "four-lead2", False),
+    ("four/host-lead3", "host", "four-lead3", False),
     ("four/host-far-lead2", "host", "four-far-lead2", False),
     ("four/host-undithered", "host", "four-undithered", False),
     ("four/host-collected", "host", "four-collected", False),
