@@ -22,6 +22,7 @@ from llmhost.host.core import DECODE_STREAM_PRIORITY, HostCore, _Running
 from llmhost.host.gpu_scheduler import StepShape
 from llmhost.host.sm_confinement import SmConfinement
 from llmhost.host.sm_steering import ALONE_WINDOWS, SmSteering, confined_levels, near_sms
+from llmhost.host.step_trace import StepTrace
 from llmhost.memory.inventory import parse_gpu_spec
 
 
@@ -293,6 +294,22 @@ def test_the_host_names_the_model_each_held_one_waits_for(
     assert core._held_by([], ["a", "b"]) == {"b": "a"}
     core.gpu.charge("a", 0.019)
     assert core._held_by([], ["a", "b"]) == {}
+
+
+def test_the_step_trace_marks_each_hold_as_it_begins_and_whom_it_waits_for(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    """A "hold" record when fair sharing starts keeping a model back, one more only when the model it waits for
+    changes, and a new one after the model was let go (bench/probes/trace_holds.py reads them)."""
+    core = _steered_core(tmp_path, monkeypatch, tiny_models)
+    core.trace = StepTrace(tmp_path / "steps.jsonl")
+    ready = ["a", "b"]
+    for held in ({"b": "a"}, {"b": "a"}, {"b": "c"}, {}, {"b": "a", "a": "b"}):
+        core._trace_holds(ready, held)
+    marks = [(r["model"], r["by"]) for r in core.trace.records if r["ev"] == "hold"]
+    assert marks == [("b", "a"), ("b", "c"), ("a", "b"), ("b", "a")]
 
 
 def _b_held_back(confinement: SmConfinement) -> None:

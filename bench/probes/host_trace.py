@@ -42,6 +42,8 @@ def describe(e: dict[str, Any], since: float) -> str:
         return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['ms']} ms generation {e.get('generation', '-')}"
     if e["ev"] in ("confine", "dither"):  # SM steering moved the model's decode graphs to another SM count
         return f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['model']:14} {e['sms']} SMs"
+    if e["ev"] == "hold":  # fair sharing began to keep the model back, waiting for model `by`
+        return f"{1e3 * (e['t'] - since):8.2f} hold    {e['model']:14} by {e['by']}"
     where = f"{1e3 * (e['t'] - since):8.2f} {e['ev']:7} {e['model']:14} rows {e['rows']:2} prefill {e['prefill']:4}"
     if e["ev"] == "launched":  # the last slice of a step launched in slices queued, ms after its first
         return where + f" took {e['ms']} ms"

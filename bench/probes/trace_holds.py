@@ -4,9 +4,11 @@ consecutive decode steps of a model collected in the window: the gap between the
 second was queued behind the first (run ahead, GpuScheduler.follow_ok) or launched after the first was collected,
 and then how long fair sharing held it (from that collection to its launch) and how long it ran (launch to
 collection). A gap's p99 shows which of the two makes a model's tail. Also: the fraction of gaps during which a
-prompt step (any model's) ran, and how many of the top 3% did.
+prompt step (any model's) ran, and how many of the top 3% did; and, where the trace has the host's "hold" records,
+each model's holds by the model it waited for (`hold_ms_by_blocker`; "none": launched after a collection without
+being held, its hold is the loop's latency).
 
-Usage: python bench/probes/trace_holds.py DIR [DIR ...]   (e.g. bench/results/host_trace_raw-h200/steered)"""
+Usage: python bench/probes/trace_holds.py DIR [DIR ...] [--out FILE]  (e.g. bench/results/host_trace_raw-h200/steered)"""
 
 from __future__ import annotations
 
@@ -99,6 +101,15 @@ def holds(raw: Path) -> dict[str, Any]:
         follow = [r[0] for r in rows if r[1]]
         after = [r for r in rows if not r[1]]
         top = sorted(rows)[-max(1, len(rows) // 100) :]
+        # Whom each hold waited for: the model named by the host's last "hold" record of it between the collection
+        # and the launch (traces before those records: none, so no breakdown).
+        marks = [e for e in events if e["ev"] == "hold" and e["model"] == model]
+        by: dict[str, list[float]] = {}
+        for (_, c_prev), (l_next, c_next) in itertools.pairwise(pairs):
+            if l_next["follows"] or not t0 <= c_next["t"] < t1:
+                continue
+            within = [m["by"] for m in marks if c_prev["t"] <= m["t"] <= l_next["t"]]
+            by.setdefault(within[-1] if within else "none", []).append(max(0.0, l_next["t"] - c_prev["t"]))
         out[model] = {
             "gap_ms": summary([r[0] for r in rows]),
             "run_ahead_gap_ms": summary(follow) if follow else None,
@@ -109,6 +120,7 @@ def holds(raw: Path) -> dict[str, Any]:
             }
             if after
             else None,
+            "hold_ms_by_blocker": {b: summary(xs) for b, xs in sorted(by.items())} if marks else None,
             "top_1pct_run_ahead": sum(1 for r in top if r[1]),
             "top_1pct": len(top),
             "gaps_beside_a_prompt_step": round(sum(beside) / len(beside), 3) if beside else None,
@@ -119,9 +131,7 @@ def holds(raw: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
-    print(json.dumps({d: holds(Path(d)) for d in sys.argv[1:]}, indent=1))
+    run_over_dirs("trace_holds.py", holds)
 
 
 if __name__ == "__main__":

@@ -277,6 +277,7 @@ class HostCore:
         self._near_sms: dict[str, int] = {}  # per GPU with a far stream: the SMs left before it (PROMPT_APART_ENV)
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._draining: set[str] = set()  # admin unloads waiting for the requests in their model to finish
+        self._holding: dict[str, str] = {}  # traced holds going on: held model -> the model it waits for
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -862,7 +863,8 @@ class HostCore:
                 break
             shape = StepShape(nexts[name].decode_rows, 0)
             if not self._fits_beside(running, name, shape):
-                if self.confinement is not None and all(concurrent_ok(r.shape, shape) for r in running):
+                watched = self.confinement is not None or self.trace is not None
+                if watched and all(concurrent_ok(r.shape, shape) for r in running):
                     held = self._held_by(running, waiting)
                 break
             waiting.remove(name)
@@ -872,6 +874,8 @@ class HostCore:
                 moved = True
         if self.confinement is not None:
             self.confinement.observe(device, ready, held)
+        if self.trace is not None:
+            self._trace_holds(ready, held)
         if prompting:
             return moved
         prompts = [n for n in ready if nexts[n].prefill_tokens > 0]
@@ -901,6 +905,20 @@ class HostCore:
         done = self._done_in_flight(running)
         held = {n: self.gpu.blocker(n, costs, done) for n in waiting}
         return {n: by for n, by in held.items() if by is not None}
+
+    def _trace_holds(self, ready: list[str], held: dict[str, str]) -> None:
+        """Trace each hold as it begins, and again when the model it waits for changes: which model fair sharing
+        keeps back (`ready` ones of one GPU; `held`: those held now -> the model each waits for). Which model's
+        bound holds whom is what lead_steps and SM steering act on (bench/probes/trace_holds.py's `held_by`)."""
+        assert self.trace is not None
+        for name in ready:
+            by = held.get(name)
+            if by is not None and self._holding.get(name) != by:
+                self.trace.add("hold", name, 0, 0, by=by)
+            if by is None:
+                self._holding.pop(name, None)
+            else:
+                self._holding[name] = by
 
     def _runner(self, name: str) -> DecodeRunner | None:
         """A resident model's decode runner: None for an engine without graphs (a CPU, a split model) and for the
