@@ -8,7 +8,8 @@ prompt step (any model's) ran, and how many of the top 3% did; and, where the tr
 each model's holds by the model it waited for (`hold_ms_by_blocker`; "none": launched after a collection without
 being held, its hold is the loop's latency).
 
-Usage: python bench/probes/trace_holds.py DIR [DIR ...] [--out FILE]  (e.g. bench/results/host_trace_raw-h200/steered)"""
+Usage: python bench/probes/trace_holds.py DIR [DIR ...] [--out FILE]  (e.g. bench/results/host_trace_raw-h200/steered)
+"""
 
 from __future__ import annotations
 
