@@ -329,6 +329,7 @@ def _switch_experiments(scenario: str) -> None:
     """Set the host's experiment switches that `scenario` names (its parts after the first "-"), for the host
     process started next: it inherits this phase's environment."""
     from llmhost.host.core import (
+        DITHER_ALL_ENV,
         FAR_PROMPT_ENV,
         LEAD_STEPS_ENV,
         PROMPT_APART_ENV,
@@ -342,6 +343,7 @@ def _switch_experiments(scenario: str) -> None:
         "far": [far],
         "lead2": [(LEAD_STEPS_ENV, "2")],
         "lead3": [(LEAD_STEPS_ENV, "3")],
+        "ditherall": [(DITHER_ALL_ENV, "1")],
         "undithered": [(SM_DITHER_ENV, "0")],
         "collected": [(SOLO_RUN_AHEAD_ENV, "0")],
         "sendearly": [(SEND_EARLY_ENV, "1")],  # the default since multi_model_graph_prompts_call*-h100.json
@@ -361,7 +363,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     those two with the host's prompt steps beside other models on FAR_PROMPT_SMS SMs at the far end of the GPU
     (the host's LLMHOST_FAR_PROMPT_SMS experiment; this phase's process only); (four-lead2, four-far-lead2) a lead
     of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts; (pair-lead2,
-    four-lead3) leads of two and three steps;
+    four-lead3) leads of two and three steps; (four-lead2-ditherall) a lead of two steps and every model dithered
+    (LLMHOST_DITHER_ALL=1);
     (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0);
     (pair-collected, four-collected) solo step costs sampled only from decode steps launched after a collection
     (LLMHOST_SOLO_RUN_AHEAD=0, the default before bench/results/multi_model_b2b_reruns-h100.json); (four-sendearly)
@@ -676,6 +679,7 @@ PLAN = (
     ("four/host-unsteered-far", "host", "four-unsteered-far", False),
     ("four/host-lead2", "host", "four-lead2", False),
     ("four/host-lead3", "host", "four-lead3", False),
+    ("four/host-lead2-ditherall", "host", "four-lead2-ditherall", False),  # and core.DITHER_ALL_ENV on
     ("four/host-far-lead2", "host", "four-far-lead2", False),
     ("four/host-undithered", "host", "four-undithered", False),
     ("four/host-collected", "host", "four-collected", False),

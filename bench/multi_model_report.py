@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "four/host-unsteered-far": ("host_unsteered_far_prompt", " unsteered, prompts on the far SMs"),
     "four/host-lead2": ("host_lead2", " with a lead of two steps"),
     "four/host-lead3": ("host_lead3", " with a lead of three steps"),
+    "four/host-lead2-ditherall": ("host_lead2_dither_all", " with a lead of two steps and every model dithered"),
     "four/host-far-lead2": ("host_far_prompt_lead2", " with prompts on the far SMs and a lead of two steps"),
     "four/host-undithered": ("host_undithered", " with steered decode steps kept at their SM level"),
     "four/host-collected": ("host_collected", " with solo costs sampled after collections"),

@@ -485,6 +485,16 @@ def test_dithering_steps_below_the_level_only_while_ahead_and_only_when_steered(
     assert (st.step_sms("14b", ahead=True), st.step_sms("14b", ahead=False)) == (112, 132)
 
 
+def test_dither_all_lets_a_model_never_moved_step_below_the_whole_gpu_while_ahead() -> None:
+    """The LLMHOST_DITHER_ALL experiment: a model the steering never confined replays a step on the first confined
+    level while ahead, on the whole GPU while behind."""
+    st = SmSteering(132, dither_all=True)
+    st.add("7b")
+    st.add("14b")
+    assert (st.step_sms("7b", ahead=True), st.step_sms("7b", ahead=False)) == (112, 132)
+    assert steering("7b", "14b").step_sms("7b", ahead=True) == 132, "off by default"
+
+
 @pytest.mark.parametrize("dither", [True, False])
 def test_dithering_holds_a_pair_at_its_fair_point_between_two_levels(dither: bool) -> None:
     """A simulated GPU: the 14B's and the 7B's speeds beside each other (fractions of solo) depend on the 14B's SM

@@ -98,6 +98,10 @@ LEAD_STEPS_ENV = "LLMHOST_LEAD_STEPS"
 # / 2,894 / 3,039 tok/s against 3,020 / 2,861 / 2,987 (multi_model_call1-h100.json,
 # multi_model_before_b2b-h100.json, multi_model_four_rerun-h100.json): no gain there beyond the spread, and no loss.
 SM_DITHER_ENV = "LLMHOST_SM_DITHER"
+# Experiment, off unless "1": every model dithers (SmSteering's dither_all), not only those the steering moved, so a
+# model ahead of the others replays its next decode step a level lower instead of waiting for them (fair sharing's
+# holds make the 3B's largest token gaps beside three models: bench/probes/trace_holds.py).
+DITHER_ALL_ENV = "LLMHOST_DITHER_ALL"
 # A decode step run ahead (_follow) with no other step beside it samples its model's solo step cost, when all its
 # kernels were queued before the step ahead of it finished: its start event then completes as that step ends, and
 # start -> done spans its own GPU work only ("0" turns this off, for comparison). The other samples are decode steps
@@ -266,7 +270,8 @@ class HostCore:
         self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
-        self.confinement = SmConfinement(self._runner, self.trace) if config.host.sm_steering else None
+        dither_all = os.environ.get(DITHER_ALL_ENV) == "1"
+        self.confinement = SmConfinement(self._runner, self.trace, dither_all) if config.host.sm_steering else None
         self._gc_start = 0.0
         self._usage: ThreadUsage | None = None  # the loop thread's OS figures per slow pass, when tracing
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)

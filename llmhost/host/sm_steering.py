@@ -72,10 +72,15 @@ class _Model:
 
 
 class SmSteering:
-    def __init__(self, total_sms: int, window_s: float = WINDOW_S, min_held: float = MIN_HELD) -> None:
+    def __init__(
+        self, total_sms: int, window_s: float = WINDOW_S, min_held: float = MIN_HELD, dither_all: bool = False
+    ) -> None:
+        """dither_all: every model dithers, also one the steering never moved (an experiment: the host's
+        LLMHOST_DITHER_ALL; a model ahead then replays its next step on fewer SMs instead of only being held)."""
         if total_sms <= 0:
             raise ValueError("total_sms must be positive")
         self.total = total_sms
+        self.dither_all = dither_all
         self.levels = (total_sms, *confined_levels(total_sms))
         self.window_s = window_s
         self.min_held = min_held
@@ -108,7 +113,7 @@ class SmSteering:
         """The SM count of `model`'s next decode step, dithered (see the module's docstring): the level below its
         own while it is `ahead` of the others, its own otherwise; a model the steering never moved keeps its own."""
         m = self._models[model]
-        moved = m.level > 0 or m.floor < self.deepest
+        moved = self.dither_all or m.level > 0 or m.floor < self.deepest
         return self.levels[min(m.level + 1, self.deepest)] if ahead and moved else self.levels[m.level]
 
     def observe(self, model: str, seconds: float, held: bool, by: str | None = None) -> None:
