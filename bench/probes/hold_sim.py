@@ -16,7 +16,8 @@ SM steering is not simulated (it confines the 8Bs; here each keeps its bandwidth
 the shape of the holds: which gaps fair sharing lengthens and by how much, per lead_steps. It measures nothing on a
 GPU; the bench's phases four/host-lead2 and -lead3 do.
 
-Usage: python bench/probes/hold_sim.py [--seconds S] [--leads 1,2,3] [--dither 0.85] [--out FILE]"""
+Usage: python bench/probes/hold_sim.py [--seconds S] [--leads 1,2,3] [--dither 0.85] [--grab 8b-1=0.25,...] [--out FILE]
+"""
 
 from __future__ import annotations
 
@@ -181,10 +182,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--leads", default="1,2,3")
     ap.add_argument("--dither", type=float, default=1.0, help="grab of a step launched while ahead (0.85: a level)")
+    ap.add_argument("--grab", default="", help="MODEL=GRAB,...: other bandwidth grabs (a deeper SM level's)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     names = list(MODELS)
-    solo = {n: simulate([n], args.seconds, 1.0)[n] for n in names}
+    solo = {n: simulate([n], args.seconds, 1.0)[n] for n in names}  # alone a model's grab does not matter
+    for item in filter(None, args.grab.split(",")):
+        name, grab = item.split("=")
+        MODELS[name] = (*MODELS[name][:2], float(grab))
     runs: dict[str, Any] = {}
     for lead in (float(x) for x in args.leads.split(",")):
         together = simulate(names, args.seconds, lead, args.dither)
@@ -197,7 +202,10 @@ def main() -> None:
             for n, r in together.items()
         }
     command = "python bench/probes/hold_sim.py " + " ".join(sys.argv[1:])
-    text = json.dumps({"command": command, "dither": args.dither, "solo": solo, "together": runs}, indent=1)
+    grabs = {n: m[2] for n, m in MODELS.items()}
+    text = json.dumps(
+        {"command": command, "dither": args.dither, "grabs": grabs, "solo": solo, "together": runs}, indent=1
+    )
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
