@@ -94,7 +94,8 @@ SMALL_FIRST_WEIGHTS = (1.25, 1.25, 1.0, 1.0)
 GRAPH_PROMPT_TOKENS = DEFAULT_GRAPH_PROMPT_TOKENS
 assert PROMPT <= GRAPH_PROMPT_TOKENS
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
-                "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0), "pair-lead2": (1.0, 1.0)}  # fmt: skip
+                "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0), "pair-lead2": (1.0, 1.0),
+                "pair-lead2-ditherall": (1.0, 1.0), "pair-deep": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -329,6 +330,7 @@ def _switch_experiments(scenario: str) -> None:
     """Set the host's experiment switches that `scenario` names (its parts after the first "-"), for the host
     process started next: it inherits this phase's environment."""
     from llmhost.host.core import (
+        DEEP_LEVELS_ENV,
         DITHER_ALL_ENV,
         FAR_PROMPT_ENV,
         LEAD_STEPS_ENV,
@@ -344,6 +346,7 @@ def _switch_experiments(scenario: str) -> None:
         "lead2": [(LEAD_STEPS_ENV, "2")],
         "lead3": [(LEAD_STEPS_ENV, "3")],
         "ditherall": [(DITHER_ALL_ENV, "1")],
+        "deep": [(DEEP_LEVELS_ENV, "1")],
         "undithered": [(SM_DITHER_ENV, "0")],
         "collected": [(SOLO_RUN_AHEAD_ENV, "0")],
         "sendearly": [(SEND_EARLY_ENV, "1")],  # the default since multi_model_graph_prompts_call*-h100.json
@@ -363,8 +366,9 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     those two with the host's prompt steps beside other models on FAR_PROMPT_SMS SMs at the far end of the GPU
     (the host's LLMHOST_FAR_PROMPT_SMS experiment; this phase's process only); (four-lead2, four-far-lead2) a lead
     of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts; (pair-lead2,
-    four-lead3) leads of two and three steps; (four-lead2-ditherall) a lead of two steps and every model dithered
-    (LLMHOST_DITHER_ALL=1);
+    four-lead3) leads of two and three steps; (pair-lead2-ditherall, four-lead2-ditherall) a lead of two steps and
+    every model dithered (LLMHOST_DITHER_ALL=1); (pair-deep, four-deep, four-lead2-ditherall-deep) SM steering's
+    levels below 88 of 132 SMs (LLMHOST_SM_DEEP_LEVELS=1), alone and with those two;
     (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0);
     (pair-collected, four-collected) solo step costs sampled only from decode steps launched after a collection
     (LLMHOST_SOLO_RUN_AHEAD=0, the default before bench/results/multi_model_b2b_reruns-h100.json); (four-sendearly)
@@ -667,6 +671,8 @@ PLAN = (
     ("pair/host-undithered", "host", "pair-undithered", False),  # core.SM_DITHER_ENV off, for comparison
     ("pair/host-collected", "host", "pair-collected", False),  # comparison: core.SOLO_RUN_AHEAD_ENV off
     ("pair/host-lead2", "host", "pair-lead2", False),  # experiment: core.LEAD_STEPS_ENV 2
+    ("pair/host-lead2-ditherall", "host", "pair-lead2-ditherall", False),  # and core.DITHER_ALL_ENV on
+    ("pair/host-deep", "host", "pair-deep", False),  # experiment: core.DEEP_LEVELS_ENV on
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/processes", "processes", "pair", False),
@@ -680,6 +686,8 @@ PLAN = (
     ("four/host-lead2", "host", "four-lead2", False),
     ("four/host-lead3", "host", "four-lead3", False),
     ("four/host-lead2-ditherall", "host", "four-lead2-ditherall", False),  # and core.DITHER_ALL_ENV on
+    ("four/host-deep", "host", "four-deep", False),  # experiment: core.DEEP_LEVELS_ENV on
+    ("four/host-lead2-ditherall-deep", "host", "four-lead2-ditherall-deep", False),
     ("four/host-far-lead2", "host", "four-far-lead2", False),
     ("four/host-undithered", "host", "four-undithered", False),
     ("four/host-collected", "host", "four-collected", False),

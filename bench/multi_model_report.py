@@ -17,6 +17,11 @@ EXPERIMENTS = {
     "four/host-lead2": ("host_lead2", " with a lead of two steps"),
     "four/host-lead3": ("host_lead3", " with a lead of three steps"),
     "four/host-lead2-ditherall": ("host_lead2_dither_all", " with a lead of two steps and every model dithered"),
+    "four/host-deep": ("host_deep", " with SM levels below 88 of 132 SMs"),
+    "four/host-lead2-ditherall-deep": (
+        "host_lead2_dither_all_deep",
+        " with a lead of two steps, every model dithered and SM levels below 88 of 132 SMs",
+    ),
     "four/host-far-lead2": ("host_far_prompt_lead2", " with prompts on the far SMs and a lead of two steps"),
     "four/host-undithered": ("host_undithered", " with steered decode steps kept at their SM level"),
     "four/host-collected": ("host_collected", " with solo costs sampled after collections"),
@@ -130,7 +135,9 @@ def build(
             pair["host"][key] = _pair_summary(host[key], host_alone, pair_names, copy_gbps)
     # [host] sm_steering off, and steering without dithering: against the same alone speeds as the default host's.
     for key, name in (("pair/host-unsteered", "host_unsteered"), ("pair/host-undithered", "host_undithered"),
-                      ("pair/host-collected", "host_collected"), ("pair/host-lead2", "host_lead2")):  # fmt: skip
+                      ("pair/host-collected", "host_collected"), ("pair/host-lead2", "host_lead2"),
+                      ("pair/host-lead2-ditherall", "host_lead2_dither_all"),
+                      ("pair/host-deep", "host_deep")):  # fmt: skip
         if "together_1_1" in results.get(key, {}):
             together = results[key]["together_1_1"]
             pair[name] = {"together_1_1": _pair_summary(together, host_alone, pair_names, copy_gbps)}
@@ -240,8 +247,11 @@ def targets(
         out += _pair_equal(pair["host_undithered"]["together_1_1"], best, " with steered steps undithered")
     if "host_collected" in pair:
         out += _pair_equal(pair["host_collected"]["together_1_1"], best, " with solo costs sampled after collections")
-    if "host_lead2" in pair:
-        out += _pair_equal(pair["host_lead2"]["together_1_1"], best, " with a lead of two steps")
+    for key, label in (("host_lead2", " with a lead of two steps"),
+                       ("host_lead2_dither_all", " with a lead of two steps and every model dithered"),
+                       ("host_deep", " with SM levels below 88 of 132 SMs")):  # fmt: skip
+        if key in pair:
+            out += _pair_equal(pair[key]["together_1_1"], best, label)
     for key, heavy in (("together_3_1", 0), ("together_1_3", 1)):
         run = pair["host"].get(key, {})
         ns = [m.get("normalized") for m in run.get("models", {}).values()]

@@ -403,6 +403,40 @@ def test_a_model_alone_with_nothing_in_flight_steps_on_the_default_stream(
     assert core._stream("a", "cuda:0", [on(second)], decode) is first
 
 
+def test_the_dither_all_and_deep_levels_experiments_reach_the_steering(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    from llmhost.host.core import DEEP_LEVELS_ENV, DITHER_ALL_ENV
+
+    for sub, on in (("a", False), ("b", True)):
+        (tmp_path / sub).mkdir()
+        if on:
+            monkeypatch.setenv(DITHER_ALL_ENV, "1")
+            monkeypatch.setenv(DEEP_LEVELS_ENV, "1")
+        confinement = _steered_core(tmp_path / sub, monkeypatch, tiny_models).confinement
+        assert confinement is not None
+        st = confinement._steering["cuda:0"]
+        assert st.dither_all is on
+        assert st.levels == ((132, 112, 104, 96, 88, 80, 72) if on else (132, 112, 104, 96, 88))
+
+
+def test_deep_levels_let_a_model_held_at_88_sms_move_further_down() -> None:
+    """With the deep levels a model held by one on the whole GPU window after window goes below 88 of 132 SMs (to
+    72 at most); without them 88 is as deep as it goes."""
+    for deep, deepest in ((False, 88), (True, 72)):
+        st = SmSteering(132, deep=deep)
+        st.add("1b")
+        st.add("8b")
+        st.decide(0.0)
+        window(st, 0.5, {"1b": 0.5, "8b": 0.5})  # the set of ready models changed: no decision
+        for k in range(2, 12):
+            window(st, 0.5 * k, {"8b": 0.5, "1b": 0.0}, by={"8b": "1b"})
+        assert st.sms("8b") == deepest and st.sms("1b") == 132
+        assert st.step_sms("8b", ahead=True) == deepest, "nothing below the deepest level"
+
+
 def test_the_lead_steps_experiment_reaches_the_gpu_scheduler(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -102,6 +102,10 @@ SM_DITHER_ENV = "LLMHOST_SM_DITHER"
 # model ahead of the others replays its next decode step a level lower instead of waiting for them (fair sharing's
 # holds make the 3B's largest token gaps beside three models: bench/probes/trace_holds.py).
 DITHER_ALL_ENV = "LLMHOST_DITHER_ALL"
+# Experiment, off unless "1": SM steering's levels go below 88 of 132 SMs (sm_steering.DEEP_FRACTIONS, whose graph
+# sets the memory plan does not count: 16 MiB a model), so that models already at the deepest level can be slowed
+# further instead of waiting for the 1B (bench/probes/trace_holds.py's hold_ms_by_blocker). Not measured yet.
+DEEP_LEVELS_ENV = "LLMHOST_SM_DEEP_LEVELS"
 # A decode step run ahead (_follow) with no other step beside it samples its model's solo step cost, when all its
 # kernels were queued before the step ahead of it finished: its start event then completes as that step ends, and
 # start -> done spans its own GPU work only ("0" turns this off, for comparison). The other samples are decode steps
@@ -270,8 +274,9 @@ class HostCore:
         self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
-        dither_all = os.environ.get(DITHER_ALL_ENV) == "1"
-        self.confinement = SmConfinement(self._runner, self.trace, dither_all) if config.host.sm_steering else None
+        dither_all, deep = (os.environ.get(env) == "1" for env in (DITHER_ALL_ENV, DEEP_LEVELS_ENV))
+        steering = SmConfinement(self._runner, self.trace, dither_all, deep) if config.host.sm_steering else None
+        self.confinement = steering
         self._gc_start = 0.0
         self._usage: ThreadUsage | None = None  # the loop thread's OS figures per slow pass, when tracing
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)

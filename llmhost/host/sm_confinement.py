@@ -27,12 +27,17 @@ log = logging.getLogger("llmhost.host")
 
 class SmConfinement:
     def __init__(
-        self, runner_of: Callable[[str], DecodeRunner | None], trace: StepTrace | None = None, dither_all: bool = False
+        self,
+        runner_of: Callable[[str], DecodeRunner | None],
+        trace: StepTrace | None = None,
+        dither_all: bool = False,
+        deep: bool = False,
     ) -> None:
         """runner_of: a resident model's decode runner, None when it has none (a CPU, a split model, a fake).
-        dither_all: SmSteering's (every model dithers; an experiment)."""
+        dither_all, deep: SmSteering's (every model dithers; levels below 88 of 132 SMs: experiments)."""
         self._runner_of = runner_of
         self._dither_all = dither_all
+        self._deep = deep
         self._trace = trace
         self._steering: dict[str, SmSteering] = {}  # per GPU: how many SMs each model's decode graphs may use
         self._observed_at: dict[str, float] = {}  # per GPU: when its steering last observed the ready models
@@ -134,7 +139,9 @@ class SmConfinement:
     def _add(self, name: str, device: str) -> None:
         from llmhost.engine.sm_partition import confined_stream, sm_count
 
-        steering = self._steering.get(device) or SmSteering(sm_count(device), dither_all=self._dither_all)
+        steering = self._steering.get(device)
+        if steering is None:
+            steering = SmSteering(sm_count(device), dither_all=self._dither_all, deep=self._deep)
         streams: dict[int, torch.cuda.Stream] = {}
         for sms in steering.levels[1:]:
             stream = self._streams.get((name, sms)) or confined_stream(device, sms)

@@ -45,13 +45,21 @@ WINDOW_S = 0.5  # how long held time is summed before a decision
 MIN_HELD = 0.05  # a model held back less than this fraction of a window is near enough its share
 GRANULE = 8  # SM counts a green context may be given: Hopper partitions SMs in groups of 8 (40-112 all held)
 FRACTIONS = (0.85, 0.79, 0.73, 0.67)  # the confined levels' shares of the GPU (132 SMs: 112, 104, 96, 88)
+# Experiment (the host's LLMHOST_SM_DEEP_LEVELS): two more levels below them (132 SMs: 80, 72). In the H100 four-model
+# traces both 8Bs sit at the deepest level, 88 SMs, within a second and still wait for the 1B before most of their
+# steps (bench/probes/trace_holds.py, hold_ms_by_blocker); bench/probes/hold_sim.py puts every model at 2.6-2.9x its
+# solo p99 where the 8Bs' share drops until they wait no more. Their graph sets are not in the memory plan
+# (memory/estimate.py STEERED_SETS counts FRACTIONS): two more executables per small batch size, 16 MiB a model.
+DEEP_FRACTIONS = (0.61, 0.55)
 MAX_MOVE = 2  # the most levels one decision moves
 ALONE_WINDOWS = 10  # windows of decoding alone after which a confined model gets the whole GPU back
 
 
-def confined_levels(total_sms: int) -> tuple[int, ...]:
-    """The SM counts below the whole GPU that a model's graphs are captured for, largest first."""
-    levels = sorted({int(total_sms * f) // GRANULE * GRANULE for f in FRACTIONS}, reverse=True)
+def confined_levels(total_sms: int, deep: bool = False) -> tuple[int, ...]:
+    """The SM counts below the whole GPU that a model's graphs are captured for, largest first (`deep`: with
+    DEEP_FRACTIONS' too)."""
+    fractions = FRACTIONS + DEEP_FRACTIONS if deep else FRACTIONS
+    levels = sorted({int(total_sms * f) // GRANULE * GRANULE for f in fractions}, reverse=True)
     return tuple(n for n in levels if 0 < n < total_sms)
 
 
@@ -73,15 +81,21 @@ class _Model:
 
 class SmSteering:
     def __init__(
-        self, total_sms: int, window_s: float = WINDOW_S, min_held: float = MIN_HELD, dither_all: bool = False
+        self,
+        total_sms: int,
+        window_s: float = WINDOW_S,
+        min_held: float = MIN_HELD,
+        dither_all: bool = False,
+        deep: bool = False,
     ) -> None:
         """dither_all: every model dithers, also one the steering never moved (an experiment: the host's
-        LLMHOST_DITHER_ALL; a model ahead then replays its next step on fewer SMs instead of only being held)."""
+        LLMHOST_DITHER_ALL; a model ahead then replays its next step on fewer SMs instead of only being held).
+        deep: DEEP_FRACTIONS' levels too (an experiment: the host's LLMHOST_SM_DEEP_LEVELS)."""
         if total_sms <= 0:
             raise ValueError("total_sms must be positive")
         self.total = total_sms
         self.dither_all = dither_all
-        self.levels = (total_sms, *confined_levels(total_sms))
+        self.levels = (total_sms, *confined_levels(total_sms, deep))
         self.window_s = window_s
         self.min_held = min_held
         self._models: dict[str, _Model] = {}
