@@ -42,6 +42,18 @@ EXPERIMENTS = {
 }
 
 
+# The pair's variants at equal weights: bench/multi_model.py phase -> (summary key, how its targets are labelled).
+# Each is put against the same alone speeds as the default host's, and judged after it.
+PAIR_EXPERIMENTS = {
+    "pair/host-unsteered": ("host_unsteered", " with sm_steering = false"),
+    "pair/host-undithered": ("host_undithered", " with steered steps undithered"),
+    "pair/host-collected": ("host_collected", " with solo costs sampled after collections"),
+    "pair/host-lead2": ("host_lead2", " with a lead of two steps"),
+    "pair/host-lead2-ditherall": ("host_lead2_dither_all", " with a lead of two steps and every model dithered"),
+    "pair/host-deep": ("host_deep", " with SM levels below 88 of 132 SMs"),
+}
+
+
 def _tok(stats: dict[str, Any], name: str) -> float | None:
     row = stats.get(name) if isinstance(stats, dict) else None
     return float(row["tokens_per_s"]) if isinstance(row, dict) and "tokens_per_s" in row else None
@@ -133,11 +145,7 @@ def build(
     for key in PAIR_KEYS:
         if key in host:
             pair["host"][key] = _pair_summary(host[key], host_alone, pair_names, copy_gbps)
-    # [host] sm_steering off, and steering without dithering: against the same alone speeds as the default host's.
-    for key, name in (("pair/host-unsteered", "host_unsteered"), ("pair/host-undithered", "host_undithered"),
-                      ("pair/host-collected", "host_collected"), ("pair/host-lead2", "host_lead2"),
-                      ("pair/host-lead2-ditherall", "host_lead2_dither_all"),
-                      ("pair/host-deep", "host_deep")):  # fmt: skip
+    for key, (name, _) in PAIR_EXPERIMENTS.items():
         if "together_1_1" in results.get(key, {}):
             together = results[key]["together_1_1"]
             pair[name] = {"together_1_1": _pair_summary(together, host_alone, pair_names, copy_gbps)}
@@ -241,17 +249,9 @@ def targets(
                        None if frac is None else frac >= 0.88, combined_GBps=eq.get("combined_bandwidth_GBps"),
                        copy_GBps=copy))  # fmt: skip
     out += _pair_equal(eq, best, "")
-    if "host_unsteered" in pair:
-        out += _pair_equal(pair["host_unsteered"]["together_1_1"], best, " with sm_steering = false")
-    if "host_undithered" in pair:
-        out += _pair_equal(pair["host_undithered"]["together_1_1"], best, " with steered steps undithered")
-    if "host_collected" in pair:
-        out += _pair_equal(pair["host_collected"]["together_1_1"], best, " with solo costs sampled after collections")
-    for key, label in (("host_lead2", " with a lead of two steps"),
-                       ("host_lead2_dither_all", " with a lead of two steps and every model dithered"),
-                       ("host_deep", " with SM levels below 88 of 132 SMs")):  # fmt: skip
-        if key in pair:
-            out += _pair_equal(pair[key]["together_1_1"], best, label)
+    for name, label in PAIR_EXPERIMENTS.values():
+        if name in pair:
+            out += _pair_equal(pair[name]["together_1_1"], best, label)
     for key, heavy in (("together_3_1", 0), ("together_1_3", 1)):
         run = pair["host"].get(key, {})
         ns = [m.get("normalized") for m in run.get("models", {}).values()]

@@ -403,25 +403,6 @@ def test_a_model_alone_with_nothing_in_flight_steps_on_the_default_stream(
     assert core._stream("a", "cuda:0", [on(second)], decode) is first
 
 
-def test_the_dither_all_and_deep_levels_experiments_reach_the_steering(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    tiny_models: TinyModels,  # noqa: F811
-) -> None:
-    from llmhost.host.core import DEEP_LEVELS_ENV, DITHER_ALL_ENV
-
-    for sub, on in (("a", False), ("b", True)):
-        (tmp_path / sub).mkdir()
-        if on:
-            monkeypatch.setenv(DITHER_ALL_ENV, "1")
-            monkeypatch.setenv(DEEP_LEVELS_ENV, "1")
-        confinement = _steered_core(tmp_path / sub, monkeypatch, tiny_models).confinement
-        assert confinement is not None
-        st = confinement._steering["cuda:0"]
-        assert st.dither_all is on
-        assert st.levels == ((132, 112, 104, 96, 88, 80, 72) if on else (132, 112, 104, 96, 88))
-
-
 def test_deep_levels_let_a_model_held_at_88_sms_move_further_down() -> None:
     """With the deep levels a model held by one on the whole GPU window after window goes below 88 of 132 SMs (to
     72 at most); without them 88 is as deep as it goes."""
@@ -437,18 +418,25 @@ def test_deep_levels_let_a_model_held_at_88_sms_move_further_down() -> None:
         assert st.step_sms("8b", ahead=True) == deepest, "nothing below the deepest level"
 
 
-def test_the_lead_steps_experiment_reaches_the_gpu_scheduler(
+@pytest.mark.parametrize("on", [False, True])
+def test_the_experiment_switches_reach_the_gpu_scheduler_and_the_steering(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     tiny_models: TinyModels,  # noqa: F811
+    on: bool,
 ) -> None:
-    from llmhost.host.core import LEAD_STEPS_ENV
+    """LLMHOST_LEAD_STEPS, LLMHOST_DITHER_ALL and LLMHOST_SM_DEEP_LEVELS, each off unless set."""
+    from llmhost.host.core import DEEP_LEVELS_ENV, DITHER_ALL_ENV, LEAD_STEPS_ENV
 
-    for sub, lead in (("a", None), ("b", "2")):
-        (tmp_path / sub).mkdir()
-        if lead is not None:
-            monkeypatch.setenv(LEAD_STEPS_ENV, lead)
-        assert _steered_core(tmp_path / sub, monkeypatch, tiny_models).gpu.lead_steps == float(lead or 1)
+    if on:
+        for env, value in ((LEAD_STEPS_ENV, "2"), (DITHER_ALL_ENV, "1"), (DEEP_LEVELS_ENV, "1")):
+            monkeypatch.setenv(env, value)
+    core = _steered_core(tmp_path, monkeypatch, tiny_models)
+    assert core.gpu.lead_steps == (2.0 if on else 1.0)
+    assert core.confinement is not None
+    st = core.confinement._steering["cuda:0"]
+    assert st.dither_all is on
+    assert st.levels == ((132, 112, 104, 96, 88, 80, 72) if on else (132, 112, 104, 96, 88))
 
 
 def test_far_stream_builds_its_context_from_the_sms_left_after_the_split(monkeypatch: pytest.MonkeyPatch) -> None:

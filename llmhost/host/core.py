@@ -275,8 +275,9 @@ class HostCore:
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
         dither_all, deep = (os.environ.get(env) == "1" for env in (DITHER_ALL_ENV, DEEP_LEVELS_ENV))
-        steering = SmConfinement(self._runner, self.trace, dither_all, deep) if config.host.sm_steering else None
-        self.confinement = steering
+        self.confinement = (
+            SmConfinement(self._runner, self.trace, dither_all, deep) if config.host.sm_steering else None
+        )
         self._gc_start = 0.0
         self._usage: ThreadUsage | None = None  # the loop thread's OS figures per slow pass, when tracing
         self._far_prompt_sms = int(os.environ.get(FAR_PROMPT_ENV) or 0)
@@ -919,7 +920,8 @@ class HostCore:
     def _trace_holds(self, ready: list[str], held: dict[str, str]) -> None:
         """Trace each hold as it begins, and again when the model it waits for changes: which model fair sharing
         keeps back (`ready` ones of one GPU; `held`: those held now -> the model each waits for). Which model's
-        bound holds whom is what lead_steps and SM steering act on (bench/probes/trace_holds.py's `held_by`)."""
+        bound holds whom is what lead_steps and SM steering act on (bench/probes/trace_holds.py's
+        hold_ms_by_blocker)."""
         assert self.trace is not None
         for name in ready:
             by = held.get(name)
