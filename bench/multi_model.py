@@ -95,7 +95,7 @@ GRAPH_PROMPT_TOKENS = DEFAULT_GRAPH_PROMPT_TOKENS
 assert PROMPT <= GRAPH_PROMPT_TOKENS
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
                 "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0), "pair-lead2": (1.0, 1.0),
-                "pair-lead2-ditherall": (1.0, 1.0), "pair-deep": (1.0, 1.0)}  # fmt: skip
+                "pair-lead2-ditherall": (1.0, 1.0), "pair-deep": (1.0, 1.0), "pair-shallow": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -346,7 +346,8 @@ def _switch_experiments(scenario: str) -> None:
         "lead2": [(LEAD_STEPS_ENV, "2")],
         "lead3": [(LEAD_STEPS_ENV, "3")],
         "ditherall": [(DITHER_ALL_ENV, "1")],
-        "deep": [(DEEP_LEVELS_ENV, "1")],
+        "deep": [(DEEP_LEVELS_ENV, "1")],  # the default since multi_model_deep_call1/2-h100.json
+        "shallow": [(DEEP_LEVELS_ENV, "0")],
         "undithered": [(SM_DITHER_ENV, "0")],
         "collected": [(SOLO_RUN_AHEAD_ENV, "0")],
         "sendearly": [(SEND_EARLY_ENV, "1")],  # the default since multi_model_graph_prompts_call*-h100.json
@@ -368,7 +369,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     of two steps past another model's bound (LLMHOST_LEAD_STEPS), without and with the far prompts; (pair-lead2,
     four-lead3) leads of two and three steps; (pair-lead2-ditherall, four-lead2-ditherall) a lead of two steps and
     every model dithered (LLMHOST_DITHER_ALL=1); (pair-deep, four-deep, four-lead2-ditherall-deep) SM steering's
-    levels below 88 of 132 SMs (LLMHOST_SM_DEEP_LEVELS=1), alone and with those two;
+    levels below 88 of 132 SMs (LLMHOST_SM_DEEP_LEVELS=1, the default since), alone and with those two;
+    (pair-shallow, four-shallow) without them (LLMHOST_SM_DEEP_LEVELS=0);
     (pair-undithered, four-undithered) steered models' decode steps kept at their level (LLMHOST_SM_DITHER=0);
     (pair-collected, four-collected) solo step costs sampled only from decode steps launched after a collection
     (LLMHOST_SOLO_RUN_AHEAD=0, the default before bench/results/multi_model_b2b_reruns-h100.json); (four-sendearly)
@@ -672,7 +674,8 @@ PLAN = (
     ("pair/host-collected", "host", "pair-collected", False),  # comparison: core.SOLO_RUN_AHEAD_ENV off
     ("pair/host-lead2", "host", "pair-lead2", False),  # experiment: core.LEAD_STEPS_ENV 2
     ("pair/host-lead2-ditherall", "host", "pair-lead2-ditherall", False),  # and core.DITHER_ALL_ENV on
-    ("pair/host-deep", "host", "pair-deep", False),  # experiment: core.DEEP_LEVELS_ENV on
+    ("pair/host-deep", "host", "pair-deep", False),  # core.DEEP_LEVELS_ENV on (the default since)
+    ("pair/host-shallow", "host", "pair-shallow", False),  # comparison: core.DEEP_LEVELS_ENV off
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/processes", "processes", "pair", False),
@@ -686,7 +689,8 @@ PLAN = (
     ("four/host-lead2", "host", "four-lead2", False),
     ("four/host-lead3", "host", "four-lead3", False),
     ("four/host-lead2-ditherall", "host", "four-lead2-ditherall", False),  # and core.DITHER_ALL_ENV on
-    ("four/host-deep", "host", "four-deep", False),  # experiment: core.DEEP_LEVELS_ENV on
+    ("four/host-deep", "host", "four-deep", False),  # core.DEEP_LEVELS_ENV on (the default since)
+    ("four/host-shallow", "host", "four-shallow", False),  # comparison: core.DEEP_LEVELS_ENV off
     ("four/host-lead2-ditherall-deep", "host", "four-lead2-ditherall-deep", False),
     ("four/host-far-lead2", "host", "four-far-lead2", False),
     ("four/host-undithered", "host", "four-undithered", False),

@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "four/host-lead3": ("host_lead3", " with a lead of three steps"),
     "four/host-lead2-ditherall": ("host_lead2_dither_all", " with a lead of two steps and every model dithered"),
     "four/host-deep": ("host_deep", " with SM levels below 88 of 132 SMs"),
+    "four/host-shallow": ("host_shallow", " without SM levels below 88 of 132 SMs"),
     "four/host-lead2-ditherall-deep": (
         "host_lead2_dither_all_deep",
         " with a lead of two steps, every model dithered and SM levels below 88 of 132 SMs",
@@ -51,6 +52,7 @@ PAIR_EXPERIMENTS = {
     "pair/host-lead2": ("host_lead2", " with a lead of two steps"),
     "pair/host-lead2-ditherall": ("host_lead2_dither_all", " with a lead of two steps and every model dithered"),
     "pair/host-deep": ("host_deep", " with SM levels below 88 of 132 SMs"),
+    "pair/host-shallow": ("host_shallow", " without SM levels below 88 of 132 SMs"),
 }
 
 

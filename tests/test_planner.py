@@ -219,14 +219,14 @@ def test_sm_steering_counts_the_confined_graphs_executables() -> None:
     graphs of 2 MiB each, in the plan of a GPU model, nothing on the CPU or for a split stage."""
     s = spec("a", max_batch=32)
     plain = whole_need(s, 4096, BS, on_gpu=True)
-    assert steered_graphs(s, on_gpu=True) == 4 * 4 * 2 * MiB
-    assert stage_need(s, 4096, BS, 0, 32, True, steered=True).graphs == plain.graphs + 32 * MiB
+    assert steered_graphs(s, on_gpu=True) == 6 * 4 * 2 * MiB
+    assert stage_need(s, 4096, BS, 0, 32, True, steered=True).graphs == plain.graphs + 48 * MiB
     assert stage_need(s, 4096, BS, 0, 32, False, steered=True).graphs == 0
     assert steered_graphs(s, on_gpu=True, split=True) == 0
-    assert steered_graphs(spec("b", max_batch=2), on_gpu=True) == 4 * 2 * 2 * MiB  # sizes 1, 2
+    assert steered_graphs(spec("b", max_batch=2), on_gpu=True) == 6 * 2 * 2 * MiB  # sizes 1, 2
     on = by_name(plan([s], "1x80GiB", sm_steering=True))["a"].stages[0].need
     off = by_name(plan([s], "1x80GiB", sm_steering=False))["a"].stages[0].need
-    assert on.graphs - off.graphs == 32 * MiB
+    assert on.graphs - off.graphs == 48 * MiB
 
 
 def test_steered_graph_constants_follow_the_host() -> None:

@@ -47,9 +47,13 @@ def steering(*models: str) -> SmSteering:
     return st
 
 
+LEVELS_UP = [72, 80, 88, 96, 104, 112]  # the confined sets a GPU of 132 SMs captures, in the order captured
+
+
 def test_levels_are_multiples_of_eight_below_the_whole_gpu() -> None:
-    assert confined_levels(132) == (112, 104, 96, 88)
-    assert SmSteering(132).levels == (132, 112, 104, 96, 88)
+    assert confined_levels(132) == (112, 104, 96, 88, 80, 72)
+    assert confined_levels(132, deep=False) == (112, 104, 96, 88)
+    assert SmSteering(132).levels == (132, 112, 104, 96, 88, 80, 72)
 
 
 def test_a_far_group_leaves_a_whole_number_of_granules_at_the_start() -> None:
@@ -98,7 +102,7 @@ def test_never_below_the_deepest_level() -> None:
     st = steering("a", "b")
     for k in range(2, 30):
         window(st, 0.5 * k, {"a": 0.5, "b": 0.0})
-    assert st.sms("a") == 88 and st.sms("b") == 132
+    assert st.sms("a") == 72 and st.sms("b") == 132
 
 
 def test_a_model_decoding_alone_gets_the_whole_gpu_back() -> None:
@@ -119,8 +123,8 @@ def test_four_models_the_two_held_by_smaller_ones_move_down_together() -> None:
     # 8b-1 is now behind: 8b-2 waits for it. It gets SMs back; 8b-2, held by a confined model, stays.
     assert window(st, 2.0, {"1b": 0.0, "3b": 0.0, "8b-1": 0.0, "8b-2": 0.10}, by={"8b-2": "8b-1"}) == {"8b-1": 112}
     # Held by the 1B again, 8b-1 goes no deeper than its floor; 8b-2 goes on down.
-    assert window(st, 2.5, {"1b": 0.0, "3b": 0.0, "8b-1": 0.10, "8b-2": 0.10}) == {"8b-2": 88}
-    assert (st.sms("1b"), st.sms("3b"), st.sms("8b-1"), st.sms("8b-2")) == (132, 132, 112, 88)
+    assert window(st, 2.5, {"1b": 0.0, "3b": 0.0, "8b-1": 0.10, "8b-2": 0.10}) == {"8b-2": 80}
+    assert (st.sms("1b"), st.sms("3b"), st.sms("8b-1"), st.sms("8b-2")) == (132, 132, 112, 80)
 
 
 def test_a_model_held_by_a_confined_one_is_not_confined_for_it() -> None:
@@ -220,7 +224,7 @@ def test_the_host_confines_the_model_fair_sharing_holds_back(
 ) -> None:
     core = _steered_core(tmp_path, monkeypatch, tiny_models)
     runners = {n: core.slots[n].engine.runner for n in ("a", "b")}
-    assert runners["a"].captured == runners["b"].captured == [88, 96, 104, 112]
+    assert runners["a"].captured == runners["b"].captured == LEVELS_UP
     confinement = core.confinement
     assert confinement is not None and confinement.steers("cuda:0")
     _b_held_back(confinement)
@@ -244,10 +248,10 @@ def test_green_contexts_wait_for_a_gpus_second_model(
     assert runners["a"].captured == [] and not confinement.steers("cuda:0")
     assert core._bring_in("b") is not None
     runners["b"] = core.slots["b"].engine.runner
-    assert runners["a"].captured == runners["b"].captured == [88, 96, 104, 112]
+    assert runners["a"].captured == runners["b"].captured == LEVELS_UP
     assert confinement.steers("cuda:0") and core.synced == ["cuda:0"]  # type: ignore[attr-defined]
     assert core._bring_in("c") is not None
-    assert core.slots["c"].engine.runner.captured == [88, 96, 104, 112]
+    assert core.slots["c"].engine.runner.captured == LEVELS_UP
     assert core.synced == ["cuda:0"]  # type: ignore[attr-defined]
 
 
@@ -276,7 +280,7 @@ def test_a_model_without_a_runner_still_shares_the_gpu(monkeypatch: pytest.Monke
     confinement.add("a", "cuda:0")
     assert runners["a"].captured == [] and not confinement.steers("cuda:0")
     confinement.add("split", "cuda:0")
-    assert runners["a"].captured == [88, 96, 104, 112] and confinement.steers("cuda:0")
+    assert runners["a"].captured == LEVELS_UP and confinement.steers("cuda:0")
 
 
 def test_the_host_names_the_model_each_held_one_waits_for(
@@ -425,18 +429,18 @@ def test_the_experiment_switches_reach_the_gpu_scheduler_and_the_steering(
     tiny_models: TinyModels,  # noqa: F811
     on: bool,
 ) -> None:
-    """LLMHOST_LEAD_STEPS, LLMHOST_DITHER_ALL and LLMHOST_SM_DEEP_LEVELS, each off unless set."""
+    """LLMHOST_LEAD_STEPS and LLMHOST_DITHER_ALL, each off unless set; LLMHOST_SM_DEEP_LEVELS on unless "0"."""
     from llmhost.host.core import DEEP_LEVELS_ENV, DITHER_ALL_ENV, LEAD_STEPS_ENV
 
     if on:
-        for env, value in ((LEAD_STEPS_ENV, "2"), (DITHER_ALL_ENV, "1"), (DEEP_LEVELS_ENV, "1")):
+        for env, value in ((LEAD_STEPS_ENV, "2"), (DITHER_ALL_ENV, "1"), (DEEP_LEVELS_ENV, "0")):
             monkeypatch.setenv(env, value)
     core = _steered_core(tmp_path, monkeypatch, tiny_models)
     assert core.gpu.lead_steps == (2.0 if on else 1.0)
     assert core.confinement is not None
     st = core.confinement._steering["cuda:0"]
     assert st.dither_all is on
-    assert st.levels == ((132, 112, 104, 96, 88, 80, 72) if on else (132, 112, 104, 96, 88))
+    assert st.levels == ((132, 112, 104, 96, 88) if on else (132, 112, 104, 96, 88, 80, 72))
 
 
 def test_far_stream_builds_its_context_from_the_sms_left_after_the_split(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -499,7 +503,7 @@ def test_dithering_steps_below_the_level_only_while_ahead_and_only_when_steered(
     assert st.step_sms("7b", ahead=True) == 132  # fair sharing never held it on the whole GPU: never confined
     for k in range(3, 30):
         window(st, 0.5 * k, {"14b": 0.5, "7b": 0.0})
-    assert st.step_sms("14b", ahead=True) == 88  # nothing below the deepest level
+    assert st.step_sms("14b", ahead=True) == 72  # nothing below the deepest level
     # Given the whole GPU back after holding the other (its floor: the whole GPU), it still dithers.
     st = steering("7b", "14b")
     assert window(st, 1.0, {"14b": 0.05, "7b": 0.0}) == {"14b": 112}

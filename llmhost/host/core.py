@@ -102,9 +102,8 @@ SM_DITHER_ENV = "LLMHOST_SM_DITHER"
 # model ahead of the others replays its next decode step a level lower instead of waiting for them (fair sharing's
 # holds make the 3B's largest token gaps beside three models: bench/probes/trace_holds.py).
 DITHER_ALL_ENV = "LLMHOST_DITHER_ALL"
-# Experiment, off unless "1": SM steering's levels go below 88 of 132 SMs (sm_steering.DEEP_FRACTIONS, whose graph
-# sets the memory plan does not count: 16 MiB a model), so that models already at the deepest level can be slowed
-# further instead of waiting for the 1B (bench/probes/trace_holds.py's hold_ms_by_blocker). Not measured yet.
+# "0" leaves SM steering's deep levels out (below 88 of 132 SMs: sm_steering.FRACTIONS), for comparison: with them
+# models already at 88 SMs can be slowed further instead of waiting for the 1B.
 DEEP_LEVELS_ENV = "LLMHOST_SM_DEEP_LEVELS"
 # A decode step run ahead (_follow) with no other step beside it samples its model's solo step cost, when all its
 # kernels were queued before the step ahead of it finished: its start event then completes as that step ends, and
@@ -274,7 +273,7 @@ class HostCore:
         self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
-        dither_all, deep = (os.environ.get(env) == "1" for env in (DITHER_ALL_ENV, DEEP_LEVELS_ENV))
+        dither_all, deep = os.environ.get(DITHER_ALL_ENV) == "1", os.environ.get(DEEP_LEVELS_ENV) != "0"
         self.confinement = (
             SmConfinement(self._runner, self.trace, dither_all, deep) if config.host.sm_steering else None
         )

@@ -31,10 +31,10 @@ class SmConfinement:
         runner_of: Callable[[str], DecodeRunner | None],
         trace: StepTrace | None = None,
         dither_all: bool = False,
-        deep: bool = False,
+        deep: bool = True,
     ) -> None:
         """runner_of: a resident model's decode runner, None when it has none (a CPU, a split model, a fake).
-        dither_all, deep: SmSteering's (every model dithers; levels below 88 of 132 SMs: experiments)."""
+        dither_all, deep: SmSteering's (every model dithers, an experiment; levels below 88 of 132 SMs)."""
         self._runner_of = runner_of
         self._dither_all = dither_all
         self._deep = deep

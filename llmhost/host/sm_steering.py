@@ -44,21 +44,23 @@ from dataclasses import dataclass
 WINDOW_S = 0.5  # how long held time is summed before a decision
 MIN_HELD = 0.05  # a model held back less than this fraction of a window is near enough its share
 GRANULE = 8  # SM counts a green context may be given: Hopper partitions SMs in groups of 8 (40-112 all held)
-FRACTIONS = (0.85, 0.79, 0.73, 0.67)  # the confined levels' shares of the GPU (132 SMs: 112, 104, 96, 88)
-# Experiment (the host's LLMHOST_SM_DEEP_LEVELS): two more levels below them (132 SMs: 80, 72). In the H100 four-model
-# traces both 8Bs sit at the deepest level, 88 SMs, within a second and still wait for the 1B before most of their
-# steps (bench/probes/trace_holds.py, hold_ms_by_blocker); bench/probes/hold_sim.py puts every model at 2.6-2.9x its
-# solo p99 where the 8Bs' share drops until they wait no more. Their graph sets are not in the memory plan
-# (memory/estimate.py STEERED_SETS counts FRACTIONS): two more executables per small batch size, 16 MiB a model.
-DEEP_FRACTIONS = (0.61, 0.55)
+FRACTIONS = (0.85, 0.79, 0.73, 0.67, 0.61, 0.55)  # the confined levels' shares of the GPU (132 SMs: 112 ... 72)
+# The last two (80, 72 of 132 SMs) are the deep levels (the host's LLMHOST_SM_DEEP_LEVELS=0 leaves them out, for
+# comparison). Without them both 8Bs of the four-model bench sat at the deepest level, 88 SMs, within a second and
+# still waited for the 1B before most of their steps (bench/probes/trace_holds.py, hold_ms_by_blocker). With them,
+# in two same-call comparisons on an H100 (bench/results/multi_model_deep_call1-h100.json, _call2): the 8Bs'
+# launches that waited for the 1B 88-107 a run against 160-176, the worst p99 token gap over solo 3.24x / 3.17x
+# against 3.33x / 3.20x, four-model throughput 1.236 of the best baseline against 1.223, the pair 3,037 GB/s
+# against 3,030.
+SHALLOW_LEVELS = 4  # how many of FRACTIONS' levels are kept with the deep ones left out
 MAX_MOVE = 2  # the most levels one decision moves
 ALONE_WINDOWS = 10  # windows of decoding alone after which a confined model gets the whole GPU back
 
 
-def confined_levels(total_sms: int, deep: bool = False) -> tuple[int, ...]:
-    """The SM counts below the whole GPU that a model's graphs are captured for, largest first (`deep`: with
-    DEEP_FRACTIONS' too)."""
-    fractions = FRACTIONS + DEEP_FRACTIONS if deep else FRACTIONS
+def confined_levels(total_sms: int, deep: bool = True) -> tuple[int, ...]:
+    """The SM counts below the whole GPU that a model's graphs are captured for, largest first (`deep`: the deep
+    levels too)."""
+    fractions = FRACTIONS if deep else FRACTIONS[:SHALLOW_LEVELS]
     levels = sorted({int(total_sms * f) // GRANULE * GRANULE for f in fractions}, reverse=True)
     return tuple(n for n in levels if 0 < n < total_sms)
 
@@ -86,11 +88,11 @@ class SmSteering:
         window_s: float = WINDOW_S,
         min_held: float = MIN_HELD,
         dither_all: bool = False,
-        deep: bool = False,
+        deep: bool = True,
     ) -> None:
         """dither_all: every model dithers, also one the steering never moved (an experiment: the host's
         LLMHOST_DITHER_ALL; a model ahead then replays its next step on fewer SMs instead of only being held).
-        deep: DEEP_FRACTIONS' levels too (an experiment: the host's LLMHOST_SM_DEEP_LEVELS)."""
+        deep: the levels below 88 of 132 SMs too (False: the host's LLMHOST_SM_DEEP_LEVELS=0, for comparison)."""
         if total_sms <= 0:
             raise ValueError("total_sms must be positive")
         self.total = total_sms

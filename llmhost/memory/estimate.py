@@ -29,7 +29,7 @@ GRAPH_EXEC_BYTES = 2 * 1024**2  # device memory one instantiated CUDA graph keep
 # [host] sm_steering captures a model's decode graphs of up to STEERED_MAX_ROWS rows once more for each of
 # STEERED_SETS SM counts (host/sm_steering.py FRACTIONS, host/gpu_scheduler.py CONCURRENT_MAX_ROWS; a test holds
 # them equal), into the graphs' shared pool: only their executables add memory.
-STEERED_SETS = 4
+STEERED_SETS = 6
 STEERED_MAX_ROWS = 8
 
 
