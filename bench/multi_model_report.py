@@ -66,12 +66,14 @@ def _pair_summary(together: dict[str, Any], alone: dict[str, Any], names: list[s
     out: dict[str, Any] = {"models": {}}
     norms = []
     combined = 0.0
+    one_token = 0.0  # what one token more or less of each model in the window moves `combined` by
     for n in names:
         t, a = _tok(together, n), _tok(alone, n)
         norm = t / a if t is not None and a else None
         norms.append(norm)
         row = together.get(n, {})
         combined += row.get("bytes_per_s", 0.0)
+        one_token += row.get("bytes_per_s", 0.0) / row["tokens"] if row.get("tokens") else 0.0
         out["models"][n] = {
             "tokens_per_s_alone": a,
             "tokens_per_s_together": t,
@@ -82,6 +84,8 @@ def _pair_summary(together: dict[str, Any], alone: dict[str, Any], names: list[s
     if all(x is not None for x in norms):
         out["normalized_sum"] = round(sum(x for x in norms if x is not None), 4)
     out["combined_bandwidth_GBps"] = round(combined / 1e9, 1)
+    if one_token:
+        out["one_token_each_GBps"] = round(one_token / 1e9, 1)
     if copy_gbps:
         out["fraction_of_copy_bandwidth"] = round(combined / 1e9 / copy_gbps, 4)
     if "failed_requests" in together:
@@ -206,10 +210,14 @@ def build(
 
 
 def _pair_equal(eq: dict[str, Any], best: dict[str, Any], label: str) -> list[dict[str, Any]]:
-    """The equal-weights pair's two targets: bandwidth above every baseline, normalized speeds within 15%."""
+    """The equal-weights pair's two targets: bandwidth above every baseline, normalized speeds within 15%. The first
+    says by how much (margin_GBps) and what one token more or less of each model in the window is worth
+    (one_token_each_GBps: tokens are counted whole, so a margin below it is within the count's resolution)."""
     mine = eq.get("combined_bandwidth_GBps")
+    margin = None if mine is None or not best else round(mine - max(best.values()), 1)
     out = [_target(f"pair{label}: combined bandwidth above every baseline", mine, f"> {best}",
-                   None if mine is None or not best else all(mine > b for b in best.values()))]  # fmt: skip
+                   None if mine is None or not best else all(mine > b for b in best.values()), margin_GBps=margin,
+                   one_token_each_GBps=eq.get("one_token_each_GBps"))]  # fmt: skip
     norms = [m.get("normalized") for m in eq.get("models", {}).values()]
     name = f"pair{label}: normalized speeds within 15% (weights 1:1)"
     if len(norms) == 2 and None not in norms:

@@ -21,7 +21,13 @@ MODE = SimpleNamespace(pair=tuple(PAIR), four=tuple(FOUR))
 
 
 def _stream(tok_s: float, gbps: float = 0.0, p99: float = 1.0) -> dict[str, Any]:
-    return {"tokens_per_s": tok_s, "bytes_per_s": gbps * 1e9, "itl_ms": {"mean": p99 / 2, "p99": p99}}
+    """A 4 s window's stream: tokens counted whole."""
+    return {
+        "tokens": round(tok_s * 4),
+        "tokens_per_s": tok_s,
+        "bytes_per_s": gbps * 1e9,
+        "itl_ms": {"mean": p99 / 2, "p99": p99},
+    }
 
 
 def _pair(small: float, large: float, small_gbps: float, large_gbps: float) -> dict[str, Any]:
@@ -66,6 +72,14 @@ def test_the_pair_is_judged_against_every_baseline_and_for_fairness() -> None:
 def test_one_gigabyte_per_second_short_of_threads_is_not_above_it() -> None:
     met = _verdicts(build(MODE, PAIR, FOUR, _results((1999.0, 2000.0)), {}))
     assert met["pair with sm_steering = false: combined bandwidth above every baseline"] is False  # 3,999 < 4,000
+
+
+def test_the_pair_verdict_says_its_margin_and_what_one_token_is_worth() -> None:
+    doc = build(MODE, PAIR, FOUR, _results((2000.0, 2100.0)), {})
+    above = {t["target"]: t for t in doc["targets"]}["pair: combined bandwidth above every baseline"]
+    assert above["margin_GBps"] == -200.0  # 3,800 against threads' 4,000
+    # small: 2,000 GB/s over 440 tokens, large: 1,800 over 112: a token more of each is 4.5 + 16.1 GB/s
+    assert above["one_token_each_GBps"] == pytest.approx(2000 / 440 + 1800 / 112, abs=0.1)
 
 
 def test_four_models_p99_against_solo_and_aggregate_against_the_best_baseline() -> None:
