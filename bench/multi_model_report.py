@@ -86,6 +86,9 @@ def _pair_summary(together: dict[str, Any], alone: dict[str, Any], names: list[s
     out["combined_bandwidth_GBps"] = round(combined / 1e9, 1)
     if one_token:
         out["one_token_each_GBps"] = round(one_token / 1e9, 1)
+    by_times = [together.get(n, {}).get("bytes_per_s_by_times") for n in names]  # stream_stats' *_by_times
+    if all(b is not None for b in by_times):
+        out["combined_bandwidth_by_times_GBps"] = round(sum(b for b in by_times if b is not None) / 1e9, 1)
     if copy_gbps:
         out["fraction_of_copy_bandwidth"] = round(combined / 1e9 / copy_gbps, 4)
     if "failed_requests" in together:
@@ -209,15 +212,19 @@ def build(
     return doc
 
 
-def _pair_equal(eq: dict[str, Any], best: dict[str, Any], label: str) -> list[dict[str, Any]]:
+def _pair_equal(
+    eq: dict[str, Any], best: dict[str, Any], label: str, best_by_times: dict[str, Any]
+) -> list[dict[str, Any]]:
     """The equal-weights pair's two targets: bandwidth above every baseline, normalized speeds within 15%. The first
     says by how much (margin_GBps) and what one token more or less of each model in the window is worth
-    (one_token_each_GBps: tokens are counted whole, so a margin below it is within the count's resolution)."""
+    (one_token_each_GBps: tokens are counted whole, so a margin below it is within the count's resolution), and
+    the same comparison by token times (by_times: not judged yet, reported beside the verdict)."""
     mine = eq.get("combined_bandwidth_GBps")
     margin = None if mine is None or not best else round(mine - max(best.values()), 1)
     out = [_target(f"pair{label}: combined bandwidth above every baseline", mine, f"> {best}",
                    None if mine is None or not best else all(mine > b for b in best.values()), margin_GBps=margin,
-                   one_token_each_GBps=eq.get("one_token_each_GBps"))]  # fmt: skip
+                   one_token_each_GBps=eq.get("one_token_each_GBps"),
+                   by_times={"host": eq.get("combined_bandwidth_by_times_GBps"), **best_by_times})]  # fmt: skip
     norms = [m.get("normalized") for m in eq.get("models", {}).values()]
     name = f"pair{label}: normalized speeds within 15% (weights 1:1)"
     if len(norms) == 2 and None not in norms:
@@ -258,10 +265,15 @@ def targets(
     out.append(_target("pair: combined effective bandwidth / copy bandwidth (weights 1:1)", frac, ">= 0.88",
                        None if frac is None else frac >= 0.88, combined_GBps=eq.get("combined_bandwidth_GBps"),
                        copy_GBps=copy))  # fmt: skip
-    out += _pair_equal(eq, best, "")
+    by_times = {
+        k: v.get("combined_bandwidth_by_times_GBps")
+        for k, v in pair["baselines"].items()
+        if "combined_bandwidth_GBps" in v
+    }
+    out += _pair_equal(eq, best, "", by_times)
     for name, label in PAIR_EXPERIMENTS.values():
         if name in pair:
-            out += _pair_equal(pair[name]["together_1_1"], best, label)
+            out += _pair_equal(pair[name]["together_1_1"], best, label, by_times)
     for key, heavy in (("together_3_1", 0), ("together_1_3", 1)):
         run = pair["host"].get(key, {})
         ns = [m.get("normalized") for m in run.get("models", {}).values()]

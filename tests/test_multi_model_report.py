@@ -80,6 +80,18 @@ def test_the_pair_verdict_says_its_margin_and_what_one_token_is_worth() -> None:
     assert above["margin_GBps"] == -200.0  # 3,800 against threads' 4,000
     # small: 2,000 GB/s over 440 tokens, large: 1,800 over 112: a token more of each is 4.5 + 16.1 GB/s
     assert above["one_token_each_GBps"] == pytest.approx(2000 / 440 + 1800 / 112, abs=0.1)
+    assert above["by_times"] == {"host": None, "threads": None, "mps": None}  # streams without token times
+
+
+def test_the_pair_by_token_times_is_reported_beside_the_verdict() -> None:
+    results = _results((2000.0, 2100.0))
+    for row, gbps in ((results["pair/host"]["together_1_1"], 4010.0), (results["pair/baseline"]["threads"], 4005.0)):
+        row["small"]["bytes_per_s_by_times"] = gbps / 2 * 1e9
+        row["large"]["bytes_per_s_by_times"] = gbps / 2 * 1e9
+    above = {t["target"]: t for t in build(MODE, PAIR, FOUR, results, {})["targets"]}
+    verdict = above["pair: combined bandwidth above every baseline"]
+    assert verdict["met"] is False, "judged by the whole-token counts (3,800 against 4,000)"
+    assert verdict["by_times"] == {"host": 4010.0, "threads": 4005.0, "mps": None}
 
 
 def test_four_models_p99_against_solo_and_aggregate_against_the_best_baseline() -> None:

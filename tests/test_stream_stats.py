@@ -65,3 +65,15 @@ def test_a_step_of_no_rows_is_refused() -> None:
 
     with pytest.raises(ValueError, match="rows must be at least 1"):
         stream_stats([], 0.0, 1.0, weight_bytes=1000, rows=0)
+
+
+def test_rates_by_token_times_do_not_depend_on_where_the_window_falls() -> None:
+    """A steady 7.5 ms stream has 133 or 134 tokens in a 1 s window by its phase; by token times it is 133.33/s."""
+    counts, rates, reads = set(), set(), set()
+    for phase in (0.0, 0.001, 0.004, 0.007):
+        stream = Stream("m", 4, submitted=0.0, times=[phase + 0.0075 * k for k in range(400)])
+        out = stream_stats([stream], 1.0, 2.0, weight_bytes=1000)
+        counts.add(out["tokens"])
+        rates.add(out["tokens_per_s_by_times"])
+        reads.add(round(out["bytes_per_s_by_times"]))
+    assert counts == {133, 134} and rates == {133.33} and reads == {133_333}
