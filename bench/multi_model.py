@@ -83,7 +83,7 @@ MODES = {
 }  # fmt: skip
 PROMPT = 128
 FOUR_CLIENTS = 8
-FAR_PROMPT_SMS = 44  # four-far: a third of an H100's or H200's SMs, apart from the deepest steering level's 88
+FAR_PROMPT_SMS = 44  # four-far: a third of an H100's or H200's SMs, apart from the steering levels of 88 SMs and below
 # four-...-smallfirst: weights of the four models (1B, 3B, 8B, 8B) that give the two small ones a quarter more GPU
 # time than the 8Bs. At equal weights every model's normalized speed is about 0.33, so a small model's mean token
 # gap is already 3x its solo mean, and its p99 (1.05-1.1x its mean alone) cannot be within 3x its solo p99

@@ -57,7 +57,7 @@ def test_levels_are_multiples_of_eight_below_the_whole_gpu() -> None:
 
 
 def test_a_far_group_leaves_a_whole_number_of_granules_at_the_start() -> None:
-    assert near_sms(132, 44) == 88  # 44 left at the far end: the deepest steering level's SMs stay apart
+    assert near_sms(132, 44) == 88  # 44 left at the far end: the steering levels of 88 SMs and below stay apart
     assert near_sms(132, 40) == 88  # rounded so that at least 40 are left (44)
     assert near_sms(132, 28) == 104
     assert near_sms(132, 130) == 0  # nothing left to split off
