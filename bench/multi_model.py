@@ -381,7 +381,9 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     sendearly (both the defaults since: these phases are the default host now); (four-sendlate) tokens sent after
     the pass's launches (LLMHOST_SEND_BEFORE_LAUNCH=0); (four-eagerprompt) every prompt by eager prompt steps
     (graph_prompt_tokens 0); (four-graph64) graph_prompt_tokens 64: the bench's 128-token prompts (and a 1B's
-    pair of them) go back to eager prompt steps; only prefix-matched remainders of 64 tokens or fewer ride."""
+    pair of them) go back to eager prompt steps; only prefix-matched remainders of 64 tokens or fewer ride;
+    (four-spread2, four-spread4) each carried prompt spread over two (four) decode steps (graph_prompt_chunk 64,
+    32): each step lengthened less by its prompt rows, the tail of the small models' token gaps."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -409,7 +411,16 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
         parts = scenario.split("-")[1:]
         weights = SMALL_FIRST_WEIGHTS if "smallfirst" in parts else (1.0,) * len(mode.four)
         rows = 0 if "eagerprompt" in parts else 64 if "graph64" in parts else GRAPH_PROMPT_TOKENS
-        models = _host_models(mode, mode.four, mode.four_tokens, FOUR_CLIENTS, weights, graph_prompt_tokens=rows)
+        spread = next((int(p.removeprefix("spread")) for p in parts if p.startswith("spread")), 1)
+        models = _host_models(
+            mode,
+            mode.four,
+            mode.four_tokens,
+            FOUR_CLIENTS,
+            weights,
+            graph_prompt_tokens=rows,
+            graph_prompt_chunk=-(-rows // spread) if spread > 1 else None,
+        )
         host = HostConfig(sm_steering="unsteered" not in parts)
         _switch_experiments(scenario)
         raw = _raw_dir(scenario)
@@ -703,6 +714,8 @@ PLAN = (
     ("four/host-sendlate", "host", "four-sendlate", False),  # comparison: SEND_EARLY_ENV off
     ("four/host-eagerprompt", "host", "four-eagerprompt", False),  # comparison: graph_prompt_tokens 0
     ("four/host-graph64", "host", "four-graph64", False),  # experiment: graph_prompt_tokens 64
+    ("four/host-spread2", "host", "four-spread2", False),  # experiment: graph_prompt_chunk 64, two steps a prompt
+    ("four/host-spread4", "host", "four-spread4", False),  # and 32, four steps a prompt
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

@@ -36,6 +36,8 @@ EXPERIMENTS = {
     "four/host-sendlate": ("host_send_late", " with tokens sent after the pass's launches"),
     "four/host-eagerprompt": ("host_eager_prompts", " with every prompt in eager prompt steps"),
     "four/host-graph64": ("host_graph64", " with at most 64 prompt rows in a decode graph"),
+    "four/host-spread2": ("host_spread2", " with each short prompt spread over two decode steps"),
+    "four/host-spread4": ("host_spread4", " with each short prompt spread over four decode steps"),
     "four/host-sendearly-smallfirst": (
         "host_send_early_small_first",
         " with tokens sent early and the small models weighted 1.25 to the 8Bs' 1",

@@ -71,6 +71,9 @@ class ModelConfig:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     cuda_graphs: bool = True
     graph_prompt_tokens: int | None = None  # None: prompt_rows decides by max_seq_len
+    # At most this many of a carried prompt's tokens per decode step (None: all it has left, up to prompt_rows): a
+    # prompt spread over several decode steps lengthens each of them less (an experiment, bench phase four-spread2).
+    graph_prompt_chunk: int | None = None
     prefix_caching: bool = True  # reuse the K/V of prompt beginnings seen before (not for sliding-window models)
 
     @property
@@ -162,6 +165,7 @@ _MODEL_KEYS = {
     "prefill_chunk",
     "cuda_graphs",
     "graph_prompt_tokens",
+    "graph_prompt_chunk",
     "prefix_caching",
 }
 
@@ -213,6 +217,7 @@ def _parse_model(name: str, t: Mapping[str, Any], where: str, base: Path) -> Mod
         prefill_chunk=_get(_positive_int, t, "prefill_chunk", where, table, DEFAULT_PREFILL_CHUNK),
         cuda_graphs=_get(_bool, t, "cuda_graphs", where, table, True),
         graph_prompt_tokens=_get(_nonnegative_int, t, "graph_prompt_tokens", where, table),
+        graph_prompt_chunk=_get(_positive_int, t, "graph_prompt_chunk", where, table),
         prefix_caching=_get(_bool, t, "prefix_caching", where, table, True),
     )
 

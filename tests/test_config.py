@@ -619,3 +619,11 @@ def test_graph_prompt_tokens_is_unset_unless_given(tmp_path: Path) -> None:
     assert "must be 0 (off) or a positive integer" in config_error(
         tmp_path, '[models.a]\npath = "/m/a"\ngraph_prompt_tokens = -1\n'
     )
+
+
+def test_graph_prompt_chunk_is_unset_unless_given_and_positive(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[models.a]\npath = "/m/a"\n[models.b]\npath = "/m/b"\ngraph_prompt_chunk = 64\n')
+    a, b = cfg.models
+    assert a.graph_prompt_chunk is None and b.graph_prompt_chunk == 64
+    msg = config_error(tmp_path, '[models.a]\npath = "/m/a"\ngraph_prompt_chunk = 0\n')
+    assert "graph_prompt_chunk" in msg and "must be a positive integer" in msg

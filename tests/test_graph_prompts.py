@@ -25,27 +25,29 @@ PROMPT_ROWS = 6
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
-def _engine(path: Any) -> Engine:
-    cfg = ModelConfig("t", path, dtype="float32", max_seq_len=64, max_batch=4, cuda_graphs=False, prefill_chunk=4)
+def _engine(path: Any, **kw: Any) -> Engine:
+    cfg = ModelConfig(
+        "t", path, dtype="float32", max_seq_len=64, max_batch=4, cuda_graphs=False, prefill_chunk=4, **kw
+    )
     return Engine.load(cfg, "cpu")
 
 
-def _graphed_engine(path: Any) -> Engine:
+def _graphed_engine(path: Any, **kw: Any) -> Engine:
     """_engine with a decode runner of PROMPT_ROWS prompt rows, as Engine.load builds one on a GPU."""
-    engine = _engine(path)
+    engine = _engine(path, **kw)
     assert isinstance(engine.model, LlamaModel)
     engine.runner = DecodeRunner(engine.model, engine.cache, 4, 64, prompt_tokens=PROMPT_ROWS)
     return engine
 
 
-def test_short_prompts_ride_decode_steps_and_give_the_same_tokens(tiny_models: TinyModels) -> None:  # noqa: F811
-    _, path = tiny_models("llama")
-    expected = [c.output_ids for c in _engine(path).generate(PROMPTS, GREEDY)]
-
-    engine = _graphed_engine(path)
+def _drive(engine: Engine) -> tuple[list[list[int]], dict[str, int], list[int]]:
+    """PROMPTS through `engine` as the host drives it: the first alone, the others arriving while it decodes; decode
+    steps carry the short prompts, prompt-only steps take the rest when nothing decodes. Returns each request's
+    tokens, how many steps of each kind ran, and the prompt chunks' sizes in the graphed steps."""
     ids = [engine.add_request(PROMPTS[0], GREEDY)]
     outputs: dict[str, list[int]] = {ids[0]: []}
     kinds = {"graphed": 0, "prompt_only": 0}
+    carried: list[int] = []
     step = 0
     while engine.has_work:
         if step in (2, 3, 5):  # the others arrive while the first decodes
@@ -55,7 +57,7 @@ def test_short_prompts_ride_decode_steps_and_give_the_same_tokens(tiny_models: T
         plan = engine.schedule(0, graph_prompts=True)
         if not plan.empty and any(len(c.token_ids) > 1 for c in plan.chunks):
             assert plan.graphed
-            assert all(len(c.token_ids) <= PROMPT_ROWS for c in plan.chunks)
+            carried += [len(c.token_ids) for c in plan.chunks if not c.is_decode]
             kinds["graphed"] += 1
         if plan.empty:  # nothing decodes or carries: the long prompts' chunks, eager
             plan = engine.schedule(4, decodes=False, graph_prompts=True)
@@ -64,8 +66,26 @@ def test_short_prompts_ride_decode_steps_and_give_the_same_tokens(tiny_models: T
         for out in engine.collect(plan):
             outputs[out.seq_id].append(out.token)
         step += 1
+    return [outputs[i] for i in ids], kinds, carried
+
+
+def test_short_prompts_ride_decode_steps_and_give_the_same_tokens(tiny_models: TinyModels) -> None:  # noqa: F811
+    _, path = tiny_models("llama")
+    expected = [c.output_ids for c in _engine(path).generate(PROMPTS, GREEDY)]
+    outputs, kinds, carried = _drive(_graphed_engine(path))
     assert kinds["graphed"] >= 2 and kinds["prompt_only"] >= 1, kinds
-    assert [outputs[i] for i in ids] == expected
+    assert max(carried) <= PROMPT_ROWS and max(carried) > 3, carried  # PROMPTS[2] rides whole
+    assert outputs == expected
+
+
+def test_a_carried_prompt_spreads_over_decode_steps_by_graph_prompt_chunk(tiny_models: TinyModels) -> None:  # noqa: F811
+    """graph_prompt_chunk 2: a short prompt rides two or three decode steps, two tokens each (its chunks after the
+    first start mid-prompt and attend to the K/V its earlier steps wrote), with the same tokens as the eager path."""
+    _, path = tiny_models("llama")
+    expected = [c.output_ids for c in _engine(path).generate(PROMPTS, GREEDY)]
+    outputs, _, carried = _drive(_graphed_engine(path, graph_prompt_chunk=2))
+    assert max(carried) == 2 and len(carried) >= 4, carried
+    assert outputs == expected
 
 
 def test_prompt_only_steps_leave_short_prompts_to_decode_steps(tiny_models: TinyModels) -> None:  # noqa: F811

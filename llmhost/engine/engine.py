@@ -321,10 +321,12 @@ class Engine:
         step still in flight (prefill_limit 0): the host keeps a model's decode rows on their graph while its
         prompts run eager on another stream. graph_prompts, with a decode runner that has prompt rows
         (ModelConfig.graph_prompt_tokens): prompts with at most that many tokens left ride the decode steps as
-        rows of its graph (a decode step takes them up to that many tokens in place of prefill_limit; a
-        prompt-only step leaves them while the model decodes), and such a plan is `graphed`."""
+        rows of its graph (a decode step takes them up to that many tokens, or ModelConfig.graph_prompt_chunk, in place
+        of prefill_limit; a prompt-only step leaves them while the model decodes), and such a plan is `graphed`."""
         short = self.runner.prompt_tokens if graph_prompts and self.runner is not None else 0
-        plan = self.scheduler.schedule(short if short and decodes else prefill_limit, decodes, short)
+        # A decode step carries at most graph_prompt_chunk of them (a longer one rides the next steps too).
+        carry = min(short, self.config.graph_prompt_chunk or short)
+        plan = self.scheduler.schedule(carry if short and decodes else prefill_limit, decodes, short)
         if not short or not decodes or not plan.prompt_tokens:
             return plan
         # The scheduler took only prompts that fit the rows and ask for no prompt logprobs, decode rows first: the
