@@ -26,9 +26,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 def _engine(path: Any, **kw: Any) -> Engine:
-    cfg = ModelConfig(
-        "t", path, dtype="float32", max_seq_len=64, max_batch=4, cuda_graphs=False, prefill_chunk=4, **kw
-    )
+    cfg = ModelConfig("t", path, dtype="float32", max_seq_len=64, max_batch=4, cuda_graphs=False, prefill_chunk=4, **kw)
     return Engine.load(cfg, "cpu")
 
 
