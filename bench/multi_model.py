@@ -95,7 +95,8 @@ GRAPH_PROMPT_TOKENS = DEFAULT_GRAPH_PROMPT_TOKENS
 assert PROMPT <= GRAPH_PROMPT_TOKENS
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
                 "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0), "pair-lead2": (1.0, 1.0),
-                "pair-lead2-ditherall": (1.0, 1.0), "pair-deep": (1.0, 1.0), "pair-shallow": (1.0, 1.0)}  # fmt: skip
+                "pair-lead2-ditherall": (1.0, 1.0), "pair-deep": (1.0, 1.0), "pair-shallow": (1.0, 1.0),
+                "pair-minheld3": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -337,6 +338,7 @@ def _switch_experiments(scenario: str) -> None:
         PROMPT_APART_ENV,
         SEND_EARLY_ENV,
         SM_DITHER_ENV,
+        SM_MIN_HELD_ENV,
         SOLO_RUN_AHEAD_ENV,
     )
 
@@ -348,6 +350,8 @@ def _switch_experiments(scenario: str) -> None:
         "ditherall": [(DITHER_ALL_ENV, "1")],
         "deep": [(DEEP_LEVELS_ENV, "1")],  # the default since multi_model_deep_call1/2-h100.json
         "shallow": [(DEEP_LEVELS_ENV, "0")],
+        "minheld3": [(SM_MIN_HELD_ENV, "0.03")],
+        "minheld2": [(SM_MIN_HELD_ENV, "0.02")],
         "undithered": [(SM_DITHER_ENV, "0")],
         "collected": [(SOLO_RUN_AHEAD_ENV, "0")],
         "sendearly": [(SEND_EARLY_ENV, "1")],  # the default since multi_model_graph_prompts_call*-h100.json
@@ -382,8 +386,10 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     the pass's launches (LLMHOST_SEND_BEFORE_LAUNCH=0); (four-eagerprompt) every prompt by eager prompt steps
     (graph_prompt_tokens 0); (four-graph64) graph_prompt_tokens 64: the bench's 128-token prompts (and a 1B's
     pair of them) go back to eager prompt steps; only prefix-matched remainders of 64 tokens or fewer ride;
-    (four-spread2, four-spread4) each carried prompt spread over two (four) decode steps (graph_prompt_chunk 64,
-    32): each step lengthened less by its prompt rows, the tail of the small models' token gaps."""
+    (four-minheld3, four-minheld2, pair-minheld3) a model moves an SM level when held 3% (2%) of a steering
+    window, not 5% (LLMHOST_SM_MIN_HELD); (four-spread2, four-spread4) each carried prompt spread over two (four)
+    decode steps (graph_prompt_chunk 64, 32): each step lengthened less by its prompt rows, the tail of the small
+    models' token gaps."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -689,6 +695,7 @@ PLAN = (
     ("pair/host-shallow", "host", "pair-shallow", False),  # comparison: core.DEEP_LEVELS_ENV off
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
+    ("pair/host-minheld3", "host", "pair-minheld3", False),  # experiment: core.SM_MIN_HELD_ENV 0.03
     ("pair/processes", "processes", "pair", False),
     ("swap/swap", "swap", "swap", False),
     ("four/host", "host", "four", False),
@@ -716,6 +723,8 @@ PLAN = (
     ("four/host-graph64", "host", "four-graph64", False),  # experiment: graph_prompt_tokens 64
     ("four/host-spread2", "host", "four-spread2", False),  # experiment: graph_prompt_chunk 64, two steps a prompt
     ("four/host-spread4", "host", "four-spread4", False),  # and 32, four steps a prompt
+    ("four/host-minheld3", "host", "four-minheld3", False),  # experiment: core.SM_MIN_HELD_ENV 0.03
+    ("four/host-minheld2", "host", "four-minheld2", False),  # and 0.02
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

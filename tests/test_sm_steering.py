@@ -612,3 +612,21 @@ def test_prompts_apart_keeps_decode_steps_off_the_far_sms_while_a_prompt_runs_th
         for name in ("a", "b"):
             core._dither(name, "cuda:0", [])
         assert [core.slots[n].engine.runner.sms for n in ("a", "b")] == [None, None]
+
+
+def test_the_hosts_min_held_experiment_reaches_the_steering(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    """LLMHOST_SM_MIN_HELD (bench phases four/host-minheld3, -minheld2) sets the share of a window that moves a
+    model; unset, sm_steering.MIN_HELD."""
+    from llmhost.host.core import SM_MIN_HELD_ENV
+    from llmhost.host.sm_steering import MIN_HELD
+
+    core = _steered_core(tmp_path, monkeypatch, tiny_models)
+    assert core.confinement is not None and core.confinement._steering["cuda:0"].min_held == MIN_HELD
+    monkeypatch.setenv(SM_MIN_HELD_ENV, "0.03")
+    (tmp_path / "again").mkdir()
+    core = _steered_core(tmp_path / "again", monkeypatch, tiny_models)
+    assert core.confinement is not None and core.confinement._steering["cuda:0"].min_held == 0.03

@@ -13,6 +13,17 @@ what running together gains over taking turns (`normalized_sum`; 1.0 is time sli
 up to more than any run's sum, no split of the GPU meets the target at that tail. The baselines (threads, MPS,
 processes) are put against the host's solo numbers the same way.
 
+The equal share (host runs with the bytes each model read, alone and together): where every model progresses at
+the same normalized speed s, as equal weights make them (overlapped steps are charged their solo cost), the bytes
+they read together are s times the sum of their solo reads, so at the bytes the run read
+
+    s_equal = bytes read together / sum of bytes read alone
+
+and a model's p99 over solo is (1 / s) x (tail / solo tail). The target then holds only where each model's tail
+grows by at most 3 x s_equal over its solo tail (`tail_growth_allowed`, against each model's measured
+`tail_growth`): with the GPU reading at its copy bandwidth, no schedule raises s_equal much, and what is left of the
+target is in the tails.
+
 Usage: python bench/probes/itl_budget.py RESULT.json [RESULT.json ...] [--out FILE]"""
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: multi_model_report
 
 LIMIT = 3.0  # the issue's bound: p99 together within this many times the solo p99
 
@@ -36,6 +49,7 @@ def _model(solo: dict[str, Any], tok_s: float, itl: dict[str, Any]) -> dict[str,
     solo_mean, solo_p99 = solo["itl_ms_alone"]["mean"], solo["itl_ms_alone"]["p99"]
     tail = itl["p99"] / itl["mean"]
     flat = solo_mean / (LIMIT * solo_p99)
+    solo_tail = solo_p99 / solo_mean
     return {
         "normalized": _r(s),
         "itl_mean_ms": itl["mean"],
@@ -43,21 +57,48 @@ def _model(solo: dict[str, Any], tok_s: float, itl: dict[str, Any]) -> dict[str,
         "p99_ms": itl["p99"],
         "p99_over_solo": _r(itl["p99"] / solo_p99),
         "tail": _r(tail),
-        "solo_tail": _r(solo_p99 / solo_mean),
+        "solo_tail": _r(solo_tail),
+        "tail_growth": _r(tail / solo_tail),
         "needed_flat": _r(flat),
         "needed_at_tail": _r(flat * tail),
     }
 
 
-def _run(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _run(models: dict[str, dict[str, Any]], phase: dict[str, Any] | None = None) -> dict[str, Any]:
     sums = {k: _r(sum(m[k] for m in models.values())) for k in ("normalized", "needed_flat", "needed_at_tail")}
-    return {
+    out = {
         "normalized_sum": sums["normalized"],
         "needed_flat_sum": sums["needed_flat"],
         "needed_at_tail_sum": sums["needed_at_tail"],
         "short_of_target": sorted(n for n, m in models.items() if m["normalized"] < m["needed_at_tail"]),
-        "models": models,
     }
+    share = _equal_share(phase or {}, list(models))
+    if share is not None:
+        out["equal_share"] = _r(share)
+        out["tail_growth_allowed"] = _r(LIMIT * share)
+        for m in models.values():
+            m["p99_over_solo_at_equal_share"] = _r(m["tail_growth"] / share)
+    return {**out, "models": models}
+
+
+def _equal_share(phase: dict[str, Any], names: list[str]) -> float | None:
+    """s_equal of the module's docstring from a raw host phase (bench/multi_model.py's `raw`: its `alone` and
+    `together` windows with each model's bytes_per_s); None where a figure is missing."""
+    alone, together = phase.get("alone") or {}, phase.get("together") or {}
+    solo = [(alone.get(n) or {}).get("bytes_per_s") for n in names]
+    both = [(together.get(n) or {}).get("bytes_per_s") for n in names]
+    if any(not x for x in solo) or any(x is None for x in both):
+        return None
+    return float(sum(both)) / float(sum(solo))
+
+
+def _raw_phase(doc: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The raw phase behind a four-model summary key ("host", or an experiment's: multi_model_report.EXPERIMENTS)."""
+    from multi_model_report import EXPERIMENTS
+
+    phase = "four/host" if key == "host" else next((p for p, (k, _) in EXPERIMENTS.items() if k == key), None)
+    raw = (doc.get("raw") or {}).get(phase) if phase is not None else None
+    return raw if isinstance(raw, dict) else None
 
 
 def budget(doc: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +115,8 @@ def budget(doc: dict[str, Any]) -> dict[str, Any]:
             continue
         # Each host run's own solo numbers: the experiment may change them too.
         runs[key] = _run(
-            {n: _model(m, m["tokens_per_s_together"], m["itl_ms_together"]) for n, m in run["models"].items()}
+            {n: _model(m, m["tokens_per_s_together"], m["itl_ms_together"]) for n, m in run["models"].items()},
+            _raw_phase(doc, key),
         )
     for key, run in (four.get("baselines") or {}).items():
         rows = run.get("models") if isinstance(run, dict) else None

@@ -51,6 +51,7 @@ from llmhost.host.messages import (
     TokenEvent,
 )
 from llmhost.host.sm_confinement import SmConfinement
+from llmhost.host.sm_steering import MIN_HELD
 from llmhost.host.step_trace import StepTrace, ThreadUsage
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.history import History, Measured, history_key
@@ -105,6 +106,11 @@ DITHER_ALL_ENV = "LLMHOST_DITHER_ALL"
 # "0" leaves SM steering's deep levels out (below 88 of 132 SMs: sm_steering.FRACTIONS), for comparison: with them
 # models already at 88 SMs can be slowed further instead of waiting for the 1B.
 DEEP_LEVELS_ENV = "LLMHOST_SM_DEEP_LEVELS"
+# Experiment, unset: sm_steering.MIN_HELD (0.05). The share of a steering window a model must be held to move a
+# level. In an H100 four-model trace the 3B was held by the 1B before 69-87 of its launches (2.4 ms on average,
+# its p99 token gaps) yet never confined: about 4% of each window, just under 5% (bench/results/
+# trace_holds_spread-h100.json, run "four"). Lower, a model held that often moves to fewer SMs and is held less.
+SM_MIN_HELD_ENV = "LLMHOST_SM_MIN_HELD"
 # A decode step run ahead (_follow) with no other step beside it samples its model's solo step cost, when all its
 # kernels were queued before the step ahead of it finished: its start event then completes as that step ends, and
 # start -> done spans its own GPU work only ("0" turns this off, for comparison). The other samples are decode steps
@@ -274,8 +280,9 @@ class HostCore:
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
         dither_all, deep = os.environ.get(DITHER_ALL_ENV) == "1", os.environ.get(DEEP_LEVELS_ENV) != "0"
+        min_held = float(os.environ.get(SM_MIN_HELD_ENV) or MIN_HELD)
         self.confinement = (
-            SmConfinement(self._runner, self.trace, dither_all, deep) if config.host.sm_steering else None
+            SmConfinement(self._runner, self.trace, dither_all, deep, min_held) if config.host.sm_steering else None
         )
         self._gc_start = 0.0
         self._usage: ThreadUsage | None = None  # the loop thread's OS figures per slow pass, when tracing

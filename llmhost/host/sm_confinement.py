@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmhost.host.gpu_scheduler import CONCURRENT_MAX_ROWS
-from llmhost.host.sm_steering import SmSteering
+from llmhost.host.sm_steering import MIN_HELD, SmSteering
 from llmhost.host.step_trace import StepTrace
 
 if TYPE_CHECKING:
@@ -32,12 +32,15 @@ class SmConfinement:
         trace: StepTrace | None = None,
         dither_all: bool = False,
         deep: bool = True,
+        min_held: float = MIN_HELD,
     ) -> None:
         """runner_of: a resident model's decode runner, None when it has none (a CPU, a split model, a fake).
-        dither_all, deep: SmSteering's (every model dithers, an experiment; levels below 88 of 132 SMs)."""
+        dither_all, deep, min_held: SmSteering's (every model dithers, an experiment; levels below 88 of 132 SMs;
+        the share of a window held that moves a model)."""
         self._runner_of = runner_of
         self._dither_all = dither_all
         self._deep = deep
+        self._min_held = min_held
         self._trace = trace
         self._steering: dict[str, SmSteering] = {}  # per GPU: how many SMs each model's decode graphs may use
         self._observed_at: dict[str, float] = {}  # per GPU: when its steering last observed the ready models
@@ -141,7 +144,9 @@ class SmConfinement:
 
         steering = self._steering.get(device)
         if steering is None:
-            steering = SmSteering(sm_count(device), dither_all=self._dither_all, deep=self._deep)
+            steering = SmSteering(
+                sm_count(device), min_held=self._min_held, dither_all=self._dither_all, deep=self._deep
+            )
         streams: dict[int, torch.cuda.Stream] = {}
         for sms in steering.levels[1:]:
             stream = self._streams.get((name, sms)) or confined_stream(device, sms)
