@@ -72,7 +72,9 @@ class ModelConfig:
     cuda_graphs: bool = True
     graph_prompt_tokens: int | None = None  # None: prompt_rows decides by max_seq_len
     # At most this many of a carried prompt's tokens per decode step (None: all it has left, up to prompt_rows): a
-    # prompt spread over several decode steps lengthens each of them less (an experiment, bench phase four-spread2).
+    # prompt spread over several decode steps lengthens each of them less. H100, four models, 128-token prompts at
+    # 64 and 32: worst p99 4.35x and 3.81x solo against the default's 3.52x in the same call, as the solo p99s fell
+    # with the shorter steps and the p99s together did not (bench/results/multi_model-h100.json, four/host-spread2).
     graph_prompt_chunk: int | None = None
     prefix_caching: bool = True  # reuse the K/V of prompt beginnings seen before (not for sliding-window models)
 
