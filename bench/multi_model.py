@@ -96,7 +96,7 @@ assert PROMPT <= GRAPH_PROMPT_TOKENS
 PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.0), "pair-unsteered": (1.0, 1.0),
                 "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0), "pair-lead2": (1.0, 1.0),
                 "pair-lead2-ditherall": (1.0, 1.0), "pair-deep": (1.0, 1.0), "pair-shallow": (1.0, 1.0),
-                "pair-minheld3": (1.0, 1.0)}  # fmt: skip
+                "pair-minheld3": (1.0, 1.0), "pair-lead1": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -345,7 +345,8 @@ def _switch_experiments(scenario: str) -> None:
     far = (FAR_PROMPT_ENV, str(FAR_PROMPT_SMS))
     switches = {
         "far": [far],
-        "lead2": [(LEAD_STEPS_ENV, "2")],
+        "lead2": [(LEAD_STEPS_ENV, "2")],  # the default since multi_model_lead_default-h100.json, as ditherall
+        "lead1": [(LEAD_STEPS_ENV, "1"), (DITHER_ALL_ENV, "0")],  # comparison: the strict lead, steered dithering
         "lead3": [(LEAD_STEPS_ENV, "3")],
         "ditherall": [(DITHER_ALL_ENV, "1")],
         "deep": [(DEEP_LEVELS_ENV, "1")],  # the default since multi_model_deep_call1/2-h100.json
@@ -386,7 +387,9 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     the pass's launches (LLMHOST_SEND_BEFORE_LAUNCH=0); (four-eagerprompt) every prompt by eager prompt steps
     (graph_prompt_tokens 0); (four-graph64) graph_prompt_tokens 64: the bench's 128-token prompts (and a 1B's
     pair of them) go back to eager prompt steps; only prefix-matched remainders of 64 tokens or fewer ride;
-    (four-minheld3, four-minheld2, pair-minheld3) a model moves an SM level when held 3% (2%) of a steering
+    (pair-lead1, four-lead1) the strict lead of one step and only steered models dithered (LLMHOST_LEAD_STEPS=1,
+    LLMHOST_DITHER_ALL=0: the defaults before multi_model_lead_default-h100.json); (four-minheld3, four-minheld2,
+    pair-minheld3) a model moves an SM level when held 3% (2%) of a steering
     window, not 5% (LLMHOST_SM_MIN_HELD); (four-spread2, four-spread4) each carried prompt spread over two (four)
     decode steps (graph_prompt_chunk 64, 32): each step lengthened less by its prompt rows, the tail of the small
     models' token gaps."""
@@ -696,6 +699,7 @@ PLAN = (
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/host-minheld3", "host", "pair-minheld3", False),  # experiment: core.SM_MIN_HELD_ENV 0.03
+    ("pair/host-lead1", "host", "pair-lead1", False),  # comparison: lead_steps 1, only steered models dithered
     ("pair/processes", "processes", "pair", False),
     ("swap/swap", "swap", "swap", False),
     ("four/host", "host", "four", False),
@@ -723,6 +727,7 @@ PLAN = (
     ("four/host-graph64", "host", "four-graph64", False),  # experiment: graph_prompt_tokens 64
     ("four/host-spread2", "host", "four-spread2", False),  # experiment: graph_prompt_chunk 64, two steps a prompt
     ("four/host-spread4", "host", "four-spread4", False),  # and 32, four steps a prompt
+    ("four/host-lead1", "host", "four-lead1", False),  # comparison: lead_steps 1, only steered models dithered
     ("four/host-minheld3", "host", "four-minheld3", False),  # experiment: core.SM_MIN_HELD_ENV 0.03
     ("four/host-minheld2", "host", "four-minheld2", False),  # and 0.02
     ("pair/mps", "processes", "pair", True),

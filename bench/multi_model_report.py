@@ -38,6 +38,7 @@ EXPERIMENTS = {
     "four/host-graph64": ("host_graph64", " with at most 64 prompt rows in a decode graph"),
     "four/host-spread2": ("host_spread2", " with each short prompt spread over two decode steps"),
     "four/host-spread4": ("host_spread4", " with each short prompt spread over four decode steps"),
+    "four/host-lead1": ("host_lead1", " with the strict lead of one step, only steered models dithered"),
     "four/host-minheld3": ("host_min_held3", " with SM levels moved at 3% of a window held"),
     "four/host-minheld2": ("host_min_held2", " with SM levels moved at 2% of a window held"),
     "four/host-sendearly-smallfirst": (
@@ -58,6 +59,7 @@ PAIR_EXPERIMENTS = {
     "pair/host-deep": ("host_deep", " with SM levels below 88 of 132 SMs"),
     "pair/host-shallow": ("host_shallow", " without SM levels below 88 of 132 SMs"),
     "pair/host-minheld3": ("host_min_held3", " with SM levels moved at 3% of a window held"),
+    "pair/host-lead1": ("host_lead1", " with the strict lead of one step, only steered models dithered"),
 }
 
 

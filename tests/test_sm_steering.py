@@ -429,17 +429,18 @@ def test_the_experiment_switches_reach_the_gpu_scheduler_and_the_steering(
     tiny_models: TinyModels,  # noqa: F811
     on: bool,
 ) -> None:
-    """LLMHOST_LEAD_STEPS and LLMHOST_DITHER_ALL, each off unless set; LLMHOST_SM_DEEP_LEVELS on unless "0"."""
+    """LLMHOST_LEAD_STEPS (2 unless set), LLMHOST_DITHER_ALL and LLMHOST_SM_DEEP_LEVELS (on unless "0"): `on`,
+    the comparison settings of bench phases four/host-lead1 and four/host-shallow."""
     from llmhost.host.core import DEEP_LEVELS_ENV, DITHER_ALL_ENV, LEAD_STEPS_ENV
 
     if on:
-        for env, value in ((LEAD_STEPS_ENV, "2"), (DITHER_ALL_ENV, "1"), (DEEP_LEVELS_ENV, "0")):
+        for env, value in ((LEAD_STEPS_ENV, "1"), (DITHER_ALL_ENV, "0"), (DEEP_LEVELS_ENV, "0")):
             monkeypatch.setenv(env, value)
     core = _steered_core(tmp_path, monkeypatch, tiny_models)
-    assert core.gpu.lead_steps == (2.0 if on else 1.0)
+    assert core.gpu.lead_steps == (1.0 if on else 2.0)
     assert core.confinement is not None
     st = core.confinement._steering["cuda:0"]
-    assert st.dither_all is on
+    assert st.dither_all is not on
     assert st.levels == ((132, 112, 104, 96, 88) if on else (132, 112, 104, 96, 88, 80, 72))
 
 
@@ -559,11 +560,14 @@ def test_the_host_dithers_a_steered_models_steps_unless_turned_off(
     monkeypatch: pytest.MonkeyPatch,
     tiny_models: TinyModels,  # noqa: F811
 ) -> None:
-    from llmhost.host.core import SM_DITHER_ENV
+    """Dithering on (the default) moves a steered model a level down while it is ahead, and every model, also one
+    the steering never moved (LLMHOST_DITHER_ALL, on unless "0": then that one stays on the whole GPU)."""
+    from llmhost.host.core import DITHER_ALL_ENV, SM_DITHER_ENV
 
-    for sub, on in (("off", False), ("on", True)):
+    for sub, on, dither_all in (("off", False, True), ("on", True, True), ("steered", True, False)):
         (tmp_path / sub).mkdir()
         monkeypatch.setenv(SM_DITHER_ENV, "1" if on else "0")
+        monkeypatch.setenv(DITHER_ALL_ENV, "1" if dither_all else "0")
         core = _steered_core(tmp_path / sub, monkeypatch, tiny_models)
         confinement = core.confinement
         assert confinement is not None
@@ -579,8 +583,8 @@ def test_the_host_dithers_a_steered_models_steps_unless_turned_off(
         core.gpu.charge("a", 0.040)  # now behind
         core._dither("b", "cuda:0", [])
         assert runner.sms == 104
-        core._dither("a", "cuda:0", [])  # never held on the whole GPU: stays there
-        assert core.slots["a"].engine.runner.sms is None
+        core._dither("a", "cuda:0", [])  # now ahead, never moved by the steering: dithers only with dither_all
+        assert core.slots["a"].engine.runner.sms == (112 if on and dither_all else None)
 
 
 def test_prompts_apart_keeps_decode_steps_off_the_far_sms_while_a_prompt_runs_there(

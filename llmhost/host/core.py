@@ -87,10 +87,16 @@ DECODE_STREAM_PRIORITY = -1
 # prompt confined to the first SMs, shared with the steered 8Bs' graphs, made the four models' p99s worse
 # (bench/results/multi_model_experiments-h200.json).
 FAR_PROMPT_ENV = "LLMHOST_FAR_PROMPT_SMS"
-# Experiment, off unless set: GpuScheduler's lead_steps (a model may start that many of its own steps past another
-# model's bound, less one), to hold the 8Bs beside three models less often. H200, four models, lead 2: p99 3.2-4.1x
-# solo against the default's 3.7-4.1x in the same call, aggregate unchanged (multi_model_experiments_call2-h200.json).
+# GpuScheduler's lead_steps (a model may start that many of its own steps past another model's bound, less one):
+# DEFAULT_LEAD_STEPS unless set ("1": start-time fair queuing's strict eligibility, the default before, for
+# comparison). With DITHER_ALL_ENV's every model dithered, the default since both were ahead of the strict lead in
+# every same-call comparison on the H100, five calls, four models: worst p99 3.25x / 3.10x / 3.23x / 3.14x / 3.09x
+# solo against 3.39x / 3.27x / 3.28x / 3.24x / 3.64x, aggregate 1.18-1.24 of the best baseline against 1.19-1.24
+# (bench/results/multi_model_lead_call1-h100.json and _call2, _call3, multi_model_deep_call1-h100.json,
+# multi_model_minheld-h100.json; the pair: bench/results/multi_model_lead_default-h100.json). Alone (H200, lead 2
+# without dithering): p99 3.2-4.1x against 3.7-4.1x (multi_model_experiments_call2-h200.json).
 LEAD_STEPS_ENV = "LLMHOST_LEAD_STEPS"
+DEFAULT_LEAD_STEPS = 2.0
 # SM steering dithers each steered model's decode steps between its level and the one below by whether it is ahead
 # of the others (SmSteering.step_sms); "0" turns that off, for comparison. H200, Mistral-7B + Yi-34B at 1:1: 4,227
 # GB/s against 4,185 undithered and two threads' 4,215 (normalized 0.555 / 0.593 against 0.568 / 0.571); four
@@ -99,9 +105,10 @@ LEAD_STEPS_ENV = "LLMHOST_LEAD_STEPS"
 # / 2,894 / 3,039 tok/s against 3,020 / 2,861 / 2,987 (multi_model_call1-h100.json,
 # multi_model_before_b2b-h100.json, multi_model_four_rerun-h100.json): no gain there beyond the spread, and no loss.
 SM_DITHER_ENV = "LLMHOST_SM_DITHER"
-# Experiment, off unless "1": every model dithers (SmSteering's dither_all), not only those the steering moved, so a
-# model ahead of the others replays its next decode step a level lower instead of waiting for them (fair sharing's
-# holds make the 3B's largest token gaps beside three models: bench/probes/trace_holds.py).
+# Every model dithers (SmSteering's dither_all), not only those the steering moved, so a model ahead of the others
+# replays its next decode step a level lower instead of waiting for them (fair sharing's holds make the 3B's largest
+# token gaps beside three models: bench/probes/trace_holds.py). On unless "0" (the default before, for comparison);
+# measured with LEAD_STEPS_ENV's lead of two steps, above.
 DITHER_ALL_ENV = "LLMHOST_DITHER_ALL"
 # "0" leaves SM steering's deep levels out (below 88 of 132 SMs: sm_steering.FRACTIONS), for comparison: with them
 # models already at 88 SMs can be slowed further instead of waiting for the 1B.
@@ -266,7 +273,7 @@ class HostCore:
         self.coordinator = Coordinator(
             slots, Ledger(plan.budgets, park_ram), runtime, busy=self._busy, on_loaded=self._record
         )
-        self.gpu = GpuScheduler(lead_steps=float(os.environ.get(LEAD_STEPS_ENV) or 1.0))
+        self.gpu = GpuScheduler(lead_steps=float(os.environ.get(LEAD_STEPS_ENV) or DEFAULT_LEAD_STEPS))
         self.pending: dict[str, deque[Submit]] = {name: deque() for name in slots}
         self.resident_at_start = [m.name for m in plan.models]
         self.stopping = False
@@ -279,7 +286,7 @@ class HostCore:
         self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
-        dither_all, deep = os.environ.get(DITHER_ALL_ENV) == "1", os.environ.get(DEEP_LEVELS_ENV) != "0"
+        dither_all, deep = os.environ.get(DITHER_ALL_ENV) != "0", os.environ.get(DEEP_LEVELS_ENV) != "0"
         min_held = float(os.environ.get(SM_MIN_HELD_ENV) or MIN_HELD)
         self.confinement = (
             SmConfinement(self._runner, self.trace, dither_all, deep, min_held) if config.host.sm_steering else None
