@@ -33,8 +33,9 @@ leaving the other's stream alone on the GPU meanwhile (the H100 pair: 3,041 GB/s
 level below its own while its virtual time is ahead of the others', at its own level while behind: the mix of the
 two settles where both progress alike, with fewer holds (H200, Mistral-7B + Yi-34B: 4,227 GB/s against 4,185
 without, multi_model_dither-h200.json; on the H100 no gain beyond the run-to-run spread, host/core.py SM_DITHER_ENV).
-Only a model the steering moved dithers (confined, or given SMs back after holding others): one that fair sharing
-never held on the whole GPU keeps it.
+With `dither_all` (the host's default since 2026-12-06, host/core.py DITHER_ALL_ENV) every model dithers so; without
+it only a model the steering moved does (confined, or given SMs back after holding others), and one that fair
+sharing never held on the whole GPU keeps it.
 """
 
 from __future__ import annotations
