@@ -92,7 +92,8 @@ class SmSteering:
         deep: bool = True,
     ) -> None:
         """dither_all: every model dithers, also one the steering never moved (the host's default,
-        LLMHOST_DITHER_ALL=0 turns it off; a model ahead then replays its next step on fewer SMs instead of only being held).
+        LLMHOST_DITHER_ALL=0 turns it off; a model ahead then replays its next step on fewer SMs instead of only
+        being held).
         deep: the levels below 88 of 132 SMs too (False: the host's LLMHOST_SM_DEEP_LEVELS=0, for comparison)."""
         if total_sms <= 0:
             raise ValueError("total_sms must be positive")
