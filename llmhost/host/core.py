@@ -94,7 +94,7 @@ FAR_PROMPT_ENV = "LLMHOST_FAR_PROMPT_SMS"
 # solo against 3.39x / 3.27x / 3.28x / 3.24x / 3.64x / 3.31x, aggregate 1.17-1.24 of the best baseline against
 # 1.19-1.24 (bench/results/multi_model_lead_call1-h100.json and _call2, _call3, multi_model_deep_call1-h100.json,
 # multi_model_minheld-h100.json, multi_model_lead_default-h100.json). The pair lost 7 and 23 GB/s to it in two calls
-# (3,026 against 3,033, 3,029 against 3,052: one or two tokens per model in the window; multi_model_pair_deep-h100.json).
+# (3,026 against 3,033, 3,029 against 3,052: one or two tokens a model in the window; multi_model_pair_deep-h100.json).
 # Alone (H200, lead 2 without dithering): p99 3.2-4.1x against 3.7-4.1x (multi_model_experiments_call2-h200.json).
 LEAD_STEPS_ENV = "LLMHOST_LEAD_STEPS"
 DEFAULT_LEAD_STEPS = 2.0
