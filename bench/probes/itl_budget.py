@@ -36,6 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: multi_model_report
 
+from multi_model_report import EXPERIMENTS
+
 LIMIT = 3.0  # the issue's bound: p99 together within this many times the solo p99
 
 
@@ -94,8 +96,6 @@ def _equal_share(phase: dict[str, Any], names: list[str]) -> float | None:
 
 def _raw_phase(doc: dict[str, Any], key: str) -> dict[str, Any] | None:
     """The raw phase behind a four-model summary key ("host", or an experiment's: multi_model_report.EXPERIMENTS)."""
-    from multi_model_report import EXPERIMENTS
-
     phase = "four/host" if key == "host" else next((p for p, (k, _) in EXPERIMENTS.items() if k == key), None)
     raw = (doc.get("raw") or {}).get(phase) if phase is not None else None
     return raw if isinstance(raw, dict) else None

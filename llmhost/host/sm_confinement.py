@@ -35,7 +35,7 @@ class SmConfinement:
         min_held: float = MIN_HELD,
     ) -> None:
         """runner_of: a resident model's decode runner, None when it has none (a CPU, a split model, a fake).
-        dither_all, deep, min_held: SmSteering's (every model dithers, an experiment; levels below 88 of 132 SMs;
+        dither_all, deep, min_held: SmSteering's (every model dithers; levels below 88 of 132 SMs;
         the share of a window held that moves a model)."""
         self._runner_of = runner_of
         self._dither_all = dither_all
