@@ -16,7 +16,13 @@ SM steering is not simulated (it confines the 8Bs; here each keeps its bandwidth
 the shape of the holds: which gaps fair sharing lengthens and by how much, per lead_steps. It measures nothing on a
 GPU; the bench's phases four/host-lead2 and -lead3 do.
 
-Usage: python bench/probes/hold_sim.py [--seconds S] [--leads 1,2,3] [--dither 0.85] [--grab 8b-1=0.25,...] [--out FILE]
+`--fair-grabs` gives each model the grab at which all four progress alike when they run together (in proportion to
+their solo streaming rates: the split ideal SM steering would reach), so fair sharing never has to hold anyone: the
+best the token gaps can be with these step costs, prompts and noise, whatever the scheduler does. `--bandwidth 3.0`
+is what the H100's four models read together in the bench (3.0-3.1 TB/s, each at 0.34-0.35 of its solo speed).
+
+Usage: python bench/probes/hold_sim.py [--seconds S] [--leads 1,2,3] [--dither 0.85] [--grab 8b-1=0.25,...]
+       [--fair-grabs] [--bandwidth TBPS] [--seeds 1,2,3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -77,7 +83,21 @@ class Model:
     waiting_since: float | None = None
 
 
-def simulate(names: list[str], seconds: float, lead_steps: float, dither: float = 1.0, seed: int = 1) -> dict[str, Any]:
+def fair_grabs(names: list[str]) -> dict[str, float]:
+    """The grabs (summing to 1) at which `names`, running together, each stream at the same fraction of its solo
+    rate: in proportion to those rates."""
+    total = sum(MODELS[n][1] for n in names)
+    return {n: round(MODELS[n][1] / total, 4) for n in names}
+
+
+def simulate(
+    names: list[str],
+    seconds: float,
+    lead_steps: float,
+    dither: float = 1.0,
+    seed: int = 1,
+    bandwidth_tbps: float = BANDWIDTH_TBPS,
+) -> dict[str, Any]:
     """Token gaps of `names` decoding together for `seconds`; `dither`: the bandwidth grab of a step launched while
     its model is ahead of the others (GpuScheduler.lead), as a fraction of its own (1.0: none; SM steering's level
     below, 112 of 132 SMs: about 0.85)."""
@@ -112,7 +132,7 @@ def simulate(names: list[str], seconds: float, lead_steps: float, dither: float 
     while now < seconds * 1e3:
         # The GPU: every model's oldest step that has begun progresses at its share of the bandwidth.
         running = [m for m in models.values() if m.steps and m.steps[0].began is not None]
-        total = min(BANDWIDTH_TBPS, sum(m.rate_tbps for m in running))
+        total = min(bandwidth_tbps, sum(m.rate_tbps for m in running))
         grabs = sum(m.steps[0].grab for m in running)
         finished = []
         for m in running:
@@ -183,29 +203,40 @@ def main() -> None:
     ap.add_argument("--leads", default="1,2,3")
     ap.add_argument("--dither", type=float, default=1.0, help="grab of a step launched while ahead (0.85: a level)")
     ap.add_argument("--grab", default="", help="MODEL=GRAB,...: other bandwidth grabs (a deeper SM level's)")
+    ap.add_argument("--fair-grabs", action="store_true", help="grabs at which all progress alike (no holds needed)")
+    ap.add_argument("--bandwidth", type=float, default=BANDWIDTH_TBPS, help="TB/s the steps read together")
+    ap.add_argument("--seeds", default="1")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     names = list(MODELS)
-    solo = {n: simulate([n], args.seconds, 1.0)[n] for n in names}  # alone a model's grab does not matter
+    solo = {n: simulate([n], args.seconds, 1.0, bandwidth_tbps=args.bandwidth)[n] for n in names}  # grab unused
+    grabs = fair_grabs(names) if args.fair_grabs else {n: MODELS[n][2] for n in names}
     for item in filter(None, args.grab.split(",")):
         name, grab = item.split("=")
-        MODELS[name] = (*MODELS[name][:2], float(grab))
+        grabs[name] = float(grab)
+    for n, g in grabs.items():
+        MODELS[n] = (*MODELS[n][:2], g)
+    seeds = [int(x) for x in args.seeds.split(",")]
     runs: dict[str, Any] = {}
     for lead in (float(x) for x in args.leads.split(",")):
-        together = simulate(names, args.seconds, lead, args.dither)
-        runs[f"lead {lead:g}"] = {
-            n: {
-                **r,
-                "normalized": round(solo[n]["gap_mean_ms"] / r["gap_mean_ms"], 3),
-                "p99_over_solo": round(r["gap_p99_ms"] / solo[n]["gap_p99_ms"], 3),
+        for seed in seeds:
+            together = simulate(names, args.seconds, lead, args.dither, seed, args.bandwidth)
+            models = {
+                n: {
+                    **r,
+                    "normalized": round(solo[n]["gap_mean_ms"] / r["gap_mean_ms"], 3),
+                    "p99_over_solo": round(r["gap_p99_ms"] / solo[n]["gap_p99_ms"], 3),
+                }
+                for n, r in together.items()
             }
-            for n, r in together.items()
-        }
+            worst = max(m["p99_over_solo"] for m in models.values())
+            runs[f"lead {lead:g}" + (f", seed {seed}" if len(seeds) > 1 else "")] = {**models, "worst": worst}
     command = "python bench/probes/hold_sim.py " + " ".join(sys.argv[1:])
-    grabs = {n: m[2] for n, m in MODELS.items()}
     text = json.dumps(
-        {"command": command, "dither": args.dither, "grabs": grabs, "solo": solo, "together": runs}, indent=1
-    )
+        {"command": command, "dither": args.dither, "bandwidth_tbps": args.bandwidth, "grabs": grabs, "solo": solo,
+         "together": runs},
+        indent=1,
+    )  # fmt: skip
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
