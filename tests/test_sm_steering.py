@@ -21,7 +21,15 @@ from llmhost.host.coordinator import Slot
 from llmhost.host.core import DECODE_STREAM_PRIORITY, HostCore, _Running
 from llmhost.host.gpu_scheduler import StepShape
 from llmhost.host.sm_confinement import SmConfinement
-from llmhost.host.sm_steering import ALONE_WINDOWS, SmSteering, confined_levels, near_sms
+from llmhost.host.sm_steering import (
+    ALONE_WINDOWS,
+    SETTLE_QUIET_WINDOWS,
+    SETTLE_WINDOW_S,
+    WINDOW_S,
+    SmSteering,
+    confined_levels,
+    near_sms,
+)
 from llmhost.host.step_trace import StepTrace
 from llmhost.memory.inventory import parse_gpu_spec
 
@@ -96,6 +104,63 @@ def test_an_overshoot_gives_sms_back_and_sets_a_floor() -> None:
     # ...and the 14B, held again, is not confined below where it was given SMs back.
     assert window(st, 2.5, {"14b": 0.10, "7b": 0.0}) == {}
     assert st.sms("14b") == 104
+
+
+SHORT = 1.01 * SETTLE_WINDOW_S  # a settling window, clear of rounding in the sums of times
+
+
+def _short(st: SmSteering, t: float, held: dict[str, float], by: Mapping[str, str] = {}) -> dict[str, int]:
+    """A window of SHORT ending at `t` in which each model was held `held[name]` of it."""
+    for name, h in held.items():
+        st.observe(name, SHORT * (1.0 - h), False)
+        st.observe(name, SHORT * h, True, by.get(name))
+    return st.decide(t)
+
+
+def test_while_settling_a_short_window_decides_then_settled_ones_are_longer() -> None:
+    st = SmSteering(132)
+    for m in ("1b", "8b"):
+        st.add(m)
+    assert st.decide(0.0) == {} and not st.settled
+    held = {"1b": 0.0, "8b": 0.15}
+    assert _short(st, SHORT, held) == {}  # the newcomers' window decides nothing
+    t = SHORT
+    levels = []
+    for _ in range(3):  # 132 -> 104 -> 88 -> 72 SMs within 0.6 s of the start, not 2 s
+        t += SHORT
+        levels.append(_short(st, t, held).get("8b"))
+    assert levels == [104, 88, 72]
+    for _ in range(SETTLE_QUIET_WINDOWS):  # at the deepest level: nothing moves
+        t += SHORT
+        assert _short(st, t, held) == {}
+    assert st.settled
+    # Settled, a short window no longer decides: the 8B, now holding the 1B, gets SMs back after a whole WINDOW_S.
+    t += SHORT
+    assert _short(st, t, {"1b": 0.3, "8b": 0.0}, by={"1b": "8b"}) == {}
+    t += WINDOW_S - SHORT
+    assert st.decide(t) == {"8b": 80}  # 0.3 of the short part: 9% of the window, one level
+    assert not st.settled  # it moved: short windows again until it is quiet
+
+
+def test_a_new_model_unsettles_the_steering() -> None:
+    st = steering("a", "b")
+    t = 0.5
+    for _ in range(SETTLE_QUIET_WINDOWS):
+        t += WINDOW_S
+        assert window(st, t, {"a": 0.0, "b": 0.0}) == {}
+    assert st.settled
+    st.add("c")
+    assert not st.settled
+
+
+def test_without_settling_every_window_is_as_long() -> None:
+    st = SmSteering(132, settle_window_s=WINDOW_S)
+    for m in ("1b", "8b"):
+        st.add(m)
+    st.decide(0.0)
+    assert _short(st, SHORT, {"1b": 0.0, "8b": 0.15}) == {}  # not a window yet
+    assert st.decide(WINDOW_S) == {}  # the newcomers' window
+    assert _short(st, 2 * SHORT + WINDOW_S, {"1b": 0.0, "8b": 0.15}) == {}
 
 
 def test_never_below_the_deepest_level() -> None:
@@ -317,7 +382,8 @@ def test_the_step_trace_marks_each_hold_as_it_begins_and_whom_it_waits_for(
 
 
 def _b_held_back(confinement: SmConfinement) -> None:
-    confinement._steering["cuda:0"].window_s = 0.0  # decide on every pass
+    steering = confinement._steering["cuda:0"]
+    steering.window_s = steering.settle_window_s = 0.0  # decide on every pass
     confinement.observe("cuda:0", ["a", "b"], {})  # starts the first window
     confinement.observe("cuda:0", ["a", "b"], {"b": "a"})  # the set of ready models changed: no decision
     confinement.observe("cuda:0", ["a", "b"], {"b": "a"})  # b held all of the window: two levels down
@@ -429,19 +495,21 @@ def test_the_experiment_switches_reach_the_gpu_scheduler_and_the_steering(
     tiny_models: TinyModels,  # noqa: F811
     on: bool,
 ) -> None:
-    """LLMHOST_LEAD_STEPS (2 unless set), LLMHOST_DITHER_ALL and LLMHOST_SM_DEEP_LEVELS (on unless "0"): `on`,
-    the comparison settings of bench phases four/host-lead1 and four/host-shallow."""
-    from llmhost.host.core import DEEP_LEVELS_ENV, DITHER_ALL_ENV, LEAD_STEPS_ENV
+    """LLMHOST_LEAD_STEPS (2 unless set), LLMHOST_DITHER_ALL, LLMHOST_SM_DEEP_LEVELS and LLMHOST_SM_SETTLE (on
+    unless "0"): `on`, the comparison settings of bench phases four/host-lead1, -shallow and -slowsettle."""
+    from llmhost.host.core import DEEP_LEVELS_ENV, DITHER_ALL_ENV, LEAD_STEPS_ENV, SM_SETTLE_ENV
 
     if on:
-        for env, value in ((LEAD_STEPS_ENV, "1"), (DITHER_ALL_ENV, "0"), (DEEP_LEVELS_ENV, "0")):
-            monkeypatch.setenv(env, value)
+        for env in (DITHER_ALL_ENV, DEEP_LEVELS_ENV, SM_SETTLE_ENV):
+            monkeypatch.setenv(env, "0")
+        monkeypatch.setenv(LEAD_STEPS_ENV, "1")
     core = _steered_core(tmp_path, monkeypatch, tiny_models)
     assert core.gpu.lead_steps == (1.0 if on else 2.0)
     assert core.confinement is not None
     st = core.confinement._steering["cuda:0"]
     assert st.dither_all is not on
     assert st.levels == ((132, 112, 104, 96, 88) if on else (132, 112, 104, 96, 88, 80, 72))
+    assert st.settle_window_s == (WINDOW_S if on else SETTLE_WINDOW_S)
 
 
 def test_far_stream_builds_its_context_from_the_sms_left_after_the_split(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmhost.host.gpu_scheduler import CONCURRENT_MAX_ROWS
-from llmhost.host.sm_steering import MIN_HELD, SmSteering
+from llmhost.host.sm_steering import MIN_HELD, SETTLE_WINDOW_S, WINDOW_S, SmSteering
 from llmhost.host.step_trace import StepTrace
 
 if TYPE_CHECKING:
@@ -33,14 +33,17 @@ class SmConfinement:
         dither_all: bool = False,
         deep: bool = True,
         min_held: float = MIN_HELD,
+        settle: bool = True,
     ) -> None:
         """runner_of: a resident model's decode runner, None when it has none (a CPU, a split model, a fake).
         dither_all, deep, min_held: SmSteering's (every model dithers; levels below 88 of 132 SMs;
-        the share of a window held that moves a model)."""
+        the share of a window held that moves a model); settle: short windows while the steering settles
+        (SmSteering's settle_window_s; False: every window WINDOW_S long)."""
         self._runner_of = runner_of
         self._dither_all = dither_all
         self._deep = deep
         self._min_held = min_held
+        self._settle = settle
         self._trace = trace
         self._steering: dict[str, SmSteering] = {}  # per GPU: how many SMs each model's decode graphs may use
         self._observed_at: dict[str, float] = {}  # per GPU: when its steering last observed the ready models
@@ -145,7 +148,11 @@ class SmConfinement:
         steering = self._steering.get(device)
         if steering is None:
             steering = SmSteering(
-                sm_count(device), min_held=self._min_held, dither_all=self._dither_all, deep=self._deep
+                sm_count(device),
+                min_held=self._min_held,
+                dither_all=self._dither_all,
+                deep=self._deep,
+                settle_window_s=SETTLE_WINDOW_S if self._settle else WINDOW_S,
             )
         streams: dict[int, torch.cuda.Stream] = {}
         for sms in steering.levels[1:]:

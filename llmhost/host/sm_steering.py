@@ -12,19 +12,19 @@ free 7B, normalized 0.548 / 0.600 (bench/probes/green_context.py, bench/results/
 A model's graphs are captured ahead for each of a few SM counts (`levels`: the whole GPU, then FRACTIONS of it in
 multiples of GRANULE, as green contexts partition SMs in groups of 8 on Hopper), so a change only picks another set.
 
-The rule, per GPU, once per WINDOW_S: each held model's hold is put down to the model it waited for (the one
-whose bound kept it back, GpuScheduler.blocker). A confined model that held others at least MIN_HELD of the window
-is behind them: it moves back up, a level per MIN_HELD (at most MAX_MOVE), and is never confined below its new
-level again (its floor: no cycling across the fair point). A model held at least MIN_HELD of the window by models
-on the whole GPU is ahead: it moves down as many levels, to its floor at most (a model that both holds and is held
-moves up). Two models: the one held moves down, unless the other is confined, which then moves up instead. Four
-(1B, 3B, 8B, 8B shapes): both 8Bs, held by the smaller ones, move down; one confined too far holds the other and
-gets SMs back (judged by the most held model alone, the confined 8B got its SMs back whenever the other 8B was
-held most, and was on the whole GPU again within 3 s: bench/results/host_trace_raw-h200/steered; the four models'
-throughput and p99s did not measurably change either way, bench/results/multi_model_experiments-h200.json). A
-window in which the set of models with work changed decides nothing (its holds are the newcomer's start). A change
-shows in the next window already (selecting a set of graphs is instant). A model with work alone on the GPU for
-ALONE_WINDOWS windows gets the whole GPU back.
+The rule, per GPU, once per WINDOW_S (SETTLE_WINDOW_S while it settles after a change): each held model's hold is
+put down to the model it waited for (the one whose bound kept it back, GpuScheduler.blocker). A confined model that
+held others at least MIN_HELD of the window is behind them: it moves back up, a level per MIN_HELD (at most
+MAX_MOVE), and is never confined below its new level again (its floor: no cycling across the fair point). A model
+held at least MIN_HELD of the window by models on the whole GPU is ahead: it moves down as many levels, to its floor
+at most (a model that both holds and is held moves up). Two models: the one held moves down, unless the other is
+confined, which then moves up instead. Four (1B, 3B, 8B, 8B shapes): both 8Bs, held by the smaller ones, move down;
+one confined too far holds the other and gets SMs back (judged by the most held model alone, the confined 8B got its
+SMs back whenever the other 8B was held most, and was on the whole GPU again within 3 s:
+bench/results/host_trace_raw-h200/steered; the four models' throughput and p99s did not measurably change either
+way, bench/results/multi_model_experiments-h200.json). A window in which the set of models with work changed decides
+nothing (its holds are the newcomer's start). A change shows in the next window already (selecting a set of graphs
+is instant). A model with work alone on the GPU for ALONE_WINDOWS windows gets the whole GPU back.
 
 Dithering (`step_sms`; the host's LLMHOST_SM_DITHER=0 turns it off): the levels are coarse (8 SMs apart), and the
 fair point of a pair lies between two of them, so at either one model runs ahead and fair sharing holds it back,
@@ -43,6 +43,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 WINDOW_S = 0.5  # how long held time is summed before a decision
+# While the steering settles (after a model came or left, or the set of models with work changed, until
+# SETTLE_QUIET_WINDOWS windows in a row moved nothing) a window is this long instead. At WINDOW_S, four models
+# started together took three decisions, 1.0-1.5 s, to reach their levels (the 8Bs 132 -> 104 -> 88 -> 72 SMs), a
+# quarter to a third of the four-model bench's 4 s window (bench/probes/sm_levels.py over its traces), held more
+# meanwhile. At the start the held shares are large (the 8Bs 10-17% of a window), so a short window tells them apart
+# as well; once settled the longer one keeps a model near its fair point from moving on a few holds.
+SETTLE_WINDOW_S = 0.15
+SETTLE_QUIET_WINDOWS = 2
 MIN_HELD = 0.05  # a model held back less than this fraction of a window is near enough its share
 GRANULE = 8  # SM counts a green context may be given: Hopper partitions SMs in groups of 8 (40-112 all held)
 FRACTIONS = (0.85, 0.79, 0.73, 0.67, 0.61, 0.55)  # the confined levels' shares of the GPU (132 SMs: 112 ... 72)
@@ -90,22 +98,26 @@ class SmSteering:
         min_held: float = MIN_HELD,
         dither_all: bool = False,
         deep: bool = True,
+        settle_window_s: float = SETTLE_WINDOW_S,
     ) -> None:
         """dither_all: every model dithers, also one the steering never moved (the host's default,
         LLMHOST_DITHER_ALL=0 turns it off; a model ahead then replays its next step on fewer SMs instead of only
         being held).
-        deep: the levels below 88 of 132 SMs too (False: the host's LLMHOST_SM_DEEP_LEVELS=0, for comparison)."""
+        deep: the levels below 88 of 132 SMs too (False: the host's LLMHOST_SM_DEEP_LEVELS=0, for comparison).
+        settle_window_s: a window's length while settling (window_s: as settled, the host's LLMHOST_SM_SETTLE=0)."""
         if total_sms <= 0:
             raise ValueError("total_sms must be positive")
         self.total = total_sms
         self.dither_all = dither_all
         self.levels = (total_sms, *confined_levels(total_sms, deep))
         self.window_s = window_s
+        self.settle_window_s = min(settle_window_s, window_s)
         self.min_held = min_held
         self._models: dict[str, _Model] = {}
         self._window_start: float | None = None
         self._last_ready: frozenset[str] = frozenset()
         self._alone_windows = 0
+        self._quiet_windows = 0  # decisions in a row that moved nothing, with the same models ready
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -155,7 +167,7 @@ class SmSteering:
             self._window_start = now
             return {}
         window = now - self._window_start
-        if window < self.window_s:
+        if window < (self.window_s if self.settled else self.settle_window_s):
             return {}
         held = {name: m.held_s / window for name, m in self._models.items()}
         holding = {name: m.holding_s / window for name, m in self._models.items()}
@@ -168,6 +180,7 @@ class SmSteering:
         changes = self._alone(ready, changed)
         if not changes and not changed:
             changes = self._rebalance(held, holding)
+        self._quiet_windows = 0 if changes or changed else self._quiet_windows + 1
         return {name: self.levels[self._models[name].level] for name in changes}
 
     def _rebalance(self, held: dict[str, float], holding: dict[str, float]) -> list[str]:
@@ -185,6 +198,11 @@ class SmSteering:
                 continue
             changes.append(name)
         return changes
+
+    @property
+    def settled(self) -> bool:
+        """Whether the last SETTLE_QUIET_WINDOWS windows moved nothing (windows are window_s long then)."""
+        return self._quiet_windows >= SETTLE_QUIET_WINDOWS
 
     def _move(self, fraction: float) -> int:
         """Levels to move for `fraction` of a window held: one per min_held, at most MAX_MOVE."""
@@ -209,5 +227,6 @@ class SmSteering:
 
     def _reset_floors(self) -> None:
         """Another set of models: where the fair point lies is to be found again."""
+        self._quiet_windows = 0
         for m in self._models.values():
             m.floor = self.deepest
