@@ -180,6 +180,7 @@ class _Running:
     done: torch.cuda.Event | None = None  # recorded after the step's kernels; None on the CPU (ran synchronously)
     overlapped: bool = False  # another step (of any model, its own prompt step too) ran beside it on another stream
     beside_others: bool = False  # a step of another model ran beside it
+    confined: bool = False  # a decode step whose graphs replayed on fewer than all SMs (SM steering's level)
     followed: bool = False  # the model's next step was launched behind it before it was collected (run ahead)
     slices: Iterator[None] | None = None  # the rest of a launch in slices; None once every kernel is queued
     slice_ms: list[float] = field(default_factory=list)  # how long each slice took to queue (the step trace's)
@@ -711,6 +712,7 @@ class HostCore:
             self._dither(name, device, running)
             nxt = self._follow(last, running)
             if nxt is not None:
+                nxt.confined = self._confined(name)
                 running.append(nxt)
                 self._traced(nxt, len(running) - 1, follows=True)
                 in_flight[name] += self.gpu.expected_step_s(name, nxt.shape)
@@ -952,6 +954,11 @@ class HostCore:
             else:
                 self._holding[name] = by
 
+    def _confined(self, name: str) -> bool:
+        """Whether `name`'s next decode step replays graphs confined to fewer than all of its GPU's SMs."""
+        runner = self._runner(name)
+        return runner is not None and runner.sms is not None
+
     def _runner(self, name: str) -> DecodeRunner | None:
         """A resident model's decode runner: None for an engine without graphs (a CPU, a split model) and for the
         tests' fake engines, which have no such attribute."""
@@ -995,6 +1002,7 @@ class HostCore:
         run = self._execute(name, plan, shape, far or self._stream(name, device, running, shape))
         if run is None:
             return None
+        run.confined = not shape.prefill_tokens and self._confined(name)
         _mark_beside(running, run)
         running.append(run)
         self._traced(run, len(running) - 1)
@@ -1096,13 +1104,13 @@ class HostCore:
             wall = t_collect - run.began
             old = self._step_wall.get(run.name)
             self._step_wall[run.name] = wall if old is None else old + STEP_WALL_ALPHA * (wall - old)
-        shared = run.beside_others if run.shape.prefill_tokens else run.overlapped
+        shared, sample = _accounting(run, self.gpu.solo_step_s(run.name) is not None)
         solo = self.gpu.solo_step_s(run.name, run.shape) if shared else None
         if solo is not None and run.shape.prefill_tokens:
             solo = min(solo, seconds)  # a linear estimate from small launch-bound steps overshoots large ones
         charged = solo if solo is not None else seconds
         self.gpu.charge(run.name, charged, spread=run.shape.prefill_tokens > 0)
-        self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds, shared)
+        self.gpu.observe(run.name, run.shape.decode_rows, run.shape.prefill_tokens, seconds, overlapped=not sample)
         if self.trace is not None:
             vtime, debt = self.gpu.standing(run.name)
             self.trace.add(
@@ -1161,10 +1169,31 @@ def _event(stream: torch.cuda.Stream) -> torch.cuda.Event:
 
 def _shape(plan: StepPlan) -> StepShape:
     """A planned step's size as the GPU scheduler reads it: its decode rows and its prompt tokens. A step whose
-    prompts ride its graph (StepPlan.graphed) is a decode step: replayed, not launched eagerly, and as bound by
-    memory bandwidth as one without them (its prompt rows make its matmuls wider, they read the same weights)."""
+    prompts ride its graph (StepPlan.graphed) is a decode step: replayed, not launched eagerly, and reading the same
+    weights (its prompt rows make its matmuls wider: 128 of them cost it 1.25x alone, so its time is no sample of
+    the solo decode step, _accounting)."""
     rows = sum(1 for c in plan.chunks if c.is_decode)
     return StepShape(rows, 0 if plan.graphed else plan.prompt_tokens)
+
+
+def _accounting(run: _Running, solo_known: bool) -> tuple[bool, bool]:
+    """How a collected step counts for fair sharing: (shared: charged its model's solo cost rather than its
+    measured time; sample: its time samples that cost). `solo_known`: the model's solo decode step is measured.
+
+    - A prompt step (eager) beside another model's steps is shared; beside only its own model's decode steps it is
+      how the model prefills alone, a sample of the prefill cost.
+    - A decode step that overlapped any other step is shared; so is one confined to fewer SMs by SM steering once
+      the solo cost is known (alone on fewer SMs it runs slower than its solo cost: that is what confining does).
+    - A decode step whose graph carried prompt rows is no sample: alone it took 1.25-1.27x a plain one (8B 7.6
+      against 6.1 ms, 3B 4.1 against 3.2, 1B 1.84 against 1.45), and with those in the average (the clients' first
+      prompts come in a burst) one 8B's solo cost was frozen at 6.6-7.0 ms for the four-model window against the
+      other's 6.1, so it was charged 8-14% more per step and ran at 0.32-0.33 of its solo speed against the
+      other's 0.36; the 3B's at 3.35-3.42 against 3.20 (bench/results/multi_model_settle-h100.json's trace,
+      bench/results/host_trace_raw-h100/settle/)."""
+    if run.shape.prefill_tokens:
+        return run.beside_others, not run.beside_others
+    shared = run.overlapped or (run.confined and solo_known)
+    return shared, not shared and not _prompt_rows(run.plan)
 
 
 def _prompt_rows(plan: StepPlan) -> int:

@@ -1,0 +1,54 @@
+"""How a collected step counts for fair sharing (host/core.py _accounting): charged its model's solo cost or its
+measured time, and whether that time samples the solo cost. A decode step carrying prompt rows in its graph, or
+confined to fewer SMs, takes longer alone than the solo decode step and must not raise its estimate."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+
+from llmhost.engine.scheduler import Chunk, StepPlan
+from llmhost.host.core import _accounting, _Running, _shape
+
+
+def _plan(decode_rows: int, prompt_tokens: int = 0, graphed: bool = False) -> StepPlan:
+    chunks = [Chunk(f"d{i}", 10, (1,), (0,), True) for i in range(decode_rows)]
+    if prompt_tokens:
+        chunks.append(Chunk("p", 0, tuple(range(prompt_tokens)), (0,), True))
+    return StepPlan(chunks=tuple(chunks), graphed=graphed)
+
+
+def _run(plan: StepPlan, **flags: bool) -> _Running:
+    run = _Running("m", cast(Any, None), plan, _shape(plan), 0.0)
+    for k, v in flags.items():
+        setattr(run, k, v)
+    return run
+
+
+def test_a_plain_decode_step_alone_samples_its_cost() -> None:
+    assert _accounting(_run(_plan(8)), solo_known=True) == (False, True)
+
+
+def test_a_decode_step_beside_another_is_charged_its_solo_cost_and_is_no_sample() -> None:
+    assert _accounting(_run(_plan(8), overlapped=True), solo_known=True) == (True, False)
+
+
+def test_prompt_rows_riding_the_graph_are_no_sample_but_alone_are_charged_their_time() -> None:
+    plan = _plan(5, prompt_tokens=128, graphed=True)
+    assert _shape(plan).prefill_tokens == 0  # a decode step to the scheduler
+    assert _accounting(_run(plan), solo_known=True) == (False, False)
+    assert _accounting(_run(plan, overlapped=True), solo_known=True) == (True, False)
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_a_confined_decode_step_is_charged_the_whole_gpus_cost_once_known(known: bool) -> None:
+    # Before any solo cost is measured its time is all there is: charged and sampled as measured.
+    assert _accounting(_run(_plan(8), confined=True), solo_known=known) == ((True, False) if known else (False, True))
+
+
+def test_an_eager_prompt_step_samples_alone_and_is_shared_beside_another_model() -> None:
+    plan = _plan(0, prompt_tokens=128)
+    assert _shape(plan).prefill_tokens == 128
+    assert _accounting(_run(plan, overlapped=True), solo_known=True) == (False, True)  # beside its own decodes
+    assert _accounting(_run(plan, overlapped=True, beside_others=True), solo_known=True) == (True, False)
