@@ -1,6 +1,7 @@
 """How a collected step counts for fair sharing (host/core.py _accounting): charged its model's solo cost or its
 measured time, and whether that time samples the solo cost. A decode step carrying prompt rows in its graph, or
-confined to fewer SMs, takes longer alone than the solo decode step and must not raise its estimate."""
+confined to fewer SMs, takes longer alone than the solo decode step and must not raise its estimate. And a step
+takes prompt tokens only while no other model's prompt is in flight (HostCore._may_carry_prompt)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, cast
 import pytest
 
 from llmhost.engine.scheduler import Chunk, StepPlan
-from llmhost.host.core import _accounting, _Running, _shape
+from llmhost.host.core import HostCore, _accounting, _Running, _shape
 
 
 def _plan(decode_rows: int, prompt_tokens: int = 0, graphed: bool = False) -> StepPlan:
@@ -52,3 +53,21 @@ def test_an_eager_prompt_step_samples_alone_and_is_shared_beside_another_model()
     assert _shape(plan).prefill_tokens == 128
     assert _accounting(_run(plan, overlapped=True), solo_known=True) == (False, True)  # beside its own decodes
     assert _accounting(_run(plan, overlapped=True, beside_others=True), solo_known=True) == (True, False)
+
+
+def _carry_ok(name: str, running: list[_Running], one_prompt: bool = True) -> bool:
+    fake_core = cast(Any, type("Core", (), {"_one_prompt": one_prompt})())
+    return bool(HostCore._may_carry_prompt(fake_core, name, running))
+
+
+def test_a_step_takes_prompt_tokens_only_while_no_other_models_prompt_is_in_flight() -> None:
+    plain, carrying = _plan(8), _plan(5, prompt_tokens=128, graphed=True)
+    eager = _plan(0, prompt_tokens=512)
+    others_plain = [_Running("b", cast(Any, None), plain, _shape(plain), 0.0)]
+    assert _carry_ok("a", others_plain)
+    for prompt in (carrying, eager):
+        beside = [*others_plain, _Running("c", cast(Any, None), prompt, _shape(prompt), 0.0)]
+        assert not _carry_ok("a", beside)
+        assert _carry_ok("a", beside, one_prompt=False)  # LLMHOST_ONE_PROMPT=0
+    own = [_Running("a", cast(Any, None), carrying, _shape(carrying), 0.0)]
+    assert _carry_ok("a", own)  # its own prompt rows in flight hold nothing back

@@ -156,6 +156,13 @@ SEND_EARLY_ENV = "LLMHOST_SEND_BEFORE_LAUNCH"
 # the same (bench/results/multi_model_experiments_call1_20261205-h100.json): no gain. Short prompts now ride the decode
 # graphs (ModelConfig.graph_prompt_tokens), which leaves few prompt steps to keep apart from.
 PROMPT_APART_ENV = "LLMHOST_PROMPT_APART"
+# A decode step carries prompt rows in its graph only while no other model's step with prompt tokens (rows or an
+# eager prompt step) is in flight on its GPU; otherwise it decodes only and the prompt rides a later step. In an H100
+# four-model trace the 1B's and 3B's largest token gaps were the ones beside other models' prompt-carrying steps, most
+# of all beside both 8Bs' at once (their clients run in lockstep): the 1B's 6.35 ms on average there, 7.8 at most,
+# against 4.21 beside none; the 3B's 12.9 against 9.1 (bench/results/host_trace_raw-h100/record-20261206b, python
+# bench/probes/prompt_company.py). "0": prompts ride whatever is in flight (the default before), for comparison.
+ONE_PROMPT_ENV = "LLMHOST_ONE_PROMPT"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
 
@@ -306,6 +313,7 @@ class HostCore:
         self._solo_run_ahead = solo_run_ahead_on()
         self._send_early = os.environ.get(SEND_EARLY_ENV) != "0"
         self._prompt_apart = os.environ.get(PROMPT_APART_ENV) == "1"
+        self._one_prompt = os.environ.get(ONE_PROMPT_ENV) != "0"
         self._near_sms: dict[str, int] = {}  # per GPU with a far stream: the SMs left before it (PROMPT_APART_ENV)
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._draining: set[str] = set()  # admin unloads waiting for the requests in their model to finish
@@ -746,7 +754,8 @@ class HostCore:
         last.followed = True
         start = _event(stream)
         try:
-            nxt = last.engine.run_ahead(last.plan, stream, prefill_limit=0, graph_prompts=True)
+            carry = self._may_carry_prompt(last.name, running)
+            nxt = last.engine.run_ahead(last.plan, stream, prefill_limit=0, graph_prompts=carry)
         except Exception:
             self._fail_engine(last.name, last.engine)
             return None
@@ -901,7 +910,8 @@ class HostCore:
                     held = self._held_by(running, waiting)
                 break
             waiting.remove(name)
-            run = self._launch_plan(name, device, engines[name].schedule(0, graph_prompts=True), running)
+            plan = engines[name].schedule(0, graph_prompts=self._may_carry_prompt(name, running))
+            run = self._launch_plan(name, device, plan, running)
             if run is not None:
                 decoding.add(name)
                 moved = True
@@ -913,10 +923,21 @@ class HostCore:
             return moved
         prompts = [n for n in ready if nexts[n].prefill_tokens > 0]
         name = self.gpu.pick(device, prompts, busy=decoding) if prompts else None
-        if name is not None and self._fits_beside(running, name, StepShape(0, 1)):
+        if (
+            name is not None
+            and self._may_carry_prompt(name, running)
+            and self._fits_beside(running, name, StepShape(0, 1))
+        ):
             plan = engines[name].schedule(self.gpu.prefill_budget(name, device), decodes=False, graph_prompts=True)
             moved |= self._launch_plan(name, device, plan, running) is not None
         return moved
+
+    def _may_carry_prompt(self, name: str, running: list[_Running]) -> bool:
+        """Whether `name`'s next step may take prompt tokens (rows of its decode graph, or an eager prompt step): no
+        other model's step with prompt tokens in flight on its GPU (ONE_PROMPT_ENV)."""
+        if not self._one_prompt:
+            return True
+        return not any(r.name != name and (r.shape.prefill_tokens or _prompt_rows(r.plan)) for r in running)
 
     def _fits_beside(self, running: list[_Running], name: str, shape: StepShape) -> bool:
         """Whether `name`'s step of `shape` may start beside the steps in flight: a small decode step
