@@ -9,6 +9,7 @@ Usage: python bench/probes/prompt_company.py DIR [DIR ...] [--out FILE]
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 from collections import defaultdict
@@ -43,7 +44,7 @@ def company(raw: Path) -> dict[str, Any]:
         own = [s for s in steps if s["model"] == model and s["rows"] and not s["eager"]]
         by: dict[str, list[float]] = defaultdict(list)
         gaps = []
-        for a, b in zip(own, own[1:], strict=False):
+        for a, b in itertools.pairwise(own):
             if not t0 <= b["collect"] < t1:
                 continue
             start = max(a["collect"], b["launch"])
