@@ -42,7 +42,7 @@ EXPERIMENTS = {
     "four/host-minheld3": ("host_min_held3", " with SM levels moved at 3% of a window held"),
     "four/host-minheld2": ("host_min_held2", " with SM levels moved at 2% of a window held"),
     "four/host-slowsettle": ("host_slow_settle", " with 0.5 s steering windows while settling too"),
-    "four/host-prompttogether": ("host_prompts_together", " with prompts taken beside other models' prompts"),
+    "four/host-oneprompt": ("host_one_prompt", " with one model's prompt tokens at a time, in turns"),
     "four/host-sendearly-smallfirst": (
         "host_send_early_small_first",
         " with tokens sent early and the small models weighted 1.25 to the 8Bs' 1",
@@ -63,7 +63,7 @@ PAIR_EXPERIMENTS = {
     "pair/host-minheld3": ("host_min_held3", " with SM levels moved at 3% of a window held"),
     "pair/host-lead1": ("host_lead1", " with the strict lead of one step, only steered models dithered"),
     "pair/host-slowsettle": ("host_slow_settle", " with 0.5 s steering windows while settling too"),
-    "pair/host-prompttogether": ("host_prompts_together", " with prompts taken beside other models' prompts"),
+    "pair/host-oneprompt": ("host_one_prompt", " with one model's prompt tokens at a time, in turns"),
 }
 
 

@@ -35,8 +35,7 @@ def step(name: str, done: bool = False) -> _Running:
 
 
 def follow(last: _Running, running: list[_Running], sampling: bool) -> _Running:
-    attrs = {"_solo_run_ahead": sampling, "_fail_engine": None, "_may_carry_prompt": lambda self, n, r: True}
-    fake_core = cast(Any, type("Core", (), attrs)())
+    fake_core = cast(Any, type("Core", (), {"_solo_run_ahead": sampling, "_fail_engine": None})())
     nxt = core.HostCore._follow(fake_core, last, running)
     assert nxt is not None and last.followed
     return nxt

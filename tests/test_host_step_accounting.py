@@ -1,16 +1,18 @@
 """How a collected step counts for fair sharing (host/core.py _accounting): charged its model's solo cost or its
 measured time, and whether that time samples the solo cost. A decode step carrying prompt rows in its graph, or
-confined to fewer SMs, takes longer alone than the solo decode step and must not raise its estimate. And a step
-takes prompt tokens only while no other model's prompt is in flight (HostCore._may_carry_prompt)."""
+confined to fewer SMs, takes longer alone than the solo decode step and must not raise its estimate. With
+LLMHOST_ONE_PROMPT=1 a step takes prompt tokens only in its turn (HostCore._may_take_prompt, PromptTurns)."""
 
 from __future__ import annotations
 
 from typing import Any, cast
+from unittest.mock import patch
 
 import pytest
 
 from llmhost.engine.scheduler import Chunk, StepPlan
 from llmhost.host.core import HostCore, _accounting, _Running, _shape
+from llmhost.host.prompt_turns import PromptTurns
 
 
 def _plan(decode_rows: int, prompt_tokens: int = 0, graphed: bool = False) -> StepPlan:
@@ -55,19 +57,24 @@ def test_an_eager_prompt_step_samples_alone_and_is_shared_beside_another_model()
     assert _accounting(_run(plan, overlapped=True, beside_others=True), solo_known=True) == (True, False)
 
 
-def _carry_ok(name: str, running: list[_Running], one_prompt: bool = True) -> bool:
-    fake_core = cast(Any, type("Core", (), {"_one_prompt": one_prompt})())
-    return bool(HostCore._may_carry_prompt(fake_core, name, running))
+def _take_ok(name: str, running: list[_Running], turns: PromptTurns | None, now: float = 0.0) -> bool:
+    fake_core = cast(Any, type("Core", (), {"_prompt_turns": turns})())
+    with patch("time.perf_counter", lambda: now):
+        return bool(HostCore._may_take_prompt(fake_core, name, "cuda:0", running, pending=True))
 
 
-def test_a_step_takes_prompt_tokens_only_while_no_other_models_prompt_is_in_flight() -> None:
+def test_with_turns_a_step_takes_prompt_tokens_while_no_other_models_are_in_flight() -> None:
     plain, carrying = _plan(8), _plan(5, prompt_tokens=128, graphed=True)
     eager = _plan(0, prompt_tokens=512)
     others_plain = [_Running("b", cast(Any, None), plain, _shape(plain), 0.0)]
-    assert _carry_ok("a", others_plain)
+    assert _take_ok("a", others_plain, PromptTurns())
     for prompt in (carrying, eager):
         beside = [*others_plain, _Running("c", cast(Any, None), prompt, _shape(prompt), 0.0)]
-        assert not _carry_ok("a", beside)
-        assert _carry_ok("a", beside, one_prompt=False)  # LLMHOST_ONE_PROMPT=0
+        assert not _take_ok("a", beside, PromptTurns())
+        assert _take_ok("a", beside, None)  # LLMHOST_ONE_PROMPT unset: no turns
     own = [_Running("a", cast(Any, None), carrying, _shape(carrying), 0.0)]
-    assert _carry_ok("a", own)  # its own prompt rows in flight hold nothing back
+    assert _take_ok("a", own, PromptTurns())  # its own prompt rows in flight hold nothing back
+    turns = PromptTurns(max_wait_s=0.04)
+    beside = [_Running("c", cast(Any, None), carrying, _shape(carrying), 0.0)]
+    assert not _take_ok("a", beside, turns, now=1.0)
+    assert _take_ok("a", beside, turns, now=1.05)  # waited its longest

@@ -50,6 +50,7 @@ from llmhost.host.messages import (
     TokenBatch,
     TokenEvent,
 )
+from llmhost.host.prompt_turns import PromptTurns
 from llmhost.host.sm_confinement import SmConfinement
 from llmhost.host.sm_steering import MIN_HELD
 from llmhost.host.step_trace import StepTrace, ThreadUsage
@@ -156,12 +157,9 @@ SEND_EARLY_ENV = "LLMHOST_SEND_BEFORE_LAUNCH"
 # the same (bench/results/multi_model_experiments_call1_20261205-h100.json): no gain. Short prompts now ride the decode
 # graphs (ModelConfig.graph_prompt_tokens), which leaves few prompt steps to keep apart from.
 PROMPT_APART_ENV = "LLMHOST_PROMPT_APART"
-# A decode step carries prompt rows in its graph only while no other model's step with prompt tokens (rows or an
-# eager prompt step) is in flight on its GPU; otherwise it decodes only and the prompt rides a later step. In an H100
-# four-model trace the 1B's and 3B's largest token gaps were the ones beside other models' prompt-carrying steps, most
-# of all beside both 8Bs' at once (their clients run in lockstep): the 1B's 6.35 ms on average there, 7.8 at most,
-# against 4.21 beside none; the 3B's 12.9 against 9.1 (bench/results/host_trace_raw-h100/record-20261206b, python
-# bench/probes/prompt_company.py). "0": prompts ride whatever is in flight (the default before), for comparison.
+# Experiment, off unless "1": one model's prompt work at a time on a GPU, taken in turns (host/prompt_turns.py,
+# which says why and what the first form of it, without turns, did). Bench phases pair/host-oneprompt,
+# four/host-oneprompt. Not yet measured with the turns.
 ONE_PROMPT_ENV = "LLMHOST_ONE_PROMPT"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch
@@ -313,7 +311,7 @@ class HostCore:
         self._solo_run_ahead = solo_run_ahead_on()
         self._send_early = os.environ.get(SEND_EARLY_ENV) != "0"
         self._prompt_apart = os.environ.get(PROMPT_APART_ENV) == "1"
-        self._one_prompt = os.environ.get(ONE_PROMPT_ENV) != "0"
+        self._prompt_turns = PromptTurns() if os.environ.get(ONE_PROMPT_ENV) == "1" else None
         self._near_sms: dict[str, int] = {}  # per GPU with a far stream: the SMs left before it (PROMPT_APART_ENV)
         self._far_streams: dict[str, torch.cuda.Stream | None] = {}  # per GPU: prompt steps beside others
         self._draining: set[str] = set()  # admin unloads waiting for the requests in their model to finish
@@ -488,6 +486,8 @@ class HostCore:
             self.gpu.remove(name)
         if self.confinement is not None:
             self.confinement.remove(name)
+        if self._prompt_turns is not None:
+            self._prompt_turns.forget(name)
         self._send_status(0)
 
     def _admit_pending(self) -> None:
@@ -718,7 +718,8 @@ class HostCore:
             if not alone and not self.gpu.follow_ok(name, in_flight, done):
                 continue
             self._dither(name, device, running)
-            nxt = self._follow(last, running)
+            carry = self._may_take_prompt(name, device, running, _next_shape(eng).prefill_tokens > 0)
+            nxt = self._follow(last, running, carry)
             if nxt is not None:
                 nxt.confined = self._confined(name)
                 running.append(nxt)
@@ -745,16 +746,15 @@ class HostCore:
                 )  # fmt: skip
         return moved
 
-    def _follow(self, last: _Running, running: list[_Running]) -> _Running | None:
+    def _follow(self, last: _Running, running: list[_Running], carry: bool = True) -> _Running | None:
         """Queue `last`'s model's next decode step behind it on its stream (`running`: its GPU's steps in
-        flight)."""
+        flight; `carry`: it may take prompt rows, _may_take_prompt)."""
         t0 = time.perf_counter()
         stream = last.stream
         assert stream is not None
         last.followed = True
         start = _event(stream)
         try:
-            carry = self._may_carry_prompt(last.name, running)
             nxt = last.engine.run_ahead(last.plan, stream, prefill_limit=0, graph_prompts=carry)
         except Exception:
             self._fail_engine(last.name, last.engine)
@@ -910,7 +910,8 @@ class HostCore:
                     held = self._held_by(running, waiting)
                 break
             waiting.remove(name)
-            plan = engines[name].schedule(0, graph_prompts=self._may_carry_prompt(name, running))
+            carry = self._may_take_prompt(name, device, running, nexts[name].prefill_tokens > 0)
+            plan = engines[name].schedule(0, graph_prompts=carry)
             run = self._launch_plan(name, device, plan, running)
             if run is not None:
                 decoding.add(name)
@@ -925,19 +926,20 @@ class HostCore:
         name = self.gpu.pick(device, prompts, busy=decoding) if prompts else None
         if (
             name is not None
-            and self._may_carry_prompt(name, running)
+            and self._may_take_prompt(name, device, running, pending=True)
             and self._fits_beside(running, name, StepShape(0, 1))
         ):
             plan = engines[name].schedule(self.gpu.prefill_budget(name, device), decodes=False, graph_prompts=True)
             moved |= self._launch_plan(name, device, plan, running) is not None
         return moved
 
-    def _may_carry_prompt(self, name: str, running: list[_Running]) -> bool:
-        """Whether `name`'s next step may take prompt tokens (rows of its decode graph, or an eager prompt step): no
-        other model's step with prompt tokens in flight on its GPU (ONE_PROMPT_ENV)."""
-        if not self._one_prompt:
+    def _may_take_prompt(self, name: str, device: str, running: list[_Running], pending: bool) -> bool:
+        """Whether `name`'s next step may take prompt tokens (rows of its decode graph, or an eager prompt step):
+        always, unless ONE_PROMPT_ENV has the models of a GPU take turns (PromptTurns). `pending`: it has some."""
+        if self._prompt_turns is None:
             return True
-        return not any(r.name != name and (r.shape.prefill_tokens or _prompt_rows(r.plan)) for r in running)
+        others = any(r.name != name and (r.shape.prefill_tokens or _prompt_rows(r.plan)) for r in running)
+        return self._prompt_turns.may_take(device, name, pending, others, time.perf_counter())
 
     def _fits_beside(self, running: list[_Running], name: str, shape: StepShape) -> bool:
         """Whether `name`'s step of `shape` may start beside the steps in flight: a small decode step

@@ -1,0 +1,54 @@
+"""PromptTurns: on each GPU, which model may take prompt tokens next (as rows of its decode graph or an eager prompt
+step) when only one model's prompt work should run at a time. Pure bookkeeping over times; no torch.
+
+Why: in an H100 four-model trace the 1B's and 3B's largest token gaps were those beside other models'
+prompt-carrying decode steps, most of all beside both 8Bs' at once (their clients run in lockstep): the 1B's gaps
+there 6.35 ms on average and up to 7.8, against 4.21 beside none (python bench/probes/prompt_company.py,
+bench/results/prompt_company_record-h100.json). Kept to one at a time by a plain rule (take prompt tokens only while
+no other model's are in flight), one 8B never found the GPU free of the others' prompts within the 4 s window: six
+of its requests waited for their first token all along (bench/results/multi_model_oneprompt-h100.json, where the
+rule gave 3.27x against 3.66x for the worst p99 over solo, a gain that starving the 8B's prompts bought). So a model
+that had to wait keeps its place: one waiting longer goes first, and after MAX_WAIT_S a model takes its prompt
+tokens whatever else runs.
+"""
+
+from __future__ import annotations
+
+# How long a model with prompt tokens waits for its turn at most: about two decode steps of an 8B beside three
+# models (17-19 ms each), so a prompt takes at most that much longer to its first token.
+MAX_WAIT_S = 0.04
+
+
+class PromptTurns:
+    def __init__(self, max_wait_s: float = MAX_WAIT_S) -> None:
+        if max_wait_s < 0.0:
+            raise ValueError("max_wait_s must be >= 0")
+        self.max_wait_s = max_wait_s
+        self._waiting: dict[str, dict[str, float]] = {}  # device -> model -> since when it waits for its turn
+
+    def may_take(self, device: str, model: str, pending: bool, others_prompting: bool, now: float) -> bool:
+        """Whether `model`'s next step on `device` may take prompt tokens now. `pending`: it has prompt tokens to
+        take (a model without any never waits); `others_prompting`: another model's step with prompt tokens is in
+        flight on the device. Yes when none is and no other model has waited longer, or when it has waited
+        max_wait_s; otherwise it waits, in order from now."""
+        waiting = self._waiting.setdefault(device, {})
+        if not pending:
+            waiting.pop(model, None)
+            return True
+        since = waiting.get(model)
+        mine = now if since is None else since
+        first = all(t >= mine for other, t in waiting.items() if other != model)
+        if (first and not others_prompting) or (since is not None and now - since >= self.max_wait_s):
+            waiting.pop(model, None)
+            return True
+        waiting.setdefault(model, now)
+        return False
+
+    def waiting(self, device: str) -> tuple[str, ...]:
+        """The models waiting for their turn on `device`, longest first."""
+        return tuple(sorted(self._waiting.get(device, {}), key=lambda m: self._waiting[device][m]))
+
+    def forget(self, model: str) -> None:
+        """A model that left its GPU."""
+        for waiting in self._waiting.values():
+            waiting.pop(model, None)
