@@ -97,7 +97,7 @@ PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.
                 "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0), "pair-lead2": (1.0, 1.0),
                 "pair-lead2-ditherall": (1.0, 1.0), "pair-deep": (1.0, 1.0), "pair-shallow": (1.0, 1.0),
                 "pair-minheld3": (1.0, 1.0), "pair-lead1": (1.0, 1.0),
-                "pair-slowsettle": (1.0, 1.0), "pair-oneprompt": (1.0, 1.0)}  # fmt: skip
+                "pair-settle": (1.0, 1.0), "pair-oneprompt": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -356,7 +356,7 @@ def _switch_experiments(scenario: str) -> None:
         "shallow": [(DEEP_LEVELS_ENV, "0")],
         "minheld3": [(SM_MIN_HELD_ENV, "0.03")],
         "minheld2": [(SM_MIN_HELD_ENV, "0.02")],
-        "slowsettle": [(SM_SETTLE_ENV, "0")],  # comparison: steering windows of 0.5 s while settling too
+        "settle": [(SM_SETTLE_ENV, "1")],  # experiment: steering windows of 0.15 s while settling
         "oneprompt": [(ONE_PROMPT_ENV, "1")],  # experiment: one model's prompt work at a time, in turns
         "undithered": [(SM_DITHER_ENV, "0")],
         "collected": [(SOLO_RUN_AHEAD_ENV, "0")],
@@ -397,8 +397,9 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     pair-minheld3) a model moves an SM level when held 3% (2%) of a steering
     window, not 5% (LLMHOST_SM_MIN_HELD); (four-spread2, four-spread4) each carried prompt spread over two (four)
     decode steps (graph_prompt_chunk 64, 32): each step lengthened less by its prompt rows, the tail of the small
-    models' token gaps; (pair-slowsettle, four-slowsettle) SM steering's windows 0.5 s long while it settles too
-    (LLMHOST_SM_SETTLE=0, the default before); (pair-oneprompt, four-oneprompt) one model's prompt tokens
+    models' token gaps; (pair-settle, four-settle) SM steering's windows 0.15 s long while it settles
+    (LLMHOST_SM_SETTLE=1; four-slowsettle in earlier results is today's default, measured while settling was);
+    (pair-oneprompt, four-oneprompt) one model's prompt tokens
     at a time on the GPU, in turns (LLMHOST_ONE_PROMPT=1; host/prompt_turns.py)."""
     from llmhost.memory.inventory import detect_inventory
 
@@ -706,7 +707,7 @@ PLAN = (
     ("pair/host-3:1", "host", "pair-3:1", False),
     ("pair/host-1:3", "host", "pair-1:3", False),
     ("pair/host-minheld3", "host", "pair-minheld3", False),  # experiment: core.SM_MIN_HELD_ENV 0.03
-    ("pair/host-slowsettle", "host", "pair-slowsettle", False),  # comparison: core.SM_SETTLE_ENV off
+    ("pair/host-settle", "host", "pair-settle", False),  # experiment: core.SM_SETTLE_ENV on
     ("pair/host-oneprompt", "host", "pair-oneprompt", False),  # experiment: core.ONE_PROMPT_ENV on
     ("pair/host-lead1", "host", "pair-lead1", False),  # comparison: lead_steps 1, only steered models dithered
     ("pair/processes", "processes", "pair", False),
@@ -739,7 +740,7 @@ PLAN = (
     ("four/host-lead1", "host", "four-lead1", False),  # comparison: lead_steps 1, only steered models dithered
     ("four/host-minheld3", "host", "four-minheld3", False),  # experiment: core.SM_MIN_HELD_ENV 0.03
     ("four/host-minheld2", "host", "four-minheld2", False),  # and 0.02
-    ("four/host-slowsettle", "host", "four-slowsettle", False),  # comparison: core.SM_SETTLE_ENV off
+    ("four/host-settle", "host", "four-settle", False),  # experiment: core.SM_SETTLE_ENV on
     ("four/host-oneprompt", "host", "four-oneprompt", False),  # experiment: core.ONE_PROMPT_ENV on
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),

@@ -41,7 +41,7 @@ EXPERIMENTS = {
     "four/host-lead1": ("host_lead1", " with the strict lead of one step, only steered models dithered"),
     "four/host-minheld3": ("host_min_held3", " with SM levels moved at 3% of a window held"),
     "four/host-minheld2": ("host_min_held2", " with SM levels moved at 2% of a window held"),
-    "four/host-slowsettle": ("host_slow_settle", " with 0.5 s steering windows while settling too"),
+    "four/host-settle": ("host_settle", " with 0.15 s steering windows while settling"),
     "four/host-oneprompt": ("host_one_prompt", " with one model's prompt tokens at a time, in turns"),
     "four/host-sendearly-smallfirst": (
         "host_send_early_small_first",
@@ -62,7 +62,7 @@ PAIR_EXPERIMENTS = {
     "pair/host-shallow": ("host_shallow", " without SM levels below 88 of 132 SMs"),
     "pair/host-minheld3": ("host_min_held3", " with SM levels moved at 3% of a window held"),
     "pair/host-lead1": ("host_lead1", " with the strict lead of one step, only steered models dithered"),
-    "pair/host-slowsettle": ("host_slow_settle", " with 0.5 s steering windows while settling too"),
+    "pair/host-settle": ("host_settle", " with 0.15 s steering windows while settling"),
     "pair/host-oneprompt": ("host_one_prompt", " with one model's prompt tokens at a time, in turns"),
 }
 

@@ -118,7 +118,7 @@ def _short(st: SmSteering, t: float, held: dict[str, float], by: Mapping[str, st
 
 
 def test_while_settling_a_short_window_decides_then_settled_ones_are_longer() -> None:
-    st = SmSteering(132)
+    st = SmSteering(132, settle_window_s=SETTLE_WINDOW_S)
     for m in ("1b", "8b"):
         st.add(m)
     assert st.decide(0.0) == {} and not st.settled
@@ -154,7 +154,7 @@ def test_a_new_model_unsettles_the_steering() -> None:
 
 
 def test_without_settling_every_window_is_as_long() -> None:
-    st = SmSteering(132, settle_window_s=WINDOW_S)
+    st = SmSteering(132)  # the default: no settling windows
     for m in ("1b", "8b"):
         st.add(m)
     st.decide(0.0)
@@ -495,21 +495,22 @@ def test_the_experiment_switches_reach_the_gpu_scheduler_and_the_steering(
     tiny_models: TinyModels,  # noqa: F811
     on: bool,
 ) -> None:
-    """LLMHOST_LEAD_STEPS (2 unless set), LLMHOST_DITHER_ALL, LLMHOST_SM_DEEP_LEVELS and LLMHOST_SM_SETTLE (on
-    unless "0"): `on`, the comparison settings of bench phases four/host-lead1, -shallow and -slowsettle."""
+    """LLMHOST_LEAD_STEPS (2 unless set), LLMHOST_DITHER_ALL and LLMHOST_SM_DEEP_LEVELS (on unless "0"),
+    LLMHOST_SM_SETTLE (off unless "1"): `on`, the settings of bench phases four/host-lead1, -shallow and -settle."""
     from llmhost.host.core import DEEP_LEVELS_ENV, DITHER_ALL_ENV, LEAD_STEPS_ENV, SM_SETTLE_ENV
 
     if on:
-        for env in (DITHER_ALL_ENV, DEEP_LEVELS_ENV, SM_SETTLE_ENV):
+        for env in (DITHER_ALL_ENV, DEEP_LEVELS_ENV):
             monkeypatch.setenv(env, "0")
         monkeypatch.setenv(LEAD_STEPS_ENV, "1")
+        monkeypatch.setenv(SM_SETTLE_ENV, "1")
     core = _steered_core(tmp_path, monkeypatch, tiny_models)
     assert core.gpu.lead_steps == (1.0 if on else 2.0)
     assert core.confinement is not None
     st = core.confinement._steering["cuda:0"]
     assert st.dither_all is not on
     assert st.levels == ((132, 112, 104, 96, 88) if on else (132, 112, 104, 96, 88, 80, 72))
-    assert st.settle_window_s == (WINDOW_S if on else SETTLE_WINDOW_S)
+    assert st.settle_window_s == (SETTLE_WINDOW_S if on else WINDOW_S)
 
 
 def test_far_stream_builds_its_context_from_the_sms_left_after_the_split(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,8 +120,8 @@ DEEP_LEVELS_ENV = "LLMHOST_SM_DEEP_LEVELS"
 # its p99 token gaps) yet never confined: about 4% of each window, just under 5% (bench/results/
 # trace_holds_spread-h100.json, run "four"). Lower, a model held that often moves to fewer SMs and is held less.
 SM_MIN_HELD_ENV = "LLMHOST_SM_MIN_HELD"
-# "0": SM steering's windows are as long while it settles as after (sm_steering.SETTLE_WINDOW_S, the default since
-# 2026-12-06, against WINDOW_S before), for comparison.
+# Experiment, off unless "1": SM steering's windows are shorter while it settles (sm_steering.SETTLE_WINDOW_S, which
+# gives its measurements: no gain in two H100 calls).
 SM_SETTLE_ENV = "LLMHOST_SM_SETTLE"
 # A decode step run ahead (_follow) with no other step beside it samples its model's solo step cost, when all its
 # kernels were queued before the step ahead of it finished: its start event then completes as that step ends, and
@@ -298,7 +298,7 @@ class HostCore:
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
         dither_all, deep = os.environ.get(DITHER_ALL_ENV) != "0", os.environ.get(DEEP_LEVELS_ENV) != "0"
         min_held = float(os.environ.get(SM_MIN_HELD_ENV) or MIN_HELD)
-        settle = os.environ.get(SM_SETTLE_ENV) != "0"
+        settle = os.environ.get(SM_SETTLE_ENV) == "1"
         self.confinement = (
             SmConfinement(self._runner, self.trace, dither_all, deep, min_held, settle)
             if config.host.sm_steering

@@ -33,12 +33,12 @@ class SmConfinement:
         dither_all: bool = False,
         deep: bool = True,
         min_held: float = MIN_HELD,
-        settle: bool = True,
+        settle: bool = False,
     ) -> None:
         """runner_of: a resident model's decode runner, None when it has none (a CPU, a split model, a fake).
         dither_all, deep, min_held: SmSteering's (every model dithers; levels below 88 of 132 SMs;
         the share of a window held that moves a model); settle: short windows while the steering settles
-        (SmSteering's settle_window_s; False: every window WINDOW_S long)."""
+        (SmSteering's settle_window_s SETTLE_WINDOW_S; False: every window WINDOW_S long)."""
         self._runner_of = runner_of
         self._dither_all = dither_all
         self._deep = deep

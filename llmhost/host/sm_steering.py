@@ -12,15 +12,15 @@ free 7B, normalized 0.548 / 0.600 (bench/probes/green_context.py, bench/results/
 A model's graphs are captured ahead for each of a few SM counts (`levels`: the whole GPU, then FRACTIONS of it in
 multiples of GRANULE, as green contexts partition SMs in groups of 8 on Hopper), so a change only picks another set.
 
-The rule, per GPU, once per WINDOW_S (SETTLE_WINDOW_S while it settles after a change): each held model's hold is
-put down to the model it waited for (the one whose bound kept it back, GpuScheduler.blocker). A confined model that
-held others at least MIN_HELD of the window is behind them: it moves back up, a level per MIN_HELD (at most
-MAX_MOVE), and is never confined below its new level again (its floor: no cycling across the fair point). A model
-held at least MIN_HELD of the window by models on the whole GPU is ahead: it moves down as many levels, to its floor
-at most (a model that both holds and is held moves up). Two models: the one held moves down, unless the other is
-confined, which then moves up instead. Four (1B, 3B, 8B, 8B shapes): both 8Bs, held by the smaller ones, move down;
-one confined too far holds the other and gets SMs back (judged by the most held model alone, the confined 8B got its
-SMs back whenever the other 8B was held most, and was on the whole GPU again within 3 s:
+The rule, per GPU, once per WINDOW_S (optionally SETTLE_WINDOW_S while it settles after a change): each held model's
+hold is put down to the model it waited for (the one whose bound kept it back, GpuScheduler.blocker). A confined
+model that held others at least MIN_HELD of the window is behind them: it moves back up, a level per MIN_HELD (at
+most MAX_MOVE), and is never confined below its new level again (its floor: no cycling across the fair point). A
+model held at least MIN_HELD of the window by models on the whole GPU is ahead: it moves down as many levels, to its
+floor at most (a model that both holds and is held moves up). Two models: the one held moves down, unless the other
+is confined, which then moves up instead. Four (1B, 3B, 8B, 8B shapes): both 8Bs, held by the smaller ones, move
+down; one confined too far holds the other and gets SMs back (judged by the most held model alone, the confined 8B
+got its SMs back whenever the other 8B was held most, and was on the whole GPU again within 3 s:
 bench/results/host_trace_raw-h200/steered; the four models' throughput and p99s did not measurably change either
 way, bench/results/multi_model_experiments-h200.json). A window in which the set of models with work changed decides
 nothing (its holds are the newcomer's start). A change shows in the next window already (selecting a set of graphs
@@ -43,12 +43,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 WINDOW_S = 0.5  # how long held time is summed before a decision
-# While the steering settles (after a model came or left, or the set of models with work changed, until
-# SETTLE_QUIET_WINDOWS windows in a row moved nothing) a window is this long instead. At WINDOW_S, four models
-# started together took three decisions, 1.0-1.5 s, to reach their levels (the 8Bs 132 -> 104 -> 88 -> 72 SMs), a
-# quarter to a third of the four-model bench's 4 s window (bench/probes/sm_levels.py over its traces), held more
-# meanwhile. At the start the held shares are large (the 8Bs 10-17% of a window), so a short window tells them apart
-# as well; once settled the longer one keeps a model near its fair point from moving on a few holds.
+# Experiment (the host's LLMHOST_SM_SETTLE=1): while the steering settles (after a model came or left, or the set of
+# models with work changed, until SETTLE_QUIET_WINDOWS windows in a row moved nothing) a window is this long
+# instead. At WINDOW_S, four models started together took three decisions, 1.0-1.5 s, to reach their levels (the 8Bs
+# 132 -> 104 -> 88 -> 72 SMs), a quarter to a third of the four-model bench's 4 s window (bench/probes/sm_levels.py
+# over its traces), held more meanwhile. At the start the held shares are large (the 8Bs 10-17% of a window), so a
+# short window tells them apart as well; once settled the longer one keeps a model near its fair point from moving
+# on a few holds. Measured against half-second windows in two H100 calls (bench phases four/host,
+# four/host-slowsettle when it was the default; bench/results/multi_model_settle-h100.json, multi_model-h100.json):
+# worst p99 over solo 3.81x / 3.78x against 3.75x / 3.42x, aggregate 1.23 / 1.20 of the best baseline against 1.23 /
+# 1.20: no gain, so it is off.
 SETTLE_WINDOW_S = 0.15
 SETTLE_QUIET_WINDOWS = 2
 MIN_HELD = 0.05  # a model held back less than this fraction of a window is near enough its share
@@ -98,13 +102,13 @@ class SmSteering:
         min_held: float = MIN_HELD,
         dither_all: bool = False,
         deep: bool = True,
-        settle_window_s: float = SETTLE_WINDOW_S,
+        settle_window_s: float = WINDOW_S,
     ) -> None:
         """dither_all: every model dithers, also one the steering never moved (the host's default,
         LLMHOST_DITHER_ALL=0 turns it off; a model ahead then replays its next step on fewer SMs instead of only
         being held).
         deep: the levels below 88 of 132 SMs too (False: the host's LLMHOST_SM_DEEP_LEVELS=0, for comparison).
-        settle_window_s: a window's length while settling (window_s: as settled, the host's LLMHOST_SM_SETTLE=0)."""
+        settle_window_s: a window's length while settling (SETTLE_WINDOW_S: the host's LLMHOST_SM_SETTLE=1)."""
         if total_sms <= 0:
             raise ValueError("total_sms must be positive")
         self.total = total_sms
