@@ -44,6 +44,14 @@ def test_no_wait_outlasts_max_wait_s() -> None:
     assert turns.may_take(DEV, "8b-1", pending=True, others_prompting=True, now=0.04)
 
 
+def test_a_model_that_stopped_asking_loses_its_place() -> None:
+    turns = PromptTurns(max_wait_s=0.04)
+    assert not turns.may_take(DEV, "a", pending=True, others_prompting=True, now=0.0)
+    # a went idle; b asks 50 ms later with nothing in flight: a's old place holds nobody back
+    assert turns.may_take(DEV, "b", pending=True, others_prompting=False, now=0.05)
+    assert turns.waiting(DEV) == ()
+
+
 def test_nothing_pending_never_waits_and_leaves_the_queue() -> None:
     turns = PromptTurns()
     assert not turns.may_take(DEV, "a", pending=True, others_prompting=True, now=0.0)

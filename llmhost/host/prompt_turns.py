@@ -24,7 +24,8 @@ class PromptTurns:
         if max_wait_s < 0.0:
             raise ValueError("max_wait_s must be >= 0")
         self.max_wait_s = max_wait_s
-        self._waiting: dict[str, dict[str, float]] = {}  # device -> model -> since when it waits for its turn
+        # device -> model -> (since when it waits for its turn, when it last asked)
+        self._waiting: dict[str, dict[str, tuple[float, float]]] = {}
 
     def may_take(self, device: str, model: str, pending: bool, others_prompting: bool, now: float) -> bool:
         """Whether `model`'s next step on `device` may take prompt tokens now. `pending`: it has prompt tokens to
@@ -32,21 +33,26 @@ class PromptTurns:
         flight on the device. Yes when none is and no other model has waited longer, or when it has waited
         max_wait_s; otherwise it waits, in order from now."""
         waiting = self._waiting.setdefault(device, {})
+        # A model that stopped asking (its requests went, or its prompt was taken some other way) keeps no place:
+        # waiting models ask at every step of theirs, far more often than max_wait_s.
+        for other in [m for m, (_, asked) in waiting.items() if m != model and now - asked > self.max_wait_s]:
+            del waiting[other]
         if not pending:
             waiting.pop(model, None)
             return True
-        since = waiting.get(model)
+        since = waiting[model][0] if model in waiting else None
         mine = now if since is None else since
-        first = all(t >= mine for other, t in waiting.items() if other != model)
+        first = all(t >= mine for other, (t, _) in waiting.items() if other != model)
         if (first and not others_prompting) or (since is not None and now - since >= self.max_wait_s):
             waiting.pop(model, None)
             return True
-        waiting.setdefault(model, now)
+        waiting[model] = (mine, now)
         return False
 
     def waiting(self, device: str) -> tuple[str, ...]:
         """The models waiting for their turn on `device`, longest first."""
-        return tuple(sorted(self._waiting.get(device, {}), key=lambda m: self._waiting[device][m]))
+        waiting = self._waiting.get(device, {})
+        return tuple(sorted(waiting, key=lambda m: waiting[m][0]))
 
     def forget(self, model: str) -> None:
         """A model that left its GPU."""
