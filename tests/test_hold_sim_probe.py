@@ -47,3 +47,14 @@ def test_fair_grabs_need_no_holds_and_uneven_ones_do() -> None:
     # 3.0 TB/s over the sum of the solo rates: every model near that equal share
     share = 3.0 / sum(hold_sim.MODELS[n][1] for n in NAMES)
     assert all(abs(s / share - 1.0) < 0.05 for s in speeds)
+
+
+def test_the_benchs_clients_send_their_first_prompts_together_one_carried_per_step() -> None:
+    solo_ms = hold_sim.MODELS["8b-1"][0]
+    alone = hold_sim.simulate(["8b-1"], 1.0, 1.0, bandwidth_tbps=3.0, clients=True)["8b-1"]
+    # eight prompts at the start, one per step: the last waits about seven steps after the first is taken
+    assert 6 * solo_ms <= alone["prompt_wait_ms"]["max"] <= 9 * solo_ms
+    # taken in turns beside the others, a prompt waits for the others' prompt steps too
+    free = hold_sim.simulate(NAMES, 1.0, 2.0, 0.85, bandwidth_tbps=3.0, clients=True)
+    turns = hold_sim.simulate(NAMES, 1.0, 2.0, 0.85, bandwidth_tbps=3.0, clients=True, one_prompt=True)
+    assert turns["1b"]["prompt_wait_ms"]["mean"] > free["1b"]["prompt_wait_ms"]["mean"]

@@ -22,7 +22,7 @@ best the token gaps can be with these step costs, prompts and noise, whatever th
 is what the H100's four models read together in the bench (3.0-3.1 TB/s, each at 0.34-0.35 of its solo speed).
 
 Usage: python bench/probes/hold_sim.py [--seconds S] [--leads 1,2,3] [--dither 0.85] [--grab 8b-1=0.25,...]
-       [--fair-grabs] [--bandwidth TBPS] [--seeds 1,2,3] [--out FILE]
+       [--fair-grabs] [--bandwidth TBPS] [--seeds 1,2,3] [--clients [--one-prompt]] [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # llmhost, where i
 from multi_model_drivers import percentile
 
 from llmhost.host.gpu_scheduler import GpuScheduler
+from llmhost.host.prompt_turns import PromptTurns
 
 DEV = "cuda:0"
 # name -> (solo decode step ms, solo weight-streaming TB/s, bandwidth grab beside others)
@@ -54,6 +55,15 @@ BANDWIDTH_TBPS = 3.25  # what the four steps read together (0.96-1.02 of the cop
 PROMPT_EVERY = 32  # 8 clients of 256-token answers: a new 128-token prompt every 32 steps of a model
 PROMPT_COST = 1.31  # a step with a prompt's rows over one without (step_company: 3B 11.9 / 9.1 ms, 1B 6.0 / 4.5)
 NOISE = 0.04
+# --clients: each model's 8 clients as the bench runs them, all sending their first prompt at the start, each
+# answer ANSWER_TOKENS long, a step carrying one client's prompt (128 rows) and that client decoding from the next.
+# Prompts then come in bursts of up to 8 consecutive steps per model, and the two 8Bs' bursts coincide (the bench's
+# step traces, bench/probes/prompt_company.py). While a step carries prompt rows it also takes PROMPT_GRAB times its
+# bandwidth grab from the steps beside it (fitted to the traces: the 1B's token gap 1.13-1.17x beside one 8B's
+# prompt rows, 1.51x beside both 8Bs' at once).
+CLIENTS = 8
+ANSWER_TOKENS = 256
+PROMPT_GRAB = 1.5
 COLLECT_MS = 0.05
 LAUNCH_MS = 0.42  # the loop's median decode launch (loop_passes.py)
 TICK_MS = 0.01
@@ -67,6 +77,7 @@ class Step:
     queued_at: float  # when the loop finished launching it
     grab: float  # its model's bandwidth grab, less where it was dithered (launched while ahead)
     began: float | None = None  # on the GPU
+    prompt: bool = False  # carries a prompt's rows
     done: float = 0.0  # fraction of its solo cost run
 
 
@@ -77,6 +88,9 @@ class Model:
     rate_tbps: float
     grab: float
     steps: list[Step] = field(default_factory=list)  # in flight, oldest first (at most two: one queued behind)
+    left: list[int] = field(default_factory=lambda: [0] * CLIENTS)  # --clients: tokens each client still awaits
+    prompt_since: list[float] = field(default_factory=lambda: [0.0] * CLIENTS)  # when each client's prompt came
+    prompt_waits: list[float] = field(default_factory=list)  # --clients: prompt came -> its step launched, ms
     wall_ms: float | None = None  # EMA of began -> collected
     collections: list[float] = field(default_factory=list)
     held_ms: float = 0.0
@@ -97,25 +111,46 @@ def simulate(
     dither: float = 1.0,
     seed: int = 1,
     bandwidth_tbps: float = BANDWIDTH_TBPS,
+    clients: bool = False,
+    one_prompt: bool = False,
 ) -> dict[str, Any]:
     """Token gaps of `names` decoding together for `seconds`; `dither`: the bandwidth grab of a step launched while
     its model is ahead of the others (GpuScheduler.lead), as a fraction of its own (1.0: none; SM steering's level
-    below, 112 of 132 SMs: about 0.85)."""
+    below, 112 of 132 SMs: about 0.85). `clients`: prompts as the bench's clients send them (CLIENTS), not at
+    random; `one_prompt` (with clients): a step takes a prompt only in its model's turn (host/prompt_turns.py, the
+    host's LLMHOST_ONE_PROMPT=1)."""
     rng = random.Random(seed)
+    turns = PromptTurns() if one_prompt else None
     gpu = GpuScheduler(lead_steps=lead_steps)
     models = {n: Model(n, *MODELS[n]) for n in names}
     for m in models.values():
         gpu.add(m.name, DEV)
         gpu.observe(m.name, 8, 0, m.solo_ms / 1e3)
 
-    def cost(m: Model) -> float:
-        c = m.solo_ms * rng.lognormvariate(0.0, NOISE)
-        return c * PROMPT_COST if rng.random() < 1.0 / PROMPT_EVERY else c
+    def carries(m: Model, at: float) -> bool:
+        """Whether m's step launched at `at` carries a prompt (--clients: a waiting client's, in its turn)."""
+        if not clients:
+            return rng.random() < 1.0 / PROMPT_EVERY
+        for i, left in enumerate(m.left):  # the tokens of the steps in flight and this one
+            if left > 0:
+                m.left[i] = left - 1
+                if m.left[i] == 0:
+                    m.prompt_since[i] = at
+        waiting = [i for i, left in enumerate(m.left) if left == 0]
+        others = any(s.prompt for o in models.values() if o is not m for s in o.steps)
+        if not waiting or (turns is not None and not turns.may_take(DEV, m.name, True, others, at / 1e3)):
+            return False
+        first = min(waiting, key=lambda i: m.prompt_since[i])
+        m.left[first] = ANSWER_TOKENS
+        m.prompt_waits.append(at - m.prompt_since[first])
+        return True
 
     def step(m: Model, at: float, began: float | None) -> Step:
         lead = gpu.lead(m.name, in_flight()) if not alone else None
         grab = m.grab * (dither if lead is not None and lead > 0.0 else 1.0)
-        return Step(cost(m), at, grab, began=began)
+        prompt = carries(m, at)
+        c = m.solo_ms * rng.lognormvariate(0.0, NOISE) * (PROMPT_COST if prompt else 1.0)
+        return Step(c, at, grab * (PROMPT_GRAB if prompt and clients else 1.0), began=began, prompt=prompt)
 
     def in_flight() -> dict[str, float]:
         return {n: len(m.steps) * m.solo_ms / 1e3 for n, m in models.items() if m.steps}
@@ -194,6 +229,9 @@ def simulate(
             "gap_p99_ms": round(percentile(gaps, 0.99), 3),
             "held_share": round(m.held_ms / (now - WARMUP_S * 1e3), 3),
         }
+        if clients and m.prompt_waits:
+            out[n]["prompt_wait_ms"] = {"mean": round(sum(m.prompt_waits) / len(m.prompt_waits), 2),
+                                        "max": round(max(m.prompt_waits), 2)}  # fmt: skip
     return out
 
 
@@ -206,10 +244,12 @@ def main() -> None:
     ap.add_argument("--fair-grabs", action="store_true", help="grabs at which all progress alike (no holds needed)")
     ap.add_argument("--bandwidth", type=float, default=BANDWIDTH_TBPS, help="TB/s the steps read together")
     ap.add_argument("--seeds", default="1")
+    ap.add_argument("--clients", action="store_true", help="prompts as the bench's clients send them (bursts)")
+    ap.add_argument("--one-prompt", action="store_true", help="with --clients: prompts taken in turns")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     names = list(MODELS)
-    solo = {n: simulate([n], args.seconds, 1.0, bandwidth_tbps=args.bandwidth)[n] for n in names}  # grab unused
+    solo = {n: simulate([n], args.seconds, 1.0, bandwidth_tbps=args.bandwidth, clients=args.clients)[n] for n in names}
     grabs = fair_grabs(names) if args.fair_grabs else {n: MODELS[n][2] for n in names}
     for item in filter(None, args.grab.split(",")):
         name, grab = item.split("=")
@@ -220,7 +260,9 @@ def main() -> None:
     runs: dict[str, Any] = {}
     for lead in (float(x) for x in args.leads.split(",")):
         for seed in seeds:
-            together = simulate(names, args.seconds, lead, args.dither, seed, args.bandwidth)
+            together = simulate(
+                names, args.seconds, lead, args.dither, seed, args.bandwidth, args.clients, args.one_prompt
+            )
             models = {
                 n: {
                     **r,
@@ -233,8 +275,8 @@ def main() -> None:
             runs[f"lead {lead:g}" + (f", seed {seed}" if len(seeds) > 1 else "")] = {**models, "worst": worst}
     command = "python bench/probes/hold_sim.py " + " ".join(sys.argv[1:])
     text = json.dumps(
-        {"command": command, "dither": args.dither, "bandwidth_tbps": args.bandwidth, "grabs": grabs, "solo": solo,
-         "together": runs},
+        {"command": command, "dither": args.dither, "bandwidth_tbps": args.bandwidth, "grabs": grabs,
+         "clients": args.clients, "one_prompt": args.one_prompt, "solo": solo, "together": runs},
         indent=1,
     )  # fmt: skip
     print(text)

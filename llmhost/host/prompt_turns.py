@@ -10,6 +10,14 @@ of its requests waited for their first token all along (bench/results/multi_mode
 rule gave 3.27x against 3.66x for the worst p99 over solo, a gain that starving the 8B's prompts bought). So a model
 that had to wait keeps its place: one waiting longer goes first, and after MAX_WAIT_S a model takes its prompt
 tokens whatever else runs.
+
+Simulated first (python bench/probes/hold_sim.py --leads 2 --dither 0.85 --bandwidth 3.0 --clients [--one-prompt]
+--seeds 1,2,3,4: the bench's clients, whose prompts come in bursts of eight, and a prompt-carrying step taking 1.5x
+its share of the bandwidth from the steps beside it; bench/results/hold_sim_clients-cpu.json and
+hold_sim_clients_oneprompt-cpu.json): the 1B's p99 over solo 2.70-2.73x with turns against 2.86-2.91x without,
+the 8Bs' a little lower, the 3B's the same (2.99-3.06x against 2.98-3.04x, the worst either way), and every prompt
+waits longer for its step: the 1B's 27 ms on average against 3, the 8Bs' 133-152 ms against 33 (up to 0.49 s
+against 0.16), each of a burst's prompts waiting for a turn. Hence off by default until a GPU call says otherwise.
 """
 
 from __future__ import annotations
