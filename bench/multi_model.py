@@ -97,7 +97,8 @@ PAIR_WEIGHTS = {"pair": (1.0, 1.0), "pair-3:1": (3.0, 1.0), "pair-1:3": (1.0, 3.
                 "pair-undithered": (1.0, 1.0), "pair-collected": (1.0, 1.0), "pair-lead2": (1.0, 1.0),
                 "pair-lead2-ditherall": (1.0, 1.0), "pair-deep": (1.0, 1.0), "pair-shallow": (1.0, 1.0),
                 "pair-minheld3": (1.0, 1.0), "pair-lead1": (1.0, 1.0),
-                "pair-settle": (1.0, 1.0), "pair-oneprompt": (1.0, 1.0)}  # fmt: skip
+                "pair-settle": (1.0, 1.0), "pair-oneprompt": (1.0, 1.0),
+                "pair-deeper": (1.0, 1.0)}  # fmt: skip
 LARGE_PAIR = ("mistral-7b", "yi-34b")  # the report's pair (issue 6), on a GPU that holds both with room: the H200
 LARGE_GPU = 120 * GiB
 SWAP_TOKENS = 32
@@ -339,6 +340,7 @@ def _switch_experiments(scenario: str) -> None:
         ONE_PROMPT_ENV,
         PROMPT_APART_ENV,
         SEND_EARLY_ENV,
+        SM_DEEPER_ENV,
         SM_DITHER_ENV,
         SM_MIN_HELD_ENV,
         SM_SETTLE_ENV,
@@ -357,6 +359,7 @@ def _switch_experiments(scenario: str) -> None:
         "minheld3": [(SM_MIN_HELD_ENV, "0.03")],
         "minheld2": [(SM_MIN_HELD_ENV, "0.02")],
         "settle": [(SM_SETTLE_ENV, "1")],  # experiment: steering windows of 0.15 s while settling
+        "deeper": [(SM_DEEPER_ENV, "1")],  # experiment: steering levels down to 56 of 132 SMs
         "oneprompt": [(ONE_PROMPT_ENV, "1")],  # experiment: one model's prompt work at a time, in turns
         "undithered": [(SM_DITHER_ENV, "0")],
         "collected": [(SOLO_RUN_AHEAD_ENV, "0")],
@@ -400,7 +403,8 @@ def phase_host(mode: Mode, scenario: str) -> dict[str, Any]:
     models' token gaps; (pair-settle, four-settle) SM steering's windows 0.15 s long while it settles
     (LLMHOST_SM_SETTLE=1; four-slowsettle in earlier results is today's default, measured while settling was);
     (pair-oneprompt, four-oneprompt) one model's prompt tokens
-    at a time on the GPU, in turns (LLMHOST_ONE_PROMPT=1; host/prompt_turns.py)."""
+    at a time on the GPU, in turns (LLMHOST_ONE_PROMPT=1; host/prompt_turns.py); (pair-deeper, four-deeper) SM
+    steering's levels down to 56 of 132 SMs (LLMHOST_SM_DEEPER=1)."""
     from llmhost.memory.inventory import detect_inventory
 
     d = drivers()
@@ -709,6 +713,7 @@ PLAN = (
     ("pair/host-minheld3", "host", "pair-minheld3", False),  # experiment: core.SM_MIN_HELD_ENV 0.03
     ("pair/host-settle", "host", "pair-settle", False),  # experiment: core.SM_SETTLE_ENV on
     ("pair/host-oneprompt", "host", "pair-oneprompt", False),  # experiment: core.ONE_PROMPT_ENV on
+    ("pair/host-deeper", "host", "pair-deeper", False),  # experiment: core.SM_DEEPER_ENV on
     ("pair/host-lead1", "host", "pair-lead1", False),  # comparison: lead_steps 1, only steered models dithered
     ("pair/processes", "processes", "pair", False),
     ("swap/swap", "swap", "swap", False),
@@ -742,6 +747,7 @@ PLAN = (
     ("four/host-minheld2", "host", "four-minheld2", False),  # and 0.02
     ("four/host-settle", "host", "four-settle", False),  # experiment: core.SM_SETTLE_ENV on
     ("four/host-oneprompt", "host", "four-oneprompt", False),  # experiment: core.ONE_PROMPT_ENV on
+    ("four/host-deeper", "host", "four-deeper", False),  # experiment: core.SM_DEEPER_ENV on
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

@@ -43,6 +43,7 @@ EXPERIMENTS = {
     "four/host-minheld2": ("host_min_held2", " with SM levels moved at 2% of a window held"),
     "four/host-settle": ("host_settle", " with 0.15 s steering windows while settling"),
     "four/host-oneprompt": ("host_one_prompt", " with one model's prompt tokens at a time, in turns"),
+    "four/host-deeper": ("host_deeper", " with SM levels down to 56 of 132 SMs"),
     "four/host-sendearly-smallfirst": (
         "host_send_early_small_first",
         " with tokens sent early and the small models weighted 1.25 to the 8Bs' 1",
@@ -64,6 +65,7 @@ PAIR_EXPERIMENTS = {
     "pair/host-lead1": ("host_lead1", " with the strict lead of one step, only steered models dithered"),
     "pair/host-settle": ("host_settle", " with 0.15 s steering windows while settling"),
     "pair/host-oneprompt": ("host_one_prompt", " with one model's prompt tokens at a time, in turns"),
+    "pair/host-deeper": ("host_deeper", " with SM levels down to 56 of 132 SMs"),
 }
 
 

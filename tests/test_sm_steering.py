@@ -687,6 +687,30 @@ def test_prompts_apart_keeps_decode_steps_off_the_far_sms_while_a_prompt_runs_th
         assert [core.slots[n].engine.runner.sms for n in ("a", "b")] == [None, None]
 
 
+def test_the_deeper_experiment_adds_levels_down_to_56_of_132_sms(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_models: TinyModels,  # noqa: F811
+) -> None:
+    """LLMHOST_SM_DEEPER=1 (bench phases four/host-deeper, pair/host-deeper): two levels below 72 SMs, captured for
+    every model like the others; a model held all along reaches the deepest."""
+    from llmhost.host.core import SM_DEEPER_ENV
+
+    assert confined_levels(132, deeper=True) == (112, 104, 96, 88, 80, 72, 64, 56)
+    assert confined_levels(132, deep=False, deeper=True) == (112, 104, 96, 88)  # shallow wins
+    monkeypatch.setenv(SM_DEEPER_ENV, "1")
+    core = _steered_core(tmp_path, monkeypatch, tiny_models)
+    assert core.confinement is not None
+    st = core.confinement._steering["cuda:0"]
+    assert st.levels == (132, 112, 104, 96, 88, 80, 72, 64, 56)
+    runner = core.slots["a"].engine.runner
+    assert runner.captured == [56, 64, *LEVELS_UP]
+    st.decide(0.0)
+    for k in range(1, 12):
+        window(st, 0.5 * k, {"a": 0.5, "b": 0.0})
+    assert st.sms("a") == 56
+
+
 def test_the_hosts_min_held_experiment_reaches_the_steering(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -123,6 +123,8 @@ SM_MIN_HELD_ENV = "LLMHOST_SM_MIN_HELD"
 # Experiment, off unless "1": SM steering's windows are shorter while it settles (sm_steering.SETTLE_WINDOW_S, which
 # gives its measurements: no gain in two H100 calls).
 SM_SETTLE_ENV = "LLMHOST_SM_SETTLE"
+# Experiment, off unless "1": SM steering's levels go down to 56 of 132 SMs (sm_steering.DEEPER_FRACTIONS says why).
+SM_DEEPER_ENV = "LLMHOST_SM_DEEPER"
 # A decode step run ahead (_follow) with no other step beside it samples its model's solo step cost, when all its
 # kernels were queued before the step ahead of it finished: its start event then completes as that step ends, and
 # start -> done spans its own GPU work only ("0" turns this off, for comparison). The other samples are decode steps
@@ -298,9 +300,9 @@ class HostCore:
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
         dither_all, deep = os.environ.get(DITHER_ALL_ENV) != "0", os.environ.get(DEEP_LEVELS_ENV) != "0"
         min_held = float(os.environ.get(SM_MIN_HELD_ENV) or MIN_HELD)
-        settle = os.environ.get(SM_SETTLE_ENV) == "1"
+        settle, deeper = os.environ.get(SM_SETTLE_ENV) == "1", os.environ.get(SM_DEEPER_ENV) == "1"
         self.confinement = (
-            SmConfinement(self._runner, self.trace, dither_all, deep, min_held, settle)
+            SmConfinement(self._runner, self.trace, dither_all, deep, min_held, settle, deeper)
             if config.host.sm_steering
             else None
         )

@@ -34,16 +34,19 @@ class SmConfinement:
         deep: bool = True,
         min_held: float = MIN_HELD,
         settle: bool = False,
+        deeper: bool = False,
     ) -> None:
         """runner_of: a resident model's decode runner, None when it has none (a CPU, a split model, a fake).
         dither_all, deep, min_held: SmSteering's (every model dithers; levels below 88 of 132 SMs;
         the share of a window held that moves a model); settle: short windows while the steering settles
-        (SmSteering's settle_window_s SETTLE_WINDOW_S; False: every window WINDOW_S long)."""
+        (SmSteering's settle_window_s SETTLE_WINDOW_S; False: every window WINDOW_S long); deeper: SmSteering's
+        (two levels below 72 of 132 SMs)."""
         self._runner_of = runner_of
         self._dither_all = dither_all
         self._deep = deep
         self._min_held = min_held
         self._settle = settle
+        self._deeper = deeper
         self._trace = trace
         self._steering: dict[str, SmSteering] = {}  # per GPU: how many SMs each model's decode graphs may use
         self._observed_at: dict[str, float] = {}  # per GPU: when its steering last observed the ready models
@@ -153,6 +156,7 @@ class SmConfinement:
                 dither_all=self._dither_all,
                 deep=self._deep,
                 settle_window_s=SETTLE_WINDOW_S if self._settle else WINDOW_S,
+                deeper=self._deeper,
             )
         streams: dict[int, torch.cuda.Stream] = {}
         for sms in steering.levels[1:]:

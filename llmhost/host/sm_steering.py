@@ -66,14 +66,21 @@ FRACTIONS = (0.85, 0.79, 0.73, 0.67, 0.61, 0.55)  # the confined levels' shares 
 # against 3.33x / 3.20x, four-model throughput 1.236 of the best baseline against 1.223, the pair 3,037 GB/s
 # against 3,030.
 SHALLOW_LEVELS = 4  # how many of FRACTIONS' levels are kept with the deep ones left out
+# Experiment (the host's LLMHOST_SM_DEEPER=1): two levels more, 64 and 56 of 132 SMs. In the record's four-model
+# trace both 8Bs sat at 72 SMs, the deepest, for 78% and 92% of the window (bench/probes/sm_levels.py,
+# bench/results/sm_levels_record-h100.json) and still waited for the 1B. Simulated with the bench's clients, the
+# split at which no model is held (bench/probes/hold_sim.py --clients --fair-grabs) gives the worst p99 over solo
+# 2.76-2.87x over four seeds against 2.98-3.04x with the split the traces show. Not measured on a GPU yet; the plan
+# counts STEERED_SETS (6) sets of graph executables, so these two add up to 32 MiB a model beyond it.
+DEEPER_FRACTIONS = (0.49, 0.43)
 MAX_MOVE = 2  # the most levels one decision moves
 ALONE_WINDOWS = 10  # windows of decoding alone after which a confined model gets the whole GPU back
 
 
-def confined_levels(total_sms: int, deep: bool = True) -> tuple[int, ...]:
+def confined_levels(total_sms: int, deep: bool = True, deeper: bool = False) -> tuple[int, ...]:
     """The SM counts below the whole GPU that a model's graphs are captured for, largest first (`deep`: the deep
-    levels too)."""
-    fractions = FRACTIONS if deep else FRACTIONS[:SHALLOW_LEVELS]
+    levels too; `deeper`, with deep: DEEPER_FRACTIONS' too)."""
+    fractions = (FRACTIONS + DEEPER_FRACTIONS if deeper else FRACTIONS) if deep else FRACTIONS[:SHALLOW_LEVELS]
     levels = sorted({int(total_sms * f) // GRANULE * GRANULE for f in fractions}, reverse=True)
     return tuple(n for n in levels if 0 < n < total_sms)
 
@@ -103,17 +110,19 @@ class SmSteering:
         dither_all: bool = False,
         deep: bool = True,
         settle_window_s: float = WINDOW_S,
+        deeper: bool = False,
     ) -> None:
         """dither_all: every model dithers, also one the steering never moved (the host's default,
         LLMHOST_DITHER_ALL=0 turns it off; a model ahead then replays its next step on fewer SMs instead of only
         being held).
         deep: the levels below 88 of 132 SMs too (False: the host's LLMHOST_SM_DEEP_LEVELS=0, for comparison).
-        settle_window_s: a window's length while settling (SETTLE_WINDOW_S: the host's LLMHOST_SM_SETTLE=1)."""
+        settle_window_s: a window's length while settling (SETTLE_WINDOW_S: the host's LLMHOST_SM_SETTLE=1).
+        deeper: DEEPER_FRACTIONS' levels too (the host's LLMHOST_SM_DEEPER=1)."""
         if total_sms <= 0:
             raise ValueError("total_sms must be positive")
         self.total = total_sms
         self.dither_all = dither_all
-        self.levels = (total_sms, *confined_levels(total_sms, deep))
+        self.levels = (total_sms, *confined_levels(total_sms, deep, deeper))
         self.window_s = window_s
         self.settle_window_s = min(settle_window_s, window_s)
         self.min_held = min_held

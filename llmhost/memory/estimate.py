@@ -28,7 +28,8 @@ ALLOCATOR_SLACK_BYTES = 64 * 1024**2
 GRAPH_EXEC_BYTES = 2 * 1024**2  # device memory one instantiated CUDA graph keeps (kernel params, launch state)
 # [host] sm_steering captures a model's decode graphs of up to STEERED_MAX_ROWS rows once more for each of
 # STEERED_SETS SM counts (host/sm_steering.py FRACTIONS, host/gpu_scheduler.py CONCURRENT_MAX_ROWS; a test holds
-# them equal), into the graphs' shared pool: only their executables add memory.
+# them equal), into the graphs' shared pool: only their executables add memory. The LLMHOST_SM_DEEPER experiment's two
+# sets more are not counted (up to 32 MiB a model).
 STEERED_SETS = 6
 STEERED_MAX_ROWS = 8
 
