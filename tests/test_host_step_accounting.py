@@ -5,6 +5,7 @@ LLMHOST_ONE_PROMPT=1 a step takes prompt tokens only in its turn (HostCore._may_
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, cast
 from unittest.mock import patch
 
@@ -57,10 +58,14 @@ def test_an_eager_prompt_step_samples_alone_and_is_shared_beside_another_model()
     assert _accounting(_run(plan, overlapped=True, beside_others=True), solo_known=True) == (True, False)
 
 
+# An engine with one request waiting for its prompt step (core._next_shape reads its scheduler).
+WITH_A_PROMPT = SimpleNamespace(scheduler=SimpleNamespace(running=[], waiting=[object()]))
+
+
 def _take_ok(name: str, running: list[_Running], turns: PromptTurns | None, now: float = 0.0) -> bool:
     fake_core = cast(Any, type("Core", (), {"_prompt_turns": turns})())
     with patch("time.perf_counter", lambda: now):
-        return bool(HostCore._may_take_prompt(fake_core, name, "cuda:0", running, pending=True))
+        return bool(HostCore._may_take_prompt(fake_core, name, "cuda:0", running, cast(Any, WITH_A_PROMPT)))
 
 
 def test_with_turns_a_step_takes_prompt_tokens_while_no_other_models_are_in_flight() -> None:

@@ -720,8 +720,7 @@ class HostCore:
             if not alone and not self.gpu.follow_ok(name, in_flight, done):
                 continue
             self._dither(name, device, running)
-            carry = self._may_take_prompt(name, device, running, _next_shape(eng).prefill_tokens > 0)
-            nxt = self._follow(last, running, carry)
+            nxt = self._follow(last, running, self._may_take_prompt(name, device, running, eng))
             if nxt is not None:
                 nxt.confined = self._confined(name)
                 running.append(nxt)
@@ -912,7 +911,7 @@ class HostCore:
                     held = self._held_by(running, waiting)
                 break
             waiting.remove(name)
-            carry = self._may_take_prompt(name, device, running, nexts[name].prefill_tokens > 0)
+            carry = self._may_take_prompt(name, device, running, engines[name])
             plan = engines[name].schedule(0, graph_prompts=carry)
             run = self._launch_plan(name, device, plan, running)
             if run is not None:
@@ -928,18 +927,20 @@ class HostCore:
         name = self.gpu.pick(device, prompts, busy=decoding) if prompts else None
         if (
             name is not None
-            and self._may_take_prompt(name, device, running, pending=True)
+            and self._may_take_prompt(name, device, running, engines[name])
             and self._fits_beside(running, name, StepShape(0, 1))
         ):
             plan = engines[name].schedule(self.gpu.prefill_budget(name, device), decodes=False, graph_prompts=True)
             moved |= self._launch_plan(name, device, plan, running) is not None
         return moved
 
-    def _may_take_prompt(self, name: str, device: str, running: list[_Running], pending: bool) -> bool:
+    def _may_take_prompt(self, name: str, device: str, running: list[_Running], eng: Engine) -> bool:
         """Whether `name`'s next step may take prompt tokens (rows of its decode graph, or an eager prompt step):
-        always, unless ONE_PROMPT_ENV has the models of a GPU take turns (PromptTurns). `pending`: it has some."""
+        always, unless ONE_PROMPT_ENV has the models of a GPU take turns (PromptTurns); only then are its pending
+        prompt tokens (`eng`'s) and the other steps in flight looked at, off the decode launches' path otherwise."""
         if self._prompt_turns is None:
             return True
+        pending = _next_shape(eng).prefill_tokens > 0
         others = any(r.name != name and (r.shape.prefill_tokens or _prompt_rows(r.plan)) for r in running)
         return self._prompt_turns.may_take(device, name, pending, others, time.perf_counter())
 
