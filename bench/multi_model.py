@@ -748,6 +748,7 @@ PLAN = (
     ("four/host-settle", "host", "four-settle", False),  # experiment: core.SM_SETTLE_ENV on
     ("four/host-oneprompt", "host", "four-oneprompt", False),  # experiment: core.ONE_PROMPT_ENV on
     ("four/host-deeper", "host", "four-deeper", False),  # experiment: core.SM_DEEPER_ENV on
+    ("four/host-deeper-oneprompt", "host", "four-deeper-oneprompt", False),  # both experiments at once
     ("pair/mps", "processes", "pair", True),
     ("four/mps", "processes", "four", True),
 )

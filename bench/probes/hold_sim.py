@@ -22,7 +22,7 @@ best the token gaps can be with these step costs, prompts and noise, whatever th
 is what the H100's four models read together in the bench (3.0-3.1 TB/s, each at 0.34-0.35 of its solo speed).
 
 Usage: python bench/probes/hold_sim.py [--seconds S] [--leads 1,2,3] [--dither 0.85] [--grab 8b-1=0.25,...]
-       [--fair-grabs] [--bandwidth TBPS] [--seeds 1,2,3] [--clients [--one-prompt]] [--out FILE]
+       [--fair-grabs] [--bandwidth TBPS] [--seeds 1,2,3] [--clients [--one-prompt]] [--charge-rows] [--out FILE]
 """
 
 from __future__ import annotations
@@ -113,12 +113,14 @@ def simulate(
     bandwidth_tbps: float = BANDWIDTH_TBPS,
     clients: bool = False,
     one_prompt: bool = False,
+    charge_rows: bool = False,
 ) -> dict[str, Any]:
     """Token gaps of `names` decoding together for `seconds`; `dither`: the bandwidth grab of a step launched while
     its model is ahead of the others (GpuScheduler.lead), as a fraction of its own (1.0: none; SM steering's level
     below, 112 of 132 SMs: about 0.85). `clients`: prompts as the bench's clients send them (CLIENTS), not at
     random; `one_prompt` (with clients): a step takes a prompt only in its model's turn (host/prompt_turns.py, the
-    host's LLMHOST_ONE_PROMPT=1)."""
+    host's LLMHOST_ONE_PROMPT=1); `charge_rows`: a step carrying prompt rows is expected and charged at PROMPT_COST
+    times its model's solo cost, not at the solo cost (the host's LLMHOST_CHARGE_ROWS=1)."""
     rng = random.Random(seed)
     turns = PromptTurns() if one_prompt else None
     gpu = GpuScheduler(lead_steps=lead_steps)
@@ -152,14 +154,19 @@ def simulate(
         c = m.solo_ms * rng.lognormvariate(0.0, NOISE) * (PROMPT_COST if prompt else 1.0)
         return Step(c, at, grab * (PROMPT_GRAB if prompt and clients else 1.0), began=began, prompt=prompt)
 
+    def cost_s(m: Model, s: Step) -> float:
+        """What a step is expected to cost and is charged: its model's solo cost (the rows' extra with charge_rows)."""
+        return m.solo_ms / 1e3 * (PROMPT_COST if charge_rows and s.prompt else 1.0)
+
     def in_flight() -> dict[str, float]:
-        return {n: len(m.steps) * m.solo_ms / 1e3 for n, m in models.items() if m.steps}
+        return {n: sum(cost_s(m, s) for s in m.steps) for n, m in models.items() if m.steps}
 
     def done_s(now: float) -> dict[str, float]:
         out = {}
         for n, m in models.items():
             if m.steps and m.wall_ms and m.steps[0].began is not None:
-                out[n] = min(1.0, max(0.0, now - m.steps[0].began) / m.wall_ms) * m.solo_ms / 1e3
+                full = cost_s(m, m.steps[0])
+                out[n] = min(1.0, max(0.0, now - m.steps[0].began) / (m.wall_ms * full / (m.solo_ms / 1e3))) * full
         return out
 
     now, loop_free = 0.0, 0.0
@@ -191,7 +198,7 @@ def simulate(
                     assert s.began is not None
                     wall = t - s.began
                     m.wall_ms = wall if m.wall_ms is None else m.wall_ms + STEP_WALL_ALPHA * (wall - m.wall_ms)
-                    gpu.charge(m.name, m.solo_ms / 1e3)
+                    gpu.charge(m.name, cost_s(m, s))
                     if m.steps and m.steps[0].began is not None:
                         m.steps[0].began = max(m.steps[0].began, t)
             waiting = [n for n, m in models.items() if not m.steps]
@@ -246,6 +253,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--clients", action="store_true", help="prompts as the bench's clients send them (bursts)")
     ap.add_argument("--one-prompt", action="store_true", help="with --clients: prompts taken in turns")
+    ap.add_argument("--charge-rows", action="store_true", help="steps carrying prompt rows charged their extra cost")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     names = list(MODELS)
@@ -261,8 +269,9 @@ def main() -> None:
     for lead in (float(x) for x in args.leads.split(",")):
         for seed in seeds:
             together = simulate(
-                names, args.seconds, lead, args.dither, seed, args.bandwidth, args.clients, args.one_prompt
-            )
+                names, args.seconds, lead, args.dither, seed, args.bandwidth, args.clients, args.one_prompt,
+                args.charge_rows,
+            )  # fmt: skip
             models = {
                 n: {
                     **r,
@@ -276,7 +285,8 @@ def main() -> None:
     command = "python bench/probes/hold_sim.py " + " ".join(sys.argv[1:])
     text = json.dumps(
         {"command": command, "dither": args.dither, "bandwidth_tbps": args.bandwidth, "grabs": grabs,
-         "clients": args.clients, "one_prompt": args.one_prompt, "solo": solo, "together": runs},
+         "clients": args.clients, "one_prompt": args.one_prompt, "charge_rows": args.charge_rows,
+         "solo": solo, "together": runs},
         indent=1,
     )  # fmt: skip
     print(text)

@@ -123,7 +123,8 @@ SM_MIN_HELD_ENV = "LLMHOST_SM_MIN_HELD"
 # Experiment, off unless "1": SM steering's windows are shorter while it settles (sm_steering.SETTLE_WINDOW_S, which
 # gives its measurements: no gain in two H100 calls).
 SM_SETTLE_ENV = "LLMHOST_SM_SETTLE"
-# Experiment, off unless "1": SM steering's levels go down to 56 of 132 SMs (sm_steering.DEEPER_FRACTIONS says why).
+# Experiment, off unless "1": SM steering's levels go down to 56 of 132 SMs (sm_steering.DEEPER_FRACTIONS says why,
+# and what the H100 measured: no gain).
 SM_DEEPER_ENV = "LLMHOST_SM_DEEPER"
 # A decode step run ahead (_follow) with no other step beside it samples its model's solo step cost, when all its
 # kernels were queued before the step ahead of it finished: its start event then completes as that step ends, and
@@ -161,7 +162,7 @@ SEND_EARLY_ENV = "LLMHOST_SEND_BEFORE_LAUNCH"
 PROMPT_APART_ENV = "LLMHOST_PROMPT_APART"
 # Experiment, off unless "1": one model's prompt work at a time on a GPU, taken in turns (host/prompt_turns.py,
 # which says why and what the first form of it, without turns, did). Bench phases pair/host-oneprompt,
-# four/host-oneprompt. Not yet measured with the turns.
+# four/host-oneprompt. Measured on the H100: no gain (prompt_turns.py's docstring).
 ONE_PROMPT_ENV = "LLMHOST_ONE_PROMPT"
 STEP_WALL_ALPHA = 0.2  # weight of the newest decode step in a model's wall-time average (_step_wall)
 PENDING_PER_BATCH = 4  # requests that may wait for a model to come in: this many times its max_batch

@@ -4,7 +4,7 @@ step) when only one model's prompt work should run at a time. Pure bookkeeping o
 Why: in an H100 four-model trace the 1B's and 3B's largest token gaps were those beside other models'
 prompt-carrying decode steps, most of all beside both 8Bs' at once (their clients run in lockstep): the 1B's gaps
 there 6.35 ms on average and up to 7.8, against 4.21 beside none (python bench/probes/prompt_company.py,
-bench/results/prompt_company_record-h100.json). Kept to one at a time by a plain rule (take prompt tokens only while
+bench/results/prompt_company_record_20261206b-h100.json). Kept to one at a time by a plain rule (take prompt tokens only while
 no other model's are in flight), one 8B never found the GPU free of the others' prompts within the 4 s window: six
 of its requests waited for their first token all along (bench/results/multi_model_oneprompt-h100.json, where the
 rule gave 3.27x against 3.66x for the worst p99 over solo, a gain that starving the 8B's prompts bought). So a model
@@ -17,7 +17,14 @@ its share of the bandwidth from the steps beside it; bench/results/hold_sim_clie
 hold_sim_clients_oneprompt-cpu.json): the 1B's p99 over solo 2.70-2.73x with turns against 2.86-2.91x without,
 the 8Bs' a little lower, the 3B's the same (2.99-3.06x against 2.98-3.04x, the worst either way), and every prompt
 waits longer for its step: the 1B's 27 ms on average against 3, the 8Bs' 133-152 ms against 33 (up to 0.49 s
-against 0.16), each of a burst's prompts waiting for a turn. Hence off by default until a GPU call says otherwise.
+against 0.16), each of a burst's prompts waiting for a turn.
+
+Measured on the H100 (bench phase four/host-oneprompt, bench/results/multi_model_experiments_20261206c-h100.json):
+worst p99 over solo 3.37x (the 3B; the 1B's 2.89x) against the default's 3.37x (the 1B) in the same call, the 8Bs'
+3.06x / 3.13x against 2.98x / 2.95x, the second 8B's time to first token 96 ms at the p99 against 68, and one request
+each of the 1B and the 3B still without a first token at the window's end: the tail moved from one model to another,
+no gain. In the next call (_20261206d) its solo windows had slow gaps, so it compares in ms only: the 1B's and 3B's
+p99 together 7.84 / 14.95 ms against the default's 7.04 / 14.89. Off by default.
 """
 
 from __future__ import annotations
