@@ -4,12 +4,12 @@ step) when only one model's prompt work should run at a time. Pure bookkeeping o
 Why: in an H100 four-model trace the 1B's and 3B's largest token gaps were those beside other models'
 prompt-carrying decode steps, most of all beside both 8Bs' at once (their clients run in lockstep): the 1B's gaps
 there 6.35 ms on average and up to 7.8, against 4.21 beside none (python bench/probes/prompt_company.py,
-bench/results/prompt_company_record_20261206b-h100.json). Kept to one at a time by a plain rule (take prompt tokens only while
-no other model's are in flight), one 8B never found the GPU free of the others' prompts within the 4 s window: six
-of its requests waited for their first token all along (bench/results/multi_model_oneprompt-h100.json, where the
-rule gave 3.27x against 3.66x for the worst p99 over solo, a gain that starving the 8B's prompts bought). So a model
-that had to wait keeps its place: one waiting longer goes first, and after MAX_WAIT_S a model takes its prompt
-tokens whatever else runs.
+bench/results/prompt_company_record_20261206b-h100.json). Kept to one at a time by a plain rule (take prompt tokens
+only while no other model's are in flight), one 8B never found the GPU free of the others' prompts within the 4 s
+window: six of its requests waited for their first token all along (bench/results/multi_model_oneprompt-h100.json,
+where the rule gave 3.27x against 3.66x for the worst p99 over solo, a gain that starving the 8B's prompts bought).
+So a model that had to wait keeps its place: one waiting longer goes first, and after MAX_WAIT_S a model takes its
+prompt tokens whatever else runs.
 
 Simulated first (python bench/probes/hold_sim.py --leads 2 --dither 0.85 --bandwidth 3.0 --clients [--one-prompt]
 --seeds 1,2,3,4: the bench's clients, whose prompts come in bursts of eight, and a prompt-carrying step taking 1.5x

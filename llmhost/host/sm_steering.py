@@ -68,14 +68,14 @@ FRACTIONS = (0.85, 0.79, 0.73, 0.67, 0.61, 0.55)  # the confined levels' shares 
 SHALLOW_LEVELS = 4  # how many of FRACTIONS' levels are kept with the deep ones left out
 # Experiment (the host's LLMHOST_SM_DEEPER=1): two levels more, 64 and 56 of 132 SMs. In the record's four-model
 # trace both 8Bs sat at 72 SMs, the deepest, for 78% and 92% of the window (bench/probes/sm_levels.py,
-# bench/results/sm_levels_record_20261206b-h100.json) and still waited for the 1B. Simulated with the bench's clients, the
-# split at which no model is held (bench/probes/hold_sim.py --clients --fair-grabs) gives the worst p99 over solo
-# 2.76-2.87x over four seeds against 2.98-3.04x with the split the traces show. Measured on the H100 (bench phase
-# four/host-deeper, bench/results/multi_model_experiments_20261206c-h100.json): worst p99 over solo 3.87x (the 3B)
-# against the default's 3.37x in the same call, aggregate 1.185 of threads against 1.208: no gain, so it stays off
-# (the call after it, _20261206d, had slow gaps in its solo windows and compares in ms only: the 1B's and 3B's p99
-# together 7.38 / 14.27 ms against 7.04 / 14.89). The plan counts STEERED_SETS (6) sets of graph executables, so these
-# two add up to 32 MiB a model beyond it.
+# bench/results/sm_levels_record_20261206b-h100.json) and still waited for the 1B. Simulated with the bench's
+# clients, the split at which no model is held (bench/probes/hold_sim.py --clients --fair-grabs) gives the worst p99
+# over solo 2.76-2.87x over four seeds against 2.98-3.04x with the split the traces show. Measured on the H100
+# (bench phase four/host-deeper, bench/results/multi_model_experiments_20261206c-h100.json): worst p99 over solo
+# 3.87x (the 3B) against the default's 3.37x in the same call, aggregate 1.185 of threads against 1.208: no gain, so
+# it stays off (the call after it, _20261206d, had slow gaps in its solo windows and compares in ms only: the 1B's
+# and 3B's p99 together 7.38 / 14.27 ms against 7.04 / 14.89). The plan counts STEERED_SETS (6) sets of graph
+# executables, so these two add up to 32 MiB a model beyond it.
 DEEPER_FRACTIONS = (0.49, 0.43)
 MAX_MOVE = 2  # the most levels one decision moves
 ALONE_WINDOWS = 10  # windows of decoding alone after which a confined model gets the whole GPU back
