@@ -120,7 +120,8 @@ def simulate(
     below, 112 of 132 SMs: about 0.85). `clients`: prompts as the bench's clients send them (CLIENTS), not at
     random; `one_prompt` (with clients): a step takes a prompt only in its model's turn (host/prompt_turns.py, the
     host's LLMHOST_ONE_PROMPT=1); `charge_rows`: a step carrying prompt rows is expected and charged at PROMPT_COST
-    times its model's solo cost, not at the solo cost (the host's LLMHOST_CHARGE_ROWS=1)."""
+    times its model's solo cost, not at the solo cost (the host charges the solo cost; this asks what charging the rows
+    would do)."""
     rng = random.Random(seed)
     turns = PromptTurns() if one_prompt else None
     gpu = GpuScheduler(lead_steps=lead_steps)
@@ -154,9 +155,12 @@ def simulate(
         c = m.solo_ms * rng.lognormvariate(0.0, NOISE) * (PROMPT_COST if prompt else 1.0)
         return Step(c, at, grab * (PROMPT_GRAB if prompt and clients else 1.0), began=began, prompt=prompt)
 
+    def charged(s: Step) -> float:
+        """A step's expected and charged cost over its model's solo cost (the rows' extra with charge_rows)."""
+        return PROMPT_COST if charge_rows and s.prompt else 1.0
+
     def cost_s(m: Model, s: Step) -> float:
-        """What a step is expected to cost and is charged: its model's solo cost (the rows' extra with charge_rows)."""
-        return m.solo_ms / 1e3 * (PROMPT_COST if charge_rows and s.prompt else 1.0)
+        return m.solo_ms / 1e3 * charged(s)
 
     def in_flight() -> dict[str, float]:
         return {n: sum(cost_s(m, s) for s in m.steps) for n, m in models.items() if m.steps}
@@ -165,8 +169,8 @@ def simulate(
         out = {}
         for n, m in models.items():
             if m.steps and m.wall_ms and m.steps[0].began is not None:
-                full = cost_s(m, m.steps[0])
-                out[n] = min(1.0, max(0.0, now - m.steps[0].began) / (m.wall_ms * full / (m.solo_ms / 1e3))) * full
+                s = m.steps[0]  # its usual wall time stretched as its charge is
+                out[n] = min(1.0, max(0.0, now - s.began) / (m.wall_ms * charged(s))) * cost_s(m, s)
         return out
 
     now, loop_free = 0.0, 0.0

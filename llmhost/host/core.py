@@ -14,6 +14,7 @@ requests, a step that raises fails that engine's requests, and the loop goes on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -52,7 +53,7 @@ from llmhost.host.messages import (
 )
 from llmhost.host.prompt_turns import PromptTurns
 from llmhost.host.sm_confinement import SmConfinement
-from llmhost.host.sm_steering import MIN_HELD
+from llmhost.host.sm_steering import MIN_HELD, SETTLE_WINDOW_S, WINDOW_S, SmSteering
 from llmhost.host.step_trace import StepTrace, ThreadUsage
 from llmhost.memory.estimate import ModelSpec
 from llmhost.memory.history import History, Measured, history_key
@@ -299,13 +300,8 @@ class HostCore:
         self._loads: list[LoadRecord] = []  # loads and swap-ins not yet reported in a status reply
         self.trace = StepTrace.from_env()  # every launch and collection, when LLMHOST_STEP_TRACE asks for it
         # Per GPU, how many SMs each model's decode graphs may use ([host] sm_steering; None: off).
-        dither_all, deep = os.environ.get(DITHER_ALL_ENV) != "0", os.environ.get(DEEP_LEVELS_ENV) != "0"
-        min_held = float(os.environ.get(SM_MIN_HELD_ENV) or MIN_HELD)
-        settle, deeper = os.environ.get(SM_SETTLE_ENV) == "1", os.environ.get(SM_DEEPER_ENV) == "1"
         self.confinement = (
-            SmConfinement(self._runner, self.trace, dither_all, deep, min_held, settle, deeper)
-            if config.host.sm_steering
-            else None
+            SmConfinement(self._runner, self.trace, _steering_from_env()) if config.host.sm_steering else None
         )
         self._gc_start = 0.0
         self._usage: ThreadUsage | None = None  # the loop thread's OS figures per slow pass, when tracing
@@ -1201,6 +1197,19 @@ def _shape(plan: StepPlan) -> StepShape:
     the solo decode step, _accounting)."""
     rows = sum(1 for c in plan.chunks if c.is_decode)
     return StepShape(rows, 0 if plan.graphed else plan.prompt_tokens)
+
+
+def _steering_from_env() -> Callable[[int], SmSteering]:
+    """A GPU's SmSteering from its SM count, with the options the environment sets (DITHER_ALL_ENV, DEEP_LEVELS_ENV,
+    SM_MIN_HELD_ENV, SM_SETTLE_ENV, SM_DEEPER_ENV)."""
+    return functools.partial(
+        SmSteering,
+        dither_all=os.environ.get(DITHER_ALL_ENV) != "0",
+        deep=os.environ.get(DEEP_LEVELS_ENV) != "0",
+        min_held=float(os.environ.get(SM_MIN_HELD_ENV) or MIN_HELD),
+        settle_window_s=SETTLE_WINDOW_S if os.environ.get(SM_SETTLE_ENV) == "1" else WINDOW_S,
+        deeper=os.environ.get(SM_DEEPER_ENV) == "1",
+    )
 
 
 def _accounting(run: _Running, solo_known: bool) -> tuple[bool, bool]:

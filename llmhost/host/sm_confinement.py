@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmhost.host.gpu_scheduler import CONCURRENT_MAX_ROWS
-from llmhost.host.sm_steering import MIN_HELD, SETTLE_WINDOW_S, WINDOW_S, SmSteering
+from llmhost.host.sm_steering import SmSteering
 from llmhost.host.step_trace import StepTrace
 
 if TYPE_CHECKING:
@@ -30,23 +30,12 @@ class SmConfinement:
         self,
         runner_of: Callable[[str], DecodeRunner | None],
         trace: StepTrace | None = None,
-        dither_all: bool = False,
-        deep: bool = True,
-        min_held: float = MIN_HELD,
-        settle: bool = False,
-        deeper: bool = False,
+        new_steering: Callable[[int], SmSteering] = SmSteering,
     ) -> None:
         """runner_of: a resident model's decode runner, None when it has none (a CPU, a split model, a fake).
-        dither_all, deep, min_held: SmSteering's (every model dithers; levels below 88 of 132 SMs;
-        the share of a window held that moves a model); settle: short windows while the steering settles
-        (SmSteering's settle_window_s SETTLE_WINDOW_S; False: every window WINDOW_S long); deeper: SmSteering's
-        (two levels below 72 of 132 SMs)."""
+        new_steering: a GPU's SmSteering from its SM count, with the host's options (host/core.py)."""
         self._runner_of = runner_of
-        self._dither_all = dither_all
-        self._deep = deep
-        self._min_held = min_held
-        self._settle = settle
-        self._deeper = deeper
+        self._new_steering = new_steering
         self._trace = trace
         self._steering: dict[str, SmSteering] = {}  # per GPU: how many SMs each model's decode graphs may use
         self._observed_at: dict[str, float] = {}  # per GPU: when its steering last observed the ready models
@@ -150,14 +139,7 @@ class SmConfinement:
 
         steering = self._steering.get(device)
         if steering is None:
-            steering = SmSteering(
-                sm_count(device),
-                min_held=self._min_held,
-                dither_all=self._dither_all,
-                deep=self._deep,
-                settle_window_s=SETTLE_WINDOW_S if self._settle else WINDOW_S,
-                deeper=self._deeper,
-            )
+            steering = self._new_steering(sm_count(device))
         streams: dict[int, torch.cuda.Stream] = {}
         for sms in steering.levels[1:]:
             stream = self._streams.get((name, sms)) or confined_stream(device, sms)
